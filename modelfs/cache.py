@@ -1,0 +1,243 @@
+"""The persistent block cache, shared by every mount and by ``pull``.
+
+Layout under the cache root, content-addressed so any process that needs blob D finds it::
+
+    blobs/sha256/<hex>.data   sparse file: block i lives at offset i * block_size
+    blobs/sha256/<hex>.map    header + one 32-bit entry per block
+
+A map entry is ``stored_length << 1 | lz4_flag`` (0 = absent). The data of a block is
+written *before* its map entry, so a crash can lose a block but never make the map claim one
+that is not on disk. Writers of one blob serialise on an ``flock`` of its map file; readers
+in another process see new blocks by re-reading the entry when their in-memory copy says
+absent. Whether a blob's blocks are lz4-compressed is decided once per blob from its first
+written block (weights do not compress, tokenizers do), so incompressible data never pays.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+
+import lz4.block
+
+from .errors import CacheError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+_MAGIC = b"MFSMAP01"
+_HEADER = struct.Struct("<8sIQIII")  # magic, block_size, blob_size, nblocks, policy, verified
+_HEADER_SIZE = 64
+_ENTRY = 4
+_POLICY_UNDECIDED, _POLICY_LZ4, _POLICY_RAW = 0, 1, 2
+_LZ4_WORTH_IT = 0.85
+
+
+def default_cache_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/modelfs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "modelfs")
+
+
+@dataclass(frozen=True)
+class BlobStats:
+    digest: str
+    size: int
+    cached_bytes: int
+    stored_bytes: int
+    complete: bool
+    verified: bool
+
+
+class BlobEntry:
+    """One blob's cached blocks. Methods are synchronous and short: they run on the trio
+    thread between awaits, so no two tasks of one process interleave inside them."""
+
+    def __init__(self, directory: str, digest: str, size: int, block_size: int) -> None:
+        self.digest, self.size = digest, size
+        hexpart = digest.split(":", 1)[1]
+        self.data_path = os.path.join(directory, f"{hexpart}.data")
+        self.map_path = os.path.join(directory, f"{hexpart}.map")
+        try:
+            self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
+            self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot open cache files for {digest} in {directory}: {exc.strerror}") from None
+        with self._locked():
+            self._load_or_init(block_size)
+
+    # -- map file -------------------------------------------------------------------------
+
+    def _locked(self) -> "_Flock":
+        return _Flock(self._map_fd)
+
+    def _load_or_init(self, block_size: int) -> None:
+        header = os.pread(self._map_fd, _HEADER_SIZE, 0)
+        if len(header) >= _HEADER.size:
+            magic, bs, size, nblocks, policy, verified = _HEADER.unpack_from(header)
+            if magic == _MAGIC and bs > 0 and size == self.size and nblocks == -(-size // bs):
+                self.block_size, self.nblocks, self._policy, self.verified = bs, nblocks, policy, bool(verified)
+                raw = os.pread(self._map_fd, nblocks * _ENTRY, _HEADER_SIZE)
+                self._entries = array("I", raw.ljust(nblocks * _ENTRY, b"\0"))
+                return
+            log.warning("cache map for %s is unreadable or stale; starting it afresh", self.digest)
+        self.block_size = block_size
+        self.nblocks = -(-self.size // block_size)
+        self._policy, self.verified = _POLICY_UNDECIDED, False
+        self._entries = array("I", bytes(self.nblocks * _ENTRY))
+        os.ftruncate(self._map_fd, 0)
+        os.ftruncate(self._data_fd, 0)
+        os.pwrite(self._map_fd, self._header(), 0)
+        os.pwrite(self._map_fd, self._entries.tobytes(), _HEADER_SIZE)
+
+    def _header(self) -> bytes:
+        return _HEADER.pack(_MAGIC, self.block_size, self.size, self.nblocks, self._policy, int(self.verified)).ljust(_HEADER_SIZE, b"\0")
+
+    def _refresh_entry(self, index: int) -> int:
+        raw = os.pread(self._map_fd, _ENTRY, _HEADER_SIZE + index * _ENTRY)
+        value = struct.unpack("<I", raw)[0] if len(raw) == _ENTRY else 0
+        self._entries[index] = value
+        return value
+
+    # -- blocks ---------------------------------------------------------------------------
+
+    def block_length(self, index: int) -> int:
+        return min(self.block_size, self.size - index * self.block_size)
+
+    def has(self, index: int) -> bool:
+        return bool(self._entries[index] or self._refresh_entry(index))
+
+    def missing(self, first: int, last: int) -> list[int]:
+        return [i for i in range(first, last + 1) if not self.has(i)]
+
+    def read_block(self, index: int) -> bytes:
+        entry = self._entries[index] or self._refresh_entry(index)
+        if not entry:
+            raise CacheError(f"block {index} of {self.digest} is not cached")
+        stored, compressed = entry >> 1, entry & 1
+        data = os.pread(self._data_fd, stored, index * self.block_size)
+        if len(data) != stored:
+            raise CacheError(f"cache data for {self.digest} block {index} is truncated")
+        if compressed:
+            return lz4.block.decompress(data, uncompressed_size=self.block_length(index))
+        return data
+
+    def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Store a block. Data first, then the map entry: the map never runs ahead of the data."""
+        if len(data) != self.block_length(index):
+            raise CacheError(f"block {index} of {self.digest} has {len(data)} bytes, expected {self.block_length(index)}")
+        payload, flag = self._encode(data)
+        try:
+            with self._locked():
+                if self._refresh_entry(index):
+                    return  # another process stored it meanwhile
+                os.pwrite(self._data_fd, payload, index * self.block_size)
+                entry = len(payload) << 1 | flag
+                os.pwrite(self._map_fd, struct.pack("<I", entry), _HEADER_SIZE + index * _ENTRY)
+                self._entries[index] = entry
+        except OSError as exc:
+            raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
+
+    def _encode(self, data: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, int]:
+        if self._policy == _POLICY_RAW:
+            return data, 0
+        packed = lz4.block.compress(data, store_size=False)
+        if self._policy == _POLICY_UNDECIDED:
+            self._policy = _POLICY_LZ4 if len(packed) < _LZ4_WORTH_IT * len(data) else _POLICY_RAW
+            with self._locked():
+                os.pwrite(self._map_fd, self._header(), 0)
+            log.debug("cache policy for %s: %s", self.digest, "lz4" if self._policy == _POLICY_LZ4 else "raw")
+        if len(packed) < len(data):
+            return packed, 1
+        return data, 0
+
+    # -- whole blob -----------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return all(self.has(i) for i in range(self.nblocks))
+
+    def cached_bytes(self) -> int:
+        return sum(self.block_length(i) for i in range(self.nblocks) if self._entries[i])
+
+    def stored_bytes(self) -> int:
+        return sum(e >> 1 for e in self._entries)
+
+    def digest_matches(self) -> bool:
+        """Hash the complete blob. Pure reads, so it may run in a worker thread."""
+        hasher = hashlib.sha256()
+        for i in range(self.nblocks):
+            hasher.update(self.read_block(i))
+        return "sha256:" + hasher.hexdigest() == self.digest
+
+    def mark_verified(self) -> None:
+        self.verified = True
+        with self._locked():
+            os.pwrite(self._map_fd, self._header(), 0)
+
+    def verify(self) -> bool:
+        """Check a complete blob once; on mismatch drop every block so it is fetched again."""
+        if self.digest_matches():
+            self.mark_verified()
+            return True
+        log.error("cached blob %s does not match its digest; evicting it", self.digest)
+        self.clear()
+        return False
+
+    def clear(self) -> None:
+        with self._locked():
+            self._entries = array("I", bytes(self.nblocks * _ENTRY))
+            self.verified = False
+            os.pwrite(self._map_fd, self._header(), 0)
+            os.pwrite(self._map_fd, self._entries.tobytes(), _HEADER_SIZE)
+            os.ftruncate(self._data_fd, 0)
+
+    def stats(self) -> BlobStats:
+        return BlobStats(self.digest, self.size, self.cached_bytes(), self.stored_bytes(), self.complete, self.verified)
+
+    def close(self) -> None:
+        for fd in (self._map_fd, self._data_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _Flock:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __enter__(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+class BlockCache:
+    def __init__(self, root: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        self.root = root
+        self.block_size = block_size
+        self._dir = os.path.join(root, "blobs", "sha256")
+        try:
+            os.makedirs(self._dir, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create cache directory {self._dir}: {exc.strerror} (use --cache-dir)") from None
+        self._entries: dict[str, BlobEntry] = {}
+
+    def entry(self, digest: str, size: int) -> BlobEntry:
+        found = self._entries.get(digest)
+        if found is None:
+            found = self._entries[digest] = BlobEntry(self._dir, digest, size, self.block_size)
+        return found
+
+    def close(self) -> None:
+        for entry in self._entries.values():
+            entry.close()
+        self._entries.clear()

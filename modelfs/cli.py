@@ -1,0 +1,305 @@
+"""The ``modelfs`` command line.
+
+Every failure a user can cause prints one line, ``modelfs: error: ...``, and exits non-zero;
+tracebacks are for bugs only (and ``--log-level debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import inspect
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import trio
+
+from . import __version__
+from .build import build
+from .cache import BlockCache, default_cache_dir
+from .credentials import Credential, CredentialStore
+from .daemon import MountOptions, run_foreground, umount
+from .errors import ModelfsError, MountError
+from .extract import extract
+from .fetcher import Fetcher
+from .layout import Store, default_store_dir
+from .push import push
+from .reference import Reference, parse
+from .registry import RegistryClient
+from .resolve import describe, fetch_model
+from .spec import Packing
+
+log = logging.getLogger("modelfs")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def _client(args: argparse.Namespace, reference: Reference | str) -> RegistryClient:
+    registry = reference.registry if isinstance(reference, Reference) else reference
+    return RegistryClient(registry, CredentialStore(), plain_http=args.plain_http, ca_file=args.ca_file)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (only when it is a terminal, else a final line)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, amount: int) -> None:
+        self.done += amount
+        if self.tty:
+            fraction = self.done / self.total if self.total else 1.0
+            bar = "#" * int(fraction * 30)
+            sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:6.1%} {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        end = "\n" if self.tty else ""
+        sys.stderr.write(f"{end}{self.label}: {self.total / 1e6:,.1f} MB in {elapsed:.1f}s ({self.total / 1e6 / elapsed:,.0f} MB/s)\n")
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+async def cmd_login(args: argparse.Namespace) -> int:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    elif args.password is not None:
+        password = args.password
+    else:
+        password = getpass.getpass(f"Password for {args.username}@{args.registry}: ")
+    if not args.username or not password:
+        raise ModelfsError("login needs a username (-u) and a password")
+    credential = Credential(args.username, password)
+    async with _client(args, args.registry) as client:
+        client.use_credential(credential)
+        await client.check_login()
+    CredentialStore().save(args.registry, credential)
+    print(f"Login succeeded for {args.registry}")
+    return 0
+
+
+async def cmd_logout(args: argparse.Namespace) -> int:
+    if not CredentialStore().remove(args.registry):
+        raise ModelfsError(f"not logged in to {args.registry}")
+    print(f"Removed credentials for {args.registry}")
+    return 0
+
+
+async def cmd_build(args: argparse.Namespace) -> int:
+    reference = parse(args.tag)
+    modelfile = args.file or os.path.join(args.context, "Modelfile")
+    result = build(args.context, modelfile, str(reference), Store(args.store), Packing(args.packing))
+    for path in result.unmatched:
+        print(f"warning: {path} is matched by no Modelfile command and is not included", file=sys.stderr)
+    total = sum(layer.size for layer in result.layers)
+    print(f"Built {reference} ({len(result.layers)} layers, {total / 1e6:,.1f} MB): {result.manifest_digest}")
+    return 0
+
+
+async def cmd_push(args: argparse.Namespace) -> int:
+    reference = parse(args.reference)
+    async with _client(args, reference) as client:
+        result = await push(client, Store(args.store), reference, args.source)
+    print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB), "
+          f"{len(result.skipped)} already present, {len(result.mounted)} mounted; digest {result.digest}")
+    return 0
+
+
+async def cmd_inspect(args: argparse.Namespace) -> int:
+    reference = parse(args.reference)
+    async with _client(args, reference) as client:
+        model = await fetch_model(client, reference)
+    doc = describe(model)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    config = doc["config"].get("config", {})
+    descriptor = doc["config"].get("descriptor", {})
+    print(f"Reference:  {model.reference}")
+    for label, value in (("Name", descriptor.get("name")), ("Family", descriptor.get("family")),
+                         ("Architecture", config.get("architecture")), ("Format", config.get("format")),
+                         ("Param size", config.get("paramSize")), ("Precision", config.get("precision")),
+                         ("Quantization", config.get("quantization")), ("Created", descriptor.get("createdAt"))):
+        if value:
+            print(f"{label + ':':<12}{value}")
+    print(f"Layers ({len(model.manifest.layers)}, {sum(layer.size for layer in model.manifest.layers) / 1e6:,.1f} MB):")
+    for layer in model.manifest.layers:
+        print(f"  {layer.digest[7:19]}  {layer.size:>14,}  {layer.media_type.rsplit('.model.', 1)[-1]:<22} {layer.filepath or ''}")
+    return 0
+
+
+async def cmd_pull(args: argparse.Namespace) -> int:
+    reference = parse(args.reference)
+    cache = BlockCache(args.cache_dir)
+    async with _client(args, reference) as client:
+        model = await fetch_model(client, reference)
+        total = sum(layer.size for layer in model.manifest.layers)
+        progress = _Progress(total, f"pull {reference}")
+        async with trio.open_nursery() as nursery:
+            fetcher = Fetcher(cache, client, reference.repository, nursery)
+            readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
+            await fetcher.prefetch(readers, progress)
+            for reader in readers:
+                if not reader.entry.verified and not await trio.to_thread.run_sync(reader.entry.verify):
+                    raise ModelfsError(f"blob {reader.digest} does not match its digest; it was dropped from the cache")
+    cache.close()
+    progress.finish()
+    print(f"Pulled {model.reference} into {args.cache_dir}")
+    return 0
+
+
+async def cmd_extract(args: argparse.Namespace) -> int:
+    reference = parse(args.reference)
+    cache = BlockCache(args.cache_dir) if os.path.isdir(args.cache_dir) else None
+    async with _client(args, reference) as client:
+        model = await fetch_model(client, reference)
+        result = await extract(client, model, args.output, cache)
+    print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
+    return 0
+
+
+def _mount_options(args: argparse.Namespace) -> MountOptions:
+    return MountOptions(reference=args.reference, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
+                        plain_http=args.plain_http, ca_file=args.ca_file, prefetch=args.prefetch,
+                        allow_other=args.allow_other, timeout=args.timeout)
+
+
+def _log_file(cache_dir: str, mountpoint: str) -> str:
+    directory = os.path.join(cache_dir, "logs")
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(directory, f"{name}.log")
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    parse(args.reference)  # fail fast, before forking, on a malformed reference
+    if args.foreground:
+        options = _mount_options(args)
+        options.ready_fd = args.ready_fd
+        run_foreground(options)
+        return 0
+    read_fd, write_fd = os.pipe()
+    log_path = _log_file(args.cache_dir, args.mountpoint)
+    argv = [sys.executable, "-m", "modelfs", "mount", "--foreground", "--ready-fd", str(write_fd),
+            "--cache-dir", args.cache_dir, "--prefetch", args.prefetch, "--timeout", str(args.timeout),
+            "--log-level", args.log_level, *(["--plain-http"] if args.plain_http else []),
+            *(["--ca-file", args.ca_file] if args.ca_file else []), *(["--allow-other"] if args.allow_other else []),
+            args.reference, args.mountpoint]
+    with open(log_path, "ab") as log_handle:
+        child = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=log_handle, start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.readline().decode().strip()
+    if message == "READY":
+        print(f"Mounted {args.reference} at {args.mountpoint} (pid {child.pid}, log {log_path})")
+        return 0
+    child.wait(timeout=30)
+    if message.startswith("ERROR "):
+        raise MountError(message[6:])
+    with open(log_path, "rb") as handle:
+        tail = handle.read()[-2000:].decode(errors="replace").strip().splitlines()
+    raise MountError(f"mount daemon exited ({child.returncode}) before the mount was ready: {tail[-1] if tail else 'no log'} (see {log_path})")
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    print(f"{umount(args.mountpoint).capitalize()} {args.mountpoint}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
+    common.add_argument("--ca-file", help="PEM bundle to verify the registry's TLS certificate")
+    common.add_argument("--cache-dir", default=os.environ.get("MODELFS_CACHE_DIR") or default_cache_dir())
+    common.add_argument("--store", default=os.environ.get("MODELFS_STORE") or default_store_dir(),
+                        help="local OCI layout that build writes and push reads")
+    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+
+    parser = argparse.ArgumentParser(prog="modelfs", description="Lazy-loading filesystem for ModelPack OCI models")
+    parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("login", parents=[common], help="store credentials for a registry")
+    p.add_argument("registry")
+    p.add_argument("-u", "--username", required=True)
+    p.add_argument("-p", "--password")
+    p.add_argument("--password-stdin", action="store_true")
+    p.set_defaults(handler=cmd_login)
+
+    p = sub.add_parser("logout", parents=[common], help="forget a registry's credentials")
+    p.add_argument("registry")
+    p.set_defaults(handler=cmd_logout)
+
+    p = sub.add_parser("build", parents=[common], help="build a model artifact from a Modelfile")
+    p.add_argument("-t", "--tag", required=True)
+    p.add_argument("-f", "--file", help="Modelfile (default: CONTEXT/Modelfile)")
+    p.add_argument("--packing", default="raw", choices=[p.value for p in Packing],
+                   help="layer format: raw (modctl's default) or tar[+gzip|+zstd]")
+    p.add_argument("context")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("push", parents=[common], help="upload a built model")
+    p.add_argument("reference")
+    p.add_argument("--source", help="name in the local store, if not REFERENCE")
+    p.set_defaults(handler=cmd_push)
+
+    p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")
+    p.add_argument("reference")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("pull", parents=[common], help="download a model into the block cache")
+    p.add_argument("reference")
+    p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("extract", parents=[common], help="write a model's files to a directory")
+    p.add_argument("reference")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(handler=cmd_extract)
+
+    p = sub.add_parser("mount", parents=[common], help="mount a model (files fetched on demand)")
+    p.add_argument("reference")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", action="store_true", help="stay attached (for systemd and supervisors)")
+    p.add_argument("--prefetch", choices=["all", "none"], default="all")
+    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds a read may wait before EIO")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_mount)
+
+    p = sub.add_parser("umount", parents=[common], help="unmount (also cleans a stale mount)")
+    p.add_argument("mountpoint")
+    p.set_defaults(handler=cmd_umount)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if inspect.iscoroutinefunction(args.handler):
+            return trio.run(args.handler, args)
+        return args.handler(args)
+    except ModelfsError as exc:
+        print(f"modelfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modelfs: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,57 @@
+"""One small exception hierarchy.
+
+Every error a user can meet derives from :class:`ModelfsError`; its ``str()`` is a single
+line that says what happened and what to do, and the CLI prints exactly that (no traceback).
+"""
+
+
+class ModelfsError(Exception):
+    """Root of every error modelfs reports to a user."""
+
+
+class InvalidReferenceError(ModelfsError):
+    """A model reference (``host/repo:tag@digest``) could not be parsed."""
+
+
+class ModelfileError(ModelfsError):
+    """A Modelfile is malformed; the message names the line."""
+
+
+class NotAModelError(ModelfsError):
+    """The manifest is valid OCI but not a ModelPack model (e.g. a container image)."""
+
+
+class ManifestError(ModelfsError):
+    """A manifest or config is malformed or lies about sizes/digests."""
+
+
+class UnsafePathError(ModelfsError):
+    """A layer or tar member would escape the model tree (``..``, absolute, links out)."""
+
+
+class IntegrityError(ModelfsError):
+    """Bytes do not match the digest that names them."""
+
+
+class RegistryError(ModelfsError):
+    """The registry answered with an error or could not be reached."""
+
+
+class AuthenticationError(RegistryError):
+    """The registry refused our credentials (or we had none and it wants some)."""
+
+
+class NotFoundError(RegistryError):
+    """The registry has no such repository, tag or blob."""
+
+
+class TLSError(RegistryError):
+    """TLS verification failed."""
+
+
+class CacheError(ModelfsError):
+    """The local block cache cannot be used (full disk, permissions, corruption)."""
+
+
+class MountError(ModelfsError):
+    """Mounting or unmounting failed."""

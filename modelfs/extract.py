@@ -1,0 +1,132 @@
+"""``modelfs extract``: write a model's files under ``--output``, and nowhere else.
+
+Each blob is streamed to a temporary file inside the output directory while being hashed;
+only a blob whose sha256 matches its digest is moved into place (raw) or unpacked (tar).
+Blobs the cache already holds whole and verified are read from it instead of the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+
+import trio
+
+from .cache import BlockCache
+from .errors import IntegrityError, ManifestError
+from .paths import clean_member_path, safe_join
+from .registry import RegistryClient
+from .resolve import Model
+from .spec import Descriptor, Packing, classify_layer
+from .tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
+
+
+@dataclass
+class ExtractResult:
+    files: list[str] = field(default_factory=list)
+    bytes_from_registry: int = 0
+    bytes_from_cache: int = 0
+
+
+async def _download(client: RegistryClient, cache: BlockCache | None, repository: str, layer: Descriptor,
+                    path: str, result: ExtractResult) -> None:
+    hasher = hashlib.sha256()
+    size = 0
+    entry = cache.entry(layer.digest, layer.size) if cache else None
+    with open(path, "wb") as out:
+        if entry is not None and entry.verified and entry.complete:
+            for index in range(entry.nblocks):
+                block = entry.read_block(index)
+                hasher.update(block)
+                out.write(block)
+                size += len(block)
+            result.bytes_from_cache += size
+        else:
+            async with client.stream_blob(repository, layer.digest) as response:
+                async for chunk in response.aiter_raw():
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+                    if size > layer.size:
+                        raise IntegrityError(f"blob {layer.digest} is larger than the {layer.size} bytes its manifest says")
+            result.bytes_from_registry += size
+    if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
+        raise IntegrityError(f"blob {layer.digest} ({layer.filepath or layer.media_type}) does not match its digest; nothing written")
+
+
+def _place(tmp: str, output: str, relpath: str, where: str, mode: int | None) -> str:
+    target = safe_join(output, relpath, where)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.islink(target):
+        os.unlink(target)
+    os.replace(tmp, target)
+    os.chmod(target, mode if mode is not None else 0o644)
+    return target
+
+
+def _untar(blob_path: str, output: str, where: str, result: ExtractResult) -> None:
+    seen: set[str] = set()
+    try:
+        with tarfile.open(blob_path, mode="r:*") as tar:
+            for info in tar:
+                checked = check_tarinfo(info, seen, where)
+                if checked is None:
+                    continue
+                path, kind, link = checked
+                member_where = f"{where}, member {path!r}"
+                target = safe_join(output, path, member_where)
+                if kind == DIRECTORY:
+                    os.makedirs(target, exist_ok=True)
+                    continue
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                if os.path.lexists(target):
+                    os.unlink(target)
+                if kind == SYMLINK:
+                    os.symlink(link, target)
+                elif kind == HARDLINK:
+                    shutil.copyfile(safe_join(output, link, member_where), target)
+                else:
+                    source = tar.extractfile(info)
+                    assert source is not None
+                    with open(target, "wb") as out:
+                        shutil.copyfileobj(source, out, 1 << 20)
+                    os.chmod(target, info.mode & 0o755 or 0o644)
+                result.files.append(path)
+    except (tarfile.TarError, EOFError) as exc:
+        raise ManifestError(f"{where}: cannot unpack: {exc}") from None
+
+
+async def extract(client: RegistryClient, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:
+    os.makedirs(output, exist_ok=True)
+    result = ExtractResult()
+    for number, layer in enumerate(model.manifest.layers):
+        where = f"layer {number} ({layer.filepath or layer.digest})"
+        classified = classify_layer(layer.media_type)
+        packing = classified[1] if classified else (Packing.RAW if layer.filepath else None)
+        if packing is None:
+            raise ManifestError(f"{where}: unknown media type {layer.media_type!r} and no file path")
+        if packing is Packing.RAW:
+            if not layer.filepath:
+                raise ManifestError(f"{where}: raw layer has no org.cncf.model.filepath annotation")
+            clean_member_path(layer.filepath, where)
+            safe_join(output, layer.filepath, where)
+        fd, tmp = tempfile.mkstemp(dir=output, prefix=".modelfs-")
+        os.close(fd)
+        try:
+            await _download(client, cache, model.reference.repository, layer, tmp, result)
+            if packing is Packing.RAW:
+                meta = layer.file_metadata or {}
+                mode = meta.get("mode") if isinstance(meta.get("mode"), int) else None
+                _place(tmp, output, layer.filepath, where, (mode & 0o755) if mode is not None else None)
+                result.files.append(clean_member_path(layer.filepath, where))
+            else:
+                await trio.to_thread.run_sync(_untar, tmp, output, where, result)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return result
+

@@ -1,0 +1,331 @@
+"""Turns "bytes [a, b) of blob D" into cached blocks.
+
+- Single flight: a block being fetched has one ``trio.Event``; every reader of it waits on
+  that, so 16 readers of one range cause one request.
+- Runs: missing blocks are fetched as contiguous runs (``run_blocks`` per range request),
+  up to ``parallel`` requests in flight, each streamed block by block into the cache.
+- Read-ahead: a reader moving forward doubles its window (up to ``readahead_max`` blocks);
+  random access fetches only what is asked.
+- Prefetch: a background pass over the whole model that steps aside whenever a process is
+  waiting on a read.
+- Failures: a run that breaks mid-stream resumes from the first block it did not store;
+  after the retry policy gives up, waiting readers get :class:`FetchError` (EIO in the
+  mount). Bytes that cannot be cached (full disk) are still served, from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import httpx
+import trio
+
+from .cache import BlobEntry, BlockCache
+from .errors import AuthenticationError, CacheError, IntegrityError, NotFoundError, RegistryError
+from .registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+class FetchError(RegistryError):
+    """Bytes could not be fetched; the read that needed them fails (EIO)."""
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    run_blocks: int = 4
+    parallel: int = 8
+    readahead_max: int = 32
+    timeout: float = 120.0  # a read waiting longer than this fails with EIO
+    attempts: int = 5
+    prefetch_workers: int = 4
+    uncached_blocks: int = 64  # blocks kept in memory when the cache cannot take them
+
+
+@dataclass
+class Counters:
+    bytes_fetched: int = 0
+    requests: int = 0
+    retries: int = 0
+    errors: int = 0
+    cache_write_errors: int = 0
+
+
+class Fetcher:
+    def __init__(self, cache: BlockCache, client: RegistryClient, repository: str, nursery: trio.Nursery,
+                 policy: FetchPolicy | None = None) -> None:
+        self.cache, self.client, self.repository = cache, client, repository
+        self.policy = policy or FetchPolicy()
+        self.counters = Counters()
+        self.foreground_waiting = 0
+        self._nursery = nursery
+        self._limiter = trio.CapacityLimiter(self.policy.parallel)
+        self._readers: dict[str, BlobReader] = {}
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def reader(self, digest: str, size: int) -> "BlobReader":
+        found = self._readers.get(digest)
+        if found is None:
+            found = self._readers[digest] = BlobReader(self, self.cache.entry(digest, size))
+        return found
+
+    def _foreground(self, delta: int) -> None:
+        self.foreground_waiting += delta
+        if self.foreground_waiting:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+        else:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no process is waiting on a read (prefetch calls this before each run)."""
+        while self.foreground_waiting:
+            await self._idle.wait()
+
+    async def prefetch(self, readers: Iterable["BlobReader"],
+                       progress: Callable[[int], None] | None = None) -> None:
+        """Fetch every missing block of ``readers``, yielding to foreground reads."""
+        send, receive = trio.open_memory_channel[tuple[BlobReader, list[int]]](0)
+
+        async def worker(receive: trio.MemoryReceiveChannel) -> None:
+            async with receive:
+                async for reader, blocks in receive:
+                    await self.wait_idle()
+                    await reader.ensure(blocks, foreground=False)
+                    if progress:
+                        progress(sum(reader.entry.block_length(i) for i in blocks))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.policy.prefetch_workers):
+                nursery.start_soon(worker, receive.clone())
+            await receive.aclose()
+            async with send:
+                for reader in readers:
+                    missing = reader.entry.missing(0, reader.entry.nblocks - 1)
+                    if progress:
+                        progress(reader.entry.size - sum(reader.entry.block_length(i) for i in missing))
+                    step = self.policy.run_blocks
+                    for start in range(0, len(missing), step):
+                        await send.send((reader, missing[start:start + step]))
+
+
+class BlobReader:
+    def __init__(self, fetcher: Fetcher, entry: BlobEntry) -> None:
+        self.fetcher, self.entry = fetcher, entry
+        self.block_size = entry.block_size
+        self._inflight: dict[int, trio.Event] = {}
+        self._failures: dict[int, BaseException] = {}
+        self._memory: OrderedDict[int, bytes] = OrderedDict()
+        self._sequential_end = 0
+        self._window = 0
+        self._verifying = False
+
+    @property
+    def digest(self) -> str:
+        return self.entry.digest
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
+
+    def _available(self, index: int) -> bool:
+        return index in self._memory or self.entry.has(index)
+
+    def _block(self, index: int) -> bytes:
+        data = self._memory.get(index)
+        return data if data is not None else self.entry.read_block(index)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int) -> bytes:
+        size = min(size, self.size - offset)
+        if size <= 0 or offset < 0:
+            return b""
+        bs = self.block_size
+        first, last = offset // bs, (offset + size - 1) // bs
+        self._read_ahead(offset, size, last)
+        missing = [i for i in range(first, last + 1) if not self._available(i)]
+        if missing:
+            await self.ensure(missing, foreground=True)
+        if first == last:
+            block = self._block(first)
+            start = offset - first * bs
+            return block if start == 0 and size == len(block) else block[start:start + size]
+        parts = [self._block(i) for i in range(first, last + 1)]
+        joined = b"".join(parts)
+        start = offset - first * bs
+        return joined[start:start + size]
+
+    def _read_ahead(self, offset: int, size: int, last: int) -> None:
+        bs = self.block_size
+        sequential = offset == 0 or (self._sequential_end - 4 * bs <= offset <= self._sequential_end + bs)
+        end = offset + size
+        if sequential:
+            crossed = end // bs > self._sequential_end // bs or offset == 0
+            if crossed:
+                self._window = min(max(1, self._window * 2), self.fetcher.policy.readahead_max)
+        else:
+            self._window = 0
+        self._sequential_end = max(end, self._sequential_end) if sequential else end
+        if self._window:
+            ahead = range(last + 1, min(last + self._window, self.entry.nblocks - 1) + 1)
+            self._schedule([i for i in ahead if not self._available(i)])
+
+    async def ensure(self, blocks: list[int], foreground: bool = True) -> None:
+        """Make ``blocks`` available (cached or in memory), fetching what is missing."""
+        self._schedule(blocks)
+        if foreground:
+            self.fetcher._foreground(+1)
+        try:
+            with trio.move_on_after(self.fetcher.policy.timeout) as scope:
+                for index in blocks:
+                    while not self._available(index):
+                        event = self._inflight.get(index)
+                        if event is None:
+                            failure = self._failures.get(index)
+                            raise FetchError(f"cannot fetch block {index} of {self.digest}: {failure or 'fetch ended without data'}")
+                        await event.wait()
+            if scope.cancelled_caught:
+                raise FetchError(f"timed out after {self.fetcher.policy.timeout:g}s waiting for {self.digest}")
+        finally:
+            if foreground:
+                self.fetcher._foreground(-1)
+
+    # -- fetching -------------------------------------------------------------------------
+
+    def _schedule(self, blocks: list[int]) -> None:
+        todo = [i for i in blocks if i not in self._inflight and not self._available(i)]
+        if not todo:
+            return
+        run: list[int] = []
+        for index in todo:
+            if run and (index != run[-1] + 1 or len(run) >= self.fetcher.policy.run_blocks):
+                self._start_run(run)
+                run = []
+            run.append(index)
+        self._start_run(run)
+
+    def _start_run(self, run: list[int]) -> None:
+        for index in run:
+            self._inflight[index] = trio.Event()
+            self._failures.pop(index, None)
+        self.fetcher._nursery.start_soon(self._fetch_run, run[0], run[-1])
+
+    def _store(self, index: int, data: bytes | bytearray) -> None:
+        try:
+            self.entry.write_block(index, data)
+        except CacheError as exc:
+            self.fetcher.counters.cache_write_errors += 1
+            if self.fetcher.counters.cache_write_errors == 1 or self.fetcher.counters.cache_write_errors % 1000 == 0:
+                log.error("serving without caching: %s", exc)
+            self._memory[index] = bytes(data)
+            while len(self._memory) > self.fetcher.policy.uncached_blocks:
+                self._memory.popitem(last=False)
+        self.fetcher.counters.bytes_fetched += len(data)
+        event = self._inflight.pop(index, None)
+        if event is not None:
+            event.set()
+
+    def _fail(self, first: int, last: int, exc: BaseException) -> None:
+        self.fetcher.counters.errors += 1
+        log.error("giving up on blocks %d-%d of %s: %s", first, last, self.digest, exc)
+        for index in range(first, last + 1):
+            event = self._inflight.pop(index, None)
+            if event is not None:
+                self._failures[index] = exc
+                event.set()
+
+    async def _fetch_run(self, first: int, last: int) -> None:
+        next_block, attempt = first, 0
+        policy = self.fetcher.policy
+        try:
+            async with self.fetcher._limiter:
+                while next_block <= last:
+                    while next_block <= last and self.entry.has(next_block):
+                        self._store_present(next_block)
+                        next_block += 1
+                    if next_block > last:
+                        break
+                    try:
+                        next_block = await self._stream_run(next_block, last)
+                    except (httpx.HTTPError, RegistryError, OSError) as exc:
+                        attempt += 1
+                        if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= policy.attempts:
+                            self._fail(next_block, last, exc)
+                            return
+                        self.fetcher.counters.retries += 1
+                        delay = min(5.0, 0.2 * 2 ** (attempt - 1))
+                        log.warning("fetch of %s block %d failed (%s); retry %d in %.1fs", self.digest, next_block,
+                                    exc or type(exc).__name__, attempt, delay)
+                        await trio.sleep(delay)
+        except Exception as exc:  # a bug or an unexpected error: fail these reads, keep the daemon
+            log.exception("unexpected error fetching %s blocks %d-%d", self.digest, first, last)
+            self._fail(first, last, exc)
+            return
+        finally:
+            with trio.CancelScope(shield=True):
+                if any(i in self._inflight for i in range(first, last + 1)):
+                    self._fail(first, last, FetchError("fetch cancelled"))
+        self._maybe_verify()
+
+    def _store_present(self, index: int) -> None:
+        event = self._inflight.pop(index, None)
+        if event is not None:
+            event.set()
+
+    async def _stream_run(self, first: int, last: int) -> int:
+        """Stream blocks [first, last] into the cache; returns the next block not stored."""
+        bs, size = self.block_size, self.size
+        start, end = first * bs, min((last + 1) * bs, size)
+        index = first
+        buffer = bytearray(self.entry.block_length(index))
+        fill = 0
+        self.fetcher.counters.requests += 1
+        async with self.fetcher.client.stream_blob(self.fetcher.repository, self.digest, start, end) as response:
+            async for chunk in response.aiter_raw():
+                view = memoryview(chunk)
+                while view:
+                    if index > last:
+                        raise IntegrityError(f"registry sent more than the {end - start} bytes asked of {self.digest}")
+                    take = min(len(view), len(buffer) - fill)
+                    buffer[fill:fill + take] = view[:take]
+                    fill += take
+                    view = view[take:]
+                    if fill == len(buffer):
+                        self._store(index, buffer)
+                        index += 1
+                        fill = 0
+                        if index <= last:
+                            buffer = bytearray(self.entry.block_length(index))
+        if index <= last:
+            raise FetchError(f"response for {self.digest} ended after {(index - first) * bs + fill} of {end - start} bytes")
+        return index
+
+    def _maybe_verify(self) -> None:
+        if self._verifying or self.entry.verified or not self.entry.complete:
+            return
+        self._verifying = True
+        self.fetcher._nursery.start_soon(self._verify)
+
+    async def _verify(self) -> None:
+        try:
+            matches = await trio.to_thread.run_sync(self.entry.digest_matches)
+            if matches:
+                self.entry.mark_verified()
+            else:
+                log.error("blob %s assembled from ranges does not match its digest; dropping it from the cache", self.digest)
+                self.entry.clear()
+        except CacheError as exc:
+            log.error("could not verify %s: %s", self.digest, exc)
+        finally:
+            self._verifying = False
+
+    def cached_fraction(self) -> float:
+        if not self.size:
+            return 1.0
+        return self.entry.cached_bytes() / self.size
+

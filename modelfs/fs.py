@@ -1,0 +1,182 @@
+"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher.
+
+Content is immutable (a manifest digest never changes), so the kernel may keep entries,
+attributes and pages as long as it likes: long timeouts and ``keep_cache``. Writes are
+refused with EROFS. A failed fetch is EIO for that read only; nothing here lets an exception
+escape into pyfuse3 except ``FUSEError``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from typing import Sequence
+
+import pyfuse3
+
+from .errors import ModelfsError
+from .fetcher import Fetcher
+from .index import ROOT_INODE, Node, Tree
+from .tarindex import DIRECTORY, SYMLINK
+
+log = logging.getLogger(__name__)
+
+TIMEOUT = 24 * 3600.0
+XATTR_DIGEST = b"user.modelfs.digest"
+XATTR_CACHED = b"user.modelfs.cached"
+XATTR_MEDIA_TYPE = b"user.modelfs.mediatype"
+XATTR_MODEL = b"user.modelfs.model"
+XATTRS = (XATTR_DIGEST, XATTR_CACHED, XATTR_MEDIA_TYPE, XATTR_MODEL)
+
+
+class ModelFS(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, tree: Tree, fetcher: Fetcher, model_name: str) -> None:
+        super().__init__()
+        self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.reads = 0
+        self.read_errors = 0
+
+    def _node(self, inode: int) -> Node:
+        try:
+            return self.tree.nodes[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.generation = 0
+        attrs.entry_timeout = TIMEOUT
+        attrs.attr_timeout = TIMEOUT
+        if node.kind == DIRECTORY:
+            attrs.st_mode = stat.S_IFDIR | 0o555
+            attrs.st_nlink = 2 + sum(1 for c in node.children.values() if self.tree.nodes[c].kind == DIRECTORY)
+            attrs.st_size = 4096
+        elif node.kind == SYMLINK:
+            attrs.st_mode = stat.S_IFLNK | 0o777
+            attrs.st_nlink = 1
+            attrs.st_size = len(node.link.encode())
+        else:
+            attrs.st_mode = stat.S_IFREG | (node.mode & 0o555 or 0o444)
+            attrs.st_nlink = 1
+            attrs.st_size = node.size
+        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        attrs.st_blksize = 1 << 20
+        attrs.st_blocks = (attrs.st_size + 511) // 512
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
+        return attrs
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        if name == b"..":
+            return self._attrs(self._node(parent.parent))
+        child = parent.children.get(os.fsdecode(name))
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self.tree.nodes[child])
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.kind != SYMLINK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(node.link)
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._node(inode).kind != DIRECTORY:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._node(fh)
+        names = sorted(node.children)
+        for position in range(start_id, len(names)):
+            child = self.tree.nodes[node.children[names[position]]]
+            if not pyfuse3.readdir_reply(token, os.fsencode(names[position]), self._attrs(child), position + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.kind == DIRECTORY:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._node(fh)
+        if node.reader is None or off >= node.size:
+            return b""
+        size = min(size, node.size - off)
+        self.reads += 1
+        try:
+            return await node.reader.read(node.offset + off, size)
+        except ModelfsError as exc:
+            self.read_errors += 1
+            log.error("read of %s at %d (+%d) failed: %s", self.path_of(node), off, size, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            self.read_errors += 1
+            log.exception("unexpected error reading %s at %d (+%d)", self.path_of(node), off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        return None
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        return not (mode & os.W_OK)
+
+    def path_of(self, node: Node) -> str:
+        parts = []
+        while node.inode != ROOT_INODE:
+            parts.append(node.name)
+            node = self.tree.nodes[node.parent]
+        return "/".join(reversed(parts))
+
+    def _xattr(self, node: Node, name: bytes) -> bytes | None:
+        if name == XATTR_MODEL:
+            return self.model_name.encode()
+        if node.reader is None:
+            return None
+        if name == XATTR_DIGEST and node.layer is not None:
+            return node.layer.digest.encode()
+        if name == XATTR_MEDIA_TYPE and node.layer is not None:
+            return node.layer.media_type.encode()
+        if name == XATTR_CACHED:
+            return f"{node.reader.cached_fraction():.4f}".encode()
+        return None
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = self._xattr(self._node(inode), name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        node = self._node(inode)
+        return [name for name in XATTRS if self._xattr(node, name) is not None]
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        total = sum(n.size for n in self.tree.files())
+        data.f_bsize = data.f_frsize = 4096
+        data.f_blocks = (total + 4095) // 4096
+        data.f_bfree = data.f_bavail = 0
+        data.f_files = len(self.tree.nodes)
+        data.f_ffree = data.f_favail = 0
+        data.f_namemax = 255
+        return data

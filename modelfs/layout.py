@@ -1,0 +1,152 @@
+"""A local OCI image layout: where ``build`` puts artifacts and ``push`` takes them from.
+
+Standard layout (``oci-layout``, ``index.json``, ``blobs/sha256/<hex>``), one store for all
+models, each manifest named by the ``org.opencontainers.image.ref.name`` annotation holding
+the full reference, so ``skopeo copy oci:<store>:<ref>`` reads it as well as we do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+from .errors import IntegrityError, NotFoundError
+from .spec import OCI_MANIFEST
+
+REF_NAME = "org.opencontainers.image.ref.name"
+_CHUNK = 4 * 1024 * 1024
+
+
+def default_store_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/modelfs/store"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "modelfs", "store")
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    digest: str
+    size: int
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Write a whole file so that readers see the old or the new content, never half."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Store:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def _init(self) -> None:
+        os.makedirs(os.path.join(self.root, "blobs", "sha256"), exist_ok=True)
+        layout = os.path.join(self.root, "oci-layout")
+        if not os.path.exists(layout):
+            atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
+        if not os.path.exists(self._index_path):
+            atomic_write(self._index_path, json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": []}).encode())
+
+    @property
+    def _index_path(self) -> str:
+        return os.path.join(self.root, "index.json")
+
+    def blob_path(self, digest: str) -> str:
+        algo, _, hexpart = digest.partition(":")
+        return os.path.join(self.root, "blobs", algo, hexpart)
+
+    def has_blob(self, digest: str) -> bool:
+        return os.path.exists(self.blob_path(digest))
+
+    def add_bytes(self, data: bytes) -> StoredBlob:
+        self._init()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if not self.has_blob(digest):
+            atomic_write(self.blob_path(digest), data)
+        return StoredBlob(digest, len(data))
+
+    def add_stream(self, source: BinaryIO) -> StoredBlob:
+        """Copy a stream into the store, hashing on the fly (never the whole blob in memory)."""
+        self._init()
+        hasher = hashlib.sha256()
+        size = 0
+        fd, tmp = tempfile.mkstemp(dir=os.path.join(self.root, "blobs", "sha256"), prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := source.read(_CHUNK):
+                    hasher.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+            digest = "sha256:" + hasher.hexdigest()
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.blob_path(digest))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return StoredBlob(digest, size)
+
+    def add_file(self, path: str) -> StoredBlob:
+        with open(path, "rb") as source:
+            return self.add_stream(source)
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.blob_path(digest), "rb")
+        except FileNotFoundError:
+            raise NotFoundError(f"blob {digest} is not in the local store {self.root}") from None
+
+    def read_blob(self, digest: str) -> bytes:
+        with self.open_blob(digest) as handle:
+            data = handle.read()
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"local store blob {digest} is corrupt")
+        return data
+
+    def _index(self) -> dict:
+        try:
+            with open(self._index_path, "rb") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return {"schemaVersion": 2, "manifests": []}
+
+    def tag(self, reference: str, manifest: bytes, media_type: str = OCI_MANIFEST) -> StoredBlob:
+        """Store a manifest and name it ``reference`` (replacing an older one of that name)."""
+        blob = self.add_bytes(manifest)
+        index = self._index()
+        entries = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != reference]
+        entries.append({"mediaType": media_type, "digest": blob.digest, "size": blob.size,
+                        "annotations": {REF_NAME: reference}})
+        index["manifests"] = entries
+        atomic_write(self._index_path, json.dumps(index, indent=2).encode())
+        return blob
+
+    def resolve(self, reference: str) -> StoredBlob:
+        for entry in self._index().get("manifests", []):
+            if entry.get("annotations", {}).get(REF_NAME) == reference:
+                return StoredBlob(entry["digest"], entry["size"])
+        raise NotFoundError(f"{reference} is not in the local store {self.root}; run `modelfs build -t {reference}` first")
+
+    def references(self) -> Iterator[str]:
+        for entry in self._index().get("manifests", []):
+            name = entry.get("annotations", {}).get(REF_NAME)
+            if name:
+                yield name
+

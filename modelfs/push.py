@@ -1,0 +1,91 @@
+"""``modelfs push``: upload an artifact from the local store.
+
+Blobs the registry already has (HEAD) are skipped, so re-pushing a model whose only change
+is config.json uploads that layer, the config and the manifest. Blobs present in another
+repository of the same registry that this store also pushed to are cross-mounted instead
+of uploaded. Large blobs go up in chunks; every byte is streamed from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import trio
+
+from .layout import Store
+from .reference import Reference, parse
+from .registry import RegistryClient
+from .spec import Descriptor, parse_manifest
+
+log = logging.getLogger(__name__)
+
+CHUNKED_THRESHOLD = 512 << 20
+CHUNK_SIZE = 64 << 20
+READ_SIZE = 1 << 20
+
+
+@dataclass
+class PushResult:
+    digest: str
+    uploaded_bytes: int = 0
+    uploaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    mounted: list[str] = field(default_factory=list)
+
+
+def _file_chunks(path: str, piece: int) -> Callable[[], AsyncIterator[bytes]]:
+    async def chunks() -> AsyncIterator[bytes]:
+        handle = await trio.open_file(path, "rb")
+        async with handle:
+            while data := await handle.read(piece):
+                yield data
+    return chunks
+
+
+def _mount_sources(store: Store, reference: Reference) -> list[str]:
+    sources = []
+    for name in store.references():
+        try:
+            other = parse(name)
+        except Exception:
+            continue
+        if other.registry == reference.registry and other.repository != reference.repository:
+            sources.append(other.repository)
+    return sorted(set(sources))
+
+
+async def _push_blob(client: RegistryClient, store: Store, reference: Reference, blob: Descriptor,
+                     sources: list[str], result: PushResult, limiter: trio.CapacityLimiter) -> None:
+    async with limiter:
+        repo = reference.repository
+        if await client.blob_size(repo, blob.digest) is not None:
+            result.skipped.append(blob.digest)
+            return
+        for source in sources:
+            if await client.mount_blob(repo, blob.digest, source):
+                result.mounted.append(blob.digest)
+                return
+        chunked = blob.size > CHUNKED_THRESHOLD
+        path = store.blob_path(blob.digest)
+        await client.upload_blob(repo, blob.digest, blob.size, _file_chunks(path, CHUNK_SIZE if chunked else READ_SIZE),
+                                 chunked=chunked)
+        result.uploaded.append(blob.digest)
+        result.uploaded_bytes += blob.size
+        log.info("uploaded %s (%d bytes)", blob.digest, blob.size)
+
+
+async def push(client: RegistryClient, store: Store, reference: Reference, source_name: str | None = None,
+               parallel: int = 4) -> PushResult:
+    stored = store.resolve(source_name or str(reference))
+    data = store.read_blob(stored.digest)
+    manifest = parse_manifest(data)
+    result = PushResult(stored.digest)
+    sources = _mount_sources(store, reference)
+    limiter = trio.CapacityLimiter(parallel)
+    async with trio.open_nursery() as nursery:
+        for blob in [manifest.config, *manifest.layers]:
+            nursery.start_soon(_push_blob, client, store, reference, blob, sources, result, limiter)
+    await client.put_manifest(reference.repository, reference.tag or stored.digest, data, manifest.media_type)
+    return result

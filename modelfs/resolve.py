@@ -1,0 +1,54 @@
+"""From a reference to a verified model: manifest (through an index if need be) and config."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from .errors import ManifestError, NotAModelError
+from .reference import Reference
+from .registry import RegistryClient
+from .spec import (ARTIFACT_TYPE, LEGACY_ARTIFACT_TYPE, Manifest, ModelConfig, is_index, load_json,
+                   parse_config, parse_manifest, require_model)
+
+
+@dataclass(frozen=True)
+class Model:
+    reference: Reference  # with the manifest digest filled in
+    manifest: Manifest
+    manifest_bytes: bytes
+    config: ModelConfig
+    config_bytes: bytes
+
+
+def _pick_from_index(data: bytes, reference: Reference) -> str:
+    doc = load_json(data, "index")
+    entries = [m for m in doc.get("manifests", []) if isinstance(m, dict) and isinstance(m.get("digest"), str)]
+    for entry in entries:
+        if entry.get("artifactType") in (ARTIFACT_TYPE, LEGACY_ARTIFACT_TYPE):
+            return entry["digest"]
+    if any("platform" in e for e in entries):
+        raise NotAModelError(f"{reference} is a multi-platform container image, not a ModelPack model")
+    if len(entries) == 1:
+        return entries[0]["digest"]
+    raise ManifestError(f"{reference} is an index of {len(entries)} manifests and none is marked as a model")
+
+
+async def fetch_model(client: RegistryClient, reference: Reference) -> Model:
+    data, media_type, digest = await client.get_manifest(reference.repository, reference.target)
+    if is_index(data):
+        digest = _pick_from_index(data, reference)
+        data, media_type, digest = await client.get_manifest(reference.repository, digest)
+    manifest = parse_manifest(data, media_type)
+    require_model(manifest, str(reference))
+    config_bytes = await client.get_blob(reference.repository, manifest.config.digest)
+    if len(config_bytes) != manifest.config.size:
+        raise ManifestError(f"{reference}: config is {len(config_bytes)} bytes, manifest says {manifest.config.size}")
+    config = parse_config(config_bytes)
+    return Model(reference.with_digest(digest), manifest, data, config, config_bytes)
+
+
+def describe(model: Model) -> dict:
+    """The ``inspect --json`` document."""
+    return {"reference": str(model.reference), "digest": model.reference.digest,
+            "manifest": json.loads(model.manifest_bytes), "config": json.loads(model.config_bytes)}
