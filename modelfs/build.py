@@ -23,6 +23,8 @@ from .layout import Store
 from .spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
                    OCI_MANIFEST, Descriptor, Manifest, ModelConfig, Packing, layer_media_type)
 
+# Lets generic OCI tools (oras, ORAS CLI) name the files they pull; modelfs itself reads filepath.
+ANNOTATION_TITLE = "org.opencontainers.image.title"
 _CONFIG_KEYS = {"ARCH": "architecture", "FORMAT": "format", "PARAMSIZE": "paramSize",
                 "PRECISION": "precision", "QUANTIZATION": "quantization"}
 
@@ -97,7 +99,7 @@ def build(context: str, modelfile_path: str, reference: str, store: Store,
     diff_ids: list[str] = []
     for item in files:
         full = os.path.join(context, item.path)
-        annotations = {ANNOTATION_FILEPATH: item.path,
+        annotations = {ANNOTATION_FILEPATH: item.path, ANNOTATION_TITLE: item.path,
                        ANNOTATION_FILE_METADATA: json.dumps(_file_metadata(full, item.path), separators=(",", ":"))}
         if packing is Packing.RAW:
             blob = store.add_file(full)

@@ -23,7 +23,7 @@ from .build import build
 from .cache import BlockCache, default_cache_dir
 from .credentials import Credential, CredentialStore
 from .daemon import MountOptions, run_foreground, umount
-from .errors import ModelfsError, MountError
+from .errors import ModelfsError, MountError, user_error
 from .extract import extract
 from .fetcher import Fetcher
 from .layout import Store, default_store_dir
@@ -297,8 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         if inspect.iscoroutinefunction(args.handler):
             return trio.run(args.handler, args)
         return args.handler(args)
-    except ModelfsError as exc:
-        print(f"modelfs: error: {exc}", file=sys.stderr)
+    except (ModelfsError, BaseExceptionGroup) as exc:
+        error = user_error(exc)
+        if error is None:
+            raise
+        print(f"modelfs: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("modelfs: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ import trio
 
 from .cache import BlockCache
 from .credentials import CredentialStore
-from .errors import ModelfsError, MountError
+from .errors import ModelfsError, MountError, user_error
 from .fetcher import Fetcher, FetchPolicy
 from .fs import ModelFS
 from .index import Tree, build_tree
@@ -152,11 +152,11 @@ async def serve(options: MountOptions) -> None:
 def run_foreground(options: MountOptions) -> None:
     try:
         trio.run(serve, options)
-    except ModelfsError as exc:
-        report(options.ready_fd, f"ERROR {exc}")
-        raise
     except BaseException as exc:
-        report(options.ready_fd, f"ERROR unexpected {type(exc).__name__}: {exc}")
+        error = user_error(exc)
+        report(options.ready_fd, f"ERROR {error}" if error else f"ERROR unexpected {type(exc).__name__}: {exc}")
+        if error is not None:
+            raise error from None
         raise
 
 

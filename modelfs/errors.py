@@ -55,3 +55,19 @@ class CacheError(ModelfsError):
 
 class MountError(ModelfsError):
     """Mounting or unmounting failed."""
+
+
+def user_error(exc: BaseException) -> ModelfsError | None:
+    """The ModelfsError behind ``exc``, looking inside trio's exception groups.
+
+    Concurrent work (parallel uploads, prefetch) fails as an ExceptionGroup; the user still
+    deserves the one line that says what went wrong.
+    """
+    if isinstance(exc, ModelfsError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = user_error(inner)
+            if found is not None:
+                return found
+    return None

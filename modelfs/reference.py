@@ -70,8 +70,8 @@ def parse(text: str) -> Reference:
             raise InvalidReferenceError(
                 f"invalid reference {original!r}: digest must be sha256: followed by 64 lowercase hex digits"
             )
-    registry, _, rest = text.partition("/")
-    if rest and ("." in registry or ":" in registry or registry == "localhost" or registry.startswith("[")):
+    registry, slash, rest = text.partition("/")
+    if slash and ("." in registry or ":" in registry or registry == "localhost" or registry.startswith("[")):
         if not _HOST.fullmatch(registry):
             raise InvalidReferenceError(f"invalid reference {original!r}: bad registry host {registry!r}")
         path = rest

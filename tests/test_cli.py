@@ -1,0 +1,167 @@
+"""The foundation end to end, through the real CLI, against a real Distribution registry."""
+
+import filecmp
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import SAMPLE_MODELFILE
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_path):
+    ref = f"{registry.address}/roundtrip/minilm:v1"
+    built = cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    assert "13 layers" in built.stdout
+    pushed = cli.run("push", "--plain-http", ref)
+    assert "14 blobs uploaded" in pushed.stdout
+
+    inspected = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)
+    assert inspected["manifest"]["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
+    assert inspected["manifest"]["config"]["mediaType"] == "application/vnd.cncf.model.config.v1+json"
+    assert inspected["config"]["descriptor"]["name"] == "all-minilm-l6-v2"
+    assert inspected["config"]["config"]["format"] == "safetensors"
+    weights = [layer for layer in inspected["manifest"]["layers"] if layer["annotations"]["org.cncf.model.filepath"] == "model.safetensors"]
+    assert weights[0]["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"
+    assert json.loads(weights[0]["annotations"]["org.cncf.model.file.metadata+json"])["size"] == 90868376
+    assert inspected["config"]["modelfs"]["diffIds"] == [layer["digest"] for layer in inspected["manifest"]["layers"]]
+
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    assert _files(out) == _files(minilm_dir)
+    for name in _files(minilm_dir):
+        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
+
+
+def test_build_writes_an_oci_layout_skopeo_can_read(cli, registry, minilm_dir):
+    ref = f"{registry.address}/layout/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    store = cli.home / "store"
+    assert json.loads((store / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((store / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == ref)
+    manifest_path = store / "blobs" / "sha256" / entry["digest"].split(":")[1]
+    manifest = json.loads(manifest_path.read_text())
+    for blob in [manifest["config"], *manifest["layers"]]:
+        assert (store / "blobs" / "sha256" / blob["digest"].split(":")[1]).stat().st_size == blob["size"]
+    if shutil.which("skopeo"):
+        os.system(f"skopeo inspect --raw oci:{store}:{ref} > /dev/null")
+
+
+def test_repush_after_config_edit_uploads_only_what_changed(cli, registry, minilm_dir, tmp_path):
+    context = tmp_path / "ctx"
+    shutil.copytree(minilm_dir, context)
+    ref = f"{registry.address}/repush/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(context))
+    cli.run("push", "--plain-http", ref)
+    config = json.loads((context / "config.json").read_text())
+    config["modelfs_edit"] = True
+    (context / "config.json").write_text(json.dumps(config))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(context))
+    again = cli.run("push", "--plain-http", ref).stdout
+    new_config_size = (context / "config.json").stat().st_size
+    # config.json's layer and the model config blob, nothing else; the 90 MB weights are skipped
+    assert "2 blobs uploaded" in again and "12 already present" in again, again
+    uploaded_mb = float(again.split("(")[1].split(" MB")[0])
+    assert uploaded_mb < 0.01 + new_config_size / 1e6
+
+
+def test_push_to_second_repository_mounts_blobs(cli, registry, minilm_dir):
+    first = f"{registry.address}/mountsrc/minilm:v1"
+    second = f"{registry.address}/mountdst/minilm:v1"
+    cli.run("build", "-t", first, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("push", "--plain-http", first)
+    cli.run("build", "-t", second, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    result = cli.run("push", "--plain-http", second).stdout
+    # the 13 file layers are linked from the first repository; only the new config blob goes up
+    assert "1 blobs uploaded" in result and "13 mounted" in result, result
+
+
+def test_oras_pulls_identical_files(cli, minilm_ref, minilm_dir, tmp_path, registry):
+    import oras.client
+    client = oras.client.OrasClient(hostname=registry.address, insecure=True)
+    out = tmp_path / "oras"
+    (out / "1_Pooling").mkdir(parents=True)
+    client.pull(target=minilm_ref, outdir=str(out))
+    assert _files(out) == _files(minilm_dir)
+    for name in _files(minilm_dir):
+        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
+
+
+def test_basic_auth_login_and_wrong_password(cli, basic_registry, minilm_dir):
+    ref = f"{basic_registry.address}/private/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    denied = cli.run("push", "--plain-http", ref, check=False)
+    assert denied.returncode == 1
+    assert denied.stderr.strip().splitlines() == [f"modelfs: error: {basic_registry.address} requires authentication: run `modelfs login {basic_registry.address}`"]
+
+    wrong = cli.run("login", "--plain-http", basic_registry.address, "-u", "alice", "--password-stdin", input="nope\n", check=False)
+    assert wrong.returncode == 1 and "rejected" in wrong.stderr and "nope" not in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+
+    cli.run("login", "--plain-http", basic_registry.address, "-u", "alice", "--password-stdin", input="s3cret-pass\n")
+    auth_file = cli.home / "config" / "modelfs" / "auth.json"
+    assert oct(auth_file.stat().st_mode & 0o777) == "0o600"
+    cli.run("push", "--plain-http", ref)
+    assert "all-minilm" in cli.run("inspect", "--plain-http", ref).stdout
+    cli.run("logout", basic_registry.address)
+    assert cli.run("inspect", "--plain-http", ref, check=False).returncode == 1
+
+
+def test_docker_config_credentials_are_used(cli, basic_registry, minilm_dir):
+    import base64
+    ref = f"{basic_registry.address}/dockercfg/minilm:v1"
+    docker = cli.home / "docker"
+    docker.mkdir(parents=True)
+    token = base64.b64encode(b"alice:s3cret-pass").decode()
+    (docker / "config.json").write_text(json.dumps({"auths": {basic_registry.address: {"auth": token}}}))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("push", "--plain-http", ref)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "--plain-http", "Bad/Ref:1"], "repository component"),
+    (["inspect", "--plain-http", "{registry}/demo/minilm:missing"], "not found"),
+    (["inspect", "--plain-http", "{registry}/nosuch/repo:v1"], "not found"),
+    (["push", "--plain-http", "{registry}/never/built:v1"], "is not in the local store"),
+    (["inspect", "127.0.0.1:1/x:y", "--plain-http"], "cannot reach 127.0.0.1:1"),
+])
+def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, args, message):
+    result = cli.run(*[a.format(registry=registry.address) for a in args], check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("modelfs: error: ") and message in lines[0], result.stderr
+
+
+def test_container_image_is_refused_clearly(cli, registry):
+    config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    base = f"http://{registry.address}/v2/images/busybox"
+    upload = httpx.post(f"{base}/blobs/uploads/")
+    location = httpx.URL(f"http://{registry.address}").join(upload.headers["location"])
+    httpx.put(f"{location}&digest={digest}", content=config).raise_for_status()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest, "size": len(config)},
+                "layers": []}
+    httpx.put(f"{base}/manifests/latest", json=manifest,
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    for command in (["inspect"], ["extract", "--output", str(cli.home / "x")], ["pull"]):
+        result = cli.run(command[0], "--plain-http", f"{registry.address}/images/busybox:latest", *command[1:], check=False)
+        assert result.returncode == 1
+        assert result.stderr.strip() == (f"modelfs: error: {registry.address}/images/busybox:latest is a container image "
+                                         "(application/vnd.oci.image.config.v1+json), not a ModelPack model")
+
+
+def test_pull_fills_the_cache(cli, minilm_ref):
+    result = cli.run("pull", "--plain-http", minilm_ref)
+    assert "Pulled" in result.stdout
+    data_files = list((cli.cache_dir / "blobs" / "sha256").glob("*.map"))
+    assert len(data_files) == 13
