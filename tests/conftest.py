@@ -138,9 +138,11 @@ class Mounts:
     def __init__(self, cli: Cli, base: Path) -> None:
         self.cli, self.base = cli, base
         self.active: list[Path] = []
+        self.count = 0
 
     def mount(self, ref: str, *extra: str, name: str = "mnt", cli: Cli | None = None) -> Path:
-        target = self.base / f"{name}{len(self.active)}"
+        self.count += 1
+        target = self.base / f"{name}{self.count}"
         target.mkdir(parents=True)
         (cli or self.cli).run("mount", "--plain-http", *extra, ref, str(target), timeout=120)
         self.active.append(target)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything modelfs and its tests need on a fresh Debian machine (run as root):
+# system packages (FUSE 3, CNCF Distribution) and a virtualenv at .venv with modelfs[test].
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(fuse3 libfuse3-dev pkg-config docker-registry curl ca-certificates)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+# Debian's package may start a registry of its own on :5000; modelfs uses its own ports.
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[test]'

@@ -1,0 +1,188 @@
+"""Real FUSE mounts of models in a real registry: bytes, laziness, single flight, persistence."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_MODELFILE
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _same_tree(mounted: Path, source: Path) -> None:
+    assert _files(mounted) == _files(source)
+    for name in _files(source):
+        assert (mounted / name).read_bytes() == (source / name).read_bytes(), name
+
+
+@pytest.fixture(scope="session")
+def big_model(registry, session_cli, tmp_path_factory):
+    """A 256 MiB random weight file plus a config, pushed raw."""
+    context = tmp_path_factory.mktemp("big")
+    rng = np.random.default_rng(7)
+    with open(context / "model.safetensors", "wb") as out:
+        for _ in range(16):
+            out.write(rng.bytes(16 * MiB))
+    (context / "config.json").write_text('{"hidden_size": 8}')
+    (context / "Modelfile").write_text("NAME big\nMODEL model.safetensors\nCONFIG config.json\n")
+    ref = f"{registry.address}/test/big:v1"
+    session_cli.run("build", "-t", ref, str(context))
+    session_cli.run("push", "--plain-http", ref)
+    return ref, context
+
+
+def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref, minilm_dir, proxy):
+    ref = minilm_ref.replace(minilm_ref.split("/")[0], proxy.address)
+    target = mounts.mount(ref, "--prefetch", "none")
+    proxy.reset()
+    listing = {p.name: p.stat().st_size for p in target.iterdir()}
+    assert listing["model.safetensors"] == 90868376
+    assert (target / "1_Pooling" / "config.json").stat().st_size == (minilm_dir / "1_Pooling" / "config.json").stat().st_size
+    assert proxy.downstream_bytes == 0, "ls/stat must be answered from the manifest"
+    _same_tree(target, minilm_dir)
+    xattrs = os.listxattr(target / "model.safetensors")
+    assert "user.modelfs.digest" in xattrs
+    assert os.getxattr(target / "model.safetensors", "user.modelfs.cached") == b"1.0000"
+    digest = os.getxattr(target / "model.safetensors", "user.modelfs.digest").decode()
+    assert digest == "sha256:" + hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(OSError):
+        open(target / "config.json", "w")
+
+
+@pytest.mark.parametrize("packing", ["tar", "tar+gzip"])
+def test_tar_layers_serve_exact_bytes(cli, mounts, registry, minilm_dir, packing):
+    ref = f"{registry.address}/packed/{packing.replace('+', '-')}:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), "--packing", packing, str(minilm_dir))
+    cli.run("push", "--plain-http", ref)
+    target = mounts.mount(ref, "--prefetch", "none")
+    _same_tree(target, minilm_dir)
+
+
+def test_lazy_read_fetches_a_small_fraction(mounts, big_model, proxy):
+    ref, context = big_model
+    target = mounts.mount(ref.replace(ref.split("/")[0], proxy.address), "--prefetch", "none")
+    proxy.reset()
+    with open(target / "model.safetensors", "rb") as handle:
+        head = handle.read(MiB)
+    with open(context / "model.safetensors", "rb") as handle:
+        assert head == handle.read(MiB)
+    assert 0 < proxy.downstream_bytes < 32 * MiB, proxy.downstream_bytes
+
+
+def test_single_flight_for_concurrent_readers(mounts, big_model, proxy):
+    ref, context = big_model
+    target = mounts.mount(ref.replace(ref.split("/")[0], proxy.address), "--prefetch", "none")
+    proxy.reset()
+    offset, length = 100 * MiB + 12345, 3 * MiB
+    results: list[bytes] = []
+    barrier = threading.Barrier(16)
+
+    def reader() -> None:
+        fd = os.open(target / "model.safetensors", os.O_RDONLY)
+        try:
+            barrier.wait()
+            results.append(os.pread(fd, length, offset))
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=reader) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    with open(context / "model.safetensors", "rb") as handle:
+        handle.seek(offset)
+        expected = handle.read(length)
+    assert len(results) == 16 and all(r == expected for r in results)
+    # 4 blocks cover the range; read-ahead may add a window, but never 16 copies
+    assert proxy.downstream_bytes < 24 * MiB, proxy.downstream_bytes
+
+
+def test_cache_persists_across_mounts(mounts, big_model, proxy):
+    ref, context = big_model
+    proxied = ref.replace(ref.split("/")[0], proxy.address)
+    target = mounts.mount(proxied, "--prefetch", "none")
+    with open(target / "model.safetensors", "rb") as handle:
+        handle.seek(200 * MiB)
+        first = handle.read(2 * MiB)
+    mounts.umount(target)
+    again = mounts.mount(proxied, "--prefetch", "none")
+    proxy.reset()
+    with open(again / "model.safetensors", "rb") as handle:
+        handle.seek(200 * MiB)
+        second = handle.read(2 * MiB)
+    assert first == second
+    before_manifest = proxy.downstream_bytes
+    assert before_manifest == 0, f"re-reading cached bytes fetched {before_manifest} bytes"
+
+
+def test_prefetch_all_fills_the_cache(mounts, big_model, cli):
+    ref, context = big_model
+    target = mounts.mount(ref)  # --prefetch all is the default
+    import time
+    deadline = time.monotonic() + 120
+    while os.getxattr(target / "model.safetensors", "user.modelfs.cached") != b"1.0000":
+        assert time.monotonic() < deadline, "prefetch did not finish in 120 s"
+        time.sleep(0.2)
+    assert hashlib.sha256((target / "model.safetensors").read_bytes()).digest() == \
+        hashlib.sha256((context / "model.safetensors").read_bytes()).digest()
+
+
+def test_umount_cleans_a_stale_mount(mounts, minilm_ref, cli):
+    target = mounts.base / "stale"
+    target.mkdir(parents=True)
+    out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(target)).stdout
+    mounts.active.append(target)
+    pid = int(out.split("(pid ")[1].split(",")[0])
+    os.kill(pid, 9)
+    with pytest.raises(OSError):
+        os.listdir(target)
+    assert "stale" in cli.run("umount", str(target)).stdout
+    mounts.active.remove(target)
+    assert not os.path.ismount(target)
+
+
+def test_mount_errors_are_one_line(cli, registry, tmp_path, minilm_ref):
+    target = tmp_path / "m"
+    target.mkdir()
+    missing = cli.run("mount", "--plain-http", f"{registry.address}/demo/minilm:nope", str(target), check=False)
+    assert missing.returncode == 1 and missing.stderr.startswith("modelfs: error: ") and "not found" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    nodir = cli.run("mount", "--plain-http", minilm_ref, str(tmp_path / "nodir"), check=False)
+    assert nodir.returncode == 1 and "is not a directory" in nodir.stderr
+
+
+def test_minilm_loads_through_the_mount(mounts, minilm_ref, minilm_dir):
+    from safetensors.numpy import load_file
+    target = mounts.mount(minilm_ref, "--prefetch", "none")
+    mounted = load_file(str(target / "model.safetensors"))
+    original = load_file(str(minilm_dir / "model.safetensors"))
+    assert mounted.keys() == original.keys()
+    for name in original:
+        assert np.array_equal(mounted[name], original[name]), name
+    script = (
+        "import sys, numpy as np\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        "a = SentenceTransformer(sys.argv[1], device='cpu').encode(['modelfs serves models lazily'])\n"
+        "b = SentenceTransformer(sys.argv[2], device='cpu').encode(['modelfs serves models lazily'])\n"
+        "assert a.shape == (1, 384), a.shape\n"
+        "assert np.array_equal(a, b), float(np.abs(a - b).max())\n"
+        "print('EMBEDDING-EQUAL')\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", script, str(target), str(minilm_dir)], capture_output=True,
+                            text=True, env=env, timeout=300)
+    assert "EMBEDDING-EQUAL" in result.stdout, result.stderr[-3000:]
