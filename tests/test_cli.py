@@ -115,6 +115,24 @@ def test_basic_auth_login_and_wrong_password(cli, basic_registry, minilm_dir):
     assert cli.run("inspect", "--plain-http", ref, check=False).returncode == 1
 
 
+def test_token_auth_login_push_and_anonymous_pull(cli, token_registry, minilm_dir, tmp_path):
+    ref = f"{token_registry.address}/public/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    anonymous_push = cli.run("push", "--plain-http", ref, check=False)
+    assert anonymous_push.returncode == 1 and "modelfs: error:" in anonymous_push.stderr
+    wrong = cli.run("login", "--plain-http", token_registry.address, "-u", "alice", "-p", "wrong", check=False)
+    assert wrong.returncode == 1 and "rejected the credentials of 'alice'" in wrong.stderr
+    cli.run("login", "--plain-http", token_registry.address, "-u", "alice", "--password-stdin", input="s3cret-pass\n")
+    cli.run("push", "--plain-http", ref)
+    cli.run("logout", token_registry.address)
+    # anonymous tokens may pull public/*: extract works without credentials
+    out = tmp_path / "anon"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+    logs = (token_registry.root / "registry.log").read_text()
+    assert all(token not in logs for token in token_registry.issuer.issued)
+
+
 def test_docker_config_credentials_are_used(cli, basic_registry, minilm_dir):
     import base64
     ref = f"{basic_registry.address}/dockercfg/minilm:v1"
