@@ -85,12 +85,14 @@ class BlobEntry:
                 self.block_size, self.nblocks, self._policy, self.verified = bs, nblocks, policy, bool(verified)
                 raw = os.pread(self._map_fd, nblocks * _ENTRY, _HEADER_SIZE)
                 self._entries = array("I", raw.ljust(nblocks * _ENTRY, b"\0"))
+                self._present = sum(1 for e in self._entries if e)
                 return
             log.warning("cache map for %s is unreadable or stale; starting it afresh", self.digest)
         self.block_size = block_size
         self.nblocks = -(-self.size // block_size)
         self._policy, self.verified = _POLICY_UNDECIDED, False
         self._entries = array("I", bytes(self.nblocks * _ENTRY))
+        self._present = 0
         os.ftruncate(self._map_fd, 0)
         os.ftruncate(self._data_fd, 0)
         os.pwrite(self._map_fd, self._header(), 0)
@@ -102,6 +104,8 @@ class BlobEntry:
     def _refresh_entry(self, index: int) -> int:
         raw = os.pread(self._map_fd, _ENTRY, _HEADER_SIZE + index * _ENTRY)
         value = struct.unpack("<I", raw)[0] if len(raw) == _ENTRY else 0
+        if value and not self._entries[index]:
+            self._present += 1
         self._entries[index] = value
         return value
 
@@ -141,6 +145,7 @@ class BlobEntry:
                 entry = len(payload) << 1 | flag
                 os.pwrite(self._map_fd, struct.pack("<I", entry), _HEADER_SIZE + index * _ENTRY)
                 self._entries[index] = entry
+                self._present += 1
         except OSError as exc:
             raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
 
@@ -161,7 +166,7 @@ class BlobEntry:
 
     @property
     def complete(self) -> bool:
-        return all(self.has(i) for i in range(self.nblocks))
+        return self._present >= self.nblocks or all(self.has(i) for i in range(self.nblocks))
 
     def cached_bytes(self) -> int:
         return sum(self.block_length(i) for i in range(self.nblocks) if self._entries[i])
@@ -193,6 +198,7 @@ class BlobEntry:
     def clear(self) -> None:
         with self._locked():
             self._entries = array("I", bytes(self.nblocks * _ENTRY))
+            self._present = 0
             self.verified = False
             os.pwrite(self._map_fd, self._header(), 0)
             os.pwrite(self._map_fd, self._entries.tobytes(), _HEADER_SIZE)

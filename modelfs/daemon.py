@@ -146,7 +146,9 @@ async def serve(options: MountOptions) -> None:
                 nursery.cancel_scope.cancel()
                 pyfuse3.close(unmount=True)
                 cache.close()
-                log.info("unmounted %s", mountpoint)
+                c = fetcher.counters
+                log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries",
+                         mountpoint, ops.reads, ops.read_errors, c.bytes_fetched, c.requests, c.retries)
 
 
 def run_foreground(options: MountOptions) -> None:

@@ -36,13 +36,15 @@ class FetchError(RegistryError):
 
 @dataclass(frozen=True)
 class FetchPolicy:
-    run_blocks: int = 4
-    parallel: int = 8
+    # Measured on loopback (2 cores, Distribution 2.8): 8 parallel 4 MiB ranges gave 0.42 GB/s,
+    # 4 parallel 16 MiB ranges 0.95 GB/s, one stream 1.06 GB/s; per-request cost dominates small runs.
+    run_blocks: int = 16
+    parallel: int = 6
     readahead_max: int = 32
     timeout: float = 120.0  # a read waiting longer than this fails with EIO
     attempts: int = 5
     prefetch_workers: int = 4
-    uncached_blocks: int = 64  # blocks kept in memory when the cache cannot take them
+    recent_blocks: int = 48  # just-fetched blocks kept in memory: the reader usually wants them next
 
 
 @dataclass
@@ -122,6 +124,7 @@ class BlobReader:
         self._memory: OrderedDict[int, bytes] = OrderedDict()
         self._sequential_end = 0
         self._window = 0
+        self._ahead_until = -1
         self._verifying = False
 
     @property
@@ -161,19 +164,28 @@ class BlobReader:
         return joined[start:start + size]
 
     def _read_ahead(self, offset: int, size: int, last: int) -> None:
+        """Grow a window ahead of a sequential reader and refill it in big batches.
+
+        Refilling only when less than half the window is left ahead makes each range request
+        cover many blocks (per-request cost dominates on fast links); random access turns
+        read-ahead off.
+        """
         bs = self.block_size
         sequential = offset == 0 or (self._sequential_end - 4 * bs <= offset <= self._sequential_end + bs)
         end = offset + size
-        if sequential:
-            crossed = end // bs > self._sequential_end // bs or offset == 0
-            if crossed:
-                self._window = min(max(1, self._window * 2), self.fetcher.policy.readahead_max)
-        else:
-            self._window = 0
-        self._sequential_end = max(end, self._sequential_end) if sequential else end
-        if self._window:
-            ahead = range(last + 1, min(last + self._window, self.entry.nblocks - 1) + 1)
-            self._schedule([i for i in ahead if not self._available(i)])
+        if not sequential:
+            self._window, self._sequential_end, self._ahead_until = 0, end, last
+            return
+        if end // bs > self._sequential_end // bs or offset == 0:
+            self._window = min(max(1, self._window * 2), self.fetcher.policy.readahead_max)
+        self._sequential_end = max(end, self._sequential_end)
+        if self._ahead_until - last > self._window // 2:
+            return
+        start = max(last, self._ahead_until) + 1
+        stop = min(last + self._window, self.entry.nblocks - 1)
+        if start <= stop:
+            self._ahead_until = stop
+            self._schedule([i for i in range(start, stop + 1) if not self._available(i)])
 
     async def ensure(self, blocks: list[int], foreground: bool = True) -> None:
         """Make ``blocks`` available (cached or in memory), fetching what is missing."""
@@ -215,16 +227,18 @@ class BlobReader:
             self._failures.pop(index, None)
         self.fetcher._nursery.start_soon(self._fetch_run, run[0], run[-1])
 
-    def _store(self, index: int, data: bytes | bytearray) -> None:
+    def _store(self, index: int, data: bytes) -> None:
+        """Keep a fetched block in memory (recent reads) and in the cache. A cache that cannot
+        take it (full disk) is logged, and the block is still served from memory."""
+        self._memory[index] = data
+        while len(self._memory) > self.fetcher.policy.recent_blocks:
+            self._memory.popitem(last=False)
         try:
             self.entry.write_block(index, data)
         except CacheError as exc:
             self.fetcher.counters.cache_write_errors += 1
             if self.fetcher.counters.cache_write_errors == 1 or self.fetcher.counters.cache_write_errors % 1000 == 0:
                 log.error("serving without caching: %s", exc)
-            self._memory[index] = bytes(data)
-            while len(self._memory) > self.fetcher.policy.uncached_blocks:
-                self._memory.popitem(last=False)
         self.fetcher.counters.bytes_fetched += len(data)
         event = self._inflight.pop(index, None)
         if event is not None:
@@ -296,7 +310,7 @@ class BlobReader:
                     fill += take
                     view = view[take:]
                     if fill == len(buffer):
-                        self._store(index, buffer)
+                        self._store(index, bytes(buffer))
                         index += 1
                         fill = 0
                         if index <= last:
@@ -319,6 +333,7 @@ class BlobReader:
             else:
                 log.error("blob %s assembled from ranges does not match its digest; dropping it from the cache", self.digest)
                 self.entry.clear()
+                self._memory.clear()
         except CacheError as exc:
             log.error("could not verify %s: %s", self.digest, exc)
         finally:
