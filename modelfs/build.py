@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import zstandard
+
 from . import modelfile as mf
 from .errors import ModelfsError
 from .layout import Store
@@ -69,10 +71,6 @@ def _tar_layer(store: Store, path: str, rel: str, packing: Packing) -> tuple[str
                     while chunk := tmp.read(4 << 20):
                         gz.write(chunk)
             else:
-                try:
-                    import zstandard
-                except ImportError:
-                    raise ModelfsError("tar+zstd layers need the 'zstandard' package (pip install zstandard)") from None
                 zstandard.ZstdCompressor().copy_stream(tmp, packed)
             packed.seek(0)
             blob = store.add_stream(packed)

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 import trio
+import zstandard
 
 from .cache import BlockCache
 from .errors import IntegrityError, ManifestError
@@ -68,10 +69,10 @@ def _place(tmp: str, output: str, relpath: str, where: str, mode: int | None) ->
     return target
 
 
-def _untar(blob_path: str, output: str, where: str, result: ExtractResult) -> None:
+def _untar(blob_path: str, packing: Packing, output: str, where: str, result: ExtractResult) -> None:
     seen: set[str] = set()
     try:
-        with tarfile.open(blob_path, mode="r:*") as tar:
+        with open(blob_path, "rb") as raw, _open_tar(raw, packing) as tar:
             for info in tar:
                 checked = check_tarinfo(info, seen, where)
                 if checked is None:
@@ -100,6 +101,12 @@ def _untar(blob_path: str, output: str, where: str, result: ExtractResult) -> No
         raise ManifestError(f"{where}: cannot unpack: {exc}") from None
 
 
+def _open_tar(raw, packing: Packing) -> tarfile.TarFile:
+    if packing is Packing.TAR_ZSTD:
+        return tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|")
+    return tarfile.open(fileobj=raw, mode="r|gz" if packing is Packing.TAR_GZIP else "r|")
+
+
 async def extract(client: RegistryClient, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:
     os.makedirs(output, exist_ok=True)
     result = ExtractResult()
@@ -124,7 +131,7 @@ async def extract(client: RegistryClient, model: Model, output: str, cache: Bloc
                 _place(tmp, output, layer.filepath, where, (mode & 0o755) if mode is not None else None)
                 result.files.append(clean_member_path(layer.filepath, where))
             else:
-                await trio.to_thread.run_sync(_untar, tmp, output, where, result)
+                await trio.to_thread.run_sync(_untar, tmp, packing, output, where, result)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -2,32 +2,27 @@
 
 - raw layers: the blob is the file, named by ``org.cncf.model.filepath``;
 - tar layers: members located by reading headers only (:mod:`modelfs.tarindex`);
-- tar+gzip / tar+zstd layers: no random access, so the compressed blob is fetched into the
-  cache, checked, and each member is unpacked into a cache entry of its own ("derived"
-  entries, keyed by the layer digest and member path).
+- tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
+  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.stream`).
 
 Listing and stat are answered from this tree, never from the registry.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import stat
-import tarfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
-
-import trio
 
 from .errors import ManifestError, UnsafePathError
 from .fetcher import BlobReader, Fetcher
 from .resolve import Model
 from .spec import Descriptor, Packing, classify_layer
 from .paths import clean_member_path
-from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, check_tarinfo, index_tar
+from .stream import LayerStream
+from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, index_tar
 
 log = logging.getLogger(__name__)
 
@@ -124,25 +119,25 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
                 raise ManifestError(f"{where}: unknown media type {layer.media_type!r} and no file path; refusing it")
             log.warning("%s: unknown media type %s, served as a plain file", where, layer.media_type)
             packing = Packing.RAW
-        reader = fetcher.reader(layer.digest, layer.size)
         mode, meta_mtime = _metadata_mode(layer)
         if packing is Packing.RAW:
             if not layer.filepath:
                 raise ManifestError(f"{where}: raw layer has no org.cncf.model.filepath annotation")
             path = clean_member_path(layer.filepath, where)
             tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=meta_mtime or mtime_ns, size=layer.size,
-                     reader=reader, offset=0, layer=layer)
+                     reader=fetcher.reader(layer.digest, layer.size), offset=0, layer=layer)
         elif packing is Packing.TAR:
+            reader = fetcher.reader(layer.digest, layer.size)
             members = await index_tar(reader.read, layer.size, where)
-            _add_members(tree, members, reader, layer, where, lambda m: reader)
+            _add_members(tree, members, layer, where, lambda m: (reader, m.offset))
         else:
-            await _unpack_compressed(tree, fetcher, reader, layer, packing, where)
+            await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
     return tree
 
 
-def _add_members(tree: Tree, members: list, reader: BlobReader, layer: Descriptor, where: str,
-                 reader_for: Callable[[object], BlobReader]) -> None:
-    by_path = {}
+def _add_members(tree: Tree, members: list[Member], layer: Descriptor, where: str,
+                 locate: Callable[[Member], tuple[BlobReader, int]]) -> None:
+    by_path: dict[str, Member] = {}
     for member in members:
         member_where = f"{where}, member {member.path!r}"
         if member.kind == DIRECTORY:
@@ -152,116 +147,23 @@ def _add_members(tree: Tree, members: list, reader: BlobReader, layer: Descripto
             tree.add(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=member.mtime * 10**9, link=member.link)
             continue
         source = by_path[member.link] if member.kind == HARDLINK else member
+        reader, offset = locate(source)
         tree.add(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644, mtime_ns=member.mtime * 10**9,
-                 size=source.size, reader=reader_for(source), offset=source.offset, layer=layer)
+                 size=source.size, reader=reader, offset=offset, layer=layer)
         by_path[member.path] = source
 
 
-@dataclass(frozen=True)
-class _Unpacked:
-    path: str
-    kind: str
-    offset: int
-    size: int
-    mode: int
-    mtime: int
-    link: str
-    digest: str
-
-
-def derived_key(layer_digest: str, path: str) -> str:
-    """Cache key of a member unpacked from a compressed layer."""
-    return "sha256:" + hashlib.sha256(f"{layer_digest}\0{path}".encode()).hexdigest()
-
-
-async def _unpack_compressed(tree: Tree, fetcher: Fetcher, reader: BlobReader, layer: Descriptor,
-                             packing: Packing, where: str) -> None:
-    await fetcher.prefetch([reader])
-    if not reader.entry.verified:
-        ok = await trio.to_thread.run_sync(reader.entry.verify)
-        if not ok:
-            raise ManifestError(f"{where}: blob does not match its digest")
-    unpacked = await trio.to_thread.run_sync(_unpack, fetcher, reader, layer, packing, where)
-    by_path: dict[str, _Unpacked] = {}
-    for member in unpacked:
-        member_where = f"{where}, member {member.path!r}"
-        if member.kind == DIRECTORY:
-            tree._directory(member.path.split("/"), member_where)
-        elif member.kind == SYMLINK:
-            tree.add(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=member.mtime * 10**9, link=member.link)
-        else:
-            source = by_path[member.link] if member.kind == HARDLINK else member
-            by_path[member.path] = source
-            tree.add(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644, mtime_ns=member.mtime * 10**9,
-                     size=source.size, reader=fetcher.reader(source.digest, source.size), offset=0, layer=layer)
-
-
-class _EntryFile(io.RawIOBase):
-    """A sync file view of a complete cache entry, for tarfile running in a worker thread."""
-
-    def __init__(self, reader: BlobReader) -> None:
-        self.entry, self.pos = reader.entry, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        if self.pos >= self.entry.size:
-            return 0
-        bs = self.entry.block_size
-        index, start = divmod(self.pos, bs)
-        block = self.entry.read_block(index)[start:]
-        n = min(len(buffer), len(block))
-        buffer[:n] = block[:n]
-        self.pos += n
-        return n
-
-
-def _open_decompressed(reader: BlobReader, packing: Packing) -> io.BufferedIOBase:
-    raw = io.BufferedReader(_EntryFile(reader), buffer_size=1 << 20)
-    if packing is Packing.TAR_GZIP:
-        import gzip
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    try:
-        import zstandard
-    except ImportError:
-        raise ManifestError("tar+zstd layers need the 'zstandard' package (pip install zstandard)") from None
-    return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
-
-
-def _copy_member(entry, tar: tarfile.TarFile, info: tarfile.TarInfo, where: str) -> None:
-    if entry.verified:
+async def _add_compressed(tree: Tree, fetcher: Fetcher, layer: Descriptor, packing: Packing, where: str,
+                          mode: int, mtime_ns: int) -> None:
+    """modctl's one-file layers are listed from their annotations and streamed on first read;
+    others are streamed now, since only their contents say which files they hold."""
+    stream = LayerStream(fetcher, layer, packing, where)
+    meta = layer.file_metadata or {}
+    size = meta.get("size")
+    if layer.filepath and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0"):
+        path = clean_member_path(layer.filepath, where)
+        tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=mtime_ns, size=size,
+                 reader=stream.target(path, size), offset=0, layer=layer)
         return
-    source = tar.extractfile(info)
-    assert source is not None
-    for index in range(entry.nblocks):
-        data = source.read(entry.block_length(index))
-        if len(data) != entry.block_length(index):
-            raise ManifestError(f"{where}: member is truncated")
-        if not entry.has(index):
-            entry.write_block(index, data)
-    entry.mark_verified()  # the layer it came from was checked against its digest
-
-
-def _unpack(fetcher: Fetcher, reader: BlobReader, layer: Descriptor, packing: Packing, where: str) -> list[_Unpacked]:
-    """Runs in a worker thread: decompress, check each member, copy files into derived entries."""
-    out: list[_Unpacked] = []
-    seen: set[str] = set()
-    try:
-        stream = _open_decompressed(reader, packing)
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                checked = check_tarinfo(info, seen, where)
-                if checked is None:
-                    continue
-                path, kind, link = checked
-                if kind == REGULAR:
-                    key = derived_key(layer.digest, path)
-                    _copy_member(fetcher.cache.entry(key, info.size), tar, info, f"{where}, member {path!r}")
-                else:
-                    key = ""
-                out.append(_Unpacked(path, kind, 0, info.size if kind == REGULAR else 0, info.mode & 0o777,
-                                     int(info.mtime), link, key))
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise ManifestError(f"{where}: cannot unpack: {exc}") from None
-    return out
+    members = await stream.collect()
+    _add_members(tree, members, layer, where, lambda m: (stream.targets[m.path], 0))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from .errors import ManifestError, UnsafePathError
 from .paths import clean_member_path, link_target_inside
@@ -75,103 +75,126 @@ def _pax(data: bytes, where: str) -> dict[str, str]:
     return out
 
 
-async def index_tar(read_at: ReadAt, blob_size: int, where: str) -> list[Member]:
-    """List the members of an uncompressed tar blob, refusing anything hostile."""
-    members: list[Member] = []
+class TarSource(Protocol):
+    """Where tar bytes come from: a blob read by ranges, or a decompressing stream."""
+
+    offset: int
+
+    async def read(self, size: int) -> bytes: ...
+
+    async def skip_to(self, offset: int) -> None: ...
+
+
+class RangeSource:
+    """Random access: headers are read, member data is skipped without any I/O."""
+
+    def __init__(self, read_at: ReadAt) -> None:
+        self.read_at, self.offset = read_at, 0
+
+    async def read(self, size: int) -> bytes:
+        data = await self.read_at(self.offset, size)
+        self.offset += len(data)
+        return data
+
+    async def skip_to(self, offset: int) -> None:
+        self.offset = offset
+
+
+def _string(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+_KINDS = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": HARDLINK, b"2": SYMLINK, b"5": DIRECTORY}
+
+
+def vet(name: str, kind: str, link: str, seen: set[str], where: str) -> tuple[str, str] | None:
+    """Check one member against the rules every tar path here obeys; returns (path, link).
+
+    Refused: unsafe paths, symlinks leaving the tree, hard links to anything but an earlier
+    member, duplicates. None for the archive's root directory entry.
+    """
+    member_where = f"{where}, member {name!r}"
+    if kind == DIRECTORY and name.strip("/") in ("", "."):
+        return None
+    path = clean_member_path(name, member_where)
+    if kind == SYMLINK and not link_target_inside(path, link):
+        raise UnsafePathError(f"{member_where}: symlink to {link!r} leaves the model tree")
+    if kind == HARDLINK:
+        link = clean_member_path(link, member_where)
+        if link not in seen:
+            raise UnsafePathError(f"{member_where}: hard link to {link!r}, which is not an earlier member")
+    if kind != DIRECTORY:
+        if path in seen:
+            raise UnsafePathError(f"{member_where}: duplicate path")
+        seen.add(path)
+    return path, link
+
+
+async def iter_members(source: TarSource, where: str, blob_size: int | None = None) -> AsyncIterator[Member]:
+    """Yield each member before its data; the consumer may read the data from ``source``."""
     seen: set[str] = set()
-    offset = 0
     pending: dict[str, str] = {}
-    while offset + BLOCK <= blob_size:
-        header = await read_at(offset, BLOCK)
+    while True:
+        header = await source.read(BLOCK)
+        if not header or header == bytes(BLOCK):
+            return
         if len(header) < BLOCK:
-            raise ManifestError(f"{where}: tar header at {offset} is truncated")
-        if header == bytes(BLOCK):
-            break
+            raise ManifestError(f"{where}: tar header at {source.offset - len(header)} is truncated")
         if not _checksum_ok(header):
-            raise ManifestError(f"{where}: tar header at offset {offset} has a bad checksum (not a tar?)")
+            raise ManifestError(f"{where}: tar header at offset {source.offset - BLOCK} has a bad checksum (not a tar?)")
         typeflag = header[156:157]
         size = _octal(header[124:136], "size", where)
-        data_offset = offset + BLOCK
-        if data_offset + size > blob_size:
-            raise ManifestError(f"{where}: tar member at {offset} claims {size} bytes, past the end of the blob")
-        next_offset = data_offset + (size + BLOCK - 1) // BLOCK * BLOCK
         if typeflag in (b"x", b"g", b"L", b"K"):
             if size > 1 << 20:
                 raise ManifestError(f"{where}: tar extended header of {size} bytes refused")
-            payload = await read_at(data_offset, size)
+            payload = await source.read(size)
             if typeflag == b"x":
                 pending.update(_pax(payload, where))
-            elif typeflag == b"L":
-                pending["path"] = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            elif typeflag == b"K":
-                pending["linkpath"] = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            offset = next_offset
+            elif typeflag in (b"L", b"K"):
+                pending["path" if typeflag == b"L" else "linkpath"] = _string(payload)
+            await source.skip_to(source.offset - len(payload) + _padded(size))
             continue
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        if header[257:262] == b"ustar":
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if prefix:
-                name = f"{prefix}/{name}"
-        link = header[157:257].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        name = _string(header[0:100])
+        if header[257:262] == b"ustar" and _string(header[345:500]):
+            name = f"{_string(header[345:500])}/{name}"
         name = pending.pop("path", name)
-        link = pending.pop("linkpath", link)
-        if "size" in pending:
-            size = int(pending.pop("size"))
-            next_offset = data_offset + (size + BLOCK - 1) // BLOCK * BLOCK
-            if data_offset + size > blob_size:
-                raise ManifestError(f"{where}: tar member {name!r} claims {size} bytes, past the end of the blob")
+        link = pending.pop("linkpath", _string(header[157:257]))
+        size = int(pending.pop("size", size))
         pending.clear()
-        member_where = f"{where}, member {name!r}"
-        mode = _octal(header[100:108], "mode", member_where) & 0o777
-        mtime = _octal(header[136:148], "mtime", member_where)
-        kind = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": HARDLINK, b"2": SYMLINK, b"5": DIRECTORY}.get(typeflag)
+        data_offset = source.offset
+        if blob_size is not None and data_offset + size > blob_size:
+            raise ManifestError(f"{where}: tar member {name!r} claims {size} bytes, past the end of the blob")
+        kind = _KINDS.get(typeflag)
         if kind is None:
-            raise UnsafePathError(f"{member_where}: tar entry type {typeflag!r} (device, fifo or unknown) refused")
-        if kind == DIRECTORY and name.strip("/") in ("", "."):
-            offset = next_offset
-            continue
-        path = clean_member_path(name, member_where)
-        if kind in (SYMLINK, HARDLINK):
-            target = link if kind == SYMLINK else clean_member_path(link, member_where)
-            if kind == SYMLINK and not link_target_inside(path, link):
-                raise UnsafePathError(f"{member_where}: symlink to {link!r} leaves the model tree")
-            if kind == HARDLINK and target not in seen:
-                raise UnsafePathError(f"{member_where}: hard link to {link!r}, which is not an earlier member")
-            link = target
-        if path in seen and kind != DIRECTORY:
-            raise UnsafePathError(f"{member_where}: duplicate path")
-        seen.add(path)
-        members.append(Member(path, kind, data_offset, size if kind == REGULAR else 0, mode, mtime, link))
-        offset = next_offset
-    return members
+            raise UnsafePathError(f"{where}, member {name!r}: tar entry type {typeflag!r} (device, fifo or unknown) refused")
+        vetted = vet(name, kind, link, seen, where)
+        if vetted is not None:
+            mode = _octal(header[100:108], "mode", where) & 0o777
+            yield Member(vetted[0], kind, data_offset, size if kind == REGULAR else 0, mode,
+                         _octal(header[136:148], "mtime", where), vetted[1])
+        await source.skip_to(data_offset + _padded(size))
+
+
+def _padded(size: int) -> int:
+    return (size + BLOCK - 1) // BLOCK * BLOCK
+
+
+async def index_tar(read_at: ReadAt, blob_size: int, where: str) -> list[Member]:
+    """List the members of an uncompressed tar blob by reading headers only."""
+    return [member async for member in iter_members(RangeSource(read_at), where, blob_size)]
 
 
 def check_tarinfo(info: "tarfile.TarInfo", seen: set[str], where: str) -> tuple[str, str, str] | None:
-    """Vet one member read by :mod:`tarfile`: (clean path, kind, link) or None for the root dir.
-
-    The same rules as :func:`index_tar`, for the paths that stream through ``tarfile``
-    (compressed layers, ``extract``). ``seen`` collects the paths so far.
-    """
-    member_where = f"{where}, member {info.name!r}"
+    """Vet one member read by :mod:`tarfile` (``extract``): (clean path, kind, link) or None."""
     if info.isdir():
-        if info.name.strip("/") in ("", "."):
-            return None
-        return clean_member_path(info.name, member_where), DIRECTORY, ""
-    path = clean_member_path(info.name, member_where)
-    if path in seen:
-        raise UnsafePathError(f"{member_where}: duplicate path")
-    if info.issym():
-        if not link_target_inside(path, info.linkname):
-            raise UnsafePathError(f"{member_where}: symlink to {info.linkname!r} leaves the model tree")
-        kind, link = SYMLINK, info.linkname
+        kind = DIRECTORY
+    elif info.issym():
+        kind = SYMLINK
     elif info.islnk():
-        link = clean_member_path(info.linkname, member_where)
-        if link not in seen:
-            raise UnsafePathError(f"{member_where}: hard link to {info.linkname!r}, which is not an earlier member")
         kind = HARDLINK
     elif info.isreg():
-        kind, link = REGULAR, ""
+        kind = REGULAR
     else:
-        raise UnsafePathError(f"{member_where}: tar entry type {info.type!r} (device, fifo or unknown) refused")
-    seen.add(path)
-    return path, kind, link
+        raise UnsafePathError(f"{where}, member {info.name!r}: tar entry type {info.type!r} (device, fifo or unknown) refused")
+    vetted = vet(info.name, kind, info.linkname, seen, where)
+    return None if vetted is None else (vetted[0], kind, vetted[1])

@@ -35,8 +35,12 @@ class Registry:
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n{auth}")
+        self.config = config
         self.log = open(root / "registry.log", "wb")
-        self.process = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=self.log, stderr=self.log)
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([REGISTRY_BIN, "serve", str(self.config)], stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -44,12 +48,16 @@ class Registry:
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"registry did not start: {(root / 'registry.log').read_text()}")
+                    raise RuntimeError(f"registry did not start: {(self.root / 'registry.log').read_text()}")
                 time.sleep(0.05)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -175,3 +183,47 @@ def mounts(cli, tmp_path):
     manager = Mounts(cli, tmp_path / "mounts")
     yield manager
     manager.cleanup()
+
+
+def push_artifact(registry_address: str, repository: str, layers: list[tuple[bytes, str, dict]],
+                  tag: str = "v1", config: bytes = b'{"descriptor":{"name":"handmade"},"modelfs":{"type":"layers","diffIds":[]},"config":{}}',
+                  config_media_type: str = "application/vnd.cncf.model.config.v1+json") -> str:
+    """Push a hand-made artifact straight through the distribution API (for hostile input)."""
+    import hashlib
+    import json as _json
+    base = f"http://{registry_address}/v2/{repository}"
+
+    def put_blob(data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        upload = httpx.post(f"{base}/blobs/uploads/")
+        upload.raise_for_status()
+        location = httpx.URL(f"http://{registry_address}").join(upload.headers["location"])
+        httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
+        return digest
+
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+                "config": {"mediaType": config_media_type, "digest": put_blob(config), "size": len(config)},
+                "layers": [{"mediaType": mt, "digest": put_blob(data), "size": len(data), "annotations": ann}
+                           for data, mt, ann in layers]}
+    httpx.put(f"{base}/manifests/{tag}", content=_json.dumps(manifest),
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    return f"{registry_address}/{repository}:{tag}"
+
+
+def make_tar(members: list[tuple[str, bytes | None, dict]]) -> bytes:
+    """A tar whose members may be hostile: (name, data or None, TarInfo attributes)."""
+    import io
+    import tarfile
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, attrs in members:
+            info = tarfile.TarInfo(name)
+            for key, value in attrs.items():
+                setattr(info, key, value)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()

@@ -63,13 +63,20 @@ def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref,
         open(target / "config.json", "w")
 
 
-@pytest.mark.parametrize("packing", ["tar", "tar+gzip"])
-def test_tar_layers_serve_exact_bytes(cli, mounts, registry, minilm_dir, packing):
+@pytest.mark.parametrize("packing", ["tar", "tar+gzip", "tar+zstd"])
+def test_tar_layers_serve_exact_bytes(cli, mounts, registry, minilm_dir, packing, proxy, tmp_path):
     ref = f"{registry.address}/packed/{packing.replace('+', '-')}:v1"
     cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), "--packing", packing, str(minilm_dir))
     cli.run("push", "--plain-http", ref)
-    target = mounts.mount(ref, "--prefetch", "none")
+    target = mounts.mount(ref.replace(registry.address, proxy.address), "--prefetch", "none")
+    proxy.reset()
+    assert (target / "model.safetensors").stat().st_size == 90868376
+    if packing != "tar":  # compressed one-file layers are listed from annotations: nothing fetched yet
+        assert proxy.downstream_bytes == 0
     _same_tree(target, minilm_dir)
+    out = tmp_path / "extracted"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    _same_tree(out, minilm_dir)
 
 
 def test_lazy_read_fetches_a_small_fraction(mounts, big_model, proxy):
@@ -186,3 +193,35 @@ def test_minilm_loads_through_the_mount(mounts, minilm_ref, minilm_dir):
     result = subprocess.run([sys.executable, "-c", script, str(target), str(minilm_dir)], capture_output=True,
                             text=True, env=env, timeout=300)
     assert "EMBEDDING-EQUAL" in result.stdout, result.stderr[-3000:]
+
+
+def test_registry_death_gives_eio_then_recovers(cli, mounts, tmp_path, minilm_dir):
+    from conftest import Registry
+    private = Registry(tmp_path / "private-registry")
+    try:
+        ref = f"{private.address}/fragile/minilm:v1"
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("push", "--plain-http", ref)
+        target = mounts.mount(ref, "--prefetch", "none", "--timeout", "3")
+        source = (minilm_dir / "model.safetensors").read_bytes()
+        with open(target / "model.safetensors", "rb") as handle:
+            assert handle.read(MiB) == source[:MiB]
+        private.kill()
+        import time
+        started = time.monotonic()
+        with open(target / "model.safetensors", "rb") as handle:
+            handle.seek(80 * MiB)
+            with pytest.raises(OSError) as info:
+                handle.read(MiB)
+        assert info.value.errno == 5  # EIO, never wrong bytes
+        assert time.monotonic() - started < 30
+        # the daemon is alive: listing and cached bytes still work
+        assert (target / "config.json").stat().st_size > 0
+        with open(target / "model.safetensors", "rb") as handle:
+            assert handle.read(MiB) == source[:MiB]
+        private.start()
+        with open(target / "model.safetensors", "rb") as handle:
+            handle.seek(80 * MiB)
+            assert handle.read(MiB) == source[80 * MiB:81 * MiB]
+    finally:
+        private.stop()

@@ -1,0 +1,202 @@
+"""Compressed tar layers (tar+gzip, tar+zstd): streamed once, served as their bytes arrive.
+
+A compressed blob has no random access, so the first read of any file in it starts one
+GET of the whole blob. Its bytes are hashed (the layer digest) and decompressed on the fly,
+the tar stream is walked with the same rules as every other tar here, and each member's
+blocks go into a cache entry of its own ("derived", keyed by layer digest and path) the
+moment they are decompressed, waking the readers waiting on them. When the stream ends the
+layer digest is checked: a mismatch drops every derived block, a match marks them verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zlib
+from typing import AsyncIterator
+
+import trio
+import zstandard
+
+from .errors import IntegrityError, ManifestError, ModelfsError
+from .fetcher import BlobReader, Fetcher
+from .spec import Descriptor, Packing
+from .tarindex import REGULAR, Member, iter_members
+
+log = logging.getLogger(__name__)
+
+_WINDOW = 4 << 20  # decompress at most this much per step (a gzip bomb cannot balloon memory)
+
+
+def derived_key(layer_digest: str, path: str) -> str:
+    """Cache key of a member unpacked from a compressed layer."""
+    return "sha256:" + hashlib.sha256(f"{layer_digest}\0{path}".encode()).hexdigest()
+
+
+class _Decompressor:
+    def __init__(self, packing: Packing) -> None:
+        if packing is Packing.TAR_GZIP:
+            self._gzip: zlib._Decompress | None = zlib.decompressobj(wbits=47)
+            self._zstd = None
+        else:
+            self._gzip, self._zstd = None, zstandard.ZstdDecompressor().decompressobj()
+
+    def feed(self, data: bytes) -> bytes:
+        if self._gzip is not None:
+            return self._gzip.decompress(data, _WINDOW)
+        return self._zstd.decompress(data)
+
+    def pending(self) -> bytes:
+        """Compressed input held back by the window limit."""
+        return self._gzip.unconsumed_tail if self._gzip is not None else b""
+
+
+class StreamSource:
+    """A sequential tar source over a compressed HTTP body (see ``tarindex.TarSource``)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], packing: Packing) -> None:
+        self._chunks = chunks
+        self._decompressor = _Decompressor(packing)
+        self._buffer = bytearray()
+        self._eof = False
+        self.offset = 0
+        self.hasher = hashlib.sha256()
+        self.compressed_bytes = 0
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size and not self._eof:
+            tail = self._decompressor.pending()
+            if tail:
+                self._buffer += self._decompressor.feed(tail)
+                continue
+            try:
+                chunk = await self._chunks.__anext__()
+            except StopAsyncIteration:
+                self._eof = True
+                return
+            self.hasher.update(chunk)
+            self.compressed_bytes += len(chunk)
+            try:
+                self._buffer += self._decompressor.feed(chunk)
+            except Exception as exc:  # zlib.error, zstd.ZstdError
+                raise ManifestError(f"corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
+
+    async def read(self, size: int) -> bytes:
+        await self._fill(size)
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self.offset += len(data)
+        return data
+
+    async def skip_to(self, offset: int) -> None:
+        while self.offset < offset:
+            if not await self.read(min(offset - self.offset, _WINDOW)):
+                return
+
+    async def drain(self) -> None:
+        """Consume the rest so the whole blob is hashed."""
+        while not self._eof or self._decompressor.pending():
+            self._buffer.clear()
+            await self._fill(_WINDOW)
+            if self._eof and not self._buffer:
+                break
+
+
+class DerivedReader(BlobReader):
+    """A file inside a compressed layer: its blocks arrive from the layer stream."""
+
+    def __init__(self, fetcher: Fetcher, key: str, size: int, stream: "LayerStream") -> None:
+        super().__init__(fetcher, fetcher.cache.entry(key, size))
+        self.stream = stream
+
+    def _schedule(self, blocks: list[int]) -> None:
+        for index in blocks:
+            if index not in self._inflight and not self._available(index):
+                self._inflight[index] = trio.Event()
+                self._failures.pop(index, None)
+        if self._inflight:
+            self.stream.ensure_running()
+
+    def _maybe_verify(self) -> None:
+        return None  # verified through the layer digest by the stream
+
+    def fail_pending(self, exc: BaseException) -> None:
+        for index in list(self._inflight):
+            self._failures[index] = exc
+            self._inflight.pop(index).set()
+
+
+class LayerStream:
+    def __init__(self, fetcher: Fetcher, layer: Descriptor, packing: Packing, where: str) -> None:
+        self.fetcher, self.layer, self.packing, self.where = fetcher, layer, packing, where
+        self.targets: dict[str, DerivedReader] = {}
+        self._running = False
+        self._collect = False
+
+    def target(self, path: str, size: int) -> DerivedReader:
+        reader = self.targets.get(path)
+        if reader is None:
+            reader = self.targets[path] = DerivedReader(self.fetcher, derived_key(self.layer.digest, path), size, self)
+        return reader
+
+    def ensure_running(self) -> None:
+        if not self._running:
+            self._running = True
+            self.fetcher._nursery.start_soon(self._run_logged)
+
+    async def collect(self) -> list[Member]:
+        """Stream the layer now, creating a target per file (layers without file metadata)."""
+        self._collect, self._running = True, True
+        try:
+            return await self._run()
+        finally:
+            self._collect = False
+
+    async def _run_logged(self) -> None:
+        try:
+            await self._run()
+        except ModelfsError as exc:
+            log.error("%s: %s", self.where, exc)
+
+    async def _run(self) -> list[Member]:
+        members: list[Member] = []
+        try:
+            async with self.fetcher.client.stream_blob(self.fetcher.repository, self.layer.digest) as response:
+                source = StreamSource(response.aiter_raw(), self.packing)
+                async for member in iter_members(source, self.where):
+                    members.append(member)
+                    if member.kind == REGULAR:
+                        await self._copy(source, member)
+                await source.drain()
+            self.fetcher.counters.bytes_fetched += source.compressed_bytes
+            if source.compressed_bytes != self.layer.size or "sha256:" + source.hasher.hexdigest() != self.layer.digest:
+                for reader in self.targets.values():
+                    reader.entry.clear()
+                    reader._memory.clear()
+                raise IntegrityError(f"{self.where}: blob does not match its digest; its files were dropped from the cache")
+            for reader in self.targets.values():
+                reader.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
+                if reader.entry.complete:
+                    reader.entry.mark_verified()
+            return members
+        except Exception as exc:
+            for reader in self.targets.values():
+                reader.fail_pending(exc)
+            raise
+        finally:
+            self._running = False
+
+    async def _copy(self, source: StreamSource, member: Member) -> None:
+        reader = self.target(member.path, member.size) if self._collect else self.targets.get(member.path)
+        if reader is None:
+            log.warning("%s: member %s is not in the manifest's file list; skipped", self.where, member.path)
+            return
+        if reader.size != member.size:
+            raise ManifestError(f"{self.where}, member {member.path!r}: {member.size} bytes, annotations say {reader.size}")
+        for index in range(reader.entry.nblocks):
+            length = reader.entry.block_length(index)
+            data = await source.read(length)
+            if len(data) != length:
+                raise ManifestError(f"{self.where}, member {member.path!r}: stream ended inside the file")
+            if not reader._available(index):
+                reader._store(index, data)

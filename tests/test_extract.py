@@ -1,0 +1,74 @@
+"""Hostile and unusual artifacts, pushed by hand to the real registry: extract and mount
+refuse what would escape the tree and serve what is merely unusual."""
+
+import gzip
+import os
+import tarfile
+
+import pytest
+
+from conftest import make_tar, push_artifact
+
+WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
+WEIGHT_TGZ = "application/vnd.cncf.model.weight.v1.tar+gzip"
+WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+
+
+@pytest.mark.parametrize("name, layer, message", [
+    ("dotdot", (make_tar([("../../evil", b"x", {})]), WEIGHT_TAR, {}), "contains '..'"),
+    ("absolute", (make_tar([("/tmp/evil", b"x", {})]), WEIGHT_TAR, {}), "absolute path"),
+    ("symlink", (make_tar([("ln", None, {"type": tarfile.SYMTYPE, "linkname": "/etc"})]), WEIGHT_TAR, {}), "leaves the model tree"),
+    ("device", (make_tar([("null", None, {"type": tarfile.CHRTYPE})]), WEIGHT_TAR, {}), "device, fifo or unknown"),
+    ("gzdotdot", (gzip.compress(make_tar([("../evil", b"x", {})])), WEIGHT_TGZ, {}), "contains '..'"),
+    ("rawpath", (b"weights", WEIGHT_RAW, {"org.cncf.model.filepath": "../../evil"}), "contains '..'"),
+    ("rawabs", (b"weights", WEIGHT_RAW, {"org.cncf.model.filepath": "/etc/evil"}), "absolute path"),
+])
+def test_hostile_layers_are_refused_by_extract_and_mount(cli, registry, tmp_path, name, layer, message):
+    ref = push_artifact(registry.address, f"hostile/{name}", [layer])
+    sandbox = tmp_path / "sandbox"
+    out = sandbox / "out"
+    sandbox.mkdir()
+    result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "layer 0" in lines[0] and message in lines[0], result.stderr
+    assert os.listdir(sandbox) == ["out"] and not [f for f in os.listdir(out) if not f.startswith(".modelfs-")]
+    assert not os.path.exists("/tmp/evil") and not os.path.exists(tmp_path / "evil")
+
+    target = tmp_path / "mnt"
+    target.mkdir()
+    mounted = cli.run("mount", "--plain-http", "--prefetch", "none", ref, str(target), check=False)
+    assert mounted.returncode == 1 and message in mounted.stderr, mounted.stderr
+    assert not os.path.ismount(target)
+
+
+def test_multi_file_gzip_layer_without_annotations(cli, registry, mounts, tmp_path):
+    files = {"tokenizer/vocab.txt": b"hello\nworld\n" * 1000, "weights/part-1.bin": os.urandom(3 << 20),
+             "README": b"docs"}
+    blob = gzip.compress(make_tar([(path, data, {}) for path, data in files.items()]
+                                  + [("weights/current", None, {"type": tarfile.SYMTYPE, "linkname": "part-1.bin"})]))
+    ref = push_artifact(registry.address, "unusual/multi", [(blob, WEIGHT_TGZ, {})])
+    target = mounts.mount(ref, "--prefetch", "none")
+    for path, data in files.items():
+        assert (target / path).read_bytes() == data
+    assert os.readlink(target / "weights" / "current") == "part-1.bin"
+    assert (target / "weights" / "current").read_bytes() == files["weights/part-1.bin"]
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    for path, data in files.items():
+        assert (out / path).read_bytes() == data
+
+
+def test_unknown_media_type_with_a_path_is_served_as_a_file(cli, registry, mounts):
+    ref = push_artifact(registry.address, "unusual/mediatype",
+                        [(b"plain bytes", "application/x-something", {"org.cncf.model.filepath": "notes.bin"})])
+    target = mounts.mount(ref, "--prefetch", "none")
+    assert (target / "notes.bin").read_bytes() == b"plain bytes"
+
+
+def test_legacy_cnai_artifacts_are_read(cli, registry, mounts):
+    ref = push_artifact(registry.address, "legacy/cnai",
+                        [(b"legacy weights", "application/vnd.cnai.model.weight.v1.raw", {"org.cnai.model.filepath": "w.bin"})],
+                        config_media_type="application/vnd.cnai.model.config.v1+json")
+    target = mounts.mount(ref, "--prefetch", "none")
+    assert (target / "w.bin").read_bytes() == b"legacy weights"

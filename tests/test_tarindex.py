@@ -1,0 +1,75 @@
+import gzip
+import tarfile
+
+import pytest
+
+from conftest import make_tar
+from modelfs.errors import ManifestError, UnsafePathError
+from modelfs.spec import Packing
+from modelfs.stream import StreamSource
+from modelfs.tarindex import REGULAR, SYMLINK, iter_members, index_tar
+
+
+def _reader(blob: bytes):
+    async def read_at(offset: int, size: int) -> bytes:
+        return blob[offset:offset + size]
+    return read_at
+
+
+async def test_members_map_to_exact_offsets():
+    long_name = "deep/" + "n" * 150 + "/weights.bin"
+    blob = make_tar([("config.json", b"{}", {}), (long_name, b"W" * 5000, {"mode": 0o640}),
+                     ("link", None, {"type": tarfile.SYMTYPE, "linkname": "config.json"})])
+    members = await index_tar(_reader(blob), len(blob), "layer 0")
+    assert [(m.path, m.kind, m.size) for m in members] == [
+        ("config.json", REGULAR, 2), (long_name, REGULAR, 5000), ("link", SYMLINK, 0)]
+    weights = members[1]
+    assert blob[weights.offset:weights.offset + weights.size] == b"W" * 5000
+    assert weights.mode == 0o640
+
+
+@pytest.mark.parametrize("members, message", [
+    ([("../escape", b"x", {})], "contains '..'"),
+    ([("/etc/passwd", b"x", {})], "absolute path"),
+    ([("a/../../b", b"x", {})], "contains '..'"),
+    ([("link", None, {"type": tarfile.SYMTYPE, "linkname": "../../etc/shadow"})], "leaves the model tree"),
+    ([("link", None, {"type": tarfile.SYMTYPE, "linkname": "/etc/shadow"})], "leaves the model tree"),
+    ([("hard", None, {"type": tarfile.LNKTYPE, "linkname": "/etc/shadow"})], "absolute path"),
+    ([("hard", None, {"type": tarfile.LNKTYPE, "linkname": "missing"})], "not an earlier member"),
+    ([("dev", None, {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3})], "device, fifo or unknown"),
+    ([("fifo", None, {"type": tarfile.FIFOTYPE})], "device, fifo or unknown"),
+    ([("dup", b"a", {}), ("dup", b"b", {})], "duplicate path"),
+])
+async def test_hostile_members_are_refused_with_their_name(members, message):
+    blob = make_tar(members)
+    with pytest.raises((UnsafePathError, ManifestError)) as info:
+        await index_tar(_reader(blob), len(blob), "layer 3 (sha256:abc)")
+    assert message in str(info.value) and "layer 3" in str(info.value)
+
+
+async def test_size_beyond_the_blob_is_refused():
+    blob = make_tar([("big", b"x" * 4096, {})])
+    truncated = blob[:1024]
+    with pytest.raises(ManifestError, match="past the end of the blob"):
+        await index_tar(_reader(truncated), len(truncated), "layer 0")
+
+
+async def test_garbage_is_not_a_tar():
+    with pytest.raises(ManifestError, match="bad checksum"):
+        await index_tar(_reader(b"x" * 2048), 2048, "layer 0")
+
+
+async def test_stream_source_walks_a_gzip_tar():
+    blob = gzip.compress(make_tar([("a.txt", b"hello", {}), ("b/c.bin", bytes(range(256)) * 9, {})]))
+
+    async def chunks():
+        for start in range(0, len(blob), 100):
+            yield blob[start:start + 100]
+
+    source = StreamSource(chunks(), Packing.TAR_GZIP)
+    seen = {}
+    async for member in iter_members(source, "layer 0"):
+        seen[member.path] = await source.read(member.size)
+    await source.drain()
+    assert seen == {"a.txt": b"hello", "b/c.bin": bytes(range(256)) * 9}
+    assert source.compressed_bytes == len(blob)
