@@ -4,6 +4,7 @@ import filecmp
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -40,19 +41,23 @@ def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_pa
         assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
 
 
-def test_build_writes_an_oci_layout_skopeo_can_read(cli, registry, minilm_dir):
+def test_build_writes_an_oci_layout_skopeo_can_copy(cli, registry, minilm_dir, tmp_path):
     ref = f"{registry.address}/layout/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    built = cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir)).stdout
+    digest = built.strip().rsplit(" ", 1)[1]
     store = cli.home / "store"
     assert json.loads((store / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
-    index = json.loads((store / "index.json").read_text())
-    entry = next(m for m in index["manifests"] if m["annotations"]["org.opencontainers.image.ref.name"] == ref)
-    manifest_path = store / "blobs" / "sha256" / entry["digest"].split(":")[1]
-    manifest = json.loads(manifest_path.read_text())
-    for blob in [manifest["config"], *manifest["layers"]]:
-        assert (store / "blobs" / "sha256" / blob["digest"].split(":")[1]).stat().st_size == blob["size"]
-    if shutil.which("skopeo"):
-        os.system(f"skopeo inspect --raw oci:{store}:{ref} > /dev/null")
+    # an independent OCI tool reads the layout and pushes it; modelfs then reads what skopeo pushed
+    copied = f"{registry.address}/skopeo/minilm:v1"
+    subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci:{store}:{ref}", f"docker://{copied}"],
+                   check=True, capture_output=True)
+    inspected = json.loads(cli.run("inspect", "--plain-http", "--json", copied).stdout)
+    assert inspected["digest"] == digest
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", copied, "--output", str(out))
+    assert _files(out) == _files(minilm_dir)
+    for name in _files(minilm_dir):
+        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
 
 
 def test_repush_after_config_edit_uploads_only_what_changed(cli, registry, minilm_dir, tmp_path):
@@ -142,6 +147,26 @@ def test_docker_config_credentials_are_used(cli, basic_registry, minilm_dir):
     (docker / "config.json").write_text(json.dumps({"auths": {basic_registry.address: {"auth": token}}}))
     cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
     cli.run("push", "--plain-http", ref)
+
+
+def test_docker_credential_helper_is_used(cli, basic_registry, minilm_dir, tmp_path):
+    helper_dir = tmp_path / "bin"
+    helper_dir.mkdir()
+    helper = helper_dir / "docker-credential-modelfstest"
+    helper.write_text("#!/bin/sh\nread host\n[ \"$1\" = get ] && [ \"$host\" = \"%s\" ] || exit 1\n"
+                      "echo '{\"ServerURL\":\"'$host'\",\"Username\":\"alice\",\"Secret\":\"s3cret-pass\"}'\n"
+                      % basic_registry.address)
+    helper.chmod(0o755)
+    docker = cli.home / "docker"
+    docker.mkdir(parents=True)
+    (docker / "config.json").write_text(json.dumps({"credHelpers": {basic_registry.address: "modelfstest"}}))
+    cli.env["PATH"] = f"{helper_dir}:{cli.env['PATH']}"
+    ref = f"{basic_registry.address}/helper/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("push", "--plain-http", ref)
+    (docker / "config.json").write_text(json.dumps({"credHelpers": {basic_registry.address: "absent"}}))
+    missing = cli.run("inspect", "--plain-http", ref, check=False)
+    assert missing.returncode == 1 and "docker-credential-absent" in missing.stderr and "is not installed" in missing.stderr
 
 
 @pytest.mark.parametrize("args, message", [

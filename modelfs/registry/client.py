@@ -106,6 +106,7 @@ class RegistryClient:
         self._credentials = credentials
         self._credential: Credential | None = None
         self._credential_loaded = False
+        self._credential_lock = trio.Lock()
         self._tokens = TokenCache()
         self._basic = False
         self._ca_file = ca_file
@@ -136,10 +137,11 @@ class RegistryClient:
     # -- authentication -------------------------------------------------------------------
 
     async def _credential_for_host(self) -> Credential | None:
-        if not self._credential_loaded:
-            self._credential_loaded = True
-            if self._credentials is not None:
-                self._credential = await self._credentials.lookup(self.registry)
+        async with self._credential_lock:  # concurrent uploads must not see a half-done lookup
+            if not self._credential_loaded:
+                if self._credentials is not None:
+                    self._credential = await self._credentials.lookup(self.registry)
+                self._credential_loaded = True
         return self._credential
 
     def use_credential(self, credential: Credential) -> None:
