@@ -112,8 +112,9 @@ async def cmd_build(args: argparse.Namespace) -> int:
 async def cmd_push(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference) as client:
-        result = await push(client, Store(args.store), reference, args.source)
-    print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB), "
+        result = await push(client, Store(args.store), reference, args.source, chunk_size=args.chunk_size << 20)
+    chunked = f", {result.chunked} in chunks" if result.chunked else ""
+    print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB{chunked}), "
           f"{len(result.skipped)} already present, {len(result.mounted)} mounted; digest {result.digest}")
     return 0
 
@@ -258,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", parents=[common], help="upload a built model")
     p.add_argument("reference")
     p.add_argument("--source", help="name in the local store, if not REFERENCE")
+    p.add_argument("--chunk-size", type=int, default=512, metavar="MiB",
+                   help="blobs larger than this are uploaded in chunks of this size (default 512)")
     p.set_defaults(handler=cmd_push)
 
     p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")

@@ -21,8 +21,7 @@ from .spec import Descriptor, parse_manifest
 
 log = logging.getLogger(__name__)
 
-CHUNKED_THRESHOLD = 512 << 20
-CHUNK_SIZE = 64 << 20
+CHUNK_SIZE = 512 << 20  # blobs larger than this go up as PATCHes of this size
 READ_SIZE = 1 << 20
 
 
@@ -33,6 +32,7 @@ class PushResult:
     uploaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     mounted: list[str] = field(default_factory=list)
+    chunked: int = 0  # blobs uploaded in chunks
 
 
 def _file_chunks(path: str, piece: int) -> Callable[[], AsyncIterator[bytes]]:
@@ -57,7 +57,7 @@ def _mount_sources(store: Store, reference: Reference) -> list[str]:
 
 
 async def _push_blob(client: RegistryClient, store: Store, reference: Reference, blob: Descriptor,
-                     sources: list[str], result: PushResult, limiter: trio.CapacityLimiter) -> None:
+                     sources: list[str], result: PushResult, limiter: trio.CapacityLimiter, chunk_size: int) -> None:
     async with limiter:
         repo = reference.repository
         if await client.blob_size(repo, blob.digest) is not None:
@@ -67,25 +67,27 @@ async def _push_blob(client: RegistryClient, store: Store, reference: Reference,
             if await client.mount_blob(repo, blob.digest, source):
                 result.mounted.append(blob.digest)
                 return
-        chunked = blob.size > CHUNKED_THRESHOLD
+        chunked = blob.size > chunk_size
         path = store.blob_path(blob.digest)
-        await client.upload_blob(repo, blob.digest, blob.size, _file_chunks(path, CHUNK_SIZE if chunked else READ_SIZE),
+        await client.upload_blob(repo, blob.digest, blob.size, _file_chunks(path, chunk_size if chunked else READ_SIZE),
                                  chunked=chunked)
         result.uploaded.append(blob.digest)
+        result.chunked += chunked
         result.uploaded_bytes += blob.size
         log.info("uploaded %s (%d bytes)", blob.digest, blob.size)
 
 
 async def push(client: RegistryClient, store: Store, reference: Reference, source_name: str | None = None,
-               parallel: int = 4) -> PushResult:
+               parallel: int = 4, chunk_size: int = CHUNK_SIZE) -> PushResult:
     stored = store.resolve(source_name or str(reference))
     data = store.read_blob(stored.digest)
     manifest = parse_manifest(data)
     result = PushResult(stored.digest)
     sources = _mount_sources(store, reference)
     limiter = trio.CapacityLimiter(parallel)
+    unique = {blob.digest: blob for blob in [manifest.config, *manifest.layers]}
     async with trio.open_nursery() as nursery:
-        for blob in [manifest.config, *manifest.layers]:
-            nursery.start_soon(_push_blob, client, store, reference, blob, sources, result, limiter)
+        for blob in unique.values():
+            nursery.start_soon(_push_blob, client, store, reference, blob, sources[:3], result, limiter, chunk_size)
     await client.put_manifest(reference.repository, reference.tag or stored.digest, data, manifest.media_type)
     return result

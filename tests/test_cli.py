@@ -78,6 +78,16 @@ def test_repush_after_config_edit_uploads_only_what_changed(cli, registry, minil
     assert uploaded_mb < 0.01 + new_config_size / 1e6
 
 
+def test_chunked_push_round_trips(cli, registry, minilm_dir, tmp_path):
+    ref = f"{registry.address}/chunked/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    pushed = cli.run("push", "--plain-http", "--chunk-size", "8", ref).stdout
+    assert "1 in chunks" in pushed, pushed  # only the 90 MB weights exceed 8 MiB
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    assert filecmp.cmp(out / "model.safetensors", minilm_dir / "model.safetensors", shallow=False)
+
+
 def test_push_to_second_repository_mounts_blobs(cli, registry, minilm_dir):
     first = f"{registry.address}/mountsrc/minilm:v1"
     second = f"{registry.address}/mountdst/minilm:v1"

@@ -163,6 +163,21 @@ def test_umount_cleans_a_stale_mount(mounts, minilm_ref, cli):
     assert not os.path.ismount(target)
 
 
+def test_sigterm_unmounts_cleanly(mounts, minilm_ref, cli):
+    import time
+    target = mounts.base / "term"
+    target.mkdir(parents=True)
+    out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(target)).stdout
+    mounts.active.append(target)
+    pid = int(out.split("(pid ")[1].split(",")[0])
+    os.kill(pid, 15)
+    deadline = time.monotonic() + 20
+    while os.path.ismount(target) or os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, "daemon did not unmount and exit on SIGTERM"
+        time.sleep(0.05)
+    mounts.active.remove(target)
+
+
 def test_mount_errors_are_one_line(cli, registry, tmp_path, minilm_ref):
     target = tmp_path / "m"
     target.mkdir()
