@@ -29,7 +29,8 @@ from .fetcher import Fetcher
 from .layout import Store, default_store_dir
 from .push import push
 from .reference import Reference, parse
-from .registry import RegistryClient
+from .config import load as load_config, parse_size
+from .registry.mirrors import open_client
 from .resolve import describe, fetch_model
 from .spec import Packing
 
@@ -43,9 +44,25 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def _client(args: argparse.Namespace, reference: Reference | str) -> RegistryClient:
+def _resolve_settings(args: argparse.Namespace) -> None:
+    """Flags override the config files, which override the built-in defaults."""
+    config = load_config()
+    args.config = config
+    args.cache_dir = args.cache_dir or os.environ.get("MODELFS_CACHE_DIR") or config.cache_dir or default_cache_dir()
+    if getattr(args, "prefetch", "unset") is None:
+        args.prefetch = config.prefetch
+    if getattr(args, "timeout", "unset") is None:
+        args.timeout = config.timeout
+    if getattr(args, "cache_max_size", "unset") is None:
+        args.cache_max_size = config.cache_max_size
+
+
+def _client(args: argparse.Namespace, reference: Reference | str, write: bool = False):
+    """A registry client honouring flags and config; reads go through configured mirrors."""
     registry = reference.registry if isinstance(reference, Reference) else reference
-    return RegistryClient(registry, CredentialStore(), plain_http=args.plain_http, ca_file=args.ca_file)
+    settings = args.config.registry(registry)
+    return open_client(registry, plain_http=args.plain_http or settings.plain_http,
+                       ca_file=args.ca_file or settings.ca_file, mirrors=None if write else settings.mirrors)
 
 
 class _Progress:
@@ -83,7 +100,7 @@ async def cmd_login(args: argparse.Namespace) -> int:
     if not args.username or not password:
         raise ModelfsError("login needs a username (-u) and a password")
     credential = Credential(args.username, password)
-    async with _client(args, args.registry) as client:
+    async with _client(args, args.registry, write=True) as client:
         client.use_credential(credential)
         await client.check_login()
     CredentialStore().save(args.registry, credential)
@@ -111,7 +128,7 @@ async def cmd_build(args: argparse.Namespace) -> int:
 
 async def cmd_push(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
-    async with _client(args, reference) as client:
+    async with _client(args, reference, write=True) as client:
         result = await push(client, Store(args.store), reference, args.source, chunk_size=args.chunk_size << 20)
     chunked = f", {result.chunked} in chunks" if result.chunked else ""
     print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB{chunked}), "
@@ -173,9 +190,12 @@ async def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def _mount_options(args: argparse.Namespace) -> MountOptions:
+    registry = parse(args.reference).registry
+    settings = args.config.registry(registry)
     return MountOptions(reference=args.reference, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
-                        plain_http=args.plain_http, ca_file=args.ca_file, prefetch=args.prefetch,
-                        allow_other=args.allow_other, timeout=args.timeout)
+                        plain_http=args.plain_http or settings.plain_http, ca_file=args.ca_file or settings.ca_file,
+                        mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
+                        timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics)
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -198,6 +218,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             "--cache-dir", args.cache_dir, "--prefetch", args.prefetch, "--timeout", str(args.timeout),
             "--log-level", args.log_level, *(["--plain-http"] if args.plain_http else []),
             *(["--ca-file", args.ca_file] if args.ca_file else []), *(["--allow-other"] if args.allow_other else []),
+            "--cache-max-size", str(args.cache_max_size), *(["--metrics", args.metrics] if args.metrics else []),
             args.reference, args.mountpoint]
     with open(log_path, "ab") as log_handle:
         child = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -228,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
     common.add_argument("--ca-file", help="PEM bundle to verify the registry's TLS certificate")
-    common.add_argument("--cache-dir", default=os.environ.get("MODELFS_CACHE_DIR") or default_cache_dir())
+    common.add_argument("--cache-dir", help="block cache (default: config, then /var/cache/modelfs or ~/.cache/modelfs)")
     common.add_argument("--store", default=os.environ.get("MODELFS_STORE") or default_store_dir(),
                         help="local OCI layout that build writes and push reads")
     common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
@@ -281,9 +302,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd and supervisors)")
-    p.add_argument("--prefetch", choices=["all", "none"], default="all")
+    p.add_argument("--prefetch", choices=["all", "none"], help="fetch the whole model in the background (default all)")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds a read may wait before EIO")
+    p.add_argument("--timeout", type=float, help="seconds a read may wait before EIO (default 120)")
+    p.add_argument("--cache-max-size", type=lambda v: parse_size(v, "--cache-max-size"), metavar="SIZE",
+                   help="evict least recently used blobs above this size (e.g. 200G; default unlimited)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_mount)
 
@@ -293,10 +317,59 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+                          "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async"}
+_VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
+                        "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
+                        "cache_max_size": "--cache-max-size"}
+_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
+
+
+def mount_helper_argv(argv: list[str]) -> list[str]:
+    """Translate the ``mount.fuse3`` form ``modelfs REF DIR -o opt,opt=v`` into ``mount`` flags.
+
+    This is what ``mount -t fuse.modelfs REF DIR -o ...`` and ``/etc/fstab`` lines run.
+    """
+    positional, options = [], []
+    items = iter(argv)
+    for item in items:
+        if item == "-o":
+            options.extend(o for o in next(items, "").split(",") if o)
+        elif item.startswith("-o"):
+            options.extend(o for o in item[2:].split(",") if o)
+        else:
+            positional.append(item)
+    if len(positional) != 2:
+        raise ModelfsError("mount helper form is: modelfs REFERENCE MOUNTPOINT [-o options]")
+    flags: list[str] = []
+    for option in options:
+        key, has_value, value = option.partition("=")
+        if key in _IGNORED_MOUNT_OPTIONS:
+            continue
+        if key == "rw":
+            raise ModelfsError("modelfs mounts are read-only; drop 'rw' from the mount options")
+        if key in _FLAG_MOUNT_OPTIONS and not has_value:
+            flags.append(_FLAG_MOUNT_OPTIONS[key])
+        elif key in _VALUE_MOUNT_OPTIONS and has_value:
+            flags.extend([_VALUE_MOUNT_OPTIONS[key], value])
+        else:
+            raise ModelfsError(f"unknown mount option {option!r}")
+    return ["mount", *flags, *positional]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = _parser()
+        if argv and not argv[0].startswith("-") and argv[0] not in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+            argv = mount_helper_argv(argv)
+    except ModelfsError as exc:
+        print(f"modelfs: error: {exc}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     try:
+        _resolve_settings(args)
         if inspect.iscoroutinefunction(args.handler):
             return trio.run(args.handler, args)
         return args.handler(args)

@@ -15,19 +15,18 @@ import os
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
 from .cache import BlockCache
-from .credentials import CredentialStore
 from .errors import ModelfsError, MountError, user_error
 from .fetcher import Fetcher, FetchPolicy
 from .fs import ModelFS
 from .index import Tree, build_tree
 from .reference import parse
-from .registry import RegistryClient
+from .registry.mirrors import open_client
 from .resolve import fetch_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +45,9 @@ class MountOptions:
     read_ahead_kb: int = 4096
     ready_fd: int | None = None
     max_tasks: int = 64
+    mirrors: list = field(default_factory=list)
+    cache_max_size: int = 0
+    metrics: str | None = None
 
 
 def sd_notify(message: str) -> None:
@@ -119,8 +121,8 @@ async def serve(options: MountOptions) -> None:
     mountpoint = os.path.abspath(options.mountpoint)
     check_mountpoint(mountpoint)
     cache = BlockCache(options.cache_dir)
-    async with RegistryClient(reference.registry, CredentialStore(), plain_http=options.plain_http,
-                              ca_file=options.ca_file) as client:
+    async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
+                           mirrors=options.mirrors) as client:
         model = await fetch_model(client, reference)
         async with trio.open_nursery() as nursery:
             fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout))

@@ -1,0 +1,102 @@
+"""Mirrors and pull-through caches in front of a registry.
+
+Reads (manifests, blobs) try each configured mirror in order and fall back to the upstream
+registry, the way containerd and Docker treat ``registry-mirrors``: a Distribution
+pull-through cache, Harbor's proxy cache or Dragonfly's dfdaemon sits in the path by
+configuration. A mirror that fails is skipped for a while instead of being retried on every
+request. Writes never go to mirrors.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator
+
+import httpx
+import trio
+
+from ..credentials import CredentialStore
+from ..errors import RegistryError
+from .client import RegistryClient, RetryPolicy
+
+log = logging.getLogger(__name__)
+
+MIRROR_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, deadline=10.0)
+PENALTY_SECONDS = 30.0
+
+
+class MirroredClient:
+    """The read side of :class:`RegistryClient`, spread over mirrors and the upstream."""
+
+    def __init__(self, upstream: RegistryClient, mirrors: list[RegistryClient]) -> None:
+        self.upstream, self.mirrors = upstream, mirrors
+        self.registry = upstream.registry
+        self._down_until: dict[str, float] = {}
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> "MirroredClient":
+        for client in [*self.mirrors, self.upstream]:
+            await self._stack.enter_async_context(client)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+    def _candidates(self) -> list[RegistryClient]:
+        now = trio.current_time()
+        up = [m for m in self.mirrors if self._down_until.get(m.host, 0.0) <= now]
+        return [*up, self.upstream]
+
+    def _failed(self, mirror: RegistryClient, exc: Exception) -> None:
+        self._down_until[mirror.host] = trio.current_time() + PENALTY_SECONDS
+        log.warning("mirror %s failed (%s); using the next source for %.0fs", mirror.host, exc, PENALTY_SECONDS)
+
+    async def _first(self, operation: str, *args: object) -> object:
+        for client in self._candidates():
+            if client is self.upstream:
+                return await getattr(client, operation)(*args)
+            try:
+                return await getattr(client, operation)(*args)
+            except (RegistryError, httpx.HTTPError) as exc:
+                self._failed(client, exc)
+        raise AssertionError("unreachable")
+
+    async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]:
+        return await self._first("get_manifest", repository, target)  # type: ignore[return-value]
+
+    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
+        return await self._first("get_blob", repository, digest, max_size)  # type: ignore[return-value]
+
+    async def blob_size(self, repository: str, digest: str) -> int | None:
+        return await self._first("blob_size", repository, digest)  # type: ignore[return-value]
+
+    @asynccontextmanager
+    async def stream_blob(self, repository: str, digest: str, start: int | None = None,
+                          end: int | None = None) -> AsyncIterator[httpx.Response]:
+        for client in self._candidates():
+            stack = AsyncExitStack()
+            try:
+                response = await stack.enter_async_context(client.stream_blob(repository, digest, start, end))
+            except (RegistryError, httpx.HTTPError) as exc:
+                await stack.aclose()
+                if client is self.upstream:
+                    raise
+                self._failed(client, exc)
+                continue
+            async with stack:
+                yield response
+            return
+
+
+def open_client(registry: str, *, plain_http: bool = False, ca_file: str | None = None,
+                mirrors: list | None = None, credentials: CredentialStore | None = None,
+                timeout: float = 30.0) -> RegistryClient | MirroredClient:
+    """A client for ``registry``; with mirrors, one that reads through them first."""
+    credentials = credentials or CredentialStore()
+    upstream = RegistryClient(registry, credentials, plain_http=plain_http, ca_file=ca_file, timeout=timeout)
+    if not mirrors:
+        return upstream
+    return MirroredClient(upstream, [
+        RegistryClient(m.host, credentials, plain_http=m.plain_http, ca_file=ca_file, retry=MIRROR_RETRY, timeout=timeout)
+        for m in mirrors])
