@@ -226,6 +226,35 @@ class _Flock:
         fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
+@dataclass(frozen=True)
+class BlobUsage:
+    digest: str
+    size: int
+    cached_bytes: int
+    disk_bytes: int
+    verified: bool
+    last_used: float
+
+
+def touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _read_header(map_path: str) -> tuple[int, int, bool]:
+    """(blob size, cached bytes, verified) from a map file, without opening it for writing."""
+    with open(map_path, "rb") as handle:
+        header = handle.read(_HEADER_SIZE)
+        magic, bs, size, nblocks, _policy, verified = _HEADER.unpack_from(header)
+        if magic != _MAGIC or not bs:
+            raise OSError("not a modelfs map")
+        entries = array("I", handle.read(nblocks * _ENTRY))
+    cached = sum(min(bs, size - i * bs) for i, e in enumerate(entries) if e)
+    return size, cached, bool(verified)
+
+
 class BlockCache:
     def __init__(self, root: str, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.root = root
@@ -241,7 +270,64 @@ class BlockCache:
         found = self._entries.get(digest)
         if found is None:
             found = self._entries[digest] = BlobEntry(self._dir, digest, size, self.block_size)
+            touch(found.map_path)
         return found
+
+    def evict(self, digest: str) -> None:
+        """Free a blob's disk space. Open here: emptied in place (reads fetch again);
+        otherwise its files are removed (another process holding them keeps valid data)."""
+        entry = self._entries.get(digest)
+        if entry is not None:
+            entry.clear()
+            return
+        hexpart = digest.split(":", 1)[1]
+        for suffix in (".map", ".data"):
+            try:
+                os.unlink(os.path.join(self._dir, hexpart + suffix))
+            except FileNotFoundError:
+                pass
+
+    def usage(self) -> list["BlobUsage"]:
+        """Every cached blob with its bytes on disk and last use, least recently used first."""
+        found = []
+        for name in os.listdir(self._dir):
+            if not name.endswith(".map"):
+                continue
+            hexpart = name[:-4]
+            try:
+                map_stat = os.stat(os.path.join(self._dir, name))
+                data_stat = os.stat(os.path.join(self._dir, hexpart + ".data"))
+                header = _read_header(os.path.join(self._dir, name))
+            except OSError:
+                continue
+            found.append(BlobUsage("sha256:" + hexpart, header[0], header[1], data_stat.st_blocks * 512,
+                                   header[2], max(map_stat.st_mtime, data_stat.st_mtime)))
+        return sorted(found, key=lambda u: u.last_used)
+
+    def record_model(self, reference: str, digest: str, layers: list[tuple[str, int, str]]) -> None:
+        """Remember which blobs make up a model, for ``cache stats``."""
+        import json
+        directory = os.path.join(self.root, "models")
+        os.makedirs(directory, exist_ok=True)
+        doc = {"reference": reference, "digest": digest,
+               "layers": [{"digest": d, "size": n, "path": p} for d, n, p in layers]}
+        tmp = os.path.join(directory, f".{digest[7:]}.tmp")
+        with open(tmp, "w") as handle:
+            json.dump(doc, handle)
+        os.replace(tmp, os.path.join(directory, digest[7:] + ".json"))
+
+    def models(self) -> list[dict]:
+        import json
+        directory = os.path.join(self.root, "models")
+        out = []
+        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(directory, name)) as handle:
+                        out.append(json.load(handle))
+                except (OSError, ValueError):
+                    continue
+        return out
 
     def close(self) -> None:
         for entry in self._entries.values():

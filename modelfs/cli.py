@@ -22,7 +22,7 @@ from . import __version__
 from .build import build
 from .cache import BlockCache, default_cache_dir
 from .credentials import Credential, CredentialStore
-from .daemon import MountOptions, run_foreground, umount
+from .daemon import MountOptions, active_mounts, run_foreground, umount
 from .errors import ModelfsError, MountError, user_error
 from .extract import extract
 from .fetcher import Fetcher
@@ -169,6 +169,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = Fetcher(cache, client, reference.repository, nursery)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
+            cache.record_model(str(reference), model.reference.digest or "",
+                               [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers])
             await fetcher.prefetch(readers, progress)
             for reader in readers:
                 if not reader.entry.verified and not await trio.to_thread.run_sync(reader.entry.verify):
@@ -176,6 +178,48 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     cache.close()
     progress.finish()
     print(f"Pulled {model.reference} into {args.cache_dir}")
+    return 0
+
+
+def cmd_cache_stats(args: argparse.Namespace) -> int:
+    cache = BlockCache(args.cache_dir)
+    usage = {u.digest: u for u in cache.usage()}
+    models = cache.models()
+    if args.json:
+        print(json.dumps({"cache_dir": args.cache_dir, "models": models,
+                          "blobs": [u.__dict__ for u in usage.values()]}, indent=2))
+        return 0
+    disk = sum(u.disk_bytes for u in usage.values())
+    cached = sum(u.cached_bytes for u in usage.values())
+    print(f"Cache {args.cache_dir}: {len(usage)} blobs, {cached / 1e6:,.1f} MB cached, {disk / 1e6:,.1f} MB on disk")
+    for model in models:
+        blobs = [usage[layer["digest"]] for layer in model["layers"] if layer["digest"] in usage]
+        size = sum(layer["size"] for layer in model["layers"])
+        have = sum(b.cached_bytes for b in blobs)
+        print(f"  {model['reference']} ({model['digest'][:19]}): {have / 1e6:,.1f} of {size / 1e6:,.1f} MB cached"
+              f" ({have / size if size else 1:.0%})")
+    print(f"  {'blob':<19} {'size':>12} {'cached':>12} {'on disk':>12} {'lz4 saved':>10}  last used")
+    for blob in sorted(usage.values(), key=lambda u: -u.last_used):
+        saved = max(0, blob.cached_bytes - blob.disk_bytes)
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(blob.last_used))
+        print(f"  {blob.digest[:19]} {blob.size:>12,} {blob.cached_bytes:>12,} {blob.disk_bytes:>12,} {saved:>10,}  {used}")
+    return 0
+
+
+def cmd_cache_prune(args: argparse.Namespace) -> int:
+    if not args.all and args.keep_size is None:
+        raise ModelfsError("cache prune needs --all or --keep-size SIZE")
+    cache = BlockCache(args.cache_dir)
+    usage = cache.usage()
+    total = sum(u.disk_bytes for u in usage)
+    keep = 0 if args.all else args.keep_size
+    freed = 0
+    for blob in usage:  # least recently used first
+        if total - freed <= keep:
+            break
+        cache.evict(blob.digest)
+        freed += blob.disk_bytes
+    print(f"Freed {freed / 1e6:,.1f} MB; {(total - freed) / 1e6:,.1f} MB left in {args.cache_dir}")
     return 0
 
 
@@ -235,6 +279,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
     with open(log_path, "rb") as handle:
         tail = handle.read()[-2000:].decode(errors="replace").strip().splitlines()
     raise MountError(f"mount daemon exited ({child.returncode}) before the mount was ready: {tail[-1] if tail else 'no log'} (see {log_path})")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    mounts = active_mounts()
+    if args.json:
+        print(json.dumps(mounts, indent=2))
+        return 0
+    if not mounts:
+        print("No modelfs mounts")
+    for mount in mounts:
+        cached = f"{float(mount['cached']):.0%} cached" if mount.get("cached") else "state unknown"
+        print(f"{mount['mountpoint']}: {mount.get('model') or mount['source']} ({cached})")
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -310,6 +367,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_mount)
+
+    p = sub.add_parser("cache", help="inspect and prune the block cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    q = cache_sub.add_parser("stats", parents=[common], help="per model and blob: size, cached, on disk, last use")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=cmd_cache_stats)
+    q = cache_sub.add_parser("prune", parents=[common], help="evict least recently used blobs")
+    q.add_argument("--all", action="store_true", help="empty the cache")
+    q.add_argument("--keep-size", type=lambda v: parse_size(v, "--keep-size"), metavar="SIZE",
+                   help="evict until at most SIZE bytes stay on disk (e.g. 50G)")
+    q.set_defaults(handler=cmd_cache_prune)
+
+    p = sub.add_parser("status", parents=[common], help="list active modelfs mounts")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("umount", parents=[common], help="unmount (also cleans a stale mount)")
     p.add_argument("mountpoint")

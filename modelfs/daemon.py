@@ -24,6 +24,7 @@ from .cache import BlockCache
 from .errors import ModelfsError, MountError, user_error
 from .fetcher import Fetcher, FetchPolicy
 from .fs import ModelFS
+from .metrics import serve_metrics
 from .index import Tree, build_tree
 from .reference import parse
 from .registry.mirrors import open_client
@@ -107,6 +108,26 @@ async def _prefetch(fetcher: Fetcher, tree: Tree) -> None:
         log.warning("prefetch stopped: %s (reads still fetch on demand)", exc)
 
 
+async def enforce_cache_limit(cache: BlockCache, fetcher: Fetcher, limit: int, interval: float = 2.0) -> None:
+    """Keep the cache under ``limit`` bytes on disk by evicting least recently used blobs,
+    never one with a fetch in flight or a read waiting on it."""
+    while True:
+        usage = cache.usage()
+        total = sum(u.disk_bytes for u in usage)
+        if total > limit:
+            pinned = fetcher.pinned()
+            for blob in usage:
+                if total <= limit * 0.9:
+                    break
+                if blob.digest in pinned:
+                    continue
+                cache.evict(blob.digest)
+                fetcher.forget(blob.digest)
+                total -= blob.disk_bytes
+                log.info("evicted %s (%d bytes on disk) to stay under %d", blob.digest, blob.disk_bytes, limit)
+        await trio.sleep(interval)
+
+
 async def _watch_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -127,6 +148,8 @@ async def serve(options: MountOptions) -> None:
         async with trio.open_nursery() as nursery:
             fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout))
             tree = await build_tree(model, fetcher)
+            cache.record_model(str(reference), model.reference.digest or "",
+                               [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers])
             ops = ModelFS(tree, fetcher, str(model.reference))
             fuse_options = {"fsname=" + str(reference), "subtype=modelfs", "ro", "default_permissions", "noatime"}
             if options.allow_other:
@@ -141,6 +164,10 @@ async def serve(options: MountOptions) -> None:
                 nursery.start_soon(_watch_signals)
                 if options.prefetch == "all":
                     nursery.start_soon(_prefetch, fetcher, tree)
+                if options.cache_max_size:
+                    nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
+                if options.metrics:
+                    await nursery.start(serve_metrics, options.metrics, ops, fetcher)
                 report(options.ready_fd, "READY")
                 sd_notify("READY=1")
                 await pyfuse3.main(max_tasks=options.max_tasks)
@@ -164,18 +191,40 @@ def run_foreground(options: MountOptions) -> None:
         raise
 
 
-def mounted_fuse(mountpoint: str) -> bool:
-    mountpoint = os.path.abspath(mountpoint)
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) of every mount, from /proc/self/mountinfo."""
+    out = []
     try:
         with open("/proc/self/mountinfo") as handle:
             for line in handle:
                 fields = line.split()
                 sep = fields.index("-")
-                if fields[4] == mountpoint and fields[sep + 1].startswith("fuse"):
-                    return True
+                decode = lambda v: v.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+                out.append((decode(fields[4]), fields[sep + 1], decode(fields[sep + 2])))
     except OSError:
         pass
-    return False
+    return out
+
+
+def mounted_fuse(mountpoint: str) -> bool:
+    mountpoint = os.path.abspath(mountpoint)
+    return any(point == mountpoint and fstype.startswith("fuse") for point, fstype, _ in _mountinfo())
+
+
+def active_mounts() -> list[dict]:
+    """modelfs mounts on this host, with what their root's extended attributes tell."""
+    found = []
+    for point, fstype, source in _mountinfo():
+        if fstype != "fuse.modelfs":
+            continue
+        entry = {"mountpoint": point, "source": source}
+        for key, name in (("model", "user.modelfs.model"), ("cached", "user.modelfs.cached")):
+            try:
+                entry[key] = os.getxattr(point, name).decode()
+            except OSError:
+                entry[key] = None
+        found.append(entry)
+    return found
 
 
 def umount(mountpoint: str) -> str:

@@ -75,6 +75,16 @@ class Fetcher:
             found = self._readers[digest] = BlobReader(self, self.cache.entry(digest, size))
         return found
 
+    def pinned(self) -> set[str]:
+        """Blobs eviction must leave alone: a fetch is in flight or a read is waiting."""
+        return {digest for digest, reader in self._readers.items() if reader._inflight}
+
+    def forget(self, digest: str) -> None:
+        """Drop in-memory blocks of an evicted blob so reads go back to the registry."""
+        reader = self._readers.get(digest)
+        if reader is not None:
+            reader._memory.clear()
+
     def _foreground(self, delta: int) -> None:
         self.foreground_waiting += delta
         if self.foreground_waiting:
@@ -227,7 +237,7 @@ class BlobReader:
             self._failures.pop(index, None)
         self.fetcher._nursery.start_soon(self._fetch_run, run[0], run[-1])
 
-    def _store(self, index: int, data: bytes) -> None:
+    def _store(self, index: int, data: bytes, fetched: bool = True) -> None:
         """Keep a fetched block in memory (recent reads) and in the cache. A cache that cannot
         take it (full disk) is logged, and the block is still served from memory."""
         self._memory[index] = data
@@ -239,7 +249,8 @@ class BlobReader:
             self.fetcher.counters.cache_write_errors += 1
             if self.fetcher.counters.cache_write_errors == 1 or self.fetcher.counters.cache_write_errors % 1000 == 0:
                 log.error("serving without caching: %s", exc)
-        self.fetcher.counters.bytes_fetched += len(data)
+        if fetched:
+            self.fetcher.counters.bytes_fetched += len(data)
         event = self._inflight.pop(index, None)
         if event is not None:
             event.set()

@@ -19,6 +19,7 @@ import pyfuse3
 from .errors import ModelfsError
 from .fetcher import Fetcher
 from .index import ROOT_INODE, Node, Tree
+from .metrics import Histogram, ReadTimer
 from .tarindex import DIRECTORY, SYMLINK
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class ModelFS(pyfuse3.Operations):
         self.uid, self.gid = os.getuid(), os.getgid()
         self.reads = 0
         self.read_errors = 0
+        self.bytes_served = 0
+        self.read_latency = Histogram()
 
     def _node(self, inode: int) -> Node:
         try:
@@ -124,7 +127,10 @@ class ModelFS(pyfuse3.Operations):
         size = min(size, node.size - off)
         self.reads += 1
         try:
-            return await node.reader.read(node.offset + off, size)
+            with ReadTimer(self.read_latency):
+                data = await node.reader.read(node.offset + off, size)
+            self.bytes_served += len(data)
+            return data
         except ModelfsError as exc:
             self.read_errors += 1
             log.error("read of %s at %d (+%d) failed: %s", self.path_of(node), off, size, exc)
@@ -150,6 +156,11 @@ class ModelFS(pyfuse3.Operations):
     def _xattr(self, node: Node, name: bytes) -> bytes | None:
         if name == XATTR_MODEL:
             return self.model_name.encode()
+        if node.inode == ROOT_INODE and name == XATTR_CACHED:
+            readers = self.tree.readers()
+            total = sum(r.size for r in readers)
+            cached = sum(r.cached_fraction() * r.size for r in readers)
+            return f"{cached / total if total else 1.0:.4f}".encode()
         if node.reader is None:
             return None
         if name == XATTR_DIGEST and node.layer is not None:

@@ -199,4 +199,4 @@ class LayerStream:
             if len(data) != length:
                 raise ManifestError(f"{self.where}, member {member.path!r}: stream ended inside the file")
             if not reader._available(index):
-                reader._store(index, data)
+                reader._store(index, data, fetched=False)  # counted as compressed bytes below

@@ -19,3 +19,6 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[test]'
+# mount(8) runs fstab/`mount -t fuse.modelfs` helpers with a fixed PATH; the systemd unit
+# names /usr/local/bin/modelfs. Make this checkout's modelfs the one they find.
+ln -sf "$(pwd)/.venv/bin/modelfs" /usr/local/bin/modelfs

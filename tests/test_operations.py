@@ -1,0 +1,140 @@
+"""Running modelfs on GPU hosts: unit files, mount(8) and fstab, mirrors, cache limits,
+metrics, status — all with real processes against real registries."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import SAMPLE_MODELFILE, Registry
+
+REPO = Path(__file__).resolve().parent.parent
+MODELFS_BIN = Path(sys.executable).parent / "modelfs"
+
+
+def _du(path: Path) -> int:
+    """Bytes on disk, as du counts them (allocated blocks, so sparse holes are free)."""
+    return int(subprocess.run(["du", "-s", "-B1", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_unit_files_verify(tmp_path):
+    for unit in (REPO / "systemd").iterdir():
+        text = unit.read_text().replace("/usr/local/bin/modelfs", str(MODELFS_BIN))
+        (tmp_path / unit.name).write_text(text)
+    (tmp_path / "modelfs@models-llama.service").symlink_to(tmp_path / "modelfs@.service")
+    result = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "modelfs@models-llama.service"),
+                             str(tmp_path / "models-minilm.mount")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "", result.stderr
+
+
+def test_mount_t_fuse_modelfs_and_fstab(cli, minilm_ref, minilm_dir, tmp_path):
+    # mount(8) gives helpers a fixed PATH; scripts/setup.sh links /usr/local/bin/modelfs
+    assert Path("/usr/local/bin/modelfs").exists(), "run scripts/setup.sh: mount.fuse3 needs /usr/local/bin/modelfs"
+    env = cli.env
+    target = tmp_path / "models" / "minilm"
+    target.mkdir(parents=True)
+    options = f"ro,_netdev,plain_http,prefetch=none,cache_dir={cli.cache_dir}"
+    subprocess.run(["mount", "-t", "fuse.modelfs", minilm_ref, str(target), "-o", options], env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"# modelfs\n{minilm_ref}  {target}  fuse.modelfs  {options}  0  0\n")
+    subprocess.run(["mount", "--fstab", str(fstab), str(target)], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+        status = cli.run("status").stdout
+        assert str(target) in status and minilm_ref in status
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    bad = subprocess.run(["mount", "-t", "fuse.modelfs", minilm_ref, str(target), "-o", "ro,colour=blue"], env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown mount option 'colour=blue'" in bad.stderr
+
+
+def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm_dir, mounts):
+    upstream = Registry(tmp_path / "upstream")
+    mirror = Registry(tmp_path / "mirror", f"proxy:\n  remoteurl: http://{upstream.address}\n")
+    try:
+        ref = f"{upstream.address}/library/minilm:v1"
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("push", "--plain-http", ref)
+        config = tmp_path / "config.toml"
+        config.write_text(f'[registries."{upstream.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
+        cli.env["MODELFS_CONFIG"] = str(config)
+        cli.run("pull", ref)  # through the mirror, which now holds every blob
+        shutil.rmtree(cli.cache_dir)
+        upstream.kill()
+        target = mounts.mount(ref, "--prefetch", "none")
+        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        # with the mirror gone too, the error says so in one line
+        mirror.kill()
+        failed = cli.run("inspect", ref, check=False)
+        last = failed.stderr.strip().splitlines()[-1]
+        assert failed.returncode == 1 and last.startswith(f"modelfs: error: cannot reach {upstream.address}")
+        assert "Traceback" not in failed.stderr
+    finally:
+        for registry in (upstream, mirror):
+            if registry.process.poll() is None:
+                registry.stop()
+
+
+def test_cache_limit_evicts_and_refetches_correct_bytes(cli, minilm_ref, minilm_dir, mounts):
+    limit = 40 << 20
+    target = mounts.mount(minilm_ref, "--prefetch", "none", "--cache-max-size", "40M")
+    original = (minilm_dir / "model.safetensors").read_bytes()
+    assert (target / "model.safetensors").read_bytes() == original  # 90 MB through a 40 MB cache
+    (target / "tokenizer.json").read_bytes()
+    deadline = time.monotonic() + 20
+    while _du(cli.cache_dir / "blobs") > limit:
+        assert time.monotonic() < deadline, f"cache still {_du(cli.cache_dir / 'blobs')} bytes on disk"
+        time.sleep(0.2)
+    # evicted weights come back right once the kernel's page cache forgets them
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], capture_output=True)
+    with open(target / "model.safetensors", "rb") as handle:
+        handle.seek(50 << 20)
+        assert handle.read(4 << 20) == original[50 << 20:54 << 20]
+
+
+def test_cache_stats_and_prune(cli, minilm_ref):
+    cli.run("pull", "--plain-http", minilm_ref)
+    stats = cli.run("cache", "stats").stdout
+    assert minilm_ref in stats and "100%" in stats
+    before = _du(cli.cache_dir / "blobs")
+    assert before > 90_000_000
+    pruned = cli.run("cache", "prune", "--keep-size", "10M").stdout
+    assert "Freed" in pruned
+    assert _du(cli.cache_dir / "blobs") <= 10 << 20
+    cli.run("cache", "prune", "--all")
+    assert not list((cli.cache_dir / "blobs" / "sha256").iterdir())
+    assert cli.run("cache", "prune", check=False).returncode == 1
+
+
+def test_metrics_count_the_bytes_read(cli, minilm_ref, minilm_dir, mounts):
+    from conftest import free_port
+    port = free_port()
+    target = mounts.mount(minilm_ref, "--prefetch", "none", "--metrics", f"127.0.0.1:{port}")
+    data = (target / "model.safetensors").read_bytes()
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    values = dict(re.findall(r"^(modelfs_\w+) ([0-9.e+-]+)$", text, re.M))
+    assert float(values["modelfs_served_bytes_total"]) == len(data)
+    fetched = float(values["modelfs_registry_bytes_total"])
+    assert len(data) <= fetched <= len(data) * 1.05
+    assert float(values["modelfs_read_errors_total"]) == 0
+    assert 'modelfs_read_latency_seconds_count' in text
+    again = (target / "model.safetensors").read_bytes()  # page cache or block cache: no new fetch
+    assert again == data
+    values = dict(re.findall(r"^(modelfs_\w+) ([0-9.e+-]+)$", httpx.get(f"http://127.0.0.1:{port}/").text, re.M))
+    assert float(values["modelfs_registry_bytes_total"]) == fetched
