@@ -138,3 +138,47 @@ def test_metrics_count_the_bytes_read(cli, minilm_ref, minilm_dir, mounts):
     assert again == data
     values = dict(re.findall(r"^(modelfs_\w+) ([0-9.e+-]+)$", httpx.get(f"http://127.0.0.1:{port}/").text, re.M))
     assert float(values["modelfs_registry_bytes_total"]) == fetched
+
+
+def test_systemd_notify_ready_only_when_mount_answers_and_stopping(cli, minilm_ref, tmp_path):
+    import socket
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(60)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    env = dict(cli.env, NOTIFY_SOCKET=str(notify))
+    daemon = subprocess.Popen([sys.executable, "-m", "modelfs", "mount", "--foreground", "--plain-http",
+                               "--prefetch", "none", minilm_ref, str(target)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert sock.recv(100) == b"READY=1"
+        assert os.path.ismount(target) and "model.safetensors" in os.listdir(target)
+        daemon.terminate()
+        assert sock.recv(100) == b"STOPPING=1"
+        assert daemon.wait(30) == 0
+        assert not os.path.ismount(target)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        sock.close()
+
+
+def test_pull_prestages_so_a_mount_fetches_no_blob(cli, minilm_ref, minilm_dir, mounts, proxy, registry):
+    proxied = minilm_ref.replace(registry.address, proxy.address)
+    cli.run("pull", "--plain-http", proxied)
+    proxy.reset()
+    target = mounts.mount(proxied, "--prefetch", "none")
+    assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+    # the manifest and config are asked again (a tag may move); no weight bytes are
+    assert proxy.downstream_bytes < 64 * 1024, proxy.downstream_bytes
+
+
+def test_http_proxy_environment_is_honoured(cli, minilm_ref, proxy, tmp_path):
+    cli.env.update(HTTP_PROXY=f"http://{proxy.address}", http_proxy=f"http://{proxy.address}", NO_PROXY="", no_proxy="")
+    proxy.reset()
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", minilm_ref, "--output", str(out))
+    assert proxy.downstream_bytes > 90_000_000  # every byte came through the proxy
