@@ -129,7 +129,8 @@ async def cmd_build(args: argparse.Namespace) -> int:
 async def cmd_push(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference, write=True) as client:
-        result = await push(client, Store(args.store), reference, args.source, chunk_size=args.chunk_size << 20)
+        result = await push(client, Store(args.store), reference, args.source, chunk_size=args.chunk_size << 20,
+                            block_index=not args.no_block_index)
     chunked = f", {result.chunked} in chunks" if result.chunked else ""
     print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB{chunked}), "
           f"{len(result.skipped)} already present, {len(result.mounted)} mounted; digest {result.digest}")
@@ -339,6 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--source", help="name in the local store, if not REFERENCE")
     p.add_argument("--chunk-size", type=int, default=512, metavar="MiB",
                    help="blobs larger than this are uploaded in chunks of this size (default 512)")
+    p.add_argument("--no-block-index", action="store_true",
+                   help="do not attach the per-block sha256 index mounts use to verify lazy reads")
     p.set_defaults(handler=cmd_push)
 
     p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")

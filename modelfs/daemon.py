@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from . import blockindex
 from .cache import BlockCache
 from .errors import ModelfsError, MountError, user_error
 from .fetcher import Fetcher, FetchPolicy
@@ -152,8 +153,11 @@ async def serve(options: MountOptions) -> None:
     async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
                            mirrors=options.mirrors) as client:
         model = await fetch_model(client, reference)
+        index = await blockindex.fetch(client, reference.repository, model.reference.digest or "")
+        log.info("block index: %s", "found; every block is verified before it is served" if index else "none")
         async with trio.open_nursery() as nursery:
-            fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout))
+            fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout),
+                              block_index=index)
             tree = await build_tree(model, fetcher)
             cache.record_model(str(reference), model.reference.digest or "",
                                [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers])

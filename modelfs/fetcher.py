@@ -15,14 +15,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import httpx
 import trio
 
+from .blockindex import BlockIndex
 from .cache import BlobEntry, BlockCache
 from .errors import AuthenticationError, CacheError, IntegrityError, NotFoundError, RegistryError
 from .registry import RegistryClient
@@ -54,12 +56,14 @@ class Counters:
     retries: int = 0
     errors: int = 0
     cache_write_errors: int = 0
+    integrity_errors: int = 0
 
 
 class Fetcher:
     def __init__(self, cache: BlockCache, client: RegistryClient, repository: str, nursery: trio.Nursery,
-                 policy: FetchPolicy | None = None) -> None:
+                 policy: FetchPolicy | None = None, block_index: BlockIndex | None = None) -> None:
         self.cache, self.client, self.repository = cache, client, repository
+        self.block_index = block_index
         self.policy = policy or FetchPolicy()
         self.counters = Counters()
         self.foreground_waiting = 0
@@ -68,11 +72,17 @@ class Fetcher:
         self._readers: dict[str, BlobReader] = {}
         self._idle = trio.Event()
         self._idle.set()
+        self.on_dropped: list[Callable[[str], Awaitable[None]]] = []  # told when a blob's bytes were wrong
 
     def reader(self, digest: str, size: int) -> "BlobReader":
         found = self._readers.get(digest)
         if found is None:
-            found = self._readers[digest] = BlobReader(self, self.cache.entry(digest, size))
+            entry = self.cache.entry(digest, size)
+            expected = self.block_index.for_blob(digest, entry.block_size) if self.block_index else None
+            if expected is not None and len(expected) != entry.nblocks:
+                log.warning("block index of %s has %d blocks, blob has %d; not using it", digest, len(expected), entry.nblocks)
+                expected = None
+            found = self._readers[digest] = BlobReader(self, entry, expected)
         return found
 
     def pinned(self) -> set[str]:
@@ -126,8 +136,9 @@ class Fetcher:
 
 
 class BlobReader:
-    def __init__(self, fetcher: Fetcher, entry: BlobEntry) -> None:
+    def __init__(self, fetcher: Fetcher, entry: BlobEntry, expected: list[bytes] | None = None) -> None:
         self.fetcher, self.entry = fetcher, entry
+        self.expected = expected  # sha256 per block, from the block index
         self.block_size = entry.block_size
         self._inflight: dict[int, trio.Event] = {}
         self._failures: dict[int, BaseException] = {}
@@ -277,7 +288,7 @@ class BlobReader:
                         break
                     try:
                         next_block = await self._stream_run(next_block, last)
-                    except (httpx.HTTPError, RegistryError, OSError) as exc:
+                    except (httpx.HTTPError, RegistryError, IntegrityError, OSError) as exc:
                         attempt += 1
                         if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= policy.attempts:
                             self._fail(next_block, last, exc)
@@ -321,7 +332,11 @@ class BlobReader:
                     fill += take
                     view = view[take:]
                     if fill == len(buffer):
-                        self._store(index, bytes(buffer))
+                        block = bytes(buffer)
+                        if self.expected is not None and hashlib.sha256(block).digest() != self.expected[index]:
+                            self.fetcher.counters.integrity_errors += 1
+                            raise IntegrityError(f"block {index} of {self.digest} does not match the block index")
+                        self._store(index, block)
                         index += 1
                         fill = 0
                         if index <= last:
@@ -342,9 +357,11 @@ class BlobReader:
             if matches:
                 self.entry.mark_verified()
             else:
-                log.error("blob %s assembled from ranges does not match its digest; dropping it from the cache", self.digest)
                 self.entry.clear()
                 self._memory.clear()
+                for callback in self.fetcher.on_dropped:
+                    await callback(self.digest)
+                log.error("blob %s assembled from ranges does not match its digest; dropped it from the cache", self.digest)
         except CacheError as exc:
             log.error("could not verify %s: %s", self.digest, exc)
         finally:

@@ -15,6 +15,7 @@ import stat
 from typing import Sequence
 
 import pyfuse3
+import trio
 
 from .errors import ModelfsError
 from .fetcher import Fetcher
@@ -45,6 +46,16 @@ class ModelFS(pyfuse3.Operations):
         self.read_errors = 0
         self.bytes_served = 0
         self.read_latency = Histogram()
+        fetcher.on_dropped.append(self.forget_pages)
+
+    async def forget_pages(self, digest: str) -> None:
+        """A blob turned out wrong: make the kernel drop its cached pages of every file in it."""
+        for node in self.tree.files():
+            if node.reader is not None and node.reader.digest == digest:
+                try:
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
+                except OSError as exc:
+                    log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(node), exc)
 
     def _node(self, inode: int) -> Node:
         try:

@@ -70,6 +70,7 @@ def render(ops: "ModelFS", fetcher: "Fetcher") -> str:
         ("modelfs_fetch_retries_total", "counter", "Range requests retried", c.retries),
         ("modelfs_fetch_errors_total", "counter", "Fetches given up", c.errors),
         ("modelfs_cache_write_errors_total", "counter", "Blocks the cache could not store", c.cache_write_errors),
+        ("modelfs_integrity_errors_total", "counter", "Fetched blocks refused by the block index", c.integrity_errors),
         ("modelfs_inflight_blocks", "gauge", "Blocks being fetched now", inflight),
     ]
     lines = []

@@ -17,7 +17,9 @@ import trio
 from .layout import Store
 from .reference import Reference, parse
 from .registry import RegistryClient
-from .spec import Descriptor, parse_manifest
+from . import blockindex
+from .cache import DEFAULT_BLOCK_SIZE
+from .spec import Descriptor, Packing, classify_layer, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class PushResult:
     skipped: list[str] = field(default_factory=list)
     mounted: list[str] = field(default_factory=list)
     chunked: int = 0  # blobs uploaded in chunks
+    block_index: str | None = None  # digest of the block-index referrer
 
 
 def _file_chunks(path: str, piece: int) -> Callable[[], AsyncIterator[bytes]]:
@@ -78,7 +81,7 @@ async def _push_blob(client: RegistryClient, store: Store, reference: Reference,
 
 
 async def push(client: RegistryClient, store: Store, reference: Reference, source_name: str | None = None,
-               parallel: int = 4, chunk_size: int = CHUNK_SIZE) -> PushResult:
+               parallel: int = 4, chunk_size: int = CHUNK_SIZE, block_index: bool = True) -> PushResult:
     stored = store.resolve(source_name or str(reference))
     data = store.read_blob(stored.digest)
     manifest = parse_manifest(data)
@@ -90,4 +93,14 @@ async def push(client: RegistryClient, store: Store, reference: Reference, sourc
         for blob in unique.values():
             nursery.start_soon(_push_blob, client, store, reference, blob, sources[:3], result, limiter, chunk_size)
     await client.put_manifest(reference.repository, reference.tag or stored.digest, data, manifest.media_type)
+    if block_index:
+        hashes = {}
+        for layer in unique.values():
+            classified = classify_layer(layer.media_type)
+            if classified and classified[1] in (Packing.RAW, Packing.TAR) and layer.digest not in hashes:
+                hashes[layer.digest] = await trio.to_thread.run_sync(blockindex.hash_blocks, store.blob_path(layer.digest),
+                                                                    DEFAULT_BLOCK_SIZE)
+        subject = Descriptor(manifest.media_type, stored.digest, len(data), artifact_type=manifest.artifact_type)
+        result.block_index = await blockindex.attach(client, reference.repository, subject,
+                                                     blockindex.encode(DEFAULT_BLOCK_SIZE, hashes))
     return result

@@ -113,7 +113,6 @@ class RegistryClient:
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None)
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
-        self.bytes_received = 0
 
     async def __aenter__(self) -> "RegistryClient":
         tune_httpcore()
@@ -399,6 +398,17 @@ class RegistryClient:
                                       headers={"Content-Type": "application/octet-stream", "Content-Length": str(length)})
         if response.status_code != 201:
             self._raise_for(response, f"upload of {digest}")
+
+    async def referrers(self, repository: str, digest: str) -> bytes | None:
+        """The referrers API listing for ``digest``, or None where the registry lacks the API."""
+        response = await self.request("GET", f"/v2/{repository}/referrers/{digest}", scope=self.scope(repository),
+                                      headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+        if response.status_code == 200 and "json" in response.headers.get("content-type", ""):
+            return response.content
+        if response.status_code in (404, 405, 400):
+            return None
+        self._raise_for(response, f"referrers of {digest}")
+        return None
 
     async def put_manifest(self, repository: str, reference: str, data: bytes, media_type: str) -> None:
         response = await self.request("PUT", f"/v2/{repository}/manifests/{reference}", scope=self.scope(repository, push=True),

@@ -71,6 +71,9 @@ class MirroredClient:
     async def blob_size(self, repository: str, digest: str) -> int | None:
         return await self._first("blob_size", repository, digest)  # type: ignore[return-value]
 
+    async def referrers(self, repository: str, digest: str) -> bytes | None:
+        return await self._first("referrers", repository, digest)  # type: ignore[return-value]
+
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,
                           end: int | None = None) -> AsyncIterator[httpx.Response]:

@@ -1,0 +1,123 @@
+"""Block-digest index: integrity for bytes served before a blob is complete.
+
+A lazily read block cannot be checked against its blob's digest until every block is
+there. ``modelfs push`` therefore attaches, as an OCI referrer of the model manifest, an
+index holding the sha256 of every cache-sized block of every randomly readable layer. A
+mount that finds one checks each block as it arrives, before it is cached or served, so a
+corrupted range response is caught on the first read. Registries with the referrers API
+find it by ``subject``; on those without it (Distribution 2.8) the OCI fallback tag
+``sha256-<hex>`` names an index of referrers, which we create or extend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+from .errors import ManifestError, ModelfsError, NotFoundError
+from .spec import OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, load_json, parse_descriptor, parse_manifest
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_TYPE = "application/vnd.modelfs.block-index.v1+json"
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY = b"{}"
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    block_size: int
+    blobs: dict[str, list[bytes]]  # digest -> sha256 of each block
+
+    def for_blob(self, digest: str, block_size: int) -> list[bytes] | None:
+        if block_size != self.block_size:
+            return None
+        return self.blobs.get(digest)
+
+
+def hash_blocks(path: str, block_size: int) -> list[str]:
+    out = []
+    with open(path, "rb") as handle:
+        while block := handle.read(block_size):
+            out.append(hashlib.sha256(block).hexdigest())
+    return out
+
+
+def encode(block_size: int, blobs: dict[str, list[str]]) -> bytes:
+    return json.dumps({"blockSize": block_size, "blobs": blobs}, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> BlockIndex:
+    doc = load_json(data, "block index")
+    try:
+        block_size = int(doc["blockSize"])
+        blobs = {digest: [bytes.fromhex(h) for h in hashes] for digest, hashes in doc["blobs"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ManifestError(f"block index is malformed: {exc}") from None
+    return BlockIndex(block_size, blobs)
+
+
+def fallback_tag(digest: str) -> str:
+    return digest.replace(":", "-")
+
+
+def referrer_manifest(subject: Descriptor, index_blob: Descriptor, empty: Descriptor) -> Manifest:
+    return Manifest(OCI_MANIFEST, empty, [index_blob], ARTIFACT_TYPE, {}, subject)
+
+
+async def attach(client, repository: str, subject: Descriptor, index_bytes: bytes) -> str:
+    """Push the index as a referrer of ``subject``; returns the referrer manifest digest."""
+    blobs = {}
+    for data, media_type in ((EMPTY, EMPTY_MEDIA_TYPE), (index_bytes, ARTIFACT_TYPE)):
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if await client.blob_size(repository, digest) is None:
+            await client.upload_blob(repository, digest, len(data), lambda d=data: d)
+        blobs[media_type] = Descriptor(media_type, digest, len(data))
+    manifest = referrer_manifest(subject, blobs[ARTIFACT_TYPE], blobs[EMPTY_MEDIA_TYPE])
+    data = manifest.to_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    await client.put_manifest(repository, digest, data, OCI_MANIFEST)
+    if await client.referrers(repository, subject.digest) is None:
+        await _extend_fallback_index(client, repository, subject.digest,
+                                     Descriptor(OCI_MANIFEST, digest, len(data), artifact_type=ARTIFACT_TYPE))
+    return digest
+
+
+async def _extend_fallback_index(client, repository: str, subject_digest: str, entry: Descriptor) -> None:
+    tag = fallback_tag(subject_digest)
+    try:
+        existing, _, _ = await client.get_manifest(repository, tag)
+        doc = load_json(existing, "referrers index")
+    except NotFoundError:
+        doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    manifests = [m for m in doc.get("manifests", []) if m.get("artifactType") != ARTIFACT_TYPE]
+    manifests.append(entry.to_json())
+    doc["manifests"] = manifests
+    await client.put_manifest(repository, tag, json.dumps(doc, separators=(",", ":")).encode(), OCI_INDEX)
+
+
+async def fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
+    """The block index attached to a model, or None (older pushes, other tools)."""
+    try:
+        listing = await client.referrers(repository, subject_digest)
+        if listing is None:
+            try:
+                listing, _, _ = await client.get_manifest(repository, fallback_tag(subject_digest))
+            except NotFoundError:
+                return None
+        doc = load_json(listing, "referrers index")
+        entries = [m for m in doc.get("manifests", []) if isinstance(m, dict) and m.get("artifactType") == ARTIFACT_TYPE]
+        if not entries:
+            return None
+        referrer = parse_descriptor(entries[-1], "block index referrer")
+        data, media_type, _ = await client.get_manifest(repository, referrer.digest)
+        manifest = parse_manifest(data, media_type)
+        if manifest.subject is None or manifest.subject.digest != subject_digest or not manifest.layers:
+            raise ManifestError("block index referrer does not point at this model")
+        layer = manifest.layers[0]
+        return decode(await client.get_blob(repository, layer.digest, max_size=64 << 20))
+    except ModelfsError as exc:
+        log.warning("ignoring the block index of %s: %s (blocks are verified when blobs complete)", subject_digest, exc)
+        return None
