@@ -31,7 +31,7 @@ from .push import push
 from .reference import Reference, parse
 from .config import load as load_config, parse_size
 from .registry.mirrors import open_client
-from .resolve import describe, fetch_model
+from .resolve import check_layer_sizes, describe, fetch_model
 from .spec import Packing
 
 log = logging.getLogger("modelfs")
@@ -165,6 +165,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     cache = BlockCache(args.cache_dir)
     async with _client(args, reference) as client:
         model = await fetch_model(client, reference)
+        await check_layer_sizes(client, model)
         total = sum(layer.size for layer in model.manifest.layers)
         progress = _Progress(total, f"pull {reference}")
         async with trio.open_nursery() as nursery:

@@ -29,7 +29,7 @@ from .metrics import serve_metrics
 from .index import Tree, build_tree
 from .reference import parse
 from .registry.mirrors import open_client
-from .resolve import fetch_model
+from .resolve import check_layer_sizes, fetch_model
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,7 @@ async def serve(options: MountOptions) -> None:
     async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
                            mirrors=options.mirrors) as client:
         model = await fetch_model(client, reference)
+        await check_layer_sizes(client, model)
         index = await blockindex.fetch(client, reference.repository, model.reference.digest or "")
         log.info("block index: %s", "found; every block is verified before it is served" if index else "none")
         async with trio.open_nursery() as nursery:

@@ -34,7 +34,7 @@ class ExtractResult:
 
 
 async def _download(client: RegistryClient, cache: BlockCache | None, repository: str, layer: Descriptor,
-                    path: str, result: ExtractResult) -> None:
+                    path: str, result: ExtractResult, where: str) -> None:
     hasher = hashlib.sha256()
     size = 0
     entry = cache.entry(layer.digest, layer.size) if cache else None
@@ -53,10 +53,11 @@ async def _download(client: RegistryClient, cache: BlockCache | None, repository
                     out.write(chunk)
                     size += len(chunk)
                     if size > layer.size:
-                        raise IntegrityError(f"blob {layer.digest} is larger than the {layer.size} bytes its manifest says")
+                        raise IntegrityError(f"{where}: blob is larger than the {layer.size} bytes the manifest says")
             result.bytes_from_registry += size
     if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
-        raise IntegrityError(f"blob {layer.digest} ({layer.filepath or layer.media_type}) does not match its digest; nothing written")
+        raise IntegrityError(f"{where}: blob {layer.digest} has {size} bytes not matching its digest "
+                             f"(manifest says {layer.size} bytes); nothing written")
 
 
 def _place(tmp: str, output: str, relpath: str, where: str, mode: int | None) -> str:
@@ -124,7 +125,7 @@ async def extract(client: RegistryClient, model: Model, output: str, cache: Bloc
         fd, tmp = tempfile.mkstemp(dir=output, prefix=".modelfs-")
         os.close(fd)
         try:
-            await _download(client, cache, model.reference.repository, layer, tmp, result)
+            await _download(client, cache, model.reference.repository, layer, tmp, result, where)
             if packing is Packing.RAW:
                 meta = layer.file_metadata or {}
                 mode = meta.get("mode") if isinstance(meta.get("mode"), int) else None

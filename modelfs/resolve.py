@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import trio
+
 from .errors import ManifestError, NotAModelError
 from .reference import Reference
 from .registry import RegistryClient
@@ -46,6 +48,26 @@ async def fetch_model(client: RegistryClient, reference: Reference) -> Model:
         raise ManifestError(f"{reference}: config is {len(config_bytes)} bytes, manifest says {manifest.config.size}")
     config = parse_config(config_bytes)
     return Model(reference.with_digest(digest), manifest, data, config, config_bytes)
+
+
+async def check_layer_sizes(client: RegistryClient, model: Model) -> None:
+    """HEAD every layer: a manifest that lies about a size is refused before anything is
+    served (one small request per layer, all at once)."""
+    problems: list[str] = []
+
+    async def check(number: int, layer) -> None:
+        size = await client.blob_size(model.reference.repository, layer.digest)
+        where = f"layer {number} ({layer.filepath or layer.digest})"
+        if size is None:
+            problems.append(f"{where}: blob {layer.digest} is missing from the registry")
+        elif size >= 0 and size != layer.size:
+            problems.append(f"{where}: manifest says {layer.size} bytes, the registry has {size}")
+
+    async with trio.open_nursery() as nursery:
+        for number, layer in enumerate(model.manifest.layers):
+            nursery.start_soon(check, number, layer)
+    if problems:
+        raise ManifestError(f"{model.reference}: {sorted(problems)[0]}")
 
 
 def describe(model: Model) -> dict:

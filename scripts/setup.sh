@@ -15,6 +15,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 # Debian's package may start a registry of its own on :5000; modelfs uses its own ports.
+# Unprivileged mounts need /dev/fuse at Debian's default mode (udev sets 0666); some
+# containers create it 0600.
+[ -c /dev/fuse ] && chmod 0666 /dev/fuse || true
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip >/dev/null

@@ -72,3 +72,38 @@ def test_legacy_cnai_artifacts_are_read(cli, registry, mounts):
                         config_media_type="application/vnd.cnai.model.config.v1+json")
     target = mounts.mount(ref, "--prefetch", "none")
     assert (target / "w.bin").read_bytes() == b"legacy weights"
+
+
+@pytest.mark.parametrize("claimed", [5000, 500])
+def test_manifest_lying_about_a_size_is_refused(cli, registry, tmp_path, claimed):
+    import json
+    import httpx
+    ref = push_artifact(registry.address, "lying/size", [(b"x" * 1000, WEIGHT_RAW, {"org.cncf.model.filepath": "w.bin"})])
+    base = f"http://{registry.address}/v2/lying/size"
+    manifest = httpx.get(f"{base}/manifests/v1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    manifest["layers"][0]["size"] = claimed
+    httpx.put(f"{base}/manifests/lie{claimed}", content=json.dumps(manifest),
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    lying = f"{registry.address}/lying/size:lie{claimed}"
+    target = tmp_path / "mnt"
+    target.mkdir()
+    for args in (["mount", "--prefetch", "none", lying, str(target)], ["pull", lying],
+                 ["extract", lying, "--output", str(tmp_path / "out")]):
+        result = cli.run(args[0], "--plain-http", *args[1:], check=False)
+        assert result.returncode == 1, args
+        line = result.stderr.strip().splitlines()[-1]
+        assert "layer 0 (w.bin)" in line and f"{claimed} bytes" in line, line
+    assert not os.path.exists(tmp_path / "out" / "w.bin")
+
+
+def test_huge_and_malformed_manifests_are_refused():
+    from modelfs.errors import ManifestError
+    from modelfs.spec import parse_manifest
+    with pytest.raises(ManifestError, match="over the 4194304-byte limit"):
+        parse_manifest(b" " * (5 << 20))
+    with pytest.raises(ManifestError, match="layer 0: digest 'sha256:xyz'"):
+        parse_manifest(b'{"schemaVersion":2,"config":{"mediaType":"a","digest":"sha256:' + b"0" * 64 + b'","size":2},'
+                       b'"layers":[{"mediaType":"b","digest":"sha256:xyz","size":1}]}')
+    with pytest.raises(ManifestError, match="layer 0: size -1"):
+        parse_manifest(b'{"schemaVersion":2,"config":{"mediaType":"a","digest":"sha256:' + b"0" * 64 + b'","size":2},'
+                       b'"layers":[{"mediaType":"b","digest":"sha256:' + b"1" * 64 + b'","size":-1}]}')

@@ -1,0 +1,88 @@
+"""Crash consistency and a full disk: the cache never claims bytes it does not have."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+
+import pytest
+
+from modelfs.cache import BlockCache
+
+MiB = 1 << 20
+
+
+def test_sigkill_during_fetch_then_remount_reads_correct_bytes(cli, mounts, minilm_ref, minilm_dir):
+    source = (minilm_dir / "model.safetensors").read_bytes()
+    for attempt in range(3):  # kill at a few different moments of the prefetch
+        target = mounts.base / f"crash{attempt}"
+        target.mkdir(parents=True)
+        out = cli.run("mount", "--plain-http", minilm_ref, str(target)).stdout  # prefetch all
+        mounts.active.append(target)
+        pid = int(out.split("(pid ")[1].split(",")[0])
+        time.sleep(0.05 * attempt)
+        os.kill(pid, 9)
+        cli.run("umount", str(target))
+        mounts.active.remove(target)
+    target = mounts.mount(minilm_ref, "--prefetch", "none")
+    assert (target / "model.safetensors").read_bytes() == source
+    mounts.umount(target)
+    cache = BlockCache(str(cli.cache_dir))
+    for usage in cache.usage():
+        entry = cache.entry(usage.digest, usage.size)
+        if entry.complete:
+            assert entry.digest_matches(), usage.digest
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    path = tmp_path / "tiny"
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)])
+
+
+def test_full_cache_disk_still_serves_correct_bytes(cli, mounts, minilm_ref, minilm_dir, tiny_tmpfs):
+    target = mounts.mount(minilm_ref, "--prefetch", "none", "--cache-dir", str(tiny_tmpfs), "--log-level", "info")
+    source = (minilm_dir / "model.safetensors").read_bytes()
+    assert hashlib.sha256((target / "model.safetensors").read_bytes()).digest() == hashlib.sha256(source).digest()
+    assert (target / "tokenizer.json").read_bytes() == (minilm_dir / "tokenizer.json").read_bytes()
+    log = next((tiny_tmpfs / "logs").iterdir()).read_text()
+    assert "serving without caching" in log and "No space left on device" in log
+    assert os.listdir(target)  # the daemon is alive
+
+
+def test_cache_map_never_claims_unwritten_blocks(tmp_path):
+    cache = BlockCache(str(tmp_path))
+    digest = "sha256:" + "ab" * 32
+    entry = cache.entry(digest, 3 * MiB + 5)
+    entry.write_block(1, os.urandom(MiB))
+    # a process killed between the data write and the map write leaves data without a map entry
+    with open(entry.data_path, "r+b") as data:
+        data.write(os.urandom(MiB))
+    cache.close()
+    reopened = BlockCache(str(tmp_path)).entry(digest, 3 * MiB + 5)
+    assert [reopened.has(i) for i in range(4)] == [False, True, False, False]
+    assert not reopened.complete
+    with pytest.raises(Exception):
+        reopened.read_block(0)
+
+
+def test_lz4_only_where_it_pays(tmp_path):
+    cache = BlockCache(str(tmp_path))
+    text = cache.entry("sha256:" + "11" * 32, 2 * MiB)
+    text.write_block(0, (b"the quick brown fox " * 60000)[:MiB])
+    text.write_block(1, (b"jumps over the lazy dog " * 50000)[:MiB])
+    noise = cache.entry("sha256:" + "22" * 32, 2 * MiB)
+    blocks = [os.urandom(MiB), os.urandom(MiB)]
+    noise.write_block(0, blocks[0])
+    noise.write_block(1, blocks[1])
+    assert text.stored_bytes() < 0.1 * 2 * MiB
+    assert noise.stored_bytes() == 2 * MiB
+    assert noise.read_block(1) == blocks[1]
+    assert text.read_block(0) == (b"the quick brown fox " * 60000)[:MiB]
