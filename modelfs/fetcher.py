@@ -49,6 +49,32 @@ class FetchPolicy:
     recent_blocks: int = 48  # just-fetched blocks kept in memory: the reader usually wants them next
 
 
+class RecentBlocks:
+    """Just-fetched blocks in memory, one budget for the whole process: the reader that
+    caused a fetch usually wants the block next, and a cache that cannot store it (full
+    disk) still gets it served."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._blocks: OrderedDict[tuple[str, int], bytes] = OrderedDict()
+
+    def get(self, digest: str, index: int) -> bytes | None:
+        return self._blocks.get((digest, index))
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        return key in self._blocks
+
+    def put(self, digest: str, index: int, data: bytes) -> None:
+        self._blocks[(digest, index)] = data
+        self._blocks.move_to_end((digest, index))
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def drop(self, digest: str) -> None:
+        for key in [k for k in self._blocks if k[0] == digest]:
+            del self._blocks[key]
+
+
 @dataclass
 class Counters:
     bytes_fetched: int = 0
@@ -66,6 +92,7 @@ class Fetcher:
         self.block_index = block_index
         self.policy = policy or FetchPolicy()
         self.counters = Counters()
+        self.recent = RecentBlocks(self.policy.recent_blocks)
         self.foreground_waiting = 0
         self._nursery = nursery
         self._limiter = trio.CapacityLimiter(self.policy.parallel)
@@ -91,9 +118,7 @@ class Fetcher:
 
     def forget(self, digest: str) -> None:
         """Drop in-memory blocks of an evicted blob so reads go back to the registry."""
-        reader = self._readers.get(digest)
-        if reader is not None:
-            reader._memory.clear()
+        self.recent.drop(digest)
 
     def _foreground(self, delta: int) -> None:
         self.foreground_waiting += delta
@@ -142,7 +167,6 @@ class BlobReader:
         self.block_size = entry.block_size
         self._inflight: dict[int, trio.Event] = {}
         self._failures: dict[int, BaseException] = {}
-        self._memory: OrderedDict[int, bytes] = OrderedDict()
         self._sequential_end = 0
         self._window = 0
         self._ahead_until = -1
@@ -157,10 +181,10 @@ class BlobReader:
         return self.entry.size
 
     def _available(self, index: int) -> bool:
-        return index in self._memory or self.entry.has(index)
+        return (self.entry.digest, index) in self.fetcher.recent or self.entry.has(index)
 
     def _block(self, index: int) -> bytes:
-        data = self._memory.get(index)
+        data = self.fetcher.recent.get(self.entry.digest, index)
         return data if data is not None else self.entry.read_block(index)
 
     # -- reading --------------------------------------------------------------------------
@@ -172,8 +196,10 @@ class BlobReader:
         bs = self.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         self._read_ahead(offset, size, last)
-        missing = [i for i in range(first, last + 1) if not self._available(i)]
-        if missing:
+        for _ in range(3):  # a block held only in memory (full disk) may be dropped before we read it
+            missing = [i for i in range(first, last + 1) if not self._available(i)]
+            if not missing:
+                break
             await self.ensure(missing, foreground=True)
         if first == last:
             block = self._block(first)
@@ -251,9 +277,7 @@ class BlobReader:
     def _store(self, index: int, data: bytes, fetched: bool = True) -> None:
         """Keep a fetched block in memory (recent reads) and in the cache. A cache that cannot
         take it (full disk) is logged, and the block is still served from memory."""
-        self._memory[index] = data
-        while len(self._memory) > self.fetcher.policy.recent_blocks:
-            self._memory.popitem(last=False)
+        self.fetcher.recent.put(self.entry.digest, index, data)
         try:
             self.entry.write_block(index, data)
         except CacheError as exc:
@@ -358,7 +382,7 @@ class BlobReader:
                 self.entry.mark_verified()
             else:
                 self.entry.clear()
-                self._memory.clear()
+                self.fetcher.recent.drop(self.digest)
                 for callback in self.fetcher.on_dropped:
                     await callback(self.digest)
                 log.error("blob %s assembled from ranges does not match its digest; dropped it from the cache", self.digest)

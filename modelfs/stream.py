@@ -172,7 +172,7 @@ class LayerStream:
             if source.compressed_bytes != self.layer.size or "sha256:" + source.hasher.hexdigest() != self.layer.digest:
                 for reader in self.targets.values():
                     reader.entry.clear()
-                    reader._memory.clear()
+                    self.fetcher.recent.drop(reader.digest)
                 raise IntegrityError(f"{self.where}: blob does not match its digest; its files were dropped from the cache")
             for reader in self.targets.values():
                 reader.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
