@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import struct
+import threading
 from array import array
 from dataclasses import dataclass
 
@@ -56,14 +57,18 @@ class BlobStats:
 
 
 class BlobEntry:
-    """One blob's cached blocks. Methods are synchronous and short: they run on the trio
-    thread between awaits, so no two tasks of one process interleave inside them."""
+    """One blob's cached blocks. Methods are synchronous and short. Block writes may run in
+    a worker thread (so a slow disk never stalls the event loop); every change to the map or
+    data files therefore holds both an in-process lock and the map's ``flock``, which alone
+    would not exclude threads sharing one file description."""
 
     def __init__(self, directory: str, digest: str, size: int, block_size: int) -> None:
         self.digest, self.size = digest, size
         hexpart = digest.split(":", 1)[1]
         self.data_path = os.path.join(directory, f"{hexpart}.data")
         self.map_path = os.path.join(directory, f"{hexpart}.map")
+        self._mutex = threading.RLock()
+        self._checked: set[int] = set()
         try:
             self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -75,7 +80,7 @@ class BlobEntry:
     # -- map file -------------------------------------------------------------------------
 
     def _locked(self) -> "_Flock":
-        return _Flock(self._map_fd)
+        return _Flock(self._map_fd, self._mutex)
 
     def _load_or_init(self, block_size: int) -> None:
         header = os.pread(self._map_fd, _HEADER_SIZE, 0)
@@ -104,10 +109,15 @@ class BlobEntry:
     def _refresh_entry(self, index: int) -> int:
         raw = os.pread(self._map_fd, _ENTRY, _HEADER_SIZE + index * _ENTRY)
         value = struct.unpack("<I", raw)[0] if len(raw) == _ENTRY else 0
-        if value and not self._entries[index]:
-            self._present += 1
-        self._entries[index] = value
+        self._set_entry(index, value)
         return value
+
+    def _set_entry(self, index: int, value: int) -> None:
+        """The event loop refreshes entries while a worker thread may be storing one."""
+        with self._mutex:
+            if value and not self._entries[index]:
+                self._present += 1
+            self._entries[index] = value
 
     # -- blocks ---------------------------------------------------------------------------
 
@@ -132,20 +142,22 @@ class BlobEntry:
             return lz4.block.decompress(data, uncompressed_size=self.block_length(index))
         return data
 
-    def write_block(self, index: int, data: bytes | bytearray | memoryview) -> None:
-        """Store a block. Data first, then the map entry: the map never runs ahead of the data."""
+    def write_block(self, index: int, data: bytes | bytearray | memoryview, checked: bool = False) -> None:
+        """Store a block. Data first, then the map entry: the map never runs ahead of the data.
+        ``checked``: the caller matched it against the blob's block index (see ``all_checked``)."""
         if len(data) != self.block_length(index):
             raise CacheError(f"block {index} of {self.digest} has {len(data)} bytes, expected {self.block_length(index)}")
         payload, flag = self._encode(data)
         try:
             with self._locked():
                 if self._refresh_entry(index):
-                    return  # another process stored it meanwhile
+                    return  # another process stored it meanwhile; its copy stays, unchecked by us
                 os.pwrite(self._data_fd, payload, index * self.block_size)
                 entry = len(payload) << 1 | flag
                 os.pwrite(self._map_fd, struct.pack("<I", entry), _HEADER_SIZE + index * _ENTRY)
-                self._entries[index] = entry
-                self._present += 1
+                self._set_entry(index, entry)
+                if checked:
+                    self._checked.add(index)
         except OSError as exc:
             raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
 
@@ -181,6 +193,13 @@ class BlobEntry:
             hasher.update(self.read_block(i))
         return "sha256:" + hasher.hexdigest() == self.digest
 
+    @property
+    def all_checked(self) -> bool:
+        """Every block on disk was written by this process after matching the block index, so
+        the blob is verified without hashing it again. Blocks stored by another process or
+        before a ``clear`` do not count."""
+        return len(self._checked) == self.nblocks
+
     def mark_verified(self) -> None:
         self.verified = True
         with self._locked():
@@ -199,6 +218,7 @@ class BlobEntry:
         with self._locked():
             self._entries = array("I", bytes(self.nblocks * _ENTRY))
             self._present = 0
+            self._checked.clear()
             self.verified = False
             os.pwrite(self._map_fd, self._header(), 0)
             os.pwrite(self._map_fd, self._entries.tobytes(), _HEADER_SIZE)
@@ -216,14 +236,24 @@ class BlobEntry:
 
 
 class _Flock:
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    """Excludes other processes (flock) and other threads of this one (the mutex)."""
+
+    def __init__(self, fd: int, mutex: threading.RLock) -> None:
+        self.fd, self.mutex = fd, mutex
 
     def __enter__(self) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.mutex.acquire()
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.mutex.release()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.mutex.release()
 
 
 @dataclass(frozen=True)

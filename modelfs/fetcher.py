@@ -42,11 +42,12 @@ class FetchPolicy:
     # 4 parallel 16 MiB ranges 0.95 GB/s, one stream 1.06 GB/s; per-request cost dominates small runs.
     run_blocks: int = 16
     parallel: int = 6
-    readahead_max: int = 32
+    readahead_max: int = 96  # blocks: enough for `parallel` runs in flight on a slow link
     timeout: float = 120.0  # a read waiting longer than this fails with EIO
     attempts: int = 5
     prefetch_workers: int = 4
     recent_blocks: int = 48  # just-fetched blocks kept in memory: the reader usually wants them next
+    write_behind: int = 64  # blocks served from memory while their cache write is under way
 
 
 class RecentBlocks:
@@ -93,6 +94,7 @@ class Fetcher:
         self.policy = policy or FetchPolicy()
         self.counters = Counters()
         self.recent = RecentBlocks(self.policy.recent_blocks)
+        self._write_slots = trio.Semaphore(self.policy.write_behind)
         self.foreground_waiting = 0
         self._nursery = nursery
         self._limiter = trio.CapacityLimiter(self.policy.parallel)
@@ -171,6 +173,7 @@ class BlobReader:
         self._window = 0
         self._ahead_until = -1
         self._verifying = False
+        self._unwritten: dict[int, bytes] = {}  # served from here until the cache write lands
 
     @property
     def digest(self) -> str:
@@ -181,10 +184,10 @@ class BlobReader:
         return self.entry.size
 
     def _available(self, index: int) -> bool:
-        return (self.entry.digest, index) in self.fetcher.recent or self.entry.has(index)
+        return index in self._unwritten or (self.entry.digest, index) in self.fetcher.recent or self.entry.has(index)
 
     def _block(self, index: int) -> bytes:
-        data = self.fetcher.recent.get(self.entry.digest, index)
+        data = self._unwritten.get(index) or self.fetcher.recent.get(self.entry.digest, index)
         return data if data is not None else self.entry.read_block(index)
 
     # -- reading --------------------------------------------------------------------------
@@ -281,11 +284,37 @@ class BlobReader:
         try:
             self.entry.write_block(index, data)
         except CacheError as exc:
-            self.fetcher.counters.cache_write_errors += 1
-            if self.fetcher.counters.cache_write_errors == 1 or self.fetcher.counters.cache_write_errors % 1000 == 0:
-                log.error("serving without caching: %s", exc)
+            self._cache_write_failed(exc)
+        self._arrived(index, len(data), fetched)
+
+    async def _store_behind(self, index: int, data: bytes) -> None:
+        """Serve a block at once and write it to the cache in a worker thread, so a disk
+        under writeback pressure does not stall the network or other readers. At most
+        ``write_behind`` blocks wait for their write; past that, fetching waits for the disk."""
+        await self.fetcher._write_slots.acquire()
+        self._unwritten[index] = data
+        self.fetcher.recent.put(self.entry.digest, index, data)
+        self._arrived(index, len(data), True)
+        self.fetcher._nursery.start_soon(self._write_block, index, data)
+
+    async def _write_block(self, index: int, data: bytes) -> None:
+        try:
+            await trio.to_thread.run_sync(self.entry.write_block, index, data, self.expected is not None)
+        except CacheError as exc:
+            self._cache_write_failed(exc)
+        finally:
+            self._unwritten.pop(index, None)
+            self.fetcher._write_slots.release()
+        self._maybe_verify()
+
+    def _cache_write_failed(self, exc: CacheError) -> None:
+        self.fetcher.counters.cache_write_errors += 1
+        if self.fetcher.counters.cache_write_errors == 1 or self.fetcher.counters.cache_write_errors % 1000 == 0:
+            log.error("serving without caching: %s", exc)
+
+    def _arrived(self, index: int, size: int, fetched: bool) -> None:
         if fetched:
-            self.fetcher.counters.bytes_fetched += len(data)
+            self.fetcher.counters.bytes_fetched += size
         event = self._inflight.pop(index, None)
         if event is not None:
             event.set()
@@ -357,10 +386,9 @@ class BlobReader:
                     view = view[take:]
                     if fill == len(buffer):
                         block = bytes(buffer)
-                        if self.expected is not None and hashlib.sha256(block).digest() != self.expected[index]:
-                            self.fetcher.counters.integrity_errors += 1
-                            raise IntegrityError(f"block {index} of {self.digest} does not match the block index")
-                        self._store(index, block)
+                        if self.expected is not None:
+                            await self._check_block(index, block)
+                        await self._store_behind(index, block)
                         index += 1
                         fill = 0
                         if index <= last:
@@ -369,8 +397,19 @@ class BlobReader:
             raise FetchError(f"response for {self.digest} ended after {(index - first) * bs + fill} of {end - start} bytes")
         return index
 
+    async def _check_block(self, index: int, block: bytes) -> None:
+        """Check a block against the block index before anyone sees it. hashlib drops the
+        GIL, so the hash runs on the other core while the event loop keeps serving."""
+        digest = (await trio.to_thread.run_sync(hashlib.sha256, block)).digest()
+        if digest != self.expected[index]:
+            self.fetcher.counters.integrity_errors += 1
+            raise IntegrityError(f"block {index} of {self.digest} does not match the block index")
+
     def _maybe_verify(self) -> None:
         if self._verifying or self.entry.verified or not self.entry.complete:
+            return
+        if self.entry.all_checked:
+            self.entry.mark_verified()
             return
         self._verifying = True
         self.fetcher._nursery.start_soon(self._verify)

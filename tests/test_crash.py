@@ -72,17 +72,3 @@ def test_cache_map_never_claims_unwritten_blocks(tmp_path):
     with pytest.raises(Exception):
         reopened.read_block(0)
 
-
-def test_lz4_only_where_it_pays(tmp_path):
-    cache = BlockCache(str(tmp_path))
-    text = cache.entry("sha256:" + "11" * 32, 2 * MiB)
-    text.write_block(0, (b"the quick brown fox " * 60000)[:MiB])
-    text.write_block(1, (b"jumps over the lazy dog " * 50000)[:MiB])
-    noise = cache.entry("sha256:" + "22" * 32, 2 * MiB)
-    blocks = [os.urandom(MiB), os.urandom(MiB)]
-    noise.write_block(0, blocks[0])
-    noise.write_block(1, blocks[1])
-    assert text.stored_bytes() < 0.1 * 2 * MiB
-    assert noise.stored_bytes() == 2 * MiB
-    assert noise.read_block(1) == blocks[1]
-    assert text.read_block(0) == (b"the quick brown fox " * 60000)[:MiB]
