@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,14 +28,22 @@ def free_port() -> int:
 
 
 class Registry:
-    def __init__(self, root: Path, auth: str = "") -> None:
+    """A real CNCF Distribution on a free loopback port with its own root. ``extra_config`` is more
+    YAML (an ``auth:`` or ``proxy:`` section); ``tls`` a (certificate, key) pair to serve HTTPS instead of HTTP."""
+
+    def __init__(self, root: Path, extra_config: str = "", tls: tuple[Path, Path] | None = None) -> None:
         self.root, self.port = root, free_port()
         root.mkdir(parents=True, exist_ok=True)
+        listen = f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        if tls:
+            listen += f"  tls:\n    certificate: {tls[0]}\n    key: {tls[1]}\n"
+        self.ping_verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+        self.scheme = "https" if tls else "http"
         config = root / "config.yml"
         config.write_text(
             "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
             f"storage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: 127.0.0.1:{self.port}\n{auth}")
+            f"{listen}{extra_config}")
         self.config = config
         self.log = open(root / "registry.log", "wb")
         self.start()
@@ -44,7 +53,7 @@ class Registry:
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"http://{self.address}/v2/", timeout=1)
+                httpx.get(f"{self.scheme}://{self.address}/v2/", timeout=1, verify=self.ping_verify)
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or self.process.poll() is not None:

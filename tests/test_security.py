@@ -35,25 +35,7 @@ def tls_registry(tmp_path_factory):
     (root / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (root / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption()))
-    reg = Registry.__new__(Registry)
-    reg.root = root
-    from conftest import free_port
-    reg.port = free_port()
-    reg.config = root / "config.yml"
-    reg.config.write_text(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
-        f"    rootdirectory: {root / 'data'}\nhttp:\n  addr: 127.0.0.1:{reg.port}\n"
-        f"  tls:\n    certificate: {root / 'cert.pem'}\n    key: {root / 'key.pem'}\n")
-    reg.log = open(root / "registry.log", "wb")
-    reg.process = subprocess.Popen([shutil.which("docker-registry"), "serve", str(reg.config)], stdout=reg.log, stderr=reg.log)
-    import time
-    import httpx
-    for _ in range(200):
-        try:
-            httpx.get(f"https://{reg.address}/v2/", verify=str(root / "cert.pem"), timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.05)
+    reg = Registry(root, tls=(root / "cert.pem", root / "key.pem"))
     yield reg
     reg.stop()
 
