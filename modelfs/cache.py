@@ -68,7 +68,9 @@ class BlobEntry:
         self.data_path = os.path.join(directory, f"{hexpart}.data")
         self.map_path = os.path.join(directory, f"{hexpart}.map")
         self._mutex = threading.RLock()
+        self._count_lock = threading.Lock()
         self._checked: set[int] = set()
+        self._scan_from = 0  # blocks before this are known present (see ``complete``)
         try:
             self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -109,12 +111,14 @@ class BlobEntry:
     def _refresh_entry(self, index: int) -> int:
         raw = os.pread(self._map_fd, _ENTRY, _HEADER_SIZE + index * _ENTRY)
         value = struct.unpack("<I", raw)[0] if len(raw) == _ENTRY else 0
-        self._set_entry(index, value)
+        if value != self._entries[index]:
+            self._set_entry(index, value)
         return value
 
     def _set_entry(self, index: int, value: int) -> None:
-        """The event loop refreshes entries while a worker thread may be storing one."""
-        with self._mutex:
+        """The event loop refreshes entries while a worker thread may be storing one; a lock
+        of its own (not the write lock, held through a whole block write) keeps the count exact."""
+        with self._count_lock:
             if value and not self._entries[index]:
                 self._present += 1
             self._entries[index] = value
@@ -178,7 +182,14 @@ class BlobEntry:
 
     @property
     def complete(self) -> bool:
-        return self._present >= self.nblocks or all(self.has(i) for i in range(self.nblocks))
+        """Cheap on every call: the count says so, or blocks another process stored are
+        found by scanning on from the first block not known present (blocks only go away
+        in ``clear``, which resets the scan)."""
+        if self._present >= self.nblocks:
+            return True
+        while self._scan_from < self.nblocks and self.has(self._scan_from):
+            self._scan_from += 1
+        return self._scan_from >= self.nblocks
 
     def cached_bytes(self) -> int:
         return sum(self.block_length(i) for i in range(self.nblocks) if self._entries[i])
@@ -217,8 +228,10 @@ class BlobEntry:
     def clear(self) -> None:
         with self._locked():
             self._entries = array("I", bytes(self.nblocks * _ENTRY))
-            self._present = 0
+            with self._count_lock:
+                self._present = 0
             self._checked.clear()
+            self._scan_from = 0
             self.verified = False
             os.pwrite(self._map_fd, self._header(), 0)
             os.pwrite(self._map_fd, self._entries.tobytes(), _HEADER_SIZE)

@@ -371,8 +371,8 @@ class BlobReader:
         bs, size = self.block_size, self.size
         start, end = first * bs, min((last + 1) * bs, size)
         index = first
-        buffer = bytearray(self.entry.block_length(index))
-        fill = 0
+        pieces: list[memoryview] = []  # of the block being assembled: joined once, one copy
+        fill, need = 0, self.entry.block_length(index)
         self.fetcher.counters.requests += 1
         async with self.fetcher.client.stream_blob(self.fetcher.repository, self.digest, start, end) as response:
             async for chunk in response.aiter_raw():
@@ -380,19 +380,19 @@ class BlobReader:
                 while view:
                     if index > last:
                         raise IntegrityError(f"registry sent more than the {end - start} bytes asked of {self.digest}")
-                    take = min(len(view), len(buffer) - fill)
-                    buffer[fill:fill + take] = view[:take]
+                    take = min(len(view), need - fill)
+                    pieces.append(view[:take])
                     fill += take
                     view = view[take:]
-                    if fill == len(buffer):
-                        block = bytes(buffer)
+                    if fill == need:
+                        block = b"".join(pieces)
                         if self.expected is not None:
                             await self._check_block(index, block)
                         await self._store_behind(index, block)
                         index += 1
-                        fill = 0
+                        pieces, fill = [], 0
                         if index <= last:
-                            buffer = bytearray(self.entry.block_length(index))
+                            need = self.entry.block_length(index)
         if index <= last:
             raise FetchError(f"response for {self.digest} ended after {(index - first) * bs + fill} of {end - start} bytes")
         return index
