@@ -30,7 +30,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from conftest import SAMPLE_MODELFILE, Cli, Registry, free_port  # noqa: E402
+from conftest import SAMPLE_MODELFILE, Cli, Registry, daemon_pid, free_port  # noqa: E402
 
 MiB = 1 << 20
 
@@ -137,7 +137,7 @@ class Bench:
         port = free_port()
         out = self.cli.run("mount", "--plain-http", *extra, "--metrics", f"127.0.0.1:{port}", ref, str(target)).stdout
         self.mounts.append(target)
-        return target, int(out.split("(pid ")[1].split(",")[0]), f"http://127.0.0.1:{port}/metrics"
+        return target, daemon_pid(out), f"http://127.0.0.1:{port}/metrics"
 
     def umount(self, target: Path) -> None:
         self.cli.run("umount", str(target))

@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         fds = [s[1] for s in samples]
         print(f"soak: {args.readers} readers, {args.seconds:.0f}s, {len(files)} files")
         print(f"  reads {stats['reads']:,}  bytes {stats['bytes'] / 1e6:,.0f} MB  wrong {stats['wrong']}  errors {stats['errors']}")
-        print(f"  daemon RSS MB: first {rss[0] / 1e6:.0f}, last {rss[-1] / 1e6:.0f}, max {max(rss) / 1e6:.0f}")
+        trend = " ".join(f"{rss[min(len(rss) - 1, len(rss) * q // 8)] / 1e6:.0f}" for q in range(9))
+        print(f"  daemon RSS MB: first {rss[0] / 1e6:.0f}, last {rss[-1] / 1e6:.0f}, max {max(rss) / 1e6:.0f}"
+              f" (by eighths of the run: {trend})")
         print(f"  daemon open fds: first {fds[0]}, last {fds[-1]}, max {max(fds)}")
         return 1 if stats["wrong"] or stats["errors"] else 0
     finally:

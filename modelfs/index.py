@@ -129,7 +129,7 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
         elif packing is Packing.TAR:
             reader = fetcher.reader(layer.digest, layer.size)
             members = await index_tar(reader.read, layer.size, where)
-            _add_members(tree, members, layer, where, lambda m: (reader, m.offset))
+            _add_members(tree, members, layer, where, lambda m, reader=reader: (reader, m.offset))
         else:
             await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
     return tree

@@ -163,6 +163,11 @@ def proxy(registry):
     counting.close()
 
 
+def daemon_pid(mount_output: str) -> int:
+    """The daemon's pid from ``modelfs mount``'s "Mounted ... (pid N, ...)" line."""
+    return int(mount_output.split("(pid ")[1].split(",")[0])
+
+
 class Mounts:
     def __init__(self, cli: Cli, base: Path) -> None:
         self.cli, self.base = cli, base
@@ -170,12 +175,16 @@ class Mounts:
         self.count = 0
 
     def mount(self, ref: str, *extra: str, name: str = "mnt", cli: Cli | None = None) -> Path:
+        return self.mount_daemon(ref, *extra, name=name, cli=cli)[0]
+
+    def mount_daemon(self, ref: str, *extra: str, name: str = "mnt", cli: Cli | None = None) -> tuple[Path, int]:
+        """Mount and return the mount point and the pid of the daemon serving it."""
         self.count += 1
         target = self.base / f"{name}{self.count}"
         target.mkdir(parents=True)
-        (cli or self.cli).run("mount", "--plain-http", *extra, ref, str(target), timeout=120)
+        out = (cli or self.cli).run("mount", "--plain-http", *extra, ref, str(target), timeout=120).stdout
         self.active.append(target)
-        return target
+        return target, daemon_pid(out)
 
     def umount(self, target: Path) -> None:
         self.cli.run("umount", str(target))

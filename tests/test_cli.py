@@ -2,7 +2,6 @@
 
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,6 +14,13 @@ from conftest import SAMPLE_MODELFILE
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def assert_same_tree(got: Path, source: Path) -> None:
+    """The same file names, and every file equal byte for byte."""
+    assert _files(got) == _files(source)
+    for name in _files(source):
+        assert filecmp.cmp(got / name, source / name, shallow=False), name
 
 
 def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_path):
@@ -36,9 +42,7 @@ def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_pa
 
     out = tmp_path / "out"
     cli.run("extract", "--plain-http", ref, "--output", str(out))
-    assert _files(out) == _files(minilm_dir)
-    for name in _files(minilm_dir):
-        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
+    assert_same_tree(out, minilm_dir)
 
 
 def test_build_writes_an_oci_layout_skopeo_can_copy(cli, registry, minilm_dir, tmp_path):
@@ -55,9 +59,7 @@ def test_build_writes_an_oci_layout_skopeo_can_copy(cli, registry, minilm_dir, t
     assert inspected["digest"] == digest
     out = tmp_path / "out"
     cli.run("extract", "--plain-http", copied, "--output", str(out))
-    assert _files(out) == _files(minilm_dir)
-    for name in _files(minilm_dir):
-        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
+    assert_same_tree(out, minilm_dir)
 
 
 def test_repush_after_config_edit_uploads_only_what_changed(cli, registry, minilm_dir, tmp_path):
@@ -105,9 +107,7 @@ def test_oras_pulls_identical_files(cli, minilm_ref, minilm_dir, tmp_path, regis
     out = tmp_path / "oras"
     (out / "1_Pooling").mkdir(parents=True)
     client.pull(target=minilm_ref, outdir=str(out))
-    assert _files(out) == _files(minilm_dir)
-    for name in _files(minilm_dir):
-        assert filecmp.cmp(out / name, minilm_dir / name, shallow=False), name
+    assert_same_tree(out, minilm_dir)
 
 
 def test_basic_auth_login_and_wrong_password(cli, basic_registry, minilm_dir):

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from modelfs.cache import BlockCache
+from modelfs.errors import CacheError
 
 MiB = 1 << 20
 
@@ -17,11 +18,7 @@ MiB = 1 << 20
 def test_sigkill_during_fetch_then_remount_reads_correct_bytes(cli, mounts, minilm_ref, minilm_dir):
     source = (minilm_dir / "model.safetensors").read_bytes()
     for attempt in range(3):  # kill at a few different moments of the prefetch
-        target = mounts.base / f"crash{attempt}"
-        target.mkdir(parents=True)
-        out = cli.run("mount", "--plain-http", minilm_ref, str(target)).stdout  # prefetch all
-        mounts.active.append(target)
-        pid = int(out.split("(pid ")[1].split(",")[0])
+        target, pid = mounts.mount_daemon(minilm_ref, name="crash")  # prefetch all
         time.sleep(0.05 * attempt)
         os.kill(pid, 9)
         cli.run("umount", str(target))
@@ -69,6 +66,6 @@ def test_cache_map_never_claims_unwritten_blocks(tmp_path):
     reopened = BlockCache(str(tmp_path)).entry(digest, 3 * MiB + 5)
     assert [reopened.has(i) for i in range(4)] == [False, True, False, False]
     assert not reopened.complete
-    with pytest.raises(Exception):
+    with pytest.raises(CacheError, match="block 0 .* is not cached"):
         reopened.read_block(0)
 

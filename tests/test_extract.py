@@ -78,7 +78,7 @@ def test_legacy_cnai_artifacts_are_read(cli, registry, mounts):
 def test_manifest_lying_about_a_size_is_refused(cli, registry, tmp_path, claimed):
     import json
     import httpx
-    ref = push_artifact(registry.address, "lying/size", [(b"x" * 1000, WEIGHT_RAW, {"org.cncf.model.filepath": "w.bin"})])
+    push_artifact(registry.address, "lying/size", [(b"x" * 1000, WEIGHT_RAW, {"org.cncf.model.filepath": "w.bin"})])
     base = f"http://{registry.address}/v2/lying/size"
     manifest = httpx.get(f"{base}/manifests/v1", headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
     manifest["layers"][0]["size"] = claimed

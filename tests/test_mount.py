@@ -150,11 +150,7 @@ def test_prefetch_all_fills_the_cache(mounts, big_model, cli):
 
 
 def test_umount_cleans_a_stale_mount(mounts, minilm_ref, cli):
-    target = mounts.base / "stale"
-    target.mkdir(parents=True)
-    out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(target)).stdout
-    mounts.active.append(target)
-    pid = int(out.split("(pid ")[1].split(",")[0])
+    target, pid = mounts.mount_daemon(minilm_ref, "--prefetch", "none", name="stale")
     os.kill(pid, 9)
     with pytest.raises(OSError):
         os.listdir(target)
@@ -165,11 +161,7 @@ def test_umount_cleans_a_stale_mount(mounts, minilm_ref, cli):
 
 def test_sigterm_unmounts_cleanly(mounts, minilm_ref, cli):
     import time
-    target = mounts.base / "term"
-    target.mkdir(parents=True)
-    out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(target)).stdout
-    mounts.active.append(target)
-    pid = int(out.split("(pid ")[1].split(",")[0])
+    target, pid = mounts.mount_daemon(minilm_ref, "--prefetch", "none", name="term")
     os.kill(pid, 15)
     deadline = time.monotonic() + 20
     while os.path.ismount(target) or os.path.exists(f"/proc/{pid}"):
