@@ -76,8 +76,12 @@ class BlobEntry:
             self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise CacheError(f"cannot open cache files for {digest} in {directory}: {exc.strerror}") from None
-        with self._locked():
-            self._load_or_init(block_size)
+        try:
+            with self._locked():
+                self._load_or_init(block_size)
+        except OSError as exc:
+            self.close()
+            raise CacheError(f"cannot set up the cache map for {digest} in {directory}: {exc.strerror}") from None
 
     # -- map file -------------------------------------------------------------------------
 
@@ -139,11 +143,19 @@ class BlobEntry:
         if not entry:
             raise CacheError(f"block {index} of {self.digest} is not cached")
         stored, compressed = entry >> 1, entry & 1
-        data = os.pread(self._data_fd, stored, index * self.block_size)
+        try:
+            data = os.pread(self._data_fd, stored, index * self.block_size)
+        except OSError as exc:
+            raise CacheError(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
         if len(data) != stored:
             raise CacheError(f"cache data for {self.digest} block {index} is truncated")
         if compressed:
-            return lz4.block.decompress(data, uncompressed_size=self.block_length(index))
+            try:
+                data = lz4.block.decompress(data, uncompressed_size=self.block_length(index))
+            except lz4.block.LZ4BlockError:
+                raise CacheError(f"cache data for {self.digest} block {index} does not decompress") from None
+            if len(data) != self.block_length(index):
+                raise CacheError(f"cache data for {self.digest} block {index} decompresses to the wrong size")
         return data
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview, checked: bool = False) -> None:
@@ -156,7 +168,10 @@ class BlobEntry:
             with self._locked():
                 if self._refresh_entry(index):
                     return  # another process stored it meanwhile; its copy stays, unchecked by us
-                os.pwrite(self._data_fd, payload, index * self.block_size)
+                written = os.pwrite(self._data_fd, payload, index * self.block_size)
+                if written != len(payload):  # a nearly full disk takes what fits and says so only here
+                    raise CacheError(f"cannot write to the cache for {self.digest}: No space left on device "
+                                     f"(wrote {written} of {len(payload)} bytes of block {index})")
                 entry = len(payload) << 1 | flag
                 os.pwrite(self._map_fd, struct.pack("<I", entry), _HEADER_SIZE + index * _ENTRY)
                 self._set_entry(index, entry)
@@ -164,6 +179,23 @@ class BlobEntry:
                     self._checked.add(index)
         except OSError as exc:
             raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
+
+    def forget(self, index: int) -> None:
+        """Drop a block that does not read back, so it is fetched again."""
+        try:
+            with self._locked():
+                os.pwrite(self._map_fd, struct.pack("<I", 0), _HEADER_SIZE + index * _ENTRY)
+                with self._count_lock:
+                    if self._entries[index]:
+                        self._present -= 1
+                    self._entries[index] = 0
+                self._checked.discard(index)
+                self._scan_from = min(self._scan_from, index)
+                if self.verified:
+                    self.verified = False
+                    os.pwrite(self._map_fd, self._header(), 0)
+        except OSError as exc:
+            raise CacheError(f"cannot update the cache map for {self.digest}: {exc.strerror}") from None
 
     def _encode(self, data: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, int]:
         if self._policy == _POLICY_RAW:

@@ -199,19 +199,34 @@ class BlobReader:
         bs = self.block_size
         first, last = offset // bs, (offset + size - 1) // bs
         self._read_ahead(offset, size, last)
-        for _ in range(3):  # a block held only in memory (full disk) may be dropped before we read it
+        # A block held only in memory (full disk) may be dropped before we read it, and a cached
+        # block may not read back (cut short, unreadable): either way it is fetched again.
+        for _ in range(6):
             missing = [i for i in range(first, last + 1) if not self._available(i)]
-            if not missing:
+            if missing:
+                await self.ensure(missing, foreground=True)
+                continue
+            parts = self._blocks(first, last)
+            if parts is not None:
                 break
-            await self.ensure(missing, foreground=True)
-        if first == last:
-            block = self._block(first)
-            start = offset - first * bs
-            return block if start == 0 and size == len(block) else block[start:start + size]
-        parts = [self._block(i) for i in range(first, last + 1)]
-        joined = b"".join(parts)
+        else:
+            raise FetchError(f"blocks {first}-{last} of {self.digest} could not be kept long enough to serve them")
         start = offset - first * bs
-        return joined[start:start + size]
+        if len(parts) == 1:
+            block = parts[0]
+            return block if start == 0 and size == len(block) else block[start:start + size]
+        return b"".join(parts)[start:start + size]
+
+    def _blocks(self, first: int, last: int) -> list[bytes] | None:
+        parts = []
+        for index in range(first, last + 1):
+            try:
+                parts.append(self._block(index))
+            except CacheError as exc:
+                log.warning("%s; fetching it again", exc)
+                self.entry.forget(index)
+                return None
+        return parts
 
     def _read_ahead(self, offset: int, size: int, last: int) -> None:
         """Grow a window ahead of a sequential reader and refill it in big batches.

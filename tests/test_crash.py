@@ -54,6 +54,42 @@ def test_full_cache_disk_still_serves_correct_bytes(cli, mounts, minilm_ref, min
     assert os.listdir(target)  # the daemon is alive
 
 
+def test_cached_blocks_that_do_not_read_back_are_fetched_again(cli, mounts, minilm_ref, minilm_dir):
+    source = (minilm_dir / "model.safetensors").read_bytes()
+    target = mounts.mount(minilm_ref, "--prefetch", "none")
+    assert (target / "model.safetensors").read_bytes() == source
+    mounts.umount(target)
+    digest = "sha256:" + hashlib.sha256(source).hexdigest()
+    data = cli.cache_dir / "blobs" / "sha256" / (digest[7:] + ".data")
+    os.truncate(data, len(source) // 3)  # the disk lost the tail; the map still claims it
+    target = mounts.mount(minilm_ref, "--prefetch", "none")
+    assert (target / "model.safetensors").read_bytes() == source
+    mounts.umount(target)
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert f"cache data for {digest} block" in log and "is truncated; fetching it again" in log
+    assert data.stat().st_size >= len(source) - (1 << 20)
+
+
+def test_block_cut_short_by_a_full_disk_is_not_claimed(tiny_tmpfs):
+    cache = BlockCache(str(tiny_tmpfs))
+    entry = cache.entry("sha256:" + "ef" * 32, 16 * MiB)
+    blocks = [os.urandom(MiB) for _ in range(16)]  # 16 MiB into an 8 MiB filesystem
+    stored, refused = [], []
+    for index, block in enumerate(blocks):
+        try:
+            entry.write_block(index, block)
+            stored.append(index)
+        except CacheError as exc:
+            assert "No space left on device" in str(exc)
+            refused.append(index)
+    assert stored and refused
+    reopened = BlockCache(str(tiny_tmpfs)).entry(entry.digest, 16 * MiB)
+    for index in range(16):
+        assert reopened.has(index) == (index in stored)
+        if index in stored:
+            assert reopened.read_block(index) == blocks[index]
+
+
 def test_cache_map_never_claims_unwritten_blocks(tmp_path):
     cache = BlockCache(str(tmp_path))
     digest = "sha256:" + "ab" * 32
