@@ -79,6 +79,10 @@ def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm
         upstream.kill()
         target = mounts.mount(ref, "--prefetch", "none")
         assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        # the mirror lacks the block-index tag (nobody asked it for it): a "not found" is an
+        # answer, not a failure, so the mirror keeps serving instead of being benched
+        log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+        assert "using the next source" not in log, log
         # with the mirror gone too, the error says so in one line
         mirror.kill()
         failed = cli.run("inspect", ref, check=False)

@@ -3,8 +3,10 @@
 Reads (manifests, blobs) try each configured mirror in order and fall back to the upstream
 registry, the way containerd and Docker treat ``registry-mirrors``: a Distribution
 pull-through cache, Harbor's proxy cache or Dragonfly's dfdaemon sits in the path by
-configuration. A mirror that fails is skipped for a while instead of being retried on every
-request. Writes never go to mirrors.
+configuration. A mirror that fails (unreachable, 5xx, refused) is skipped for a while instead
+of being retried on every request. A mirror that answers "not found" is healthy — a
+pull-through cache lacks whatever it was never asked for, such as the block-index tag — so
+only that request moves on to the next source. Writes never go to mirrors.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import httpx
 import trio
 
 from ..credentials import CredentialStore
-from ..errors import RegistryError
+from ..errors import NotFoundError, RegistryError
 from .client import RegistryClient, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class MirroredClient:
                 return await getattr(client, operation)(*args)
             try:
                 return await getattr(client, operation)(*args)
+            except NotFoundError as exc:
+                log.debug("mirror %s: %s; asking the next source", client.host, exc)
             except (RegistryError, httpx.HTTPError) as exc:
                 self._failed(client, exc)
         raise AssertionError("unreachable")
@@ -85,7 +89,8 @@ class MirroredClient:
                 await stack.aclose()
                 if client is self.upstream:
                     raise
-                self._failed(client, exc)
+                if not isinstance(exc, NotFoundError):
+                    self._failed(client, exc)
                 continue
             async with stack:
                 yield response
