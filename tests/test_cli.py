@@ -159,7 +159,7 @@ def test_docker_config_credentials_are_used(cli, basic_registry, minilm_dir):
     cli.run("push", "--plain-http", ref)
 
 
-def test_docker_credential_helper_is_used(cli, basic_registry, minilm_dir, tmp_path):
+def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minilm_dir, tmp_path):
     helper_dir = tmp_path / "bin"
     helper_dir.mkdir()
     helper = helper_dir / "docker-credential-modelfstest"
@@ -174,7 +174,10 @@ def test_docker_credential_helper_is_used(cli, basic_registry, minilm_dir, tmp_p
     ref = f"{basic_registry.address}/helper/minilm:v1"
     cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
     cli.run("push", "--plain-http", ref)
-    (docker / "config.json").write_text(json.dumps({"credHelpers": {basic_registry.address: "absent"}}))
+    # the default store (credsStore) answers for registries without a helper of their own
+    (docker / "config.json").write_text(json.dumps({"credsStore": "modelfstest"}))
+    assert json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]["layers"]
+    (docker / "config.json").write_text(json.dumps({"credsStore": "modelfstest", "credHelpers": {basic_registry.address: "absent"}}))
     missing = cli.run("inspect", "--plain-http", ref, check=False)
     assert missing.returncode == 1 and "docker-credential-absent" in missing.stderr and "is not installed" in missing.stderr
 
