@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config docker-registry skopeo curl ca-certificates)
+# gcc, python3-dev and python3-venv: pyfuse3 compiles against libfuse3 when pip finds no wheel.
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv docker-registry skopeo curl ca-certificates)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
