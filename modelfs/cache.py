@@ -15,6 +15,7 @@ written block (weights do not compress, tokenizers do), so incompressible data n
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import hashlib
 import logging
@@ -379,17 +380,29 @@ class BlockCache:
                                    header[2], max(map_stat.st_mtime, data_stat.st_mtime)))
         return sorted(found, key=lambda u: u.last_used)
 
-    def record_model(self, reference: str, digest: str, layers: list[tuple[str, int, str]]) -> None:
-        """Remember which blobs make up a model, for ``cache stats``."""
+    def record_model(self, reference: str, digest: str, layers: list[tuple[str, int, str]],
+                     manifest: bytes = b"", media_type: str = "", config: bytes = b"") -> None:
+        """Remember which blobs make up a model (``cache stats``) and, with its manifest and
+        config, enough to mount it again while the registry cannot be reached."""
         import json
+        import time
         directory = os.path.join(self.root, "models")
         os.makedirs(directory, exist_ok=True)
-        doc = {"reference": reference, "digest": digest,
+        doc = {"reference": reference, "digest": digest, "recorded": time.time(),
                "layers": [{"digest": d, "size": n, "path": p} for d, n, p in layers]}
-        tmp = os.path.join(directory, f".{digest[7:]}.tmp")
+        if manifest:
+            doc.update(manifest=base64.b64encode(manifest).decode(), media_type=media_type,
+                       config=base64.b64encode(config).decode())  # bytes exactly: digests are checked on use
+        tmp = os.path.join(directory, f".{digest[7:]}.{os.getpid()}.tmp")
         with open(tmp, "w") as handle:
             json.dump(doc, handle)
         os.replace(tmp, os.path.join(directory, digest[7:] + ".json"))
+
+    def recorded_model(self, reference: str, digest: str | None = None) -> dict | None:
+        """The newest record of ``reference`` (or of ``digest``) that kept its manifest."""
+        found = [m for m in self.models() if m.get("manifest")
+                 and (m.get("digest") == digest if digest else m.get("reference") == reference)]
+        return max(found, key=lambda m: m.get("recorded", 0), default=None)
 
     def models(self) -> list[dict]:
         import json

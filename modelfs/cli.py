@@ -31,7 +31,7 @@ from .push import push
 from .reference import Reference, parse
 from .config import load as load_config, parse_size
 from .registry.mirrors import open_client
-from .resolve import check_layer_sizes, describe, fetch_model
+from .resolve import check_layer_sizes, describe, fetch_model, record
 from .spec import Packing
 
 log = logging.getLogger("modelfs")
@@ -171,8 +171,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = Fetcher(cache, client, reference.repository, nursery)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
-            cache.record_model(str(reference), model.reference.digest or "",
-                               [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers])
+            record(cache, model)
             await fetcher.prefetch(readers, progress)
             for reader in readers:
                 if not reader.entry.verified and not await trio.to_thread.run_sync(reader.entry.verify):

@@ -15,21 +15,23 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
 from . import blockindex
+from .blockindex import BlockIndex
 from .cache import BlockCache
-from .errors import ModelfsError, MountError, user_error
+from .errors import ModelfsError, MountError, UnavailableError, user_error
 from .fetcher import Fetcher, FetchPolicy
 from .fs import ModelFS
 from .metrics import serve_metrics
 from .index import Tree, build_tree
-from .reference import parse
+from .reference import Reference, parse
 from .registry.mirrors import open_client
-from .resolve import check_layer_sizes, fetch_model
+from .resolve import Model, cached_model, check_layer_sizes, fetch_model, record
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,28 @@ async def _watch_signals() -> None:
             return
 
 
+async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> tuple[Model, BlockIndex | None]:
+    """The model to serve and its block index. A GPU host rebooting while its registry is
+    down still mounts a model it has cached: the manifest and config recorded at the last
+    mount or pull are used (checked against their digests), cached blocks are served, and
+    missing ones are fetched once the registry answers again."""
+    try:
+        model = await fetch_model(client, reference)
+    except UnavailableError as exc:
+        cached = cached_model(cache, reference)
+        if cached is None:
+            raise
+        model, recorded = cached
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
+        log.warning("%s; serving %s as cached on %s (%s); blocks not in the cache fail until the registry answers",
+                    exc, reference, when, model.reference.digest)
+        return model, None
+    await check_layer_sizes(client, model)
+    index = await blockindex.fetch(client, reference.repository, model.reference.digest or "")
+    log.info("block index: %s", "found; every block is verified before it is served" if index else "none")
+    return model, index
+
+
 async def serve(options: MountOptions) -> None:
     reference = parse(options.reference)
     mountpoint = os.path.abspath(options.mountpoint)
@@ -152,16 +176,12 @@ async def serve(options: MountOptions) -> None:
     cache = BlockCache(options.cache_dir)
     async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
                            mirrors=options.mirrors) as client:
-        model = await fetch_model(client, reference)
-        await check_layer_sizes(client, model)
-        index = await blockindex.fetch(client, reference.repository, model.reference.digest or "")
-        log.info("block index: %s", "found; every block is verified before it is served" if index else "none")
+        model, index = await resolve_for_mount(client, cache, reference)
         async with trio.open_nursery() as nursery:
             fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout),
                               block_index=index)
             tree = await build_tree(model, fetcher)
-            cache.record_model(str(reference), model.reference.digest or "",
-                               [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers])
+            record(cache, model)
             ops = ModelFS(tree, fetcher, str(model.reference))
             fuse_options = {"fsname=" + str(reference), "subtype=modelfs", "ro", "default_permissions", "noatime"}
             if options.allow_other:

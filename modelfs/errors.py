@@ -37,6 +37,10 @@ class RegistryError(ModelfsError):
     """The registry answered with an error or could not be reached."""
 
 
+class UnavailableError(RegistryError):
+    """The registry could not be reached, or kept failing (5xx, 429), after every retry."""
+
+
 class AuthenticationError(RegistryError):
     """The registry refused our credentials (or we had none and it wants some)."""
 

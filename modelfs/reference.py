@@ -45,6 +45,9 @@ class Reference:
     def with_digest(self, digest: str) -> "Reference":
         return Reference(self.registry, self.repository, self.tag, digest)
 
+    def without_digest(self) -> "Reference":
+        return Reference(self.registry, self.repository, self.tag)
+
     def __str__(self) -> str:
         text = f"{self.registry}/{self.repository}"
         if self.tag:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from dataclasses import dataclass
 
 import trio
 
+from .cache import BlockCache
 from .errors import ManifestError, NotAModelError
 from .reference import Reference
 from .registry import RegistryClient
@@ -48,6 +51,31 @@ async def fetch_model(client: RegistryClient, reference: Reference) -> Model:
         raise ManifestError(f"{reference}: config is {len(config_bytes)} bytes, manifest says {manifest.config.size}")
     config = parse_config(config_bytes)
     return Model(reference.with_digest(digest), manifest, data, config, config_bytes)
+
+
+def record(cache: BlockCache, model: Model) -> None:
+    """Keep the model's manifest and config beside its blocks (see :func:`cached_model`)."""
+    cache.record_model(str(model.reference.without_digest()), model.reference.digest or "",
+                       [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers],
+                       model.manifest_bytes, model.manifest.media_type, model.config_bytes)
+
+
+def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float] | None:
+    """The model last recorded for ``reference`` and when, for mounting while the registry
+    is unreachable. Manifest and config are checked against their digests before use."""
+    doc = cache.recorded_model(str(reference.without_digest()), reference.digest)
+    if doc is None:
+        return None
+    data, config_bytes = base64.b64decode(doc["manifest"]), base64.b64decode(doc["config"])
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    if digest != doc["digest"]:
+        raise ManifestError(f"the cached manifest of {reference} does not match its digest; mount it once online")
+    manifest = parse_manifest(data, doc.get("media_type") or None)
+    require_model(manifest, str(reference))
+    if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != manifest.config.digest:
+        raise ManifestError(f"the cached config of {reference} does not match its digest; mount it once online")
+    model = Model(reference.with_digest(digest), manifest, data, parse_config(config_bytes), config_bytes)
+    return model, float(doc.get("recorded", 0))
 
 
 async def check_layer_sizes(client: RegistryClient, model: Model) -> None:

@@ -232,3 +232,27 @@ def test_registry_death_gives_eio_then_recovers(cli, mounts, tmp_path, minilm_di
             assert handle.read(MiB) == source[80 * MiB:81 * MiB]
     finally:
         private.stop()
+
+
+def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, minilm_dir):
+    """A host rebooting during a registry outage still mounts what it pulled."""
+    from conftest import Registry
+    private = Registry(tmp_path / "outage-registry")
+    try:
+        ref = f"{private.address}/outage/minilm:v1"
+        never_pulled = f"{private.address}/outage/other:v1"
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("push", "--plain-http", ref)
+        cli.run("pull", "--plain-http", ref)
+        private.kill()
+        target = mounts.mount(ref, "--prefetch", "none")
+        for name in ("model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
+            assert (target / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+        log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+        assert f"cannot reach {private.address}" in log and f"serving {ref} as cached on" in log
+        # a model this host never had is a clear one-line error, not a stale guess
+        failed = cli.run("mount", "--plain-http", never_pulled, str(tmp_path), check=False)
+        assert failed.returncode == 1 and f"cannot reach {private.address}" in failed.stderr
+        assert "Traceback" not in failed.stderr
+    finally:
+        private.stop()

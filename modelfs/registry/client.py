@@ -22,7 +22,7 @@ import httpx
 import trio
 
 from ..credentials import Credential, CredentialStore
-from ..errors import AuthenticationError, IntegrityError, NotFoundError, RegistryError, TLSError
+from ..errors import AuthenticationError, IntegrityError, NotFoundError, RegistryError, TLSError, UnavailableError
 from ..spec import MANIFEST_ACCEPT
 from .auth import parse_challenge, TokenCache
 
@@ -180,7 +180,7 @@ class RegistryClient:
         try:
             response = await self._http.get(params["realm"], params=query, headers=headers)
         except httpx.TransportError as exc:
-            raise RegistryError(f"cannot reach the token service of {self.registry}: {exc}") from None
+            raise UnavailableError(f"cannot reach the token service of {self.registry}: {exc}") from None
         if response.status_code in (401, 403):
             if credential is None:
                 raise AuthenticationError(f"{self.registry} requires authentication: run `modelfs login {self.registry}`")
@@ -257,7 +257,7 @@ class RegistryClient:
                 await response.aclose()
             delay = self.retry.delay(attempt, retry_after)
             if attempt >= self.retry.attempts or trio.current_time() + delay > deadline:
-                raise RegistryError(f"{problem} (gave up after {attempt} attempts)")
+                raise UnavailableError(f"{problem} (gave up after {attempt} attempts)")
             log.info("retrying in %.2fs: %s", delay, problem)
             await trio.sleep(delay)
 
