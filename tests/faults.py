@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy between modelfs and the real registry (loopback, bounded).
 
 Blob GETs can be answered with 503, 429 (Retry-After), a stall, a connection reset, a
-truncated body, or one flipped byte. Faults come from a queue (one per blob GET) or from a
+truncated body, one flipped byte, or the whole blob with 200 (``norange``: the Range header
+is dropped on the way, as some servers and filling pull-through caches do). Faults come from a queue (one per blob GET) or from a
 ``persistent`` setting. Everything else is forwarded untouched.
 """
 
@@ -71,7 +72,8 @@ class FaultProxy:
                 if fault == "reset":
                     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     return
-                headers = [line for line in lines[1:] if line and not line.lower().startswith("connection:")]
+                dropped = ("connection:", "range:") if fault == "norange" else ("connection:",)
+                headers = [line for line in lines[1:] if line and not line.lower().startswith(dropped)]
                 request = "\r\n".join([lines[0], *headers, "Connection: close", "", ""]).encode()
                 if not self._forward(client, request, method, fault):
                     return

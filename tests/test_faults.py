@@ -39,6 +39,16 @@ def test_transient_fault_is_survived_with_correct_bytes(fault, faulty, mounts, m
     assert (target / "model.safetensors").read_bytes() == source  # and the rest of the file too
 
 
+def test_server_that_ignores_range_still_gives_the_bytes_asked(faulty, mounts, minilm_ref, minilm_dir, registry):
+    """Some servers (and Distribution as a pull-through cache still filling itself) answer a
+    ranged GET with 200 and the whole blob: the mount reads past what it did not ask for."""
+    target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none", "--timeout", "30")
+    source = (minilm_dir / "model.safetensors").read_bytes()
+    faulty.persistent = "norange"
+    assert _read(target / "model.safetensors", 40 * MiB + 777, 3 * MiB) == source[40 * MiB + 777:43 * MiB + 777]
+    assert faulty.injected["norange"] >= 1
+
+
 def test_persistent_corruption_is_eio_never_wrong_bytes(faulty, mounts, minilm_ref, minilm_dir, registry, cli):
     target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none", "--timeout", "20")
     source = (minilm_dir / "model.safetensors").read_bytes()

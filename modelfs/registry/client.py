@@ -47,6 +47,35 @@ def tune_httpcore() -> None:
         AsyncHTTP11Connection.READ_NUM_BYTES = READ_SIZE
 
 
+class BlobBody:
+    """The bytes of a blob that were asked for, whatever the server did with ``Range``.
+
+    Some servers answer a ranged GET with 200 and the whole blob — Distribution as a
+    pull-through cache does while it is still fetching the blob from upstream. Such a body
+    is read past the bytes before the range and cut at its end, so callers always get
+    exactly their range (or less, if the connection drops, which they detect).
+    """
+
+    def __init__(self, response: httpx.Response, skip: int = 0, limit: int | None = None) -> None:
+        self._response, self._skip, self._limit = response, skip, limit
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        skip, left = self._skip, self._limit
+        async for chunk in self._response.aiter_raw():
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+            if left is not None:
+                if len(chunk) >= left:
+                    if left:
+                        yield chunk[:left]
+                    return
+                left -= len(chunk)
+            yield chunk
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
@@ -322,7 +351,7 @@ class RegistryClient:
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                          end: int | None = None) -> AsyncIterator[httpx.Response]:
+                          end: int | None = None) -> AsyncIterator[BlobBody]:
         """Open a blob (or bytes [start, end)) for streaming; checks the Content-Range."""
         headers = {}
         ranged = start is not None
@@ -340,9 +369,13 @@ class RegistryClient:
                 expected = f"bytes {start}-"
                 if not response.headers.get("content-range", "").startswith(expected):
                     raise RegistryError(f"{self.registry} answered range {response.headers.get('content-range')!r}, asked {start}-{end}")
-            elif ranged and start:
-                raise RegistryError(f"{self.registry} ignored the Range header for blob {digest}")
-            yield response
+                yield BlobBody(response)
+            elif ranged:
+                if start:
+                    log.info("%s ignored Range for %s (whole blob sent); reading past %d bytes", self.host, digest, start)
+                yield BlobBody(response, skip=start or 0, limit=None if end is None else end - (start or 0))
+            else:
+                yield BlobBody(response)
         finally:
             await response.aclose()
 

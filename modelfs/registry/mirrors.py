@@ -20,7 +20,7 @@ import trio
 
 from ..credentials import CredentialStore
 from ..errors import NotFoundError, RegistryError
-from .client import RegistryClient, RetryPolicy
+from .client import BlobBody, RegistryClient, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class MirroredClient:
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                          end: int | None = None) -> AsyncIterator[httpx.Response]:
+                          end: int | None = None) -> AsyncIterator[BlobBody]:
         for client in self._candidates():
             stack = AsyncExitStack()
             try:
