@@ -23,7 +23,7 @@ from .build import build
 from .cache import BlockCache, default_cache_dir
 from .credentials import Credential, CredentialStore
 from .daemon import MountOptions, active_mounts, run_foreground, umount
-from .errors import ModelfsError, MountError, user_error
+from .errors import CacheError, ModelfsError, MountError, user_error
 from .extract import extract
 from .fetcher import Fetcher
 from .layout import Store, default_store_dir
@@ -173,8 +173,12 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             record(cache, model)
             await fetcher.prefetch(readers, progress)
+            await fetcher.flush()  # blocks are written behind: all on disk before they are checked
             for reader in readers:
-                if not reader.entry.verified and not await trio.to_thread.run_sync(reader.entry.verify):
+                if not reader.entry.complete:
+                    raise CacheError(f"blob {reader.digest} could not be stored whole in {args.cache_dir} "
+                                     "(see the errors above; is the disk full?)")
+                if not await reader.verified():
                     raise ModelfsError(f"blob {reader.digest} does not match its digest; it was dropped from the cache")
     cache.close()
     progress.finish()
@@ -185,7 +189,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_cache_stats(args: argparse.Namespace) -> int:
     cache = BlockCache(args.cache_dir)
     usage = {u.digest: u for u in cache.usage()}
-    models = cache.models()
+    kept_for_offline_mounts = ("manifest", "config", "media_type")
+    models = [{k: v for k, v in m.items() if k not in kept_for_offline_mounts} for m in cache.models()]
     if args.json:
         print(json.dumps({"cache_dir": args.cache_dir, "models": models,
                           "blobs": [u.__dict__ for u in usage.values()]}, indent=2))

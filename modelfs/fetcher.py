@@ -130,6 +130,14 @@ class Fetcher:
         else:
             self._idle.set()
 
+    async def flush(self) -> None:
+        """Wait until every block written behind has reached the cache (or failed to)."""
+        slots = self.policy.write_behind
+        for _ in range(slots):
+            await self._write_slots.acquire()
+        for _ in range(slots):
+            self._write_slots.release()
+
     async def wait_idle(self) -> None:
         """Return once no process is waiting on a read (prefetch calls this before each run)."""
         while self.foreground_waiting:
@@ -173,6 +181,7 @@ class BlobReader:
         self._window = 0
         self._ahead_until = -1
         self._verifying = False
+        self._verify_done = trio.Event()
         self._unwritten: dict[int, bytes] = {}  # served from here until the cache write lands
 
     @property
@@ -427,7 +436,16 @@ class BlobReader:
             self.entry.mark_verified()
             return
         self._verifying = True
+        self._verify_done = trio.Event()
         self.fetcher._nursery.start_soon(self._verify)
+
+    async def verified(self) -> bool:
+        """Whether the blob is complete and matches its digest, waiting for a check under
+        way (``pull`` reports the outcome instead of hashing the blob a second time)."""
+        self._maybe_verify()
+        if self._verifying:
+            await self._verify_done.wait()
+        return self.entry.verified
 
     async def _verify(self) -> None:
         try:
@@ -444,6 +462,7 @@ class BlobReader:
             log.error("could not verify %s: %s", self.digest, exc)
         finally:
             self._verifying = False
+            self._verify_done.set()
 
     def cached_fraction(self) -> float:
         if not self.size:

@@ -3,6 +3,7 @@ metrics, status — all with real processes against real registries."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -173,6 +174,9 @@ def test_systemd_notify_ready_only_when_mount_answers_and_stopping(cli, minilm_r
 def test_pull_prestages_so_a_mount_fetches_no_blob(cli, minilm_ref, minilm_dir, mounts, proxy, registry):
     proxied = minilm_ref.replace(registry.address, proxy.address)
     cli.run("pull", "--plain-http", proxied)
+    # pull returns only once every block is on disk and every blob matches its digest
+    blobs = json.loads(cli.run("cache", "stats", "--json").stdout)["blobs"]
+    assert len(blobs) == 13 and all(b["verified"] and b["cached_bytes"] == b["size"] for b in blobs), blobs
     proxy.reset()
     target = mounts.mount(proxied, "--prefetch", "none")
     assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
