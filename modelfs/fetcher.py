@@ -465,7 +465,9 @@ class BlobReader:
             self._verify_done.set()
 
     def cached_fraction(self) -> float:
+        """Held locally: on disk, or in memory with its cache write under way."""
         if not self.size:
             return 1.0
-        return self.entry.cached_bytes() / self.size
+        pending = sum(self.entry.block_length(i) for i in list(self._unwritten) if not self.entry.has(i))
+        return (self.entry.cached_bytes() + pending) / self.size
 
