@@ -266,7 +266,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     log_path = _log_file(args.cache_dir, args.mountpoint)
     argv = [sys.executable, "-m", "modelfs", "mount", "--foreground", "--ready-fd", str(write_fd),
             "--cache-dir", args.cache_dir, "--prefetch", args.prefetch, "--timeout", str(args.timeout),
-            "--log-level", args.log_level, *(["--plain-http"] if args.plain_http else []),
+            "--log-level", args.log_level or "info", *(["--plain-http"] if args.plain_http else []),
             *(["--ca-file", args.ca_file] if args.ca_file else []), *(["--allow-other"] if args.allow_other else []),
             "--cache-max-size", str(args.cache_max_size), *(["--metrics", args.metrics] if args.metrics else []),
             args.reference, args.mountpoint]
@@ -315,7 +315,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", help="block cache (default: config, then /var/cache/modelfs or ~/.cache/modelfs)")
     common.add_argument("--store", default=os.environ.get("MODELFS_STORE") or default_store_dir(),
                         help="local OCI layout that build writes and push reads")
-    common.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info for the mount daemon (its log is its record), warning otherwise")
 
     parser = argparse.ArgumentParser(prog="modelfs", description="Lazy-loading filesystem for ModelPack OCI models")
     parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
@@ -447,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelfs: error: {exc}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
-    _setup_logging(args.log_level)
+    daemon = args.handler is cmd_mount and args.foreground
+    _setup_logging(args.log_level or ("info" if daemon else "warning"))
     try:
         _resolve_settings(args)
         if inspect.iscoroutinefunction(args.handler):

@@ -24,7 +24,7 @@ import trio
 from . import blockindex
 from .blockindex import BlockIndex
 from .cache import BlockCache
-from .errors import ModelfsError, MountError, UnavailableError, user_error
+from .errors import MountError, UnavailableError, user_error
 from .fetcher import Fetcher, FetchPolicy
 from .fs import ModelFS
 from .metrics import serve_metrics
@@ -114,8 +114,12 @@ async def _prefetch(fetcher: Fetcher, tree: Tree) -> None:
     try:
         await fetcher.prefetch(readers)
         log.info("prefetch complete: %d blobs cached", len(readers))
-    except ModelfsError as exc:
-        log.warning("prefetch stopped: %s (reads still fetch on demand)", exc)
+    except Exception as exc:  # its workers fail as an exception group; the mount must live on
+        error = user_error(exc)
+        if error is not None:
+            log.warning("prefetch stopped: %s (reads still fetch on demand)", error)
+        else:
+            log.exception("prefetch stopped by an unexpected error (reads still fetch on demand)")
 
 
 async def enforce_cache_limit(cache: BlockCache, fetcher: Fetcher, limit: int, interval: float = 2.0) -> None:

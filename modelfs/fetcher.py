@@ -145,13 +145,18 @@ class Fetcher:
 
     async def prefetch(self, readers: Iterable["BlobReader"],
                        progress: Callable[[int], None] | None = None) -> None:
-        """Fetch every missing block of ``readers``, yielding to foreground reads."""
+        """Fetch every missing block of ``readers``, yielding to foreground reads. Stops with a
+        :class:`CacheError` once the cache refuses blocks (a full disk): prefetching into
+        memory that cannot be kept only takes bandwidth from the readers."""
         send, receive = trio.open_memory_channel[tuple[BlobReader, list[int]]](0)
+        write_errors = self.counters.cache_write_errors
 
         async def worker(receive: trio.MemoryReceiveChannel) -> None:
             async with receive:
                 async for reader, blocks in receive:
                     await self.wait_idle()
+                    if self.counters.cache_write_errors > write_errors:
+                        raise CacheError("the cache refuses new blocks (is its disk full?)")
                     await reader.ensure(blocks, foreground=False)
                     if progress:
                         progress(sum(reader.entry.block_length(i) for i in blocks))
@@ -273,6 +278,8 @@ class BlobReader:
                         event = self._inflight.get(index)
                         if event is None:
                             failure = self._failures.get(index)
+                            if failure is None and not foreground:
+                                break  # fetched, but not kept (full disk): nobody is waiting for it
                             raise FetchError(f"cannot fetch block {index} of {self.digest}: {failure or 'fetch ended without data'}")
                         await event.wait()
             if scope.cancelled_caught:
@@ -324,12 +331,14 @@ class BlobReader:
     async def _write_block(self, index: int, data: bytes) -> None:
         try:
             await trio.to_thread.run_sync(self.entry.write_block, index, data, self.expected is not None)
+            self._maybe_verify()
         except CacheError as exc:
             self._cache_write_failed(exc)
+        except Exception:  # runs in the fetcher's nursery: an escape would stop the daemon
+            log.exception("unexpected error storing block %d of %s", index, self.digest)
         finally:
             self._unwritten.pop(index, None)
             self.fetcher._write_slots.release()
-        self._maybe_verify()
 
     def _cache_write_failed(self, exc: CacheError) -> None:
         self.fetcher.counters.cache_write_errors += 1
@@ -460,6 +469,8 @@ class BlobReader:
                 log.error("blob %s assembled from ranges does not match its digest; dropped it from the cache", self.digest)
         except CacheError as exc:
             log.error("could not verify %s: %s", self.digest, exc)
+        except Exception:  # runs in the fetcher's nursery: an escape would stop the daemon
+            log.exception("unexpected error verifying %s", self.digest)
         finally:
             self._verifying = False
             self._verify_done.set()

@@ -54,6 +54,20 @@ def test_full_cache_disk_still_serves_correct_bytes(cli, mounts, minilm_ref, min
     assert os.listdir(target)  # the daemon is alive
 
 
+def test_prefetch_into_a_full_cache_disk_stops_and_the_mount_lives_on(cli, mounts, minilm_ref, minilm_dir, tiny_tmpfs):
+    target = mounts.mount(minilm_ref, "--cache-dir", str(tiny_tmpfs))  # prefetch all: 90 MB into 8 MiB
+    log_dir = tiny_tmpfs / "logs"
+    deadline = time.monotonic() + 60
+    while "prefetch stopped" not in "".join(p.read_text() for p in log_dir.iterdir()):
+        assert time.monotonic() < deadline, "".join(p.read_text() for p in log_dir.iterdir())
+        time.sleep(0.2)
+    log = "".join(p.read_text() for p in log_dir.iterdir())
+    assert "prefetch stopped: the cache refuses new blocks (is its disk full?)" in log
+    assert "Traceback" not in log
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (target / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+
+
 def test_cached_blocks_that_do_not_read_back_are_fetched_again(cli, mounts, minilm_ref, minilm_dir):
     source = (minilm_dir / "model.safetensors").read_bytes()
     target = mounts.mount(minilm_ref, "--prefetch", "none")
