@@ -155,6 +155,18 @@ class Bench:
         self.results[case] = {"modelfs_s": modelfs_s, "baseline_s": baseline_s, "baseline": baseline,
                               "ratio": baseline_s / modelfs_s, "target": target, **extra}
 
+    def show_daemon_logs(self, lines: int = 40) -> None:
+        """A case failed: what the mount daemons said, before the work directory goes."""
+        for log in sorted((self.cli.cache_dir / "logs").glob("*.log")):
+            print(f"--- {log.name}", *log.read_text(errors="replace").splitlines()[-lines:], sep="\n", file=sys.stderr)
+
+    def daemon_problems(self) -> list[str]:
+        """Warnings and errors the mount daemons logged during the run (a clean run has none)."""
+        found = []
+        for log in sorted((self.cli.cache_dir / "logs").glob("*.log")):
+            found += [line for line in log.read_text(errors="replace").splitlines() if " WARNING " in line or " ERROR " in line]
+        return found
+
     def close(self) -> None:
         for target in list(self.mounts):
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
@@ -349,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         run_cases(bench, args)
+        problems = bench.daemon_problems()
+    except BaseException:
+        bench.show_daemon_logs()
+        raise
     finally:
         bench.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -364,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     rss = bench.results["daemon peak RSS"]
     label = f"daemon peak RSS, {rss['file_bytes'] >> 20} MiB model"
     print(f"{label:<48} {rss['bytes'] / 1e6:>8.0f}M")
+    print(f"{'daemon warnings and errors logged':<48} {len(problems):>9}")
+    for line in problems[:20]:
+        print("   ", line[:300])
+    bench.results["daemon warnings and errors"] = problems
     lat = bench.results["random 4K-1M reads (ms)"]
     print(f"{'random 4K-1M reads p50/p99 ms, cold':<48} {lat['cold_p50']:>9.2f} {lat['cold_p99']:>9.2f}")
     print(f"{'random 4K-1M reads p50/p99 ms, warm':<48} {lat['warm_p50']:>9.2f} {lat['warm_p99']:>9.2f}")
