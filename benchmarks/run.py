@@ -356,6 +356,14 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             print(f"benchmarks need {tool}: apt-get install -y {tool}", file=sys.stderr)
             return 2
+    # copies on disk at the peak: source, OCI store, registry, cache and skopeo's layouts of the
+    # model, then source, store, registry and cache of the peak-RSS model
+    need = (6 * args.size + 4 * args.rss_size) * MiB * 11 // 10
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < need:
+        print(f"benchmarks need about {need / 2**30:.0f} GiB free in {tempfile.gettempdir()}, have {free / 2**30:.1f} GiB "
+              "(smaller: --size, --rss-size)", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="modelfs-bench-"))
     bench = Bench(work)
     started = time.monotonic()
