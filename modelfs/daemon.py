@@ -178,40 +178,50 @@ async def serve(options: MountOptions) -> None:
     mountpoint = os.path.abspath(options.mountpoint)
     check_mountpoint(mountpoint)
     cache = BlockCache(options.cache_dir)
-    async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
-                           mirrors=options.mirrors) as client:
-        model, index = await resolve_for_mount(client, cache, reference)
-        async with trio.open_nursery() as nursery:
-            fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout),
-                              block_index=index)
-            tree = await build_tree(model, fetcher)
-            record(cache, model)
-            ops = ModelFS(tree, fetcher, str(model.reference))
-            fuse_options = {"fsname=" + str(reference), "subtype=modelfs", "ro", "default_permissions", "noatime"}
-            if options.allow_other:
-                fuse_options.add("allow_other")
-            try:
-                pyfuse3.init(ops, mountpoint, fuse_options)
-            except RuntimeError as exc:
-                raise MountError(f"cannot mount {mountpoint}: {exc} (is /dev/fuse available and fusermount3 installed?)") from None
-            try:
-                log.info("mounted %s (%s) at %s: %d files", reference, model.reference.digest, mountpoint, len(tree.files()))
-                nursery.start_soon(_watch_signals)
-                if options.prefetch == "all":
-                    nursery.start_soon(_prefetch, fetcher, tree)
-                if options.cache_max_size:
-                    nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
-                if options.metrics:
-                    await nursery.start(serve_metrics, options.metrics, ops, fetcher)
-                nursery.start_soon(announce_ready, mountpoint, options)
-                await pyfuse3.main(max_tasks=options.max_tasks)
-            finally:
-                nursery.cancel_scope.cancel()
-                pyfuse3.close(unmount=True)
-                cache.close()
-                c = fetcher.counters
-                log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries",
-                         mountpoint, ops.reads, ops.read_errors, c.bytes_fetched, c.requests, c.retries)
+    try:
+        async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
+                               mirrors=options.mirrors) as client:
+            model, index = await resolve_for_mount(client, cache, reference)
+            async with trio.open_nursery() as nursery:
+                fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout),
+                                  block_index=index)
+                tree = await build_tree(model, fetcher)
+                record(cache, model)
+                ops = ModelFS(tree, fetcher, str(model.reference))
+                await _serve_mount(nursery, ops, fetcher, cache, tree, options, f"{reference} ({model.reference.digest})")
+            c = fetcher.counters
+            log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries",
+                     mountpoint, ops.reads, ops.read_errors, c.bytes_fetched, c.requests, c.retries)
+    finally:
+        # only now: every task and worker thread that writes or hashes blocks has finished (a
+        # descriptor closed under a worker thread could be reused by another file meanwhile)
+        cache.close()
+
+
+async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, cache: BlockCache, tree: Tree,
+                       options: MountOptions, what: str) -> None:
+    mountpoint = os.path.abspath(options.mountpoint)
+    fuse_options = {"fsname=" + str(parse(options.reference)), "subtype=modelfs", "ro", "default_permissions", "noatime"}
+    if options.allow_other:
+        fuse_options.add("allow_other")
+    try:
+        pyfuse3.init(ops, mountpoint, fuse_options)
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {mountpoint}: {exc} (is /dev/fuse available and fusermount3 installed?)") from None
+    try:
+        log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
+        nursery.start_soon(_watch_signals)
+        if options.prefetch == "all":
+            nursery.start_soon(_prefetch, fetcher, tree)
+        if options.cache_max_size:
+            nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
+        if options.metrics:
+            await nursery.start(serve_metrics, options.metrics, ops, fetcher)
+        nursery.start_soon(announce_ready, mountpoint, options)
+        await pyfuse3.main(max_tasks=options.max_tasks)
+    finally:
+        nursery.cancel_scope.cancel()
+        pyfuse3.close(unmount=True)
 
 
 def run_foreground(options: MountOptions) -> None:

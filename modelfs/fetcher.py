@@ -352,9 +352,12 @@ class BlobReader:
         if event is not None:
             event.set()
 
-    def _fail(self, first: int, last: int, exc: BaseException) -> None:
-        self.fetcher.counters.errors += 1
-        log.error("giving up on blocks %d-%d of %s: %s", first, last, self.digest, exc)
+    def _fail(self, first: int, last: int, exc: BaseException, shutting_down: bool = False) -> None:
+        if shutting_down:
+            log.debug("blocks %d-%d of %s not fetched: unmounting", first, last, self.digest)
+        else:
+            self.fetcher.counters.errors += 1
+            log.error("giving up on blocks %d-%d of %s: %s", first, last, self.digest, exc)
         for index in range(first, last + 1):
             event = self._inflight.pop(index, None)
             if event is not None:
@@ -391,7 +394,7 @@ class BlobReader:
         finally:
             with trio.CancelScope(shield=True):
                 if any(i in self._inflight for i in range(first, last + 1)):
-                    self._fail(first, last, FetchError("fetch cancelled"))
+                    self._fail(first, last, FetchError("fetch cancelled"), shutting_down=True)
         self._maybe_verify()
 
     def _store_present(self, index: int) -> None:

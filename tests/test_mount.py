@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -256,3 +257,16 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
         assert "Traceback" not in failed.stderr
     finally:
         private.stop()
+
+
+def test_unmount_during_prefetch_is_clean(cli, mounts, minilm_ref, minilm_dir):
+    """Blocks being written and hashed in worker threads finish before the cache closes."""
+    for attempt in range(3):
+        shutil.rmtree(cli.cache_dir / "blobs", ignore_errors=True)  # so each mount has a prefetch to do
+        target = mounts.mount(minilm_ref, name=f"busy{attempt}")  # prefetch all, under way
+        mounts.umount(target)
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert log.count("unmounted ") == 3
+    target = mounts.mount(minilm_ref, "--prefetch", "none")
+    assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
