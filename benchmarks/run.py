@@ -12,6 +12,7 @@ Results: a table on stdout and JSON (benchmarks/results/latest.json unless --jso
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -200,6 +201,11 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     download = cli.cache_dir.parent / "curl-download"
     curl_file_s = timed(lambda: subprocess.run(["curl", "-sf", "-o", str(download), blob_url], check=True))
     download.unlink()
+
+    # the floor under any verified read: sha256 of every block, in memory, on this CPU
+    block = os.urandom(MiB)
+    hash_s = timed(lambda: [hashlib.sha256(block).digest() for _ in range(size // MiB)])
+    bench.record("sha256 of every block in memory vs curl", hash_s, curl_s, "curl of the blob", "report")
 
     # 1, 6. cold sequential read vs curl; amplification
     target, _, metrics = bench.mount(ref, "--prefetch", "none")
