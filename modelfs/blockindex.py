@@ -50,13 +50,27 @@ def encode(block_size: int, blobs: dict[str, list[str]]) -> bytes:
 
 
 def decode(data: bytes) -> BlockIndex:
+    """Parse an index strictly: a malformed one is ignored as a whole (reads then fall back to
+    whole-blob verification) rather than failing every block whose hash cannot match."""
     doc = load_json(data, "block index")
     try:
-        block_size = int(doc["blockSize"])
-        blobs = {digest: [bytes.fromhex(h) for h in hashes] for digest, hashes in doc["blobs"].items()}
+        block_size = doc["blockSize"]
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size <= 0:
+            raise ValueError(f"blockSize {block_size!r} is not a positive integer")
+        blobs = {digest: _block_hashes(hashes) for digest, hashes in doc["blobs"].items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ManifestError(f"block index is malformed: {exc}") from None
     return BlockIndex(block_size, blobs)
+
+
+def _block_hashes(hashes: object) -> list[bytes]:
+    if not isinstance(hashes, list):
+        raise ValueError(f"block hashes {str(hashes)[:80]!r} are not a list")
+    values = [bytes.fromhex(text) for text in hashes]
+    for text, value in zip(hashes, values):
+        if len(value) != hashlib.sha256().digest_size:
+            raise ValueError(f"block hash {text[:80]!r} is not a sha256")
+    return values
 
 
 def fallback_tag(digest: str) -> str:
