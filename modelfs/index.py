@@ -53,7 +53,7 @@ class Tree:
 
     def _directory(self, parts: list[str], where: str) -> Node:
         node = self.nodes[ROOT_INODE]
-        for part in parts:
+        for depth, part in enumerate(parts, 1):
             child = node.children.get(part)
             if child is None:
                 new = Node(len(self.nodes) + 1, part, DIRECTORY, 0o755, self.mtime_ns, parent=node.inode)
@@ -63,13 +63,16 @@ class Tree:
             else:
                 node = self.nodes[child]
                 if node.kind != DIRECTORY:
-                    raise UnsafePathError(f"{where}: {'/'.join(parts)} is both a file and a directory")
+                    raise UnsafePathError(f"{where}: {'/'.join(parts[:depth])} is both a file and a directory")
         return node
 
     def add(self, path: str, where: str, **attrs: object) -> Node:
         parts = path.split("/")
         parent = self._directory(parts[:-1], where)
-        if parts[-1] in parent.children:
+        existing = parent.children.get(parts[-1])
+        if existing is not None and self.nodes[existing].kind == DIRECTORY:
+            raise UnsafePathError(f"{where}: {path} is both a file and a directory")
+        if existing is not None:
             raise UnsafePathError(f"{where}: duplicate path {path!r} (also in {self._origin.get(path, 'another layer')})")
         node = Node(len(self.nodes) + 1, parts[-1], parent=parent.inode, **attrs)  # type: ignore[arg-type]
         self.nodes[node.inode] = node

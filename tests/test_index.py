@@ -1,0 +1,69 @@
+"""Layers to a file tree: conflicting and hostile paths are refused with the layer named.
+
+What a valid tree serves is tested through real mounts (test_mount); these are the refusals,
+which happen before any blob is read.
+"""
+
+import pytest
+import trio
+
+from modelfs.errors import ManifestError, UnsafePathError
+from modelfs.index import ROOT_INODE, Tree, build_tree
+from modelfs.reference import parse
+from modelfs.resolve import Model
+from modelfs.spec import OCI_MANIFEST, Descriptor, Manifest, ModelConfig
+from modelfs.tarindex import DIRECTORY, REGULAR
+
+DIGEST = "sha256:" + "ef" * 32
+RAW = "application/vnd.cncf.model.weight.v1.raw"
+
+
+def add_file(tree: Tree, path: str, where: str = "layer 0") -> None:
+    tree.add(path, where, kind=REGULAR, mode=0o644, mtime_ns=0, size=1)
+
+
+def test_paths_make_directories_once():
+    tree = Tree(mtime_ns=0)
+    add_file(tree, "a/b/c.bin")
+    add_file(tree, "a/b/d.bin")
+    a = tree.nodes[tree.nodes[ROOT_INODE].children["a"]]
+    b = tree.nodes[a.children["b"]]
+    assert a.kind == DIRECTORY and sorted(b.children) == ["c.bin", "d.bin"]
+    assert {n.name for n in tree.files()} == {"c.bin", "d.bin"}
+    assert all(tree.nodes[n.parent].children[n.name] == n.inode for n in tree.nodes.values() if n.inode != ROOT_INODE)
+
+
+def test_a_duplicate_path_names_both_layers():
+    tree = Tree(mtime_ns=0)
+    add_file(tree, "config.json", "layer 0")
+    with pytest.raises(UnsafePathError, match=r"layer 3: duplicate path 'config.json' \(also in layer 0\)"):
+        add_file(tree, "config.json", "layer 3")
+
+
+@pytest.mark.parametrize("first, second", [("a", "a/b"), ("a/b", "a/b/c"), ("a/b", "a"), ("a", "a/b/c")])
+def test_a_path_cannot_be_both_file_and_directory(first, second):
+    tree = Tree(mtime_ns=0)
+    add_file(tree, first)
+    with pytest.raises(UnsafePathError, match=f"layer 0: {min(first, second, key=len)} is both a file and a directory"):
+        add_file(tree, second)
+
+
+def model_with(*layers: Descriptor) -> Model:
+    config = ModelConfig({"name": "t"}, {}, [])
+    manifest = Manifest(OCI_MANIFEST, Descriptor("application/vnd.cncf.model.config.v1+json", DIGEST, 2), list(layers))
+    return Model(parse("localhost:5000/t/m:v1").with_digest(DIGEST), manifest, manifest.to_bytes(), config,
+                 config.to_bytes())
+
+
+@pytest.mark.parametrize("layer, fragment", [
+    (Descriptor("application/x-unknown", DIGEST, 1), "unknown media type 'application/x-unknown' and no file path"),
+    (Descriptor(RAW, DIGEST, 1), "raw layer has no org.cncf.model.filepath annotation"),
+    (Descriptor(RAW, DIGEST, 1, {"org.cncf.model.filepath": "../../etc/passwd"}), "contains '..'"),
+    (Descriptor(RAW, DIGEST, 1, {"org.cncf.model.filepath": "/etc/passwd"}), "absolute path '/etc/passwd' refused"),
+    (Descriptor(RAW, DIGEST, 1, {"org.cncf.model.filepath": "./"}), "names the root"),
+])
+def test_hostile_or_unusable_layers_are_refused_before_any_read(layer, fragment):
+    with pytest.raises((ManifestError, UnsafePathError)) as info:
+        trio.run(build_tree, model_with(layer), None)  # refused before the fetcher is asked for anything
+    assert fragment in str(info.value)
+    assert str(info.value).startswith("layer 0 (sha256:efefefefefef")
