@@ -7,11 +7,13 @@ Blobs the cache already holds whole and verified are read from it instead of the
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 
 import trio
@@ -71,16 +73,38 @@ def _place(tmp: str, output: str, relpath: str, where: str, mode: int | None) ->
 
 
 def _untar(blob_path: str, packing: Packing, output: str, where: str, result: ExtractResult) -> None:
-    seen: set[str] = set()
+    """Unpack into a staging directory inside ``output`` and move the members into place only
+    once the whole layer has unpacked: a layer found corrupt or hostile halfway leaves nothing."""
+    staging = tempfile.mkdtemp(dir=output, prefix=".modelfs-layer-")
     try:
-        with open(blob_path, "rb") as raw, _open_tar(raw, packing) as tar:
+        for path, kind in _unpack(blob_path, packing, staging, where):
+            target = safe_join(output, path, f"{where}, member {path!r}")
+            if kind == DIRECTORY:
+                os.makedirs(target, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.lexists(target):
+                os.unlink(target)
+            os.replace(os.path.join(staging, *path.split("/")), target)
+            result.files.append(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tuple[str, str]]:
+    """Every member of the layer written under ``root``; (path, kind) in tar order."""
+    seen: set[str] = set()
+    unpacked: list[tuple[str, str]] = []
+    try:
+        with open(blob_path, "rb") as raw, _decompressed(raw, packing) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
                 checked = check_tarinfo(info, seen, where)
                 if checked is None:
                     continue
                 path, kind, link = checked
                 member_where = f"{where}, member {path!r}"
-                target = safe_join(output, path, member_where)
+                target = safe_join(root, path, member_where)
+                unpacked.append((path, kind))
                 if kind == DIRECTORY:
                     os.makedirs(target, exist_ok=True)
                     continue
@@ -90,22 +114,32 @@ def _untar(blob_path: str, packing: Packing, output: str, where: str, result: Ex
                 if kind == SYMLINK:
                     os.symlink(link, target)
                 elif kind == HARDLINK:
-                    shutil.copyfile(safe_join(output, link, member_where), target)
+                    shutil.copyfile(safe_join(root, link, member_where), target)
                 else:
                     source = tar.extractfile(info)
                     assert source is not None
                     with open(target, "wb") as out:
                         shutil.copyfileobj(source, out, 1 << 20)
                     os.chmod(target, info.mode & 0o755 or 0o644)
-                result.files.append(path)
-    except (tarfile.TarError, EOFError) as exc:
+            while stream.read(1 << 20):  # past the tar's end: a cut or corrupt compressed stream is refused, as by the mount
+                pass
+    except EOFError:
+        raise ManifestError(f"{where}: compressed stream ends early (truncated blob?)") from None
+    except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
+        raise ManifestError(f"{where}: corrupt compressed stream: {exc}") from None
+    except tarfile.TarError as exc:
         raise ManifestError(f"{where}: cannot unpack: {exc}") from None
+    return unpacked
 
 
-def _open_tar(raw, packing: Packing) -> tarfile.TarFile:
+def _decompressed(raw, packing: Packing):
+    """The tar stream inside a layer. Concatenated gzip members and zstd frames are one stream,
+    as Go's readers (modctl, containerd) treat them; tarfile's own "r|gz" stops after the first."""
     if packing is Packing.TAR_ZSTD:
-        return tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(raw), mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|gz" if packing is Packing.TAR_GZIP else "r|")
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    if packing is Packing.TAR_GZIP:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return raw
 
 
 async def extract(client: RegistryClient, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:

@@ -34,31 +34,61 @@ def derived_key(layer_digest: str, path: str) -> str:
 
 
 class _Decompressor:
+    """gzip or zstd, incremental and bounded per step. Concatenated gzip members and zstd
+    frames form one stream (pigz, pzstd and Go's writers may produce several; Go's readers,
+    like modctl's and containerd's, read across them), so a finished member or frame with
+    bytes after it starts the next one."""
+
     def __init__(self, packing: Packing) -> None:
-        if packing is Packing.TAR_GZIP:
-            self._gzip: zlib._Decompress | None = zlib.decompressobj(wbits=47)
-            self._zstd = None
-        else:
-            self._gzip, self._zstd = None, zstandard.ZstdDecompressor().decompressobj()
+        self._packing = packing
+        self._obj = self._new()
+        self._next = b""  # input past the end of the member or frame just finished
+
+    def _new(self):
+        if self._packing is Packing.TAR_GZIP:
+            return zlib.decompressobj(wbits=47)
+        return zstandard.ZstdDecompressor().decompressobj()
 
     def feed(self, data: bytes) -> bytes:
-        if self._gzip is not None:
-            return self._gzip.decompress(data, _WINDOW)
-        return self._zstd.decompress(data)
+        if self._obj.eof:
+            self._obj = self._new()
+        if self._packing is Packing.TAR_GZIP:
+            out = self._obj.decompress(data, _WINDOW)
+        else:
+            out = self._obj.decompress(data)
+        if self._obj.eof:
+            self._next = self._obj.unused_data
+        return out
 
     def pending(self) -> bytes:
-        """Compressed input held back by the window limit."""
-        return self._gzip.unconsumed_tail if self._gzip is not None else b""
+        """Input not decompressed yet: held back by the window limit, or the next member."""
+        if self._packing is Packing.TAR_GZIP and not self._obj.eof and self._obj.unconsumed_tail:
+            return self._obj.unconsumed_tail
+        data, self._next = self._next, b""
+        return data
+
+    def held_output(self) -> bytes:
+        """Output zlib still holds back after all input went in (the window limit hit exactly)."""
+        if self._packing is Packing.TAR_GZIP and not self._obj.eof:
+            return self._obj.decompress(b"", _WINDOW)
+        return b""
+
+    @property
+    def finished(self) -> bool:
+        """The input ended at the end of a member or frame, not inside one."""
+        return self._obj.eof and not self._next
 
 
 class StreamSource:
     """A sequential tar source over a compressed HTTP body (see ``tarindex.TarSource``)."""
 
-    def __init__(self, chunks: AsyncIterator[bytes], packing: Packing) -> None:
+    def __init__(self, chunks: AsyncIterator[bytes], packing: Packing, where: str) -> None:
         self._chunks = chunks
+        self._where = where
         self._decompressor = _Decompressor(packing)
         self._buffer = bytearray()
         self._eof = False
+        self._input_done = False
         self.offset = 0
         self.hasher = hashlib.sha256()
         self.compressed_bytes = 0
@@ -67,19 +97,36 @@ class StreamSource:
         while len(self._buffer) < size and not self._eof:
             tail = self._decompressor.pending()
             if tail:
-                self._buffer += self._decompressor.feed(tail)
+                self._buffer += self._feed(tail)
+                continue
+            if self._input_done:
+                self._end()
                 continue
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
-                self._eof = True
-                return
+                self._input_done = True
+                continue
             self.hasher.update(chunk)
             self.compressed_bytes += len(chunk)
-            try:
-                self._buffer += self._decompressor.feed(chunk)
-            except Exception as exc:  # zlib.error, zstd.ZstdError
-                raise ManifestError(f"corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
+            self._buffer += self._feed(chunk)
+
+    def _end(self) -> None:
+        """The body ended: take what the decompressor still holds, then insist it ended cleanly."""
+        held = self._decompressor.held_output()
+        if held:
+            self._buffer += held
+            return
+        self._eof = True
+        if not self._decompressor.finished:
+            raise ManifestError(f"{self._where}: compressed stream ends early, at byte {self.compressed_bytes} "
+                                "(truncated blob?)")
+
+    def _feed(self, data: bytes) -> bytes:
+        try:
+            return self._decompressor.feed(data)
+        except (zlib.error, zstandard.ZstdError) as exc:
+            raise ManifestError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
 
     async def read(self, size: int) -> bytes:
         await self._fill(size)
@@ -156,13 +203,13 @@ class LayerStream:
         try:
             await self._run()
         except ModelfsError as exc:
-            log.error("%s: %s", self.where, exc)
+            log.error("%s", exc if str(exc).startswith(self.where) else f"{self.where}: {exc}")
 
     async def _run(self) -> list[Member]:
         members: list[Member] = []
         try:
             async with self.fetcher.client.stream_blob(self.fetcher.repository, self.layer.digest) as response:
-                source = StreamSource(response.aiter_raw(), self.packing)
+                source = StreamSource(response.aiter_raw(), self.packing, self.where)
                 async for member in iter_members(source, self.where):
                     members.append(member)
                     if member.kind == REGULAR:

@@ -6,12 +6,14 @@ import os
 import tarfile
 
 import pytest
+import zstandard
 
 from conftest import make_tar, push_artifact
 
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 WEIGHT_TGZ = "application/vnd.cncf.model.weight.v1.tar+gzip"
 WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
+WEIGHT_TZST = "application/vnd.cncf.model.weight.v1.tar+zstd"
 
 
 @pytest.mark.parametrize("name, layer, message", [
@@ -20,6 +22,8 @@ WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
     ("symlink", (make_tar([("ln", None, {"type": tarfile.SYMTYPE, "linkname": "/etc"})]), WEIGHT_TAR, {}), "leaves the model tree"),
     ("device", (make_tar([("null", None, {"type": tarfile.CHRTYPE})]), WEIGHT_TAR, {}), "device, fifo or unknown"),
     ("gzdotdot", (gzip.compress(make_tar([("../evil", b"x", {})])), WEIGHT_TGZ, {}), "contains '..'"),
+    ("notgzip", (b"these bytes are not gzip", WEIGHT_TGZ, {}), "corrupt compressed stream"),
+    ("cutgzip", (gzip.compress(make_tar([("w.bin", os.urandom(4096), {})]))[:-8], WEIGHT_TGZ, {}), "compressed stream ends early"),
     ("rawpath", (b"weights", WEIGHT_RAW, {"org.cncf.model.filepath": "../../evil"}), "contains '..'"),
     ("rawabs", (b"weights", WEIGHT_RAW, {"org.cncf.model.filepath": "/etc/evil"}), "absolute path"),
 ])
@@ -57,6 +61,37 @@ def test_multi_file_gzip_layer_without_annotations(cli, registry, mounts, tmp_pa
     cli.run("extract", "--plain-http", ref, "--output", str(out))
     for path, data in files.items():
         assert (out / path).read_bytes() == data
+
+
+def test_a_layer_refused_halfway_leaves_nothing_behind(cli, registry, tmp_path):
+    good_then_bad = make_tar([("first.bin", b"written before the bad member", {}), ("../escape", b"x", {})])
+    ref = push_artifact(registry.address, "hostile/halfway", [(good_then_bad, WEIGHT_TAR, {})])
+    out = tmp_path / "out"
+    result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
+    assert result.returncode == 1 and "contains '..'" in result.stderr, result.stderr
+    assert os.listdir(out) == []
+
+
+def _pieces(data: bytes, parts: int) -> list[bytes]:
+    step = len(data) // parts + 1
+    return [data[i:i + step] for i in range(0, len(data), step)]
+
+
+@pytest.mark.parametrize("media_type, compress", [
+    (WEIGHT_TGZ, lambda tar: b"".join(gzip.compress(p) for p in _pieces(tar, 4))),
+    (WEIGHT_TZST, lambda tar: b"".join(zstandard.ZstdCompressor().compress(p) for p in _pieces(tar, 4))),
+], ids=["gzip-members", "zstd-frames"])
+def test_layers_of_several_gzip_members_or_zstd_frames_are_read_whole(cli, registry, mounts, tmp_path, media_type, compress):
+    """pigz --independent, pzstd and `cat a.gz b.gz` write these; Go's readers (modctl) read them whole."""
+    files = {"weights/part-1.bin": os.urandom(2 << 20), "weights/part-2.bin": os.urandom(1 << 20), "README": b"docs"}
+    blob = compress(make_tar([(path, data, {}) for path, data in files.items()]))
+    ref = push_artifact(registry.address, f"unusual/{media_type.rsplit('+', 1)[1]}-pieces", [(blob, media_type, {})])
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    target = mounts.mount(ref, "--prefetch", "none")
+    for path, data in files.items():
+        assert (out / path).read_bytes() == data
+        assert (target / path).read_bytes() == data
 
 
 def test_unknown_media_type_with_a_path_is_served_as_a_file(cli, registry, mounts):

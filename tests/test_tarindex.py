@@ -1,13 +1,10 @@
-import gzip
 import tarfile
 
 import pytest
 
 from conftest import make_tar
 from modelfs.errors import ManifestError, UnsafePathError
-from modelfs.spec import Packing
-from modelfs.stream import StreamSource
-from modelfs.tarindex import REGULAR, SYMLINK, iter_members, index_tar
+from modelfs.tarindex import REGULAR, SYMLINK, index_tar
 
 
 def _reader(blob: bytes):
@@ -57,19 +54,3 @@ async def test_size_beyond_the_blob_is_refused():
 async def test_garbage_is_not_a_tar():
     with pytest.raises(ManifestError, match="bad checksum"):
         await index_tar(_reader(b"x" * 2048), 2048, "layer 0")
-
-
-async def test_stream_source_walks_a_gzip_tar():
-    blob = gzip.compress(make_tar([("a.txt", b"hello", {}), ("b/c.bin", bytes(range(256)) * 9, {})]))
-
-    async def chunks():
-        for start in range(0, len(blob), 100):
-            yield blob[start:start + 100]
-
-    source = StreamSource(chunks(), Packing.TAR_GZIP)
-    seen = {}
-    async for member in iter_members(source, "layer 0"):
-        seen[member.path] = await source.read(member.size)
-    await source.drain()
-    assert seen == {"a.txt": b"hello", "b/c.bin": bytes(range(256)) * 9}
-    assert source.compressed_bytes == len(blob)
