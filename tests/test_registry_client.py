@@ -85,3 +85,31 @@ async def test_retries_5xx_and_429_then_gives_a_clear_error():
             await client.get_blob("org/model", DIGEST)
     assert "500" in str(info.value) and "disk on fire" in str(info.value) and "3 attempts" in str(info.value)
     server.shutdown()
+
+
+HUGE = b"{" + b" " * (9 << 20) + b"}"
+
+
+@pytest.mark.parametrize("script, call", [
+    ([(200, {"Content-Type": "application/vnd.oci.image.manifest.v1+json"}, HUGE)],
+     lambda client: client.get_manifest("org/model", "v1")),
+    ([(401, {"WWW-Authenticate": 'Bearer realm="{realm}",service="test"'}, b""), (200, {}, HUGE)],
+     lambda client: client.get_manifest("org/model", "v1")),
+    ([(404, {"Content-Type": "application/json"}, HUGE)], lambda client: client.get_blob("org/model", DIGEST)),
+    ([(500, {}, HUGE)] * 2, lambda client: client.get_manifest("org/model", "v1")),
+], ids=["manifest", "token", "blob-error", "server-error"])
+async def test_oversized_answers_are_refused_not_held(script, call):
+    """A hostile or broken server cannot make the client hold gigabytes (Distribution caps
+    manifests at 4 MiB); blobs themselves are streamed and never read whole."""
+    server, seen = serve("127.0.0.1", script)
+    registry = f"127.0.0.1:{server.server_address[1]}"
+    for i, (status, headers, body) in enumerate(script):
+        script[i] = (status, {k: v.replace("{realm}", f"http://{registry}/token") for k, v in headers.items()}, body)
+    try:
+        async with RegistryClient(registry, plain_http=True, retry=RetryPolicy(attempts=2, base_delay=0.01)) as client:
+            with pytest.raises(RegistryError) as info:
+                await call(client)
+        assert f"{registry} sent over 8388608 bytes in answer to GET" in str(info.value), str(info.value)
+        assert all(headers.get("Accept-Encoding") == "identity" for headers in seen)
+    finally:
+        server.shutdown()

@@ -76,6 +76,9 @@ class BlobBody:
             yield chunk
 
 
+# Distribution caps manifests at 4 MiB; tokens, listings and error bodies are far smaller
+MAX_BODY_BYTES = 8 << 20
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
@@ -154,7 +157,8 @@ class RegistryClient:
         self._http = httpx.AsyncClient(
             verify=verify, timeout=self._timeout, follow_redirects=False, transport=self._transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32), trust_env=True,
-            headers={"User-Agent": "modelfs/0.1"})
+            # identity: blob bytes are hashed and served at their offsets exactly as stored
+            headers={"User-Agent": "modelfs/0.1", "Accept-Encoding": "identity"})
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -207,7 +211,8 @@ class RegistryClient:
         query.extend(("scope", s) for s in scope.split(" ") if s)
         headers = {"Authorization": credential.basic} if credential else {}
         try:
-            response = await self._http.get(params["realm"], params=query, headers=headers)
+            request = self._http.build_request("GET", params["realm"], params=query, headers=headers)
+            response = await self._read_bounded(await self._http.send(request, stream=True), "GET", params["realm"])
         except httpx.TransportError as exc:
             raise UnavailableError(f"cannot reach the token service of {self.registry}: {exc}") from None
         if response.status_code in (401, 403):
@@ -277,10 +282,8 @@ class RegistryClient:
                     attempt -= 1
                     continue
                 if response.status_code != 429 and response.status_code < 500:
-                    if not stream:
-                        await response.aread()
-                    return response
-                await response.aread()
+                    return response if stream else await self._read_bounded(response, method, path)
+                response = await self._read_bounded(response, method, path)
                 problem = f"{self.host} answered {response.status_code} {_error_message(response)} to {method} {path}"
                 retry_after = _retry_after(response)
                 await response.aclose()
@@ -289,6 +292,24 @@ class RegistryClient:
                 raise UnavailableError(f"{problem} (gave up after {attempt} attempts)")
             log.info("retrying in %.2fs: %s", delay, problem)
             await trio.sleep(delay)
+
+    async def _read_bounded(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
+        """The whole body of a response that is not a blob (manifest, token, listing, error),
+        refused past MAX_BODY_BYTES: a hostile or broken server cannot make us hold gigabytes."""
+        chunks, total = [], 0
+        try:
+            async for chunk in response.aiter_raw():
+                total += len(chunk)
+                if total > MAX_BODY_BYTES:
+                    raise RegistryError(f"{response.url.netloc.decode()} sent over {MAX_BODY_BYTES} bytes in answer to "
+                                        f"{method} {urlsplit(path).path}; refusing it")
+                chunks.append(chunk)
+        finally:
+            await response.aclose()
+        whole = httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks),
+                               request=response.request)
+        whole.read()
+        return whole
 
     def _raise_for(self, response: httpx.Response, what: str) -> None:
         code = response.status_code
@@ -363,8 +384,8 @@ class RegistryClient:
             if response.status_code == 416:
                 raise RegistryError(f"{self.registry}: range {start}-{end} is outside blob {digest}")
             if response.status_code not in (200, 206):
-                await response.aread()
-                self._raise_for(response, f"blob {digest} in {repository}")
+                self._raise_for(await self._read_bounded(response, "GET", f"/v2/{repository}/blobs/{digest}"),
+                                f"blob {digest} in {repository}")
             if ranged and response.status_code == 206:
                 expected = f"bytes {start}-"
                 if not response.headers.get("content-range", "").startswith(expected):
