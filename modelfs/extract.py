@@ -78,17 +78,25 @@ def _untar(blob_path: str, packing: Packing, output: str, where: str, result: Ex
     staging = tempfile.mkdtemp(dir=output, prefix=".modelfs-layer-")
     try:
         for path, kind in _unpack(blob_path, packing, staging, where):
-            target = safe_join(output, path, f"{where}, member {path!r}")
-            if kind == DIRECTORY:
-                os.makedirs(target, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            if os.path.lexists(target):
-                os.unlink(target)
-            os.replace(os.path.join(staging, *path.split("/")), target)
-            result.files.append(path)
+            target = _make_room(output, path, kind, f"{where}, member {path!r}")
+            if target is not None:
+                os.replace(os.path.join(staging, *path.split("/")), target)
+                result.files.append(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _make_room(root: str, path: str, kind: str, where: str) -> str | None:
+    """Where a member goes under ``root``, its parents made and any old entry removed; a
+    directory member is simply made (None)."""
+    target = safe_join(root, path, where)
+    if kind == DIRECTORY:
+        os.makedirs(target, exist_ok=True)
+        return None
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.lexists(target):
+        os.unlink(target)
+    return target
 
 
 def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tuple[str, str]]:
@@ -103,14 +111,10 @@ def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tup
                     continue
                 path, kind, link = checked
                 member_where = f"{where}, member {path!r}"
-                target = safe_join(root, path, member_where)
                 unpacked.append((path, kind))
-                if kind == DIRECTORY:
-                    os.makedirs(target, exist_ok=True)
+                target = _make_room(root, path, kind, member_where)
+                if target is None:
                     continue
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                if os.path.lexists(target):
-                    os.unlink(target)
                 if kind == SYMLINK:
                     os.symlink(link, target)
                 elif kind == HARDLINK:
