@@ -94,16 +94,22 @@ def basic_registry(tmp_path_factory):
     reg.stop()
 
 
-@pytest.fixture(scope="session")
-def token_registry(tmp_path_factory):
+def start_token_registry(root: Path) -> Registry:
+    """Distribution with token auth from a :class:`token_issuer.TokenIssuer` (``.issuer``)."""
     from token_issuer import TokenIssuer
-    root = tmp_path_factory.mktemp("token-registry")
+    root.mkdir(parents=True, exist_ok=True)
     issuer = TokenIssuer(root)
     reg = Registry(root, issuer.registry_config())
     reg.issuer = issuer
+    return reg
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory):
+    reg = start_token_registry(tmp_path_factory.mktemp("token-registry"))
     yield reg
     reg.stop()
-    issuer.close()
+    reg.issuer.close()
 
 
 @pytest.fixture(scope="session")

@@ -102,3 +102,28 @@ def test_without_block_index_corruption_is_caught_when_the_blob_completes(cli, r
         time.sleep(0.2)
     # evicted from the cache and from the kernel's page cache, then fetched again
     assert (target / "w.bin").read_bytes() == payload
+
+
+def test_a_token_the_registry_stops_accepting_is_renewed_mid_mount(cli, mounts, minilm_dir, tmp_path):
+    """Tokens outlive their welcome (expiry, a rotated signing key): a read that gets 401 with
+    a cached token fetches a new one and goes on; the inference server never sees it."""
+    from conftest import SAMPLE_MODELFILE, start_token_registry
+    registry = start_token_registry(tmp_path / "token-registry")
+    try:
+        ref = f"{registry.address}/private/minilm:v1"
+        cli.run("login", "--plain-http", registry.address, "-u", "alice", "--password-stdin", input="s3cret-pass\n")
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("push", "--plain-http", ref)
+        target = mounts.mount(ref, "--prefetch", "none")
+        assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+        before = len(registry.issuer.issued)
+        registry.issuer.rotate_key()
+        registry.kill()
+        registry.start()  # reloads the bundle: every token issued so far is refused
+        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        assert len(registry.issuer.issued) > before
+        log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+        assert " ERROR " not in log and "giving up" not in log, log
+    finally:
+        registry.stop()
+        registry.issuer.close()

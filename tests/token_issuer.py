@@ -32,16 +32,8 @@ def _b64(data: bytes) -> str:
 
 class TokenIssuer:
     def __init__(self, directory: Path) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelfs test token issuer")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=1))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
         self.cert_path = directory / "issuer.pem"
-        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self.rotate_key()
         self.issued: list[str] = []
         issuer = self
 
@@ -55,6 +47,19 @@ class TokenIssuer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def rotate_key(self) -> None:
+        """A new signing key and certificate: tokens signed before are refused once the
+        registry reloads the bundle (restart it)."""
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelfs test token issuer")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=1))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.cert_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
     @property
     def realm(self) -> str:
