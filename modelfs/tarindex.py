@@ -159,7 +159,11 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
             name = f"{_string(header[345:500])}/{name}"
         name = pending.pop("path", name)
         link = pending.pop("linkpath", _string(header[157:257]))
-        size = int(pending.pop("size", size))
+        size = _pax_size(pending.pop("size", None), size, name, where)
+        if typeflag == b"S" or any(key.startswith("GNU.sparse.") for key in pending):
+            name = pending.get("GNU.sparse.name", name)
+            raise ManifestError(f"{where}, member {name!r}: a sparse file (tar --sparse) has no contiguous bytes to serve "
+                                "from the mount; `modelfs extract` unpacks it, or pack the layer without --sparse")
         pending.clear()
         data_offset = source.offset
         if blob_size is not None and data_offset + size > blob_size:
@@ -173,6 +177,15 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
             yield Member(vetted[0], kind, data_offset, size if kind == REGULAR else 0, mode,
                          _octal(header[136:148], "mtime", where), vetted[1])
         await source.skip_to(data_offset + _padded(size))
+
+
+def _pax_size(value: str | None, header_size: int, name: str, where: str) -> int:
+    """The size a PAX record gives (it overrides the header's), checked."""
+    if value is None:
+        return header_size
+    if not (value.isascii() and value.isdigit()):
+        raise ManifestError(f"{where}, member {name!r}: PAX size {value[:40]!r} is not a byte count")
+    return int(value)
 
 
 def _padded(size: int) -> int:

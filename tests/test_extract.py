@@ -3,6 +3,7 @@ refuse what would escape the tree and serve what is merely unusual."""
 
 import gzip
 import os
+import subprocess
 import tarfile
 
 import pytest
@@ -92,6 +93,34 @@ def test_layers_of_several_gzip_members_or_zstd_frames_are_read_whole(cli, regis
     for path, data in files.items():
         assert (out / path).read_bytes() == data
         assert (target / path).read_bytes() == data
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_members_are_extracted_whole_and_refused_by_the_mount(cli, registry, tmp_path, tar_format):
+    """GNU tar --sparse stores only the written regions (old GNU 'S' or PAX GNU.sparse 1.0):
+    extract rebuilds the file; the mount has no contiguous bytes to serve and says so."""
+    source = tmp_path / "src"
+    source.mkdir()
+    data = bytearray(5 << 20)
+    data[2_000_000:2_000_006] = b"middle"
+    (source / "holes.bin").write_bytes(b"")
+    with open(source / "holes.bin", "r+b") as handle:
+        handle.truncate(len(data))
+        handle.seek(2_000_000)
+        handle.write(b"middle")
+    tar_path = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", f"--format={tar_format}", "-cf", str(tar_path), "-C", str(source), "holes.bin"],
+                   check=True)
+    assert tar_path.stat().st_size < 1 << 20  # really stored sparse
+    ref = push_artifact(registry.address, f"unusual/sparse-{tar_format}", [(tar_path.read_bytes(), WEIGHT_TAR, {})])
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    assert (out / "holes.bin").read_bytes() == bytes(data)
+    target = tmp_path / "mnt"
+    target.mkdir()
+    mounted = cli.run("mount", "--plain-http", "--prefetch", "none", ref, str(target), check=False)
+    assert mounted.returncode == 1 and not os.path.ismount(target)
+    assert "layer 0" in mounted.stderr and "member 'holes.bin': a sparse file (tar --sparse)" in mounted.stderr, mounted.stderr
 
 
 def test_unknown_media_type_with_a_path_is_served_as_a_file(cli, registry, mounts):

@@ -1,3 +1,4 @@
+import io
 import tarfile
 
 import pytest
@@ -54,3 +55,14 @@ async def test_size_beyond_the_blob_is_refused():
 async def test_garbage_is_not_a_tar():
     with pytest.raises(ManifestError, match="bad checksum"):
         await index_tar(_reader(b"x" * 2048), 2048, "layer 0")
+
+
+@pytest.mark.parametrize("size", ["x1", "-5", "1e3"])
+async def test_a_pax_size_that_is_not_a_byte_count_is_refused(size):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("w.bin")
+        info.size, info.pax_headers = 3, {"size": size}
+        tar.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(ManifestError, match=f"layer 0, member 'w.bin': PAX size '{size}' is not a byte count"):
+        await index_tar(_reader(buf.getvalue()), len(buf.getvalue()), "layer 0")
