@@ -123,6 +123,21 @@ def test_sparse_members_are_extracted_whole_and_refused_by_the_mount(cli, regist
     assert "layer 0" in mounted.stderr and "member 'holes.bin': a sparse file (tar --sparse)" in mounted.stderr, mounted.stderr
 
 
+def test_empty_files_and_an_empty_blob_are_served_extracted_and_pulled(cli, registry, mounts, tmp_path):
+    ref = push_artifact(registry.address, "unusual/empty",
+                        [(b"", "application/vnd.cncf.model.code.v1.raw", {"org.cncf.model.filepath": "pkg/__init__.py"}),
+                         (make_tar([("empty.txt", b"", {}), ("one.txt", b"1", {})]), "application/vnd.cncf.model.doc.v1.tar", {})])
+    target = mounts.mount(ref, "--prefetch", "all")
+    assert os.stat(target / "pkg" / "__init__.py").st_size == 0
+    assert [(target / p).read_bytes() for p in ("pkg/__init__.py", "empty.txt", "one.txt")] == [b"", b"", b"1"]
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    assert [(out / p).read_bytes() for p in ("pkg/__init__.py", "empty.txt", "one.txt")] == [b"", b"", b"1"]
+    cli.run("pull", "--plain-http", ref)
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert " ERROR " not in log and " WARNING " not in log, log
+
+
 def test_unknown_media_type_with_a_path_is_served_as_a_file(cli, registry, mounts):
     ref = push_artifact(registry.address, "unusual/mediatype",
                         [(b"plain bytes", "application/x-something", {"org.cncf.model.filepath": "notes.bin"})])
