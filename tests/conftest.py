@@ -192,6 +192,16 @@ class Mounts:
         self.active.append(target)
         return target, daemon_pid(out)
 
+    def refused(self, ref: str, *extra: str, cli: Cli | None = None) -> subprocess.CompletedProcess:
+        """Try a mount that should fail; if it mounts after all, it is cleaned up with the rest."""
+        self.count += 1
+        target = self.base / f"refused{self.count}"
+        target.mkdir(parents=True)
+        result = (cli or self.cli).run("mount", "--plain-http", *extra, ref, str(target), check=False, timeout=120)
+        if result.returncode == 0 or os.path.ismount(target):
+            self.active.append(target)
+        return result
+
     def umount(self, target: Path) -> None:
         self.cli.run("umount", str(target))
         self.active.remove(target)

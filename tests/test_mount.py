@@ -171,10 +171,8 @@ def test_sigterm_unmounts_cleanly(mounts, minilm_ref, cli):
     mounts.active.remove(target)
 
 
-def test_mount_errors_are_one_line(cli, registry, tmp_path, minilm_ref):
-    target = tmp_path / "m"
-    target.mkdir()
-    missing = cli.run("mount", "--plain-http", f"{registry.address}/demo/minilm:nope", str(target), check=False)
+def test_mount_errors_are_one_line(cli, registry, mounts, tmp_path, minilm_ref):
+    missing = mounts.refused(f"{registry.address}/demo/minilm:nope")
     assert missing.returncode == 1 and missing.stderr.startswith("modelfs: error: ") and "not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     nodir = cli.run("mount", "--plain-http", minilm_ref, str(tmp_path / "nodir"), check=False)
@@ -252,7 +250,7 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert f"cannot reach {private.address}" in log and f"serving {ref} as cached on" in log
         # a model this host never had is a clear one-line error, not a stale guess
-        failed = cli.run("mount", "--plain-http", never_pulled, str(tmp_path), check=False)
+        failed = mounts.refused(never_pulled)
         assert failed.returncode == 1 and f"cannot reach {private.address}" in failed.stderr
         assert "Traceback" not in failed.stderr
     finally:
