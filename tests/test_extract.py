@@ -133,6 +133,19 @@ def test_empty_files_and_an_empty_blob_are_served_extracted_and_pulled(cli, regi
     assert " ERROR " not in log and " WARNING " not in log, log
 
 
+def test_unusual_file_names_are_served_and_extracted_as_named(cli, registry, mounts, tmp_path):
+    names = ["模型/权重 v2.bin", "with space.txt", "ümlaut-ß.json", "a\nnewline.txt"]
+    ref = push_artifact(registry.address, "unusual/names",
+                        [(n.encode(), "application/vnd.cncf.model.doc.v1.raw", {"org.cncf.model.filepath": n}) for n in names[:2]]
+                        + [(make_tar([(n, n.encode(), {}) for n in names[2:]]), "application/vnd.cncf.model.doc.v1.tar", {})])
+    target = mounts.mount(ref, "--prefetch", "none")
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "--output", str(out))
+    for name in names:
+        assert (target / name).read_bytes() == name.encode() == (out / name).read_bytes()
+    assert sorted(os.listdir(target)) == sorted(["模型", "with space.txt", "ümlaut-ß.json", "a\nnewline.txt"])
+
+
 def test_unknown_media_type_with_a_path_is_served_as_a_file(cli, registry, mounts):
     ref = push_artifact(registry.address, "unusual/mediatype",
                         [(b"plain bytes", "application/x-something", {"org.cncf.model.filepath": "notes.bin"})])
