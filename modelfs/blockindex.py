@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 from .errors import ManifestError, ModelfsError, NotFoundError
+from .registry import brief_retries
 from .spec import OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, load_json, parse_descriptor, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -113,7 +114,13 @@ async def _extend_fallback_index(client, repository: str, subject_digest: str, e
 
 
 async def fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
-    """The block index attached to a model, or None (older pushes, other tools)."""
+    """The block index attached to a model, or None (older pushes, other tools, or a source
+    that cannot say within two tries)."""
+    with brief_retries():
+        return await _fetch(client, repository, subject_digest)
+
+
+async def _fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
     try:
         listing = await client.referrers(repository, subject_digest)
         if listing is None:

@@ -84,6 +84,8 @@ def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm
         # answer, not a failure, so the mirror keeps serving instead of being benched
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert "using the next source" not in log, log
+        # and the optional index is not worth a minute of retries against the dead upstream
+        assert "ignoring the block index" in log and "(gave up after 2 attempts)" in log, log
         # with the mirror gone too, the error says so in one line
         mirror.kill()
         failed = cli.run("inspect", ref, check=False)

@@ -11,7 +11,7 @@ import pytest
 
 from modelfs.credentials import Credential
 from modelfs.errors import RegistryError
-from modelfs.registry import RegistryClient, RetryPolicy
+from modelfs.registry import RegistryClient, RetryPolicy, brief_retries
 
 BLOB = bytes(range(256)) * 64
 DIGEST = "sha256:" + __import__("hashlib").sha256(BLOB).hexdigest()
@@ -111,5 +111,20 @@ async def test_oversized_answers_are_refused_not_held(script, call):
                 await call(client)
         assert f"{registry} sent over 8388608 bytes in answer to GET" in str(info.value), str(info.value)
         assert all(headers.get("Accept-Encoding") == "identity" for headers in seen)
+    finally:
+        server.shutdown()
+
+
+async def test_brief_retries_give_up_after_two_attempts_inside_their_block_only():
+    script = [(503, {}, b"")] * 3  # then the default 206
+    server, seen = serve("127.0.0.1", script)
+    registry = f"127.0.0.1:{server.server_address[1]}"
+    try:
+        async with RegistryClient(registry, plain_http=True, retry=RetryPolicy(base_delay=0.01)) as client:
+            with brief_retries(), pytest.raises(RegistryError, match=r"503 .*\(gave up after 2 attempts\)"):
+                await client.get_blob("org/model", DIGEST)
+            async with client.stream_blob("org/model", DIGEST, 0, 10) as response:  # patient again: 503, then 206
+                assert b"".join([c async for c in response.aiter_raw()]) == BLOB[:10]
+        assert len(seen) == 4
     finally:
         server.shutdown()

@@ -9,13 +9,14 @@ changes), and retries connection errors, 5xx and 429 with capped exponential bac
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 import random
 import ssl
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -79,6 +80,7 @@ class BlobBody:
 # Distribution caps manifests at 4 MiB; tokens, listings and error bodies are far smaller
 MAX_BODY_BYTES = 8 << 20
 
+
 @dataclass(frozen=True)
 class RetryPolicy:
     attempts: int = 6
@@ -91,6 +93,22 @@ class RetryPolicy:
             return min(retry_after, self.max_delay * 4)
         backoff = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
         return backoff * (0.5 + random.random() / 2)
+
+
+BRIEF_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.2, deadline=10.0)
+_brief = contextvars.ContextVar("modelfs_brief_retries", default=False)
+
+
+@contextmanager
+def brief_retries() -> Iterator[None]:
+    """Requests for optional data (the block index) made in this block try twice, not for a
+    minute: the caller copes without the answer, and a mount should not wait on a dead
+    upstream for something a mirror did not have."""
+    token = _brief.set(True)
+    try:
+        yield
+    finally:
+        _brief.reset(token)
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -257,7 +275,8 @@ class RegistryClient:
         if self._http is None:
             raise RuntimeError("RegistryClient used outside 'async with'")
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        deadline = trio.current_time() + self.retry.deadline
+        retry = BRIEF_RETRY if _brief.get() else self.retry
+        deadline = trio.current_time() + retry.deadline
         attempt, authenticated = 0, False
         while True:
             attempt += 1
@@ -287,8 +306,8 @@ class RegistryClient:
                 problem = f"{self.host} answered {response.status_code} {_error_message(response)} to {method} {path}"
                 retry_after = _retry_after(response)
                 await response.aclose()
-            delay = self.retry.delay(attempt, retry_after)
-            if attempt >= self.retry.attempts or trio.current_time() + delay > deadline:
+            delay = retry.delay(attempt, retry_after)
+            if attempt >= retry.attempts or trio.current_time() + delay > deadline:
                 raise UnavailableError(f"{problem} (gave up after {attempt} attempts)")
             log.info("retrying in %.2fs: %s", delay, problem)
             await trio.sleep(delay)
