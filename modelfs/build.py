@@ -17,13 +17,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import zstandard
 
 from . import modelfile as mf
 from .errors import ModelfsError
 from .layout import Store
 from .spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
                    OCI_MANIFEST, Descriptor, Manifest, ModelConfig, Packing, layer_media_type)
+from .zstd import ZstdFile
 
 # Lets generic OCI tools (oras, ORAS CLI) name the files they pull; modelfs itself reads filepath.
 ANNOTATION_TITLE = "org.opencontainers.image.title"
@@ -71,7 +71,9 @@ def _tar_layer(store: Store, path: str, rel: str, packing: Packing) -> tuple[str
                     while chunk := tmp.read(4 << 20):
                         gz.write(chunk)
             else:
-                zstandard.ZstdCompressor().copy_stream(tmp, packed)
+                with ZstdFile(packed, mode="w") as zst:
+                    while chunk := tmp.read(4 << 20):
+                        zst.write(chunk)
             packed.seek(0)
             blob = store.add_stream(packed)
         os.unlink(store.blob_path(plain.digest))

@@ -17,7 +17,6 @@ import zlib
 from dataclasses import dataclass, field
 
 import trio
-import zstandard
 
 from .cache import BlockCache
 from .errors import IntegrityError, ManifestError
@@ -26,6 +25,7 @@ from .registry import RegistryClient
 from .resolve import Model
 from .spec import Descriptor, Packing, classify_layer
 from .tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
+from .zstd import ZstdError, ZstdFile
 
 
 @dataclass
@@ -129,7 +129,7 @@ def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tup
                 pass
     except EOFError:
         raise ManifestError(f"{where}: compressed stream ends early (truncated blob?)") from None
-    except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError) as exc:
+    except (gzip.BadGzipFile, zlib.error, ZstdError) as exc:
         raise ManifestError(f"{where}: corrupt compressed stream: {exc}") from None
     except tarfile.TarError as exc:
         raise ManifestError(f"{where}: cannot unpack: {exc}") from None
@@ -140,7 +140,7 @@ def _decompressed(raw, packing: Packing):
     """The tar stream inside a layer. Concatenated gzip members and zstd frames are one stream,
     as Go's readers (modctl, containerd) treat them; tarfile's own "r|gz" stops after the first."""
     if packing is Packing.TAR_ZSTD:
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return ZstdFile(raw, mode="r")
     if packing is Packing.TAR_GZIP:
         return gzip.GzipFile(fileobj=raw, mode="rb")
     return raw

@@ -16,12 +16,12 @@ import zlib
 from typing import AsyncIterator
 
 import trio
-import zstandard
 
 from .errors import IntegrityError, ManifestError, ModelfsError
 from .fetcher import BlobReader, Fetcher
 from .spec import Descriptor, Packing
 from .tarindex import REGULAR, Member, iter_members
+from .zstd import ZstdDecompressor, ZstdError
 
 log = logging.getLogger(__name__)
 
@@ -34,44 +34,41 @@ def derived_key(layer_digest: str, path: str) -> str:
 
 
 class _Decompressor:
-    """gzip or zstd, incremental and bounded per step. Concatenated gzip members and zstd
-    frames form one stream (pigz, pzstd and Go's writers may produce several; Go's readers,
-    like modctl's and containerd's, read across them), so a finished member or frame with
-    bytes after it starts the next one."""
+    """gzip or zstd, incremental, at most _WINDOW bytes out per step (a few KiB of hostile
+    input cannot balloon memory). Concatenated gzip members and zstd frames form one stream
+    (pigz, pzstd and Go's writers may produce several; Go's readers, like modctl's and
+    containerd's, read across them): a finished member with bytes after it starts the next."""
 
     def __init__(self, packing: Packing) -> None:
-        self._packing = packing
+        self._gzip = packing is Packing.TAR_GZIP
         self._obj = self._new()
         self._next = b""  # input past the end of the member or frame just finished
 
     def _new(self):
-        if self._packing is Packing.TAR_GZIP:
-            return zlib.decompressobj(wbits=47)
-        return zstandard.ZstdDecompressor().decompressobj()
+        return zlib.decompressobj(wbits=47) if self._gzip else ZstdDecompressor()
 
     def feed(self, data: bytes) -> bytes:
         if self._obj.eof:
             self._obj = self._new()
-        if self._packing is Packing.TAR_GZIP:
-            out = self._obj.decompress(data, _WINDOW)
-        else:
-            out = self._obj.decompress(data)
+        out = self._obj.decompress(data, _WINDOW)
         if self._obj.eof:
             self._next = self._obj.unused_data
         return out
 
-    def pending(self) -> bytes:
-        """Input not decompressed yet: held back by the window limit, or the next member."""
-        if self._packing is Packing.TAR_GZIP and not self._obj.eof and self._obj.unconsumed_tail:
-            return self._obj.unconsumed_tail
-        data, self._next = self._next, b""
-        return data
-
-    def held_output(self) -> bytes:
-        """Output zlib still holds back after all input went in (the window limit hit exactly)."""
-        if self._packing is Packing.TAR_GZIP and not self._obj.eof:
-            return self._obj.decompress(b"", _WINDOW)
-        return b""
+    def step(self) -> bytes | None:
+        """More output from input already given, or None when more input is needed."""
+        if self._next:
+            data, self._next = self._next, b""
+            return self.feed(data)
+        if self._obj.eof:
+            return None
+        if self._gzip:  # input held back by the window, or output zlib still holds
+            out = self.feed(self._obj.unconsumed_tail)
+        elif not self._obj.needs_input:
+            out = self.feed(b"")
+        else:
+            return None
+        return out or None
 
     @property
     def finished(self) -> bool:
@@ -95,13 +92,16 @@ class StreamSource:
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size and not self._eof:
-            tail = self._decompressor.pending()
-            if tail:
-                self._buffer += self._feed(tail)
+            out = self._step()
+            if out is not None:
+                self._buffer += out
                 continue
             if self._input_done:
-                self._end()
-                continue
+                self._eof = True
+                if not self._decompressor.finished:
+                    raise ManifestError(f"{self._where}: compressed stream ends early, at byte {self.compressed_bytes} "
+                                        "(truncated blob?)")
+                return
             try:
                 chunk = await self._chunks.__anext__()
             except StopAsyncIteration:
@@ -111,21 +111,16 @@ class StreamSource:
             self.compressed_bytes += len(chunk)
             self._buffer += self._feed(chunk)
 
-    def _end(self) -> None:
-        """The body ended: take what the decompressor still holds, then insist it ended cleanly."""
-        held = self._decompressor.held_output()
-        if held:
-            self._buffer += held
-            return
-        self._eof = True
-        if not self._decompressor.finished:
-            raise ManifestError(f"{self._where}: compressed stream ends early, at byte {self.compressed_bytes} "
-                                "(truncated blob?)")
+    def _step(self) -> bytes | None:
+        try:
+            return self._decompressor.step()
+        except (zlib.error, ZstdError) as exc:
+            raise ManifestError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
 
     def _feed(self, data: bytes) -> bytes:
         try:
             return self._decompressor.feed(data)
-        except (zlib.error, zstandard.ZstdError) as exc:
+        except (zlib.error, ZstdError) as exc:
             raise ManifestError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
 
     async def read(self, size: int) -> bytes:
@@ -142,11 +137,10 @@ class StreamSource:
 
     async def drain(self) -> None:
         """Consume the rest so the whole blob is hashed."""
-        while not self._eof or self._decompressor.pending():
+        while not self._eof:
             self._buffer.clear()
             await self._fill(_WINDOW)
-            if self._eof and not self._buffer:
-                break
+        self._buffer.clear()
 
 
 class DerivedReader(BlobReader):

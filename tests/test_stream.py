@@ -9,12 +9,12 @@ import gzip
 import os
 
 import pytest
-import zstandard
 
 from conftest import make_tar
 from modelfs.errors import ManifestError
+from modelfs import zstd
 from modelfs.spec import Packing
-from modelfs.stream import StreamSource
+from modelfs.stream import _WINDOW, StreamSource, _Decompressor
 from modelfs.tarindex import iter_members
 
 FILES = {"a.txt": b"hello", "b/c.bin": bytes(range(256)) * 9, "weights.bin": os.urandom(3 << 20)}
@@ -49,13 +49,13 @@ def gzip_members(data: bytes, parts: int) -> bytes:
 
 
 def zstd_frames(data: bytes, parts: int) -> bytes:
-    return b"".join(zstandard.ZstdCompressor().compress(piece) for piece in split(data, parts))
+    return b"".join(zstd.compress(piece) for piece in split(data, parts))
 
 
 @pytest.mark.parametrize("packing, blob", [
     (Packing.TAR_GZIP, gzip.compress(TAR)),
     (Packing.TAR_GZIP, gzip_members(TAR, 5)),  # as pigz --independent or `cat a.gz b.gz` write
-    (Packing.TAR_ZSTD, zstandard.ZstdCompressor().compress(TAR)),
+    (Packing.TAR_ZSTD, zstd.compress(TAR)),
     (Packing.TAR_ZSTD, zstd_frames(TAR, 5)),  # as pzstd writes
 ], ids=["gzip", "gzip-members", "zstd", "zstd-frames"])
 @pytest.mark.parametrize("chunk", [100, 65536, 1 << 30], ids=["small-chunks", "64k-chunks", "one-chunk"])
@@ -73,7 +73,7 @@ async def test_output_held_back_by_the_window_limit_comes_out():
 @pytest.mark.parametrize("packing, blob", [
     (Packing.TAR_GZIP, gzip.compress(TAR)[:-8]),  # trailer cut: the tar is whole, the gzip is not
     (Packing.TAR_GZIP, gzip.compress(TAR)[:len(gzip.compress(TAR)) // 2]),
-    (Packing.TAR_ZSTD, zstandard.ZstdCompressor().compress(TAR)[:-3]),
+    (Packing.TAR_ZSTD, zstd.compress(TAR)[:-3]),
 ], ids=["gzip-trailer", "gzip-half", "zstd-end"])
 async def test_a_stream_cut_short_is_refused_with_the_layer_named(packing, blob):
     with pytest.raises(ManifestError) as info:
@@ -91,3 +91,19 @@ async def test_a_corrupt_stream_is_refused_with_the_layer_named(packing, blob):
     with pytest.raises(ManifestError) as info:
         await walk(blob, packing)
     assert str(info.value).startswith(WHERE + ": corrupt compressed stream at byte ")
+
+
+@pytest.mark.parametrize("packing, compress", [
+    (Packing.TAR_GZIP, gzip.compress),
+    (Packing.TAR_ZSTD, zstd.compress),  # 256 MiB of zeros is about 8 KiB of zstd
+], ids=["gzip", "zstd"])
+def test_no_step_of_a_compression_bomb_outputs_more_than_the_window(packing, compress):
+    size = 256 << 20
+    blob = compress(bytes(size))
+    assert len(blob) < size // 1000
+    decompressor = _Decompressor(packing)
+    steps = [len(decompressor.feed(blob))]
+    while (out := decompressor.step()) is not None:
+        steps.append(len(out))
+    assert sum(steps) == size and decompressor.finished
+    assert max(steps) <= _WINDOW
