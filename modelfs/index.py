@@ -45,18 +45,28 @@ class Node:
     parent: int = ROOT_INODE
 
 
+MAX_NODES = 1_000_000  # files, links and directories; real models have thousands
+
+
 class Tree:
-    def __init__(self, mtime_ns: int) -> None:
+    def __init__(self, mtime_ns: int, max_nodes: int = MAX_NODES) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", DIRECTORY, 0o755, mtime_ns)}
         self._origin: dict[str, str] = {}
         self.mtime_ns = mtime_ns
+        self.max_nodes = max_nodes
+
+    def _new_inode(self, where: str) -> int:
+        """The next inode number; a hostile tar of millions of empty members stops here, not at OOM."""
+        if len(self.nodes) >= self.max_nodes:
+            raise ManifestError(f"{where}: the model has over {self.max_nodes:,} files and directories; refusing it")
+        return len(self.nodes) + 1
 
     def _directory(self, parts: list[str], where: str) -> Node:
         node = self.nodes[ROOT_INODE]
         for depth, part in enumerate(parts, 1):
             child = node.children.get(part)
             if child is None:
-                new = Node(len(self.nodes) + 1, part, DIRECTORY, 0o755, self.mtime_ns, parent=node.inode)
+                new = Node(self._new_inode(where), part, DIRECTORY, 0o755, self.mtime_ns, parent=node.inode)
                 self.nodes[new.inode] = new
                 node.children[part] = new.inode
                 node = new
@@ -74,7 +84,7 @@ class Tree:
             raise UnsafePathError(f"{where}: {path} is both a file and a directory")
         if existing is not None:
             raise UnsafePathError(f"{where}: duplicate path {path!r} (also in {self._origin.get(path, 'another layer')})")
-        node = Node(len(self.nodes) + 1, parts[-1], parent=parent.inode, **attrs)  # type: ignore[arg-type]
+        node = Node(self._new_inode(where), parts[-1], parent=parent.inode, **attrs)  # type: ignore[arg-type]
         self.nodes[node.inode] = node
         parent.children[parts[-1]] = node.inode
         self._origin[path] = where

@@ -16,6 +16,7 @@ from .errors import ManifestError, UnsafePathError
 from .paths import clean_member_path, link_target_inside
 
 BLOCK = 512
+MAX_MEMBERS = 1_000_000  # a real layer has thousands; millions of empty members are an attack on memory
 ReadAt = Callable[[int, int], Awaitable[bytes]]
 
 REGULAR, HARDLINK, SYMLINK, DIRECTORY = "file", "hardlink", "symlink", "dir"
@@ -130,10 +131,12 @@ def vet(name: str, kind: str, link: str, seen: set[str], where: str) -> tuple[st
     return path, link
 
 
-async def iter_members(source: TarSource, where: str, blob_size: int | None = None) -> AsyncIterator[Member]:
+async def iter_members(source: TarSource, where: str, blob_size: int | None = None,
+                       max_members: int = MAX_MEMBERS) -> AsyncIterator[Member]:
     """Yield each member before its data; the consumer may read the data from ``source``."""
     seen: set[str] = set()
     pending: dict[str, str] = {}
+    count = 0
     while True:
         header = await source.read(BLOCK)
         if not header or header == bytes(BLOCK):
@@ -154,6 +157,9 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
                 pending["path" if typeflag == b"L" else "linkpath"] = _string(payload)
             await source.skip_to(source.offset - len(payload) + _padded(size))
             continue
+        count += 1
+        if count > max_members:
+            raise ManifestError(f"{where}: over {max_members:,} tar members; refusing the layer")
         name = _string(header[0:100])
         if header[257:262] == b"ustar" and _string(header[345:500]):
             name = f"{_string(header[345:500])}/{name}"

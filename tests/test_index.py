@@ -48,6 +48,14 @@ def test_a_path_cannot_be_both_file_and_directory(first, second):
         add_file(tree, second)
 
 
+def test_a_tree_past_its_node_limit_is_refused():
+    tree = Tree(mtime_ns=0, max_nodes=4)  # the root and three more
+    add_file(tree, "a/b.bin")
+    add_file(tree, "a/c.bin")
+    with pytest.raises(ManifestError, match="layer 7: the model has over 4 files and directories; refusing it"):
+        add_file(tree, "d.bin", "layer 7")
+
+
 def model_with(*layers: Descriptor) -> Model:
     config = ModelConfig({"name": "t"}, {}, [])
     manifest = Manifest(OCI_MANIFEST, Descriptor("application/vnd.cncf.model.config.v1+json", DIGEST, 2), list(layers))

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import make_tar
 from modelfs.errors import ManifestError, UnsafePathError
-from modelfs.tarindex import REGULAR, SYMLINK, index_tar
+from modelfs.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
 
 
 def _reader(blob: bytes):
@@ -66,3 +66,10 @@ async def test_a_pax_size_that_is_not_a_byte_count_is_refused(size):
         tar.addfile(info, io.BytesIO(b"abc"))
     with pytest.raises(ManifestError, match=f"layer 0, member 'w.bin': PAX size '{size}' is not a byte count"):
         await index_tar(_reader(buf.getvalue()), len(buf.getvalue()), "layer 0")
+
+
+async def test_a_tar_of_too_many_members_is_refused():
+    blob = make_tar([(f"f{i}", b"", {}) for i in range(5)])
+    with pytest.raises(ManifestError, match="layer 0: over 4 tar members; refusing the layer"):
+        async for _ in iter_members(RangeSource(_reader(blob)), "layer 0", len(blob), max_members=4):
+            pass
