@@ -25,7 +25,7 @@ from . import blockindex
 from .blockindex import BlockIndex
 from .cache import BlockCache
 from .errors import MountError, UnavailableError, user_error
-from .fetcher import Fetcher, FetchPolicy
+from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS
 from .metrics import serve_metrics
 from .index import Tree, build_tree
@@ -109,8 +109,29 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"{mountpoint} is already a mount point (run `modelfs umount {mountpoint}` first)")
 
 
-async def _prefetch(fetcher: Fetcher, tree: Tree) -> None:
-    readers = sorted(tree.readers(), key=lambda r: r.size)  # small files (configs) first
+def prefetch_plan(readers: list[BlobReader], cache_limit: int) -> list[BlobReader]:
+    """The blobs worth prefetching: small files (configs, tokenizers) first, and under a cache
+    size limit only as many as fit in 90% of it (what eviction keeps), since prefetching a model
+    bigger than the cache would evict its own blocks and those just read, refetching forever."""
+    ordered = sorted(readers, key=lambda r: r.size)
+    if not cache_limit:
+        return ordered
+    plan, room = [], int(cache_limit * 0.9)
+    for reader in ordered:
+        if reader.size > room:
+            break
+        plan.append(reader)
+        room -= reader.size
+    return plan
+
+
+async def _prefetch(fetcher: Fetcher, tree: Tree, cache_limit: int) -> None:
+    everything = tree.readers()
+    readers = prefetch_plan(everything, cache_limit)
+    if len(readers) < len(everything):
+        log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
+                    "of %d bytes; they are fetched when read", len(readers), len(everything),
+                    sum(r.size for r in readers), sum(r.size for r in everything), cache_limit)
     try:
         await fetcher.prefetch(readers)
         log.info("prefetch complete: %d blobs cached", len(readers))
@@ -212,7 +233,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
         nursery.start_soon(_watch_signals)
         if options.prefetch == "all":
-            nursery.start_soon(_prefetch, fetcher, tree)
+            nursery.start_soon(_prefetch, fetcher, tree, options.cache_max_size)
         if options.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
         if options.metrics:

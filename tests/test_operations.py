@@ -115,6 +115,21 @@ def test_cache_limit_evicts_and_refetches_correct_bytes(cli, minilm_ref, minilm_
         assert handle.read(4 << 20) == original[50 << 20:54 << 20]
 
 
+def test_prefetch_takes_only_what_fits_under_the_cache_limit(cli, minilm_ref, minilm_dir, mounts):
+    """A model bigger than the cache limit is not prefetched whole: that would evict its own
+    blocks (and those just read) and fetch them again, forever."""
+    target = mounts.mount(minilm_ref, "--prefetch", "all", "--cache-max-size", "40M")
+    deadline = time.monotonic() + 60
+    while "prefetch complete" not in (log := "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())):
+        assert time.monotonic() < deadline, log
+        time.sleep(0.2)
+    assert "prefetching 12 of 13 blobs" in log and "under the cache limit of 41943040 bytes" in log, log
+    cached = lambda name: float(os.getxattr(target / name, "user.modelfs.cached"))  # noqa: E731
+    assert cached("tokenizer.json") == 1.0 and cached("model.safetensors") == 0.0
+    assert _du(cli.cache_dir / "blobs") < 40 << 20
+    assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+
+
 def test_cache_stats_and_prune(cli, minilm_ref):
     cli.run("pull", "--plain-http", minilm_ref)
     stats = cli.run("cache", "stats").stdout
