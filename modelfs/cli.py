@@ -27,6 +27,7 @@ from .errors import CacheError, ModelfsError, MountError, user_error
 from .extract import extract
 from .fetcher import Fetcher
 from .layout import Store, default_store_dir
+from .logfile import LOG_MAX_BYTES, DaemonLog
 from .push import push
 from .reference import Reference, parse
 from .config import load as load_config, parse_size
@@ -37,8 +38,9 @@ from .spec import Packing
 log = logging.getLogger("modelfs")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+def _setup_logging(level: str, log_file: str | None = None, log_max_size: int = LOG_MAX_BYTES) -> None:
+    handler = DaemonLog(log_file, log_max_size) if log_file else logging.StreamHandler(sys.stderr)
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
@@ -269,6 +271,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             "--log-level", args.log_level or "info", *(["--plain-http"] if args.plain_http else []),
             *(["--ca-file", args.ca_file] if args.ca_file else []), *(["--allow-other"] if args.allow_other else []),
             "--cache-max-size", str(args.cache_max_size), *(["--metrics", args.metrics] if args.metrics else []),
+            "--log-file", log_path, *(["--log-max-size", str(args.log_max_size)] if args.log_max_size else []),
             args.reference, args.mountpoint]
     with open(log_path, "ab") as log_handle:
         child = subprocess.Popen(argv, pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -374,6 +377,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-size", type=lambda v: parse_size(v, "--cache-max-size"), metavar="SIZE",
                    help="evict least recently used blobs above this size (e.g. 200G; default unlimited)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
+    p.add_argument("--log-max-size", type=lambda v: parse_size(v, "--log-max-size"), metavar="SIZE",
+                   help="rotate the background daemon's log file at this size, keeping 2 old ones (default 10M)")
+    p.add_argument("--log-file", help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_mount)
 
@@ -402,7 +408,7 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", 
                           "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async"}
 _VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
                         "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
-                        "cache_max_size": "--cache-max-size"}
+                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
 
 
@@ -449,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args = parser.parse_args(argv)
     daemon = args.handler is cmd_mount and args.foreground
-    _setup_logging(args.log_level or ("info" if daemon else "warning"))
+    _setup_logging(args.log_level or ("info" if daemon else "warning"), getattr(args, "log_file", None),
+                   getattr(args, "log_max_size", None) or LOG_MAX_BYTES)
     try:
         _resolve_settings(args)
         if inspect.iscoroutinefunction(args.handler):

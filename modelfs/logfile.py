@@ -1,0 +1,30 @@
+"""The background mount daemon's log file: rotated, so months of mounts cannot fill a disk.
+
+Only ``modelfs mount`` without ``--foreground`` writes one (supervised daemons log to stderr,
+which systemd's journal rotates). The file is rotated at a size limit keeping two old
+copies, and the process's stderr follows the current file, so a traceback from a bug lands
+beside the log lines instead of in a rotated-away (or deleted) file.
+"""
+
+from __future__ import annotations
+
+import logging.handlers
+import os
+
+LOG_MAX_BYTES = 10 << 20
+LOG_BACKUPS = 2
+
+
+class DaemonLog(logging.handlers.RotatingFileHandler):
+    def __init__(self, path: str, max_bytes: int = LOG_MAX_BYTES) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=LOG_BACKUPS, encoding="utf-8")
+        self._point_stderr_here()
+
+    def doRollover(self) -> None:  # noqa: N802 (logging's name)
+        super().doRollover()
+        self._point_stderr_here()
+
+    def _point_stderr_here(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+            os.dup2(self.stream.fileno(), 2)
