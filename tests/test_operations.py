@@ -131,12 +131,13 @@ def test_prefetch_takes_only_what_fits_under_the_cache_limit(cli, minilm_ref, mi
 
 
 def test_the_background_daemon_log_is_rotated(cli, mounts, minilm_ref, minilm_dir):
-    target = mounts.mount(minilm_ref, "--prefetch", "all", "--log-level", "debug", "--log-max-size", "4K")
+    # a debug-level prefetch of the model logs a few KiB: several times the limit
+    target = mounts.mount(minilm_ref, "--prefetch", "all", "--log-level", "debug", "--log-max-size", "1K")
     assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
     mounts.umount(target)
     logs = sorted((cli.cache_dir / "logs").iterdir())
     assert [p.name.rsplit(".log", 1)[1] for p in logs] in (["", ".1"], ["", ".1", ".2"])  # rotated, 2 kept at most
-    assert all(p.stat().st_size <= 4096 for p in logs)
+    assert all(p.stat().st_size <= 1024 for p in logs)
     assert "unmounted " in logs[0].read_text()  # the current file has the latest lines
 
 
