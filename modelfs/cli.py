@@ -15,7 +15,7 @@ import os
 import sys
 import time
 import traceback
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import trio
 
@@ -261,25 +261,15 @@ def _log_file(cache_dir: str, mountpoint: str) -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     parse(args.reference)  # fail fast, before forking, on a malformed reference
     if args.foreground:
-        options = _mount_options(args)
-        options.ready_fd = args.ready_fd
-        run_foreground(options)
-        return 0
+        return _serve_mount(args)
     read_fd, write_fd = os.pipe()
     log_path = _log_file(args.cache_dir, args.mountpoint)
-    argv = ["mount", "--foreground", "--ready-fd", str(write_fd),
-            "--cache-dir", args.cache_dir, "--prefetch", args.prefetch, "--timeout", str(args.timeout),
-            "--log-level", args.log_level or "info", *(["--plain-http"] if args.plain_http else []),
-            *(["--ca-file", args.ca_file] if args.ca_file else []), *(["--allow-other"] if args.allow_other else []),
-            "--cache-max-size", str(args.cache_max_size), *(["--metrics", args.metrics] if args.metrics else []),
-            "--log-file", log_path, *(["--log-max-size", str(args.log_max_size)] if args.log_max_size else []),
-            args.reference, args.mountpoint]
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os.close(read_fd)
-        _run_daemon(argv, log_path)
+        _run_daemon(args, write_fd, log_path)
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.readline().decode().strip()
@@ -294,12 +284,20 @@ def cmd_mount(args: argparse.Namespace) -> int:
     raise MountError(f"mount daemon exited ({returncode}) before the mount was ready: {tail[-1] if tail else 'no log'} (see {log_path})")
 
 
-def _run_daemon(argv: list[str], log_path: str) -> NoReturn:
+def _serve_mount(args: argparse.Namespace, ready_fd: int | None = None) -> int:
+    options = _mount_options(args)
+    options.ready_fd = ready_fd
+    run_foreground(options)
+    return 0
+
+
+def _run_daemon(args: argparse.Namespace, ready_fd: int, log_path: str) -> NoReturn:
     """The forked background daemon: its own session, no terminal, stderr into its log.
 
-    Forked rather than started afresh: this process has imported everything already, and
-    a second interpreter start cost 0.3-0.5 s of every mount's time to first byte here.
-    The parent has started no thread and no trio run yet, so the fork copies one thread.
+    Forked rather than started afresh: this process has imported everything and resolved
+    its settings already, and a second interpreter start cost 0.3-0.5 s of every mount's
+    time to first byte here. The parent has started no thread and no trio run yet, so the
+    fork copies one thread.
     """
     code = 1
     try:
@@ -311,9 +309,8 @@ def _run_daemon(argv: list[str], log_path: str) -> NoReturn:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        _setup_logging(args.log_level or "info", log_path, args.log_max_size or LOG_MAX_BYTES)
+        code = _report_errors(lambda: _serve_mount(args, ready_fd))
     except BaseException:
         traceback.print_exc()
     finally:
@@ -426,8 +423,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
     p.add_argument("--log-max-size", type=lambda v: parse_size(v, "--log-max-size"), metavar="SIZE",
                    help="rotate the background daemon's log file at this size, keeping 2 old ones (default 10M)")
-    p.add_argument("--log-file", help=argparse.SUPPRESS)
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(handler=cmd_mount)
 
     p = sub.add_parser("cache", help="inspect and prune the block cache")
@@ -502,13 +497,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args = parser.parse_args(argv)
     daemon = args.handler is cmd_mount and args.foreground
-    _setup_logging(args.log_level or ("info" if daemon else "warning"), getattr(args, "log_file", None),
-                   getattr(args, "log_max_size", None) or LOG_MAX_BYTES)
-    try:
+    _setup_logging(args.log_level or ("info" if daemon else "warning"))
+
+    def run() -> int:
         _resolve_settings(args)
         if inspect.iscoroutinefunction(args.handler):
             return trio.run(args.handler, args)
         return args.handler(args)
+
+    return _report_errors(run)
+
+
+def _report_errors(run: Callable[[], int]) -> int:
+    """Run a command; an error the user can act on becomes one line on stderr and exit 1."""
+    try:
+        return run()
     except (ModelfsError, BaseExceptionGroup) as exc:
         error = user_error(exc)
         if error is None:
