@@ -41,6 +41,10 @@ class UnavailableError(RegistryError):
     """The registry could not be reached, or kept failing (5xx, 429), after every retry."""
 
 
+class ConnectionLostError(UnavailableError):
+    """The connection dropped in the middle of a body (reset, short read); worth a retry."""
+
+
 class AuthenticationError(RegistryError):
     """The registry refused our credentials (or we had none and it wants some)."""
 

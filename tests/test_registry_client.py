@@ -128,3 +128,27 @@ async def test_brief_retries_give_up_after_two_attempts_inside_their_block_only(
         assert len(seen) == 4
     finally:
         server.shutdown()
+
+
+async def test_authorization_is_not_sent_over_a_downgrade_to_plain_http():
+    """An https -> http redirect on the same host and port would put the credentials on the
+    wire in clear text: the scheme is part of where they may go. No real server answers TLS
+    and plain HTTP on one port, so an in-process transport plays the registry here."""
+    import httpx
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.scheme == "https" and "authorization" not in request.headers:
+            return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="test"'})
+        if request.url.scheme == "https":
+            return httpx.Response(307, headers={"Location": f"http://{request.url.netloc.decode()}/blob"})
+        return httpx.Response(206, stream=httpx.ByteStream(BLOB[:100]),
+                              headers={"Content-Range": f"bytes 0-99/{len(BLOB)}"})
+
+    async with RegistryClient("registry.test", transport=httpx.MockTransport(answer)) as client:
+        client.use_credential(Credential("alice", "s3cret-pass"))
+        async with client.stream_blob("org/model", DIGEST, 0, 100) as response:
+            assert b"".join([chunk async for chunk in response.aiter_raw()]) == BLOB[:100]
+    assert seen[1].headers["authorization"].startswith("Basic ")
+    assert seen[2].url.scheme == "http" and "authorization" not in seen[2].headers

@@ -23,7 +23,8 @@ import httpx
 import trio
 
 from ..credentials import Credential, CredentialStore
-from ..errors import AuthenticationError, IntegrityError, NotFoundError, RegistryError, TLSError, UnavailableError
+from ..errors import (AuthenticationError, ConnectionLostError, IntegrityError, NotFoundError, RegistryError, TLSError,
+                      UnavailableError)
 from ..spec import MANIFEST_ACCEPT
 from .auth import parse_challenge, TokenCache
 
@@ -57,10 +58,19 @@ class BlobBody:
     exactly their range (or less, if the connection drops, which they detect).
     """
 
-    def __init__(self, response: httpx.Response, skip: int = 0, limit: int | None = None) -> None:
-        self._response, self._skip, self._limit = response, skip, limit
+    def __init__(self, response: httpx.Response, skip: int = 0, limit: int | None = None, what: str = "blob") -> None:
+        self._response, self._skip, self._limit, self._what = response, skip, limit, what
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes; a connection lost mid-body is an :class:`UnavailableError` that
+        names the blob (every caller retries or reports it; none gets an httpx internal)."""
+        try:
+            async for chunk in self._chunks():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise ConnectionLostError(f"connection lost while reading {self._what}: {exc or type(exc).__name__}") from None
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
         skip, left = self._skip, self._limit
         async for chunk in self._response.aiter_raw():
             if skip:
@@ -142,6 +152,12 @@ def _is_tls_failure(exc: Exception) -> bool:
 
 
 ContentFactory = Callable[[], AsyncIterator[bytes] | bytes]
+
+
+def _origin(url: str) -> tuple[str, str]:
+    """Scheme and authority: credentials are sent only where the first request went."""
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 class RegistryClient:
@@ -254,7 +270,7 @@ class RegistryClient:
     async def _send_once(self, method: str, url: str, headers: dict[str, str], content: ContentFactory | None) -> httpx.Response:
         """Send one request, following redirects; ``Authorization`` never leaves its host."""
         assert self._http is not None
-        origin = urlsplit(url).netloc
+        origin = _origin(url)
         for _ in range(6):
             body = content() if content is not None else None
             request = self._http.build_request(method, url, headers=headers, content=body)
@@ -263,7 +279,7 @@ class RegistryClient:
                 return response
             await response.aclose()
             url = urljoin(url, response.headers["location"])
-            if urlsplit(url).netloc != origin:
+            if _origin(url) != origin:  # another host, port or scheme (an https -> http downgrade)
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.status_code == 303:
                 method, content = "GET", None
@@ -300,12 +316,15 @@ class RegistryClient:
                     authenticated = True
                     attempt -= 1
                     continue
-                if response.status_code != 429 and response.status_code < 500:
-                    return response if stream else await self._read_bounded(response, method, path)
-                response = await self._read_bounded(response, method, path)
-                problem = f"{self.host} answered {response.status_code} {_error_message(response)} to {method} {path}"
-                retry_after = _retry_after(response)
-                await response.aclose()
+                try:
+                    if response.status_code != 429 and response.status_code < 500:
+                        return response if stream else await self._read_bounded(response, method, path)
+                    response = await self._read_bounded(response, method, path)
+                    problem = f"{self.host} answered {response.status_code} {_error_message(response)} to {method} {path}"
+                    retry_after = _retry_after(response)
+                    await response.aclose()
+                except ConnectionLostError as exc:
+                    problem = str(exc)
             delay = retry.delay(attempt, retry_after)
             if attempt >= retry.attempts or trio.current_time() + delay > deadline:
                 raise UnavailableError(f"{problem} (gave up after {attempt} attempts)")
@@ -317,7 +336,7 @@ class RegistryClient:
         refused past MAX_BODY_BYTES: a hostile or broken server cannot make us hold gigabytes."""
         chunks, total = [], 0
         try:
-            async for chunk in response.aiter_raw():
+            async for chunk in BlobBody(response, what=f"the answer to {method} {path}").aiter_raw():
                 total += len(chunk)
                 if total > MAX_BODY_BYTES:
                     raise RegistryError(f"{response.url.netloc.decode()} sent over {MAX_BODY_BYTES} bytes in answer to "
@@ -376,7 +395,18 @@ class RegistryClient:
         return data, response.headers.get("content-type", "").split(";")[0], digest
 
     async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
-        """Fetch a small blob whole (config, index) and verify its digest."""
+        """Fetch a small blob whole (config, index) and verify its digest; bytes that do not
+        match (corrupted on the way) are fetched again, twice at most."""
+        for attempt in range(3):
+            try:
+                return await self._get_blob_once(repository, digest, max_size)
+            except (IntegrityError, ConnectionLostError) as exc:
+                if attempt == 2:
+                    raise
+                log.warning("%s; fetching it again", exc)
+        raise AssertionError("unreachable")
+
+    async def _get_blob_once(self, repository: str, digest: str, max_size: int) -> bytes:
         chunks, total = [], 0
         async with self.stream_blob(repository, digest) as response:
             async for chunk in response.aiter_raw():
@@ -409,13 +439,14 @@ class RegistryClient:
                 expected = f"bytes {start}-"
                 if not response.headers.get("content-range", "").startswith(expected):
                     raise RegistryError(f"{self.registry} answered range {response.headers.get('content-range')!r}, asked {start}-{end}")
-                yield BlobBody(response)
+                yield BlobBody(response, what=f"{digest} from {self.host}")
             elif ranged:
                 if start:
                     log.info("%s ignored Range for %s (whole blob sent); reading past %d bytes", self.host, digest, start)
-                yield BlobBody(response, skip=start or 0, limit=None if end is None else end - (start or 0))
+                yield BlobBody(response, skip=start or 0, limit=None if end is None else end - (start or 0),
+                               what=f"{digest} from {self.host}")
             else:
-                yield BlobBody(response)
+                yield BlobBody(response, what=f"{digest} from {self.host}")
         finally:
             await response.aclose()
 

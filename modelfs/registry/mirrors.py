@@ -19,7 +19,7 @@ import httpx
 import trio
 
 from ..credentials import CredentialStore
-from ..errors import NotFoundError, RegistryError
+from ..errors import IntegrityError, NotFoundError, RegistryError
 from .client import BlobBody, RegistryClient, RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,13 @@ class MirroredClient:
         up = [m for m in self.mirrors if self._down_until.get(m.host, 0.0) <= now]
         return [*up, self.upstream]
 
+    def suspect(self, what: str) -> None:
+        """Bytes read through us did not match their digest: leave the mirrors out for a
+        while, so the retry reads from the registry itself (a mirror is untrusted by design;
+        content addressing caught it, and now routes around it)."""
+        for mirror in self.mirrors:
+            self._failed(mirror, IntegrityError(f"{what} did not match its digest"))
+
     def _failed(self, mirror: RegistryClient, exc: Exception) -> None:
         self._down_until[mirror.host] = trio.current_time() + PENALTY_SECONDS
         log.warning("mirror %s failed (%s); using the next source for %.0fs", mirror.host, exc, PENALTY_SECONDS)
@@ -62,7 +69,7 @@ class MirroredClient:
                 return await getattr(client, operation)(*args)
             except NotFoundError as exc:
                 log.debug("mirror %s: %s; asking the next source", client.host, exc)
-            except (RegistryError, httpx.HTTPError) as exc:
+            except (RegistryError, IntegrityError, httpx.HTTPError) as exc:
                 self._failed(client, exc)
         raise AssertionError("unreachable")
 
