@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import tarfile
 import tempfile
 import zlib
@@ -18,14 +20,16 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import BlockCache
-from .errors import IntegrityError, ManifestError
-from .paths import clean_member_path, safe_join
+from .cache import BlobEntry, BlockCache, BlockDamaged
+from .errors import CacheError, IntegrityError, ManifestError, UnsafePathError
+from .paths import clean_member_path, link_chain_inside, safe_join
 from .registry import RegistryClient
 from .resolve import Model
 from .spec import Descriptor, Packing, classify_layer
 from .tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
 from .zstd import ZstdError, ZstdFile
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,28 +39,50 @@ class ExtractResult:
     bytes_from_cache: int = 0
 
 
+def _copy_from_cache(entry: BlobEntry, out, where: str) -> "hashlib._Hash | None":
+    """Copy a complete cached blob into ``out``, every block checked as it is read back;
+    None (and the damage dropped from the cache) if it does not read back whole."""
+    hasher = hashlib.sha256()
+    try:
+        for index in range(entry.nblocks):
+            block = entry.read_block(index)
+            hasher.update(block)
+            out.write(block)
+    except BlockDamaged as exc:
+        log.warning("%s: %s; fetching the blob from the registry instead", where, exc)
+        entry.forget(index)
+        return None
+    except CacheError as exc:
+        log.warning("%s: %s; fetching the blob from the registry instead", where, exc)
+        return None
+    return hasher
+
+
 async def _download(client: RegistryClient, cache: BlockCache | None, repository: str, layer: Descriptor,
                     path: str, result: ExtractResult, where: str) -> None:
-    hasher = hashlib.sha256()
-    size = 0
+    """The blob into ``path``, from the cache if it holds it whole and it checks out (whatever
+    flags say), else from the registry; either way hashed here against its digest."""
     entry = cache.entry(layer.digest, layer.size) if cache else None
     with open(path, "wb") as out:
-        if entry is not None and entry.verified and entry.complete:
-            for index in range(entry.nblocks):
-                block = entry.read_block(index)
-                hasher.update(block)
-                out.write(block)
-                size += len(block)
-            result.bytes_from_cache += size
-        else:
-            async with client.stream_blob(repository, layer.digest) as response:
-                async for chunk in response.aiter_raw():
-                    hasher.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
-                    if size > layer.size:
-                        raise IntegrityError(f"{where}: blob is larger than the {layer.size} bytes the manifest says")
-            result.bytes_from_registry += size
+        if entry is not None and entry.complete:
+            hasher = _copy_from_cache(entry, out, where)
+            if hasher is not None and "sha256:" + hasher.hexdigest() == layer.digest:
+                result.bytes_from_cache += layer.size
+                return
+            if hasher is not None:
+                log.warning("%s: the cached copy does not match its digest; dropping it and fetching again", where)
+                entry.clear()
+            out.seek(0)
+            out.truncate()
+        hasher, size = hashlib.sha256(), 0
+        async with client.stream_blob(repository, layer.digest) as response:
+            async for chunk in response.aiter_raw():
+                hasher.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                if size > layer.size:
+                    raise IntegrityError(f"{where}: blob is larger than the {layer.size} bytes the manifest says")
+        result.bytes_from_registry += size
     if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
         raise IntegrityError(f"{where}: blob {layer.digest} has {size} bytes not matching its digest "
                              f"(manifest says {layer.size} bytes); nothing written")
@@ -102,6 +128,8 @@ def _make_room(root: str, path: str, kind: str, where: str) -> str | None:
 def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tuple[str, str]]:
     """Every member of the layer written under ``root``; (path, kind) in tar order."""
     seen: set[str] = set()
+    regular: set[str] = set()  # files this layer wrote: the only things a hard link may copy
+    links: dict[str, str] = {}
     unpacked: list[tuple[str, str]] = []
     try:
         with open(blob_path, "rb") as raw, _decompressed(raw, packing) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
@@ -116,15 +144,24 @@ def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tup
                 if target is None:
                     continue
                 if kind == SYMLINK:
+                    links[path] = link
+                    if not link_chain_inside(path, links):
+                        raise UnsafePathError(f"{member_where}: symlink to {link!r} leaves the model tree once the "
+                                              "links it goes through are followed")
                     os.symlink(link, target)
                 elif kind == HARDLINK:
-                    shutil.copyfile(safe_join(root, link, member_where), target)
+                    if link not in regular:
+                        raise UnsafePathError(f"{member_where}: hard link to {link!r}, which is not a regular file "
+                                              "of this layer; refusing it")
+                    _copy_member(root, link, target, member_where)
+                    regular.add(path)
                 else:
                     source = tar.extractfile(info)
                     assert source is not None
                     with open(target, "wb") as out:
                         shutil.copyfileobj(source, out, 1 << 20)
                     os.chmod(target, info.mode & 0o755 or 0o644)
+                    regular.add(path)
             while stream.read(1 << 20):  # past the tar's end: a cut or corrupt compressed stream is refused, as by the mount
                 pass
     except EOFError:
@@ -134,6 +171,24 @@ def _unpack(blob_path: str, packing: Packing, root: str, where: str) -> list[tup
     except tarfile.TarError as exc:
         raise ManifestError(f"{where}: cannot unpack: {exc}") from None
     return unpacked
+
+
+def _copy_member(root: str, member: str, target: str, where: str) -> None:
+    """A hard link becomes a copy of a file this layer wrote, read without following any
+    link out of ``root``: the resolved source must be inside and be that regular file."""
+    root_real = os.path.realpath(root)
+    source = os.path.realpath(os.path.join(root_real, *member.split("/")))
+    if not source.startswith(root_real + os.sep):
+        raise UnsafePathError(f"{where}: hard link to {member!r} resolves outside the output directory")
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise UnsafePathError(f"{where}: hard link to {member!r} cannot be copied: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise UnsafePathError(f"{where}: hard link to {member!r}, which is not a regular file")
+        with open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
 
 def _decompressed(raw, packing: Packing):

@@ -9,10 +9,11 @@ escape into pyfuse3 except ``FUSEError``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat
-from typing import Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
@@ -24,6 +25,7 @@ from .metrics import Histogram, ReadTimer
 from .tarindex import DIRECTORY, SYMLINK
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TIMEOUT = 24 * 3600.0
 XATTR_DIGEST = b"user.modelfs.digest"
@@ -31,6 +33,29 @@ XATTR_CACHED = b"user.modelfs.cached"
 XATTR_MEDIA_TYPE = b"user.modelfs.mediatype"
 XATTR_MODEL = b"user.modelfs.model"
 XATTRS = (XATTR_DIGEST, XATTR_CACHED, XATTR_MEDIA_TYPE, XATTR_MODEL)
+
+
+def _guarded(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """No request may end the mount: whatever a handler raises besides ``FUSEError`` (a bug,
+    an entry no check foresaw) becomes EIO for that request and a log line."""
+
+    @functools.wraps(handler)
+    async def guarded(self: "ModelFS", *args: Any) -> T:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            self.handler_errors += 1
+            log.exception("unexpected error in %s%r; answering EIO", handler.__name__, args[:2])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return guarded
+
+
+def _encoded(value: str) -> bytes:
+    """An attribute value from an artifact as bytes, whatever characters it holds (a lone
+    surrogate in a media type must not fail ``listxattr``)."""
+    return value.encode("utf-8", "backslashreplace")
 
 
 class ModelFS(pyfuse3.Operations):
@@ -46,6 +71,7 @@ class ModelFS(pyfuse3.Operations):
         self.read_errors = 0
         self.bytes_served = 0
         self.read_latency = Histogram()
+        self.handler_errors = 0
         fetcher.on_dropped.append(self.forget_pages)
 
     async def forget_pages(self, digest: str) -> None:
@@ -76,7 +102,7 @@ class ModelFS(pyfuse3.Operations):
         elif node.kind == SYMLINK:
             attrs.st_mode = stat.S_IFLNK | 0o777
             attrs.st_nlink = 1
-            attrs.st_size = len(node.link.encode())
+            attrs.st_size = len(os.fsencode(node.link))
         else:
             attrs.st_mode = stat.S_IFREG | (node.mode & 0o555 or 0o444)
             attrs.st_nlink = 1
@@ -87,6 +113,7 @@ class ModelFS(pyfuse3.Operations):
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
         return attrs
 
+    @_guarded
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if name == b".":
@@ -98,20 +125,24 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attrs(self.tree.nodes[child])
 
+    @_guarded
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         return self._attrs(self._node(inode))
 
+    @_guarded
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if node.kind != SYMLINK:
             raise pyfuse3.FUSEError(errno.EINVAL)
         return os.fsencode(node.link)
 
+    @_guarded
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if self._node(inode).kind != DIRECTORY:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
+    @_guarded
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         node = self._node(fh)
         names = sorted(node.children)
@@ -120,9 +151,11 @@ class ModelFS(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(names[position]), self._attrs(child), position + 1):
                 return
 
+    @_guarded
     async def releasedir(self, fh: int) -> None:
         return None
 
+    @_guarded
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
         if node.kind == DIRECTORY:
@@ -131,6 +164,7 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
+    @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes:
         node = self._node(fh)
         if node.reader is None or off >= node.size:
@@ -151,9 +185,11 @@ class ModelFS(pyfuse3.Operations):
             log.exception("unexpected error reading %s at %d (+%d)", self.path_of(node), off, size)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
+    @_guarded
     async def release(self, fh: int) -> None:
         return None
 
+    @_guarded
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not (mode & os.W_OK)
 
@@ -166,7 +202,7 @@ class ModelFS(pyfuse3.Operations):
 
     def _xattr(self, node: Node, name: bytes) -> bytes | None:
         if name == XATTR_MODEL:
-            return self.model_name.encode()
+            return _encoded(self.model_name)
         if node.inode == ROOT_INODE and name == XATTR_CACHED:
             readers = self.tree.readers()
             total = sum(r.size for r in readers)
@@ -175,23 +211,26 @@ class ModelFS(pyfuse3.Operations):
         if node.reader is None:
             return None
         if name == XATTR_DIGEST and node.layer is not None:
-            return node.layer.digest.encode()
+            return _encoded(node.layer.digest)
         if name == XATTR_MEDIA_TYPE and node.layer is not None:
-            return node.layer.media_type.encode()
+            return _encoded(node.layer.media_type)
         if name == XATTR_CACHED:
             return f"{node.reader.cached_fraction():.4f}".encode()
         return None
 
+    @_guarded
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         value = self._xattr(self._node(inode), name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return value
 
+    @_guarded
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
         node = self._node(inode)
         return [name for name in XATTRS if self._xattr(node, name) is not None]
 
+    @_guarded
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         data = pyfuse3.StatvfsData()
         total = sum(n.size for n in self.tree.files())

@@ -20,7 +20,7 @@ from .errors import ManifestError, UnsafePathError
 from .fetcher import BlobReader, Fetcher
 from .resolve import Model
 from .spec import Descriptor, Packing, classify_layer
-from .paths import clean_member_path
+from .paths import clean_member_path, link_chain_inside
 from .stream import LayerStream
 from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, index_tar
 
@@ -45,6 +45,12 @@ class Node:
     parent: int = ROOT_INODE
 
 
+def seconds_to_ns(seconds: float) -> int:
+    """A timestamp from an artifact as nanoseconds that fit a signed 64-bit stat field (a
+    hostile GNU base-256 mtime of 2**80 must not reach the kernel as an overflow)."""
+    return max(0, min(int(seconds * 10**9), 2**63 - 1))
+
+
 MAX_NODES = 1_000_000  # files, links and directories; real models have thousands
 
 
@@ -52,6 +58,7 @@ class Tree:
     def __init__(self, mtime_ns: int, max_nodes: int = MAX_NODES) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", DIRECTORY, 0o755, mtime_ns)}
         self._origin: dict[str, str] = {}
+        self.symlinks: dict[str, str] = {}  # path -> target, to check whole chains once complete
         self.mtime_ns = mtime_ns
         self.max_nodes = max_nodes
 
@@ -88,7 +95,17 @@ class Tree:
         self.nodes[node.inode] = node
         parent.children[parts[-1]] = node.inode
         self._origin[path] = where
+        if node.kind == SYMLINK:
+            self.symlinks[path] = node.link
         return node
+
+    def check_links(self) -> None:
+        """Refuse any symlink that leaves the tree once whole chains are followed (a link
+        through another link's ``..``); each link alone was checked when it was added."""
+        for path in self.symlinks:
+            if not link_chain_inside(path, self.symlinks):
+                raise UnsafePathError(f"{self._origin[path]}: symlink {path!r} -> {self.symlinks[path]!r} leaves the "
+                                      "model tree once the links it goes through are followed")
 
     def files(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == REGULAR]
@@ -108,8 +125,8 @@ def _metadata_mode(layer: Descriptor) -> tuple[int, int | None]:
     mtime_ns = None
     if isinstance(mtime, str):
         try:
-            mtime_ns = int(datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp() * 1e9)
-        except ValueError:
+            mtime_ns = seconds_to_ns(datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp())
+        except (ValueError, OverflowError):
             mtime_ns = None
     return (stat.S_IMODE(mode) & 0o777 if isinstance(mode, int) else 0o644), mtime_ns
 
@@ -119,8 +136,8 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
     mtime_ns = 0
     if isinstance(created, str):
         try:
-            mtime_ns = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp() * 1e9)
-        except ValueError:
+            mtime_ns = seconds_to_ns(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+        except (ValueError, OverflowError):
             pass
     tree = Tree(mtime_ns)
     for number, layer in enumerate(model.manifest.layers):
@@ -145,6 +162,7 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
             _add_members(tree, members, layer, where, lambda m, reader=reader: (reader, m.offset))
         else:
             await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
+    tree.check_links()
     return tree
 
 
@@ -157,11 +175,18 @@ def _add_members(tree: Tree, members: list[Member], layer: Descriptor, where: st
             tree._directory(member.path.split("/"), member_where)
             continue
         if member.kind == SYMLINK:
-            tree.add(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=member.mtime * 10**9, link=member.link)
+            tree.add(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=seconds_to_ns(member.mtime),
+                     link=member.link)
             continue
-        source = by_path[member.link] if member.kind == HARDLINK else member
+        source = member
+        if member.kind == HARDLINK:
+            found = by_path.get(member.link)
+            if found is None:
+                raise UnsafePathError(f"{member_where}: hard link to {member.link!r}, which is not a regular file of "
+                                      "this layer (a link, a directory or missing); refusing it")
+            source = found
         reader, offset = locate(source)
-        tree.add(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644, mtime_ns=member.mtime * 10**9,
+        tree.add(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644, mtime_ns=seconds_to_ns(member.mtime),
                  size=source.size, reader=reader, offset=offset, layer=layer)
         by_path[member.path] = source
 

@@ -17,7 +17,8 @@ LOG_BACKUPS = 2
 
 class DaemonLog(logging.handlers.RotatingFileHandler):
     def __init__(self, path: str, max_bytes: int = LOG_MAX_BYTES) -> None:
-        super().__init__(path, maxBytes=max_bytes, backupCount=LOG_BACKUPS, encoding="utf-8")
+        # names from artifacts may hold anything: a log line must never fail to be written
+        super().__init__(path, maxBytes=max_bytes, backupCount=LOG_BACKUPS, encoding="utf-8", errors="backslashreplace")
         self._point_stderr_here()
 
     def doRollover(self) -> None:  # noqa: N802 (logging's name)

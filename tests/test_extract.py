@@ -181,3 +181,36 @@ def test_manifest_lying_about_a_size_is_refused(cli, registry, tmp_path, claimed
         line = result.stderr.strip().splitlines()[-1]
         assert "layer 0 (w.bin)" in line and f"{claimed} bytes" in line, line
     assert not os.path.exists(tmp_path / "out" / "w.bin")
+
+
+def test_a_hard_link_to_an_escaping_symlink_chain_copies_no_host_file(cli, registry, tmp_path):
+    """`a/b/p -> ..` and `a/b/q -> p/../../../secret` each pass a lexical check; a hard link to
+    `a/b/q` once made extract copy a file from outside the output (any file the user can
+    read: /etc/shadow as root, auth.json) into it."""
+    members = [("a/b", None, {"type": tarfile.DIRTYPE}),
+               ("a/b/p", None, {"type": tarfile.SYMTYPE, "linkname": ".."}),
+               ("a/b/q", None, {"type": tarfile.SYMTYPE, "linkname": "p/../../../secret"}),
+               ("stolen", None, {"type": tarfile.LNKTYPE, "linkname": "a/b/q"})]
+    ref = push_artifact(registry.address, "hostile/chain", [(make_tar(members), WEIGHT_TAR, {})])
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "secret").write_bytes(b"TOPSECRET")  # where the chain leads, from the staging directory
+    out = sandbox / "out"
+    result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
+    assert result.returncode == 1 and "leaves the model tree" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    for root, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(root, name)
+            assert not os.path.isfile(path) or b"TOPSECRET" not in open(path, "rb").read()
+
+
+@pytest.mark.parametrize("name, path, message", [
+    ("longname", "a/" + "n" * 256, "of over 255 bytes"),
+    ("longpath", "d/" * 2100 + "f", "bytes refused"),
+])
+def test_names_linux_cannot_hold_get_one_line(cli, registry, tmp_path, name, path, message):
+    ref = push_artifact(registry.address, f"hostile/{name}", [(make_tar([(path, b"x", {})]), WEIGHT_TAR, {})])
+    result = cli.run("extract", "--plain-http", ref, "--output", str(tmp_path / "out"), check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and message in lines[0], result.stderr

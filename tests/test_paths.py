@@ -58,3 +58,28 @@ def test_safe_join_stays_inside_and_refuses_to_follow_a_link_out(tmp_path):
 ])
 def test_symlink_targets_must_stay_in_the_tree(member, link, inside):
     assert link_target_inside(member, link) is inside
+
+
+@pytest.mark.parametrize("links, member, inside", [
+    ({"sub/p": "..", "sub/q": "p/../../etc/passwd"}, "sub/q", False),  # each alone passes a lexical check
+    ({"sub/p": "..", "sub/q": "p/../../etc/passwd"}, "sub/p", True),
+    ({"a": "b/c", "b/c": "../d"}, "a", True),
+    ({"x/a": "../y", "y": "../../out"}, "x/a", False),
+    ({"a": "b", "b": "a"}, "a", False),  # a loop is refused, not followed for ever
+    ({"a/l": "../../.."}, "a/l", False),
+    ({"a/l": "/abs"}, "a/l", False),
+])
+def test_symlink_chains_are_resolved_as_the_kernel_would(links, member, inside):
+    from modelfs.paths import link_chain_inside
+    assert link_chain_inside(member, links) is inside
+
+
+@pytest.mark.parametrize("path, fragment", [
+    ("a/" + "n" * 256, "of over 255 bytes"),
+    ("d/" * 2100 + "f", "4201 bytes"),
+    ("bad\ud800name", "not a valid file name"),
+])
+def test_names_linux_cannot_hold_are_refused(path, fragment):
+    with pytest.raises(UnsafePathError) as info:
+        clean_member_path(path, "layer 0")
+    assert fragment in str(info.value)
