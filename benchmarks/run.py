@@ -206,6 +206,10 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     block = os.urandom(MiB)
     hash_s = timed(lambda: [hashlib.sha256(block).digest() for _ in range(size // MiB)])
     bench.record("sha256 of every block in memory vs curl", hash_s, curl_s, "curl of the blob", "report")
+    # what every read back from the cache pays on top: the stored checksum of each block
+    from modelfs.cache import checksum
+    check_s = timed(lambda: [checksum(block) for _ in range(size // MiB)])
+    bench.record("cache read-back check of every block vs curl", check_s, curl_s, "curl of the blob", "report")
 
     # 1, 6. cold sequential read vs curl; amplification
     target, _, metrics = bench.mount(ref, "--prefetch", "none")

@@ -1,12 +1,21 @@
 """Block-digest index: integrity for bytes served before a blob is complete.
 
 A lazily read block cannot be checked against its blob's digest until every block is
-there. ``modelfs push`` therefore attaches, as an OCI referrer of the model manifest, an
-index holding the sha256 of every cache-sized block of every randomly readable layer. A
-mount that finds one checks each block as it arrives, before it is cached or served, so a
-corrupted range response is caught on the first read. Registries with the referrers API
-find it by ``subject``; on those without it (Distribution 2.8) the OCI fallback tag
-``sha256-<hex>`` names an index of referrers, which we create or extend.
+there. An index holds the sha256 of every cache-sized block of every randomly readable
+layer; a mount that trusts one checks each block as it arrives, before it is cached or
+served. Trust flows from the digest the user resolved, never from who served the bytes:
+
+- **vouched**: ``modelfs build`` names the index blob's digest in a manifest annotation
+  (``ANNOTATION``). The manifest's digest covers it, so the index may come from any source,
+  a mirror included (it is checked against that digest), and a blob whose blocks all match
+  it needs no second, whole-blob hash.
+- **attached**: an index pushed later as an OCI referrer (``modelfs index attach`` for
+  artifacts built by other tools) is looked up from the registry the reference names, never
+  from a mirror or pull-through cache, and each blob is still checked whole once complete;
+  a blob that fails stops the mount trusting it.
+
+Referrers are found with the referrers API or, on registries without it (Distribution 2.8),
+the OCI fallback tag ``sha256-<hex>``, which we create or extend.
 """
 
 from __future__ import annotations
@@ -16,13 +25,16 @@ import json
 import logging
 from dataclasses import dataclass
 
-from .errors import ManifestError, ModelfsError, NotFoundError
+from .errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
 from .registry import brief_retries
-from .spec import OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, load_json, parse_descriptor, parse_manifest
+from .spec import (OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, Packing, classify_layer, load_json,
+                   parse_descriptor, parse_manifest)
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_TYPE = "application/vnd.modelfs.block-index.v1+json"
+ANNOTATION = "dev.modelfs.block-index"  # on a model manifest: digest of its index blob
+MAX_INDEX_BYTES = 64 << 20
 EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
 EMPTY = b"{}"
 
@@ -36,6 +48,13 @@ class BlockIndex:
         if block_size != self.block_size:
             return None
         return self.blobs.get(digest)
+
+
+@dataclass(frozen=True)
+class TrustedIndex:
+    index: BlockIndex
+    vouched: bool  # named by the manifest (True) or attached and found at the registry itself
+    data: bytes = b""  # the index blob as named by the manifest, kept for offline mounts
 
 
 def hash_blocks(path: str, block_size: int) -> list[str]:
@@ -100,6 +119,50 @@ async def attach(client, repository: str, subject: Descriptor, index_bytes: byte
     return digest
 
 
+@dataclass(frozen=True)
+class AttachResult:
+    digest: str  # of the referrer manifest
+    blobs: int
+    bytes: int
+
+
+async def _hash_remote_blob(client, repository: str, layer: Descriptor, block_size: int) -> list[str]:
+    """Stream a blob once: the sha256 of each block, checked against the blob's digest
+    before any of it is trusted."""
+    whole, block, hashes, size, fill = hashlib.sha256(), hashlib.sha256(), [], 0, 0
+    async with client.stream_blob(repository, layer.digest) as response:
+        async for chunk in response.aiter_raw():
+            whole.update(chunk)
+            size += len(chunk)
+            view = memoryview(chunk)
+            while view:
+                take = min(len(view), block_size - fill)
+                block.update(view[:take])
+                fill += take
+                view = view[take:]
+                if fill == block_size:
+                    hashes.append(block.hexdigest())
+                    block, fill = hashlib.sha256(), 0
+    if fill:
+        hashes.append(block.hexdigest())
+    if size != layer.size or "sha256:" + whole.hexdigest() != layer.digest:
+        raise IntegrityError(f"blob {layer.digest} does not match its digest ({size} bytes); no index attached")
+    return hashes
+
+
+async def attach_for_model(client, model, block_size: int = 1 << 20) -> AttachResult:
+    """``modelfs index attach``: make an artifact built by another tool lazy *and* verified.
+    Mounts trust such an index only from the registry itself, and still check each blob
+    whole once complete (it is not named by the manifest)."""
+    repository = model.reference.repository
+    layers = {layer.digest: layer for layer in model.manifest.layers if indexable(layer.media_type)}
+    hashes = {digest: await _hash_remote_blob(client, repository, layer, block_size) for digest, layer in layers.items()}
+    subject = Descriptor(model.manifest.media_type, model.reference.digest, len(model.manifest_bytes),
+                         artifact_type=model.manifest.artifact_type)
+    digest = await attach(client, repository, subject, encode(block_size, hashes))
+    return AttachResult(digest, len(hashes), sum(layer.size for layer in layers.values()))
+
+
 async def _extend_fallback_index(client, repository: str, subject_digest: str, entry: Descriptor) -> None:
     tag = fallback_tag(subject_digest)
     try:
@@ -111,6 +174,30 @@ async def _extend_fallback_index(client, repository: str, subject_digest: str, e
     manifests.append(entry.to_json())
     doc["manifests"] = manifests
     await client.put_manifest(repository, tag, json.dumps(doc, separators=(",", ":")).encode(), OCI_INDEX)
+
+
+def indexable(media_type: str) -> bool:
+    """Layers read by ranges (raw and plain tar); compressed ones are checked whole anyway."""
+    classified = classify_layer(media_type)
+    return bool(classified) and classified[1] in (Packing.RAW, Packing.TAR)
+
+
+async def trusted(client, repository: str, manifest: Manifest, manifest_digest: str) -> TrustedIndex | None:
+    """The block index this mount may check blocks against, or None (blobs then are served
+    only once checked whole). See the module docstring for what counts."""
+    named = manifest.annotations.get(ANNOTATION)
+    if named:
+        try:
+            with brief_retries():
+                data = await client.get_blob(repository, named, max_size=MAX_INDEX_BYTES)
+            return TrustedIndex(decode(data), vouched=True, data=data)
+        except ModelfsError as exc:
+            log.warning("the manifest names block index %s but it cannot be used: %s (blobs are served once "
+                        "checked whole)", named, exc)
+            return None
+    upstream = getattr(client, "upstream", client)  # never a mirror's word for an unvouched index
+    found = await fetch(upstream, repository, manifest_digest)
+    return TrustedIndex(found, vouched=False) if found is not None else None
 
 
 async def fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
@@ -138,7 +225,7 @@ async def _fetch(client, repository: str, subject_digest: str) -> BlockIndex | N
         if manifest.subject is None or manifest.subject.digest != subject_digest or not manifest.layers:
             raise ManifestError("block index referrer does not point at this model")
         layer = manifest.layers[0]
-        return decode(await client.get_blob(repository, layer.digest, max_size=64 << 20))
+        return decode(await client.get_blob(repository, layer.digest, max_size=MAX_INDEX_BYTES))
     except ModelfsError as exc:
         log.warning("ignoring the block index of %s: %s (blocks are verified when blobs complete)", subject_digest, exc)
         return None

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 
+from . import blockindex
 from . import modelfile as mf
+from .cache import DEFAULT_BLOCK_SIZE
 from .errors import ModelfsError
 from .layout import Store
 from .spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
@@ -80,8 +82,20 @@ def _tar_layer(store: Store, path: str, rel: str, packing: Packing) -> tuple[str
         return blob.digest, blob.size, plain.digest
 
 
+def _block_index(store: Store, layers: list[Descriptor]) -> dict[str, str]:
+    """Hash every randomly readable layer block by block, store the index, and return the
+    manifest annotation that names it: the manifest's digest then vouches for the index, so
+    mounts may check each block as it arrives, whichever mirror served it."""
+    hashes = {layer.digest: blockindex.hash_blocks(store.blob_path(layer.digest), DEFAULT_BLOCK_SIZE)
+              for layer in layers if blockindex.indexable(layer.media_type)}
+    if not hashes:
+        return {}
+    blob = store.add_bytes(blockindex.encode(DEFAULT_BLOCK_SIZE, hashes))
+    return {blockindex.ANNOTATION: blob.digest}
+
+
 def build(context: str, modelfile_path: str, reference: str, store: Store,
-          packing: Packing = Packing.RAW) -> BuildResult:
+          packing: Packing = Packing.RAW, block_index: bool = True) -> BuildResult:
     try:
         with open(modelfile_path, encoding="utf-8") as handle:
             text = handle.read()
@@ -117,7 +131,7 @@ def build(context: str, modelfile_path: str, reference: str, store: Store,
     config = ModelConfig(descriptor, {v: meta[k] for k, v in _CONFIG_KEYS.items() if k in meta}, diff_ids)
     config_blob = store.add_bytes(config.to_bytes())
     manifest = Manifest(OCI_MANIFEST, Descriptor(CONFIG_MEDIA_TYPE, config_blob.digest, config_blob.size),
-                        layers, ARTIFACT_TYPE)
+                        layers, ARTIFACT_TYPE, _block_index(store, layers) if block_index else {})
     stored = store.tag(reference, manifest.to_bytes())
     return BuildResult(reference, stored.digest, layers, unmatched)
 

@@ -26,6 +26,8 @@ from .credentials import Credential, CredentialStore
 from .daemon import MountOptions, active_mounts, run_foreground, umount
 from .errors import CacheError, ModelfsError, MountError, user_error
 from .extract import extract
+from . import blockindex
+from .config import VERIFY_MODES
 from .fetcher import Fetcher
 from .layout import Store, default_store_dir
 from .logfile import LOG_MAX_BYTES, DaemonLog
@@ -121,7 +123,8 @@ async def cmd_logout(args: argparse.Namespace) -> int:
 async def cmd_build(args: argparse.Namespace) -> int:
     reference = parse(args.tag)
     modelfile = args.file or os.path.join(args.context, "Modelfile")
-    result = build(args.context, modelfile, str(reference), Store(args.store), Packing(args.packing))
+    result = build(args.context, modelfile, str(reference), Store(args.store), Packing(args.packing),
+                   block_index=not args.no_block_index)
     for path in result.unmatched:
         print(f"warning: {path} is matched by no Modelfile command and is not included", file=sys.stderr)
     total = sum(layer.size for layer in result.layers)
@@ -169,23 +172,34 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     async with _client(args, reference) as client:
         model = await fetch_model(client, reference)
         await check_layer_sizes(client, model)
+        index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
         total = sum(layer.size for layer in model.manifest.layers)
         progress = _Progress(total, f"pull {reference}")
         async with trio.open_nursery() as nursery:
-            fetcher = Fetcher(cache, client, reference.repository, nursery)
+            fetcher = Fetcher(cache, client, reference.repository, nursery, block_index=index.index if index else None,
+                              index_vouched=bool(index and index.vouched))
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
-            record(cache, model)
+            record(cache, model, index.data if index else b"")
             await fetcher.prefetch(readers, progress)
             await fetcher.flush()  # blocks are written behind: all on disk before they are checked
             for reader in readers:
-                if not reader.entry.complete:
-                    raise CacheError(f"blob {reader.digest} could not be stored whole in {args.cache_dir} "
+                # every block read back and checked, whatever the cache's flags say
+                if not await reader.settle():
+                    raise CacheError(f"blob {reader.digest} could not be stored whole and checked in {args.cache_dir} "
                                      "(see the errors above; is the disk full?)")
-                if not await reader.verified():
-                    raise ModelfsError(f"blob {reader.digest} does not match its digest; it was dropped from the cache")
     cache.close()
     progress.finish()
     print(f"Pulled {model.reference} into {args.cache_dir}")
+    return 0
+
+
+async def cmd_index_attach(args: argparse.Namespace) -> int:
+    reference = parse(args.reference)
+    async with _client(args, reference, write=True) as client:
+        model = await fetch_model(client, reference)
+        result = await blockindex.attach_for_model(client, model)
+    print(f"Attached a block index to {model.reference} ({result.blobs} blobs, {result.bytes / 1e6:,.1f} MB hashed): "
+          f"{result.digest}")
     return 0
 
 
@@ -242,13 +256,19 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_mode(args: argparse.Namespace) -> str:
+    """The flag, else the registry's setting, else the config's top-level one."""
+    return args.verify or args.config.registry(parse(args.reference).registry).verify or args.config.verify
+
+
 def _mount_options(args: argparse.Namespace) -> MountOptions:
     registry = parse(args.reference).registry
     settings = args.config.registry(registry)
     return MountOptions(reference=args.reference, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
                         plain_http=args.plain_http or settings.plain_http, ca_file=args.ca_file or settings.ca_file,
                         mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
-                        timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics)
+                        timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics,
+                        verify=_verify_mode(args))
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -275,6 +295,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         message = pipe.readline().decode().strip()
     if message == "READY":
         print(f"Mounted {args.reference} at {args.mountpoint} (pid {pid}, log {log_path})")
+        if _verify_mode(args) == "lazy":
+            print("warning: --verify lazy: bytes of blobs without a trusted block index are served before they are "
+                  "checked", file=sys.stderr)
         return 0
     returncode = _reap(pid, timeout=30)
     if message.startswith("ERROR "):
@@ -385,6 +408,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-f", "--file", help="Modelfile (default: CONTEXT/Modelfile)")
     p.add_argument("--packing", default="raw", choices=[p.value for p in Packing],
                    help="layer format: raw (modctl's default) or tar[+gzip|+zstd]")
+    p.add_argument("--no-block-index", action="store_true",
+                   help="do not name a per-block sha256 index in the manifest (mounts then serve each blob "
+                        "only once it has been checked whole)")
     p.add_argument("context")
     p.set_defaults(handler=cmd_build)
 
@@ -394,7 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, metavar="MiB",
                    help="blobs larger than this are uploaded in chunks of this size (default 512)")
     p.add_argument("--no-block-index", action="store_true",
-                   help="do not attach the per-block sha256 index mounts use to verify lazy reads")
+                   help="do not upload the block index the manifest names (nor its referrer)")
     p.set_defaults(handler=cmd_push)
 
     p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")
@@ -405,6 +431,13 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", parents=[common], help="download a model into the block cache")
     p.add_argument("reference")
     p.set_defaults(handler=cmd_pull)
+
+    p = sub.add_parser("index", help="block indexes: what makes lazy reads verifiable")
+    index_sub = p.add_subparsers(dest="index_command", required=True)
+    q = index_sub.add_parser("attach", parents=[common],
+                             help="hash a model already pushed (by any tool) block by block and attach the index")
+    q.add_argument("reference")
+    q.set_defaults(handler=cmd_index_attach)
 
     p = sub.add_parser("extract", parents=[common], help="write a model's files to a directory")
     p.add_argument("reference")
@@ -421,6 +454,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-size", type=lambda v: parse_size(v, "--cache-max-size"), metavar="SIZE",
                    help="evict least recently used blobs above this size (e.g. 200G; default unlimited)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
+    p.add_argument("--verify", choices=list(VERIFY_MODES),
+                   help="full (default): serve no byte before it is checked; lazy: serve bytes of blobs without a "
+                        "trusted block index before their blob is checked whole")
     p.add_argument("--log-max-size", type=lambda v: parse_size(v, "--log-max-size"), metavar="SIZE",
                    help="rotate the background daemon's log file at this size, keeping 2 old ones (default 10M)")
     p.set_defaults(handler=cmd_mount)
@@ -450,7 +486,7 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", 
                           "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async"}
 _VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
                         "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
-                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size"}
+                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
 
 

@@ -5,11 +5,13 @@
     cache_max_size = "200G"          # LRU eviction above this; "" or 0 = unlimited
     prefetch = "all"                 # or "none"
     timeout = 120                    # seconds a read may wait before EIO
+    verify = "full"                  # or "lazy": see the README, "Integrity"
 
     [registries."registry.example.com"]
     plain_http = false
     ca_file = "/etc/ssl/private-ca.pem"
     mirrors = ["mirror.local:5000", "http://127.0.0.1:65001"]   # tried in order, then upstream
+    verify = "lazy"                  # for this registry only
 
 Unknown keys are an error naming the key and the file: a typo must not silently change
 behaviour on a fleet.
@@ -26,8 +28,9 @@ from typing import Any
 from .errors import ModelfsError
 
 SYSTEM_CONFIG = "/etc/modelfs/config.toml"
-_TOP_KEYS = {"cache_dir", "cache_max_size", "prefetch", "timeout", "registries"}
-_REGISTRY_KEYS = {"plain_http", "ca_file", "mirrors"}
+_TOP_KEYS = {"cache_dir", "cache_max_size", "prefetch", "timeout", "verify", "registries"}
+_REGISTRY_KEYS = {"plain_http", "ca_file", "mirrors", "verify"}
+VERIFY_MODES = ("full", "lazy")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
 
 
@@ -46,6 +49,7 @@ class RegistryConfig:
     plain_http: bool = False
     ca_file: str | None = None
     mirrors: list[Mirror] = field(default_factory=list)
+    verify: str | None = None  # None: the top-level setting
 
 
 @dataclass
@@ -54,6 +58,7 @@ class Config:
     cache_max_size: int = 0
     prefetch: str = "all"
     timeout: float = 120.0
+    verify: str = "full"
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
 
@@ -87,6 +92,12 @@ def _mirror(text: Any, where: str) -> Mirror:
     return Mirror(text.removeprefix("https://").rstrip("/"), False)
 
 
+def _verify(value: Any, where: str) -> str:
+    if value not in VERIFY_MODES:
+        raise ConfigError(f"{where} must be {' or '.join(repr(m) for m in VERIFY_MODES)}")
+    return value
+
+
 def _apply(config: Config, doc: dict[str, Any], path: str) -> None:
     for key, value in doc.items():
         where = f"{path}: {key}"
@@ -106,6 +117,8 @@ def _apply(config: Config, doc: dict[str, Any], path: str) -> None:
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ConfigError(f"{where} must be a positive number of seconds")
             config.timeout = float(value)
+        elif key == "verify":
+            config.verify = _verify(value, where)
         elif key == "registries":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a table of registry hosts")
@@ -125,6 +138,8 @@ def _apply_registry(registry: RegistryConfig, settings: Any, where: str) -> None
             registry.plain_http = value
         elif key == "ca_file":
             registry.ca_file = str(value)
+        elif key == "verify":
+            registry.verify = _verify(value, f"{where}.verify")
         elif key == "mirrors":
             if not isinstance(value, list):
                 raise ConfigError(f"{where}.mirrors must be a list")

@@ -9,7 +9,6 @@ SIGTERM/SIGINT terminate the FUSE loop and unmount cleanly.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -22,7 +21,7 @@ import pyfuse3
 import trio
 
 from . import blockindex
-from .blockindex import BlockIndex
+from .blockindex import TrustedIndex
 from .cache import BlockCache
 from .errors import MountError, UnavailableError, user_error
 from .fetcher import BlobReader, Fetcher, FetchPolicy
@@ -31,7 +30,7 @@ from .metrics import serve_metrics
 from .index import Tree, build_tree
 from .reference import Reference, parse
 from .registry.mirrors import open_client
-from .resolve import Model, cached_model, check_layer_sizes, fetch_model, record
+from .resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,7 @@ class MountOptions:
     mirrors: list = field(default_factory=list)
     cache_max_size: int = 0
     metrics: str | None = None
+    verify: str = "full"  # or "lazy" (see fetcher.py)
 
 
 def sd_notify(message: str) -> None:
@@ -73,7 +73,7 @@ def report(ready_fd: int | None, message: str) -> None:
     if ready_fd is None:
         return
     try:
-        os.write(ready_fd, (message.replace("\n", " ") + "\n").encode())
+        os.write(ready_fd, (message.replace("\n", " ") + "\n").encode("utf-8", "backslashreplace"))
         os.close(ready_fd)
     except OSError:
         pass
@@ -163,6 +163,15 @@ async def enforce_cache_limit(cache: BlockCache, fetcher: Fetcher, limit: int, i
         await trio.sleep(interval)
 
 
+async def release_replaced_files(cache: BlockCache, interval: float = 1.0) -> None:
+    """Let go of cache files another process removed, so a prune frees space while mounted."""
+    while True:
+        await trio.sleep(interval)
+        released = await trio.to_thread.run_sync(cache.release_replaced)
+        if released:
+            log.info("let go of %d cache files removed by another process", released)
+
+
 async def _watch_signals() -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -172,7 +181,7 @@ async def _watch_signals() -> None:
             return
 
 
-async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> tuple[Model, BlockIndex | None]:
+async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> tuple[Model, TrustedIndex | None]:
     """The model to serve and its block index. A GPU host rebooting while its registry is
     down still mounts a model it has cached: the manifest and config recorded at the last
     mount or pull are used (checked against their digests), cached blocks are served, and
@@ -187,10 +196,15 @@ async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> 
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
         log.warning("%s; serving %s as cached on %s (%s); blocks not in the cache fail until the registry answers",
                     exc, reference, when, model.reference.digest)
-        return model, None
+        data = recorded_index(cache, model)
+        return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None
     await check_layer_sizes(client, model)
-    index = await blockindex.fetch(client, reference.repository, model.reference.digest or "")
-    log.info("block index: %s", "found; every block is verified before it is served" if index else "none")
+    index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
+    if index is None:
+        log.info("block index: none; each blob is served once it has been checked whole against its digest")
+    else:
+        log.info("block index: %s; every block is checked before it is served",
+                 "named by the manifest" if index.vouched else "attached at the registry (blobs also checked whole)")
     return model, index
 
 
@@ -204,10 +218,14 @@ async def serve(options: MountOptions) -> None:
                                mirrors=options.mirrors) as client:
             model, index = await resolve_for_mount(client, cache, reference)
             async with trio.open_nursery() as nursery:
-                fetcher = Fetcher(cache, client, reference.repository, nursery, FetchPolicy(timeout=options.timeout),
-                                  block_index=index)
+                fetcher = Fetcher(cache, client, reference.repository, nursery,
+                                  FetchPolicy(timeout=options.timeout, verify=options.verify),
+                                  block_index=index.index if index else None, index_vouched=bool(index and index.vouched))
+                if options.verify == "lazy":
+                    log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
+                                "they are checked; a corrupt range can reach readers until its blob completes")
                 tree = await build_tree(model, fetcher)
-                record(cache, model)
+                record(cache, model, index.data if index else b"")
                 ops = ModelFS(tree, fetcher, str(model.reference))
                 await _serve_mount(nursery, ops, fetcher, cache, tree, options, f"{reference} ({model.reference.digest})")
             c = fetcher.counters
@@ -232,6 +250,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
     try:
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
         nursery.start_soon(_watch_signals)
+        nursery.start_soon(release_replaced_files, cache)
         if options.prefetch == "all":
             nursery.start_soon(_prefetch, fetcher, tree, options.cache_max_size)
         if options.cache_max_size:
@@ -256,8 +275,9 @@ def run_foreground(options: MountOptions) -> None:
         raise
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, source) of every mount, from /proc/self/mountinfo."""
+def _mountinfo() -> list[tuple[str, str, str, str]]:
+    """(mount point, fs type, source, device major:minor) of every mount, read from
+    /proc/self/mountinfo: nothing here touches the mount itself, which may be frozen."""
     out = []
     try:
         with open("/proc/self/mountinfo") as handle:
@@ -265,7 +285,7 @@ def _mountinfo() -> list[tuple[str, str, str]]:
                 fields = line.split()
                 sep = fields.index("-")
                 decode = lambda v: v.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-                out.append((decode(fields[4]), fields[sep + 1], decode(fields[sep + 2])))
+                out.append((decode(fields[4]), fields[sep + 1], decode(fields[sep + 2]), fields[2]))
     except OSError:
         pass
     return out
@@ -273,13 +293,13 @@ def _mountinfo() -> list[tuple[str, str, str]]:
 
 def mounted_fuse(mountpoint: str) -> bool:
     mountpoint = os.path.abspath(mountpoint)
-    return any(point == mountpoint and fstype.startswith("fuse") for point, fstype, _ in _mountinfo())
+    return any(point == mountpoint and fstype.startswith("fuse") for point, fstype, _, _ in _mountinfo())
 
 
 def active_mounts() -> list[dict]:
     """modelfs mounts on this host, with what their root's extended attributes tell."""
     found = []
-    for point, fstype, source in _mountinfo():
+    for point, fstype, source, _ in _mountinfo():
         if fstype != "fuse.modelfs":
             continue
         entry = {"mountpoint": point, "source": source}
@@ -292,20 +312,50 @@ def active_mounts() -> list[dict]:
     return found
 
 
-def umount(mountpoint: str) -> str:
-    """Unmount; a stale mount (daemon killed: ENOTCONN) is detached lazily. Returns what was done."""
-    mountpoint = os.path.abspath(mountpoint)
-    if not mounted_fuse(mountpoint):
-        raise MountError(f"{mountpoint} is not a modelfs mount")
-    stale = False
+UMOUNT_SECONDS = 10.0
+
+
+def _run_bounded(command: list[str], timeout: float) -> tuple[bool, str]:
+    """Run an unmount command; (succeeded, what it said). A command stuck on a frozen
+    daemon is killed after ``timeout`` seconds."""
     try:
-        os.stat(mountpoint)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"{command[0]} did not return within {timeout:g}s"
     except OSError as exc:
-        stale = exc.errno == errno.ENOTCONN
-    command = ["fusermount3", "-u", *(["-z"] if stale else []), mountpoint]
-    if os.geteuid() == 0:
-        command = ["umount", *(["-l"] if stale else []), mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise MountError(f"cannot unmount {mountpoint}: {result.stderr.strip() or result.returncode}")
-    return "cleaned stale mount" if stale else "unmounted"
+        return False, f"cannot run {command[0]}: {exc.strerror}"
+    return result.returncode == 0, result.stderr.strip() or f"exit status {result.returncode}"
+
+
+def _abort_connection(device: str) -> bool:
+    """Abort the FUSE connection of a frozen or dead daemon (as the kernel's fusectl allows
+    root): every request waiting on it fails at once, so the unmount can proceed."""
+    minor = device.partition(":")[2]
+    try:
+        with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as handle:
+            handle.write("1")
+        return True
+    except OSError:
+        return False
+
+
+def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS) -> str:
+    """Unmount, and always return: a dead daemon (ENOTCONN) or a frozen one (SIGSTOP) gets
+    its connection aborted where permitted and a lazy unmount. Returns what was done."""
+    mountpoint = os.path.abspath(mountpoint)
+    found = [m for m in _mountinfo() if m[0] == mountpoint and m[1].startswith("fuse")]
+    if not found:
+        raise MountError(f"{mountpoint} is not a modelfs mount")
+    root = os.geteuid() == 0
+    ok, said = _run_bounded(["umount", mountpoint] if root else ["fusermount3", "-u", mountpoint], timeout)
+    if ok:
+        return "unmounted"
+    if "busy" in said.lower():  # a live daemon with open files: not ours to break
+        raise MountError(f"cannot unmount {mountpoint}: {said} (close the files open in it first)")
+    aborted = _abort_connection(found[-1][3])
+    lazy_ok, lazy_said = _run_bounded(["umount", "-l", mountpoint] if root else ["fusermount3", "-uz", mountpoint],
+                                      timeout)
+    if not lazy_ok:
+        raise MountError(f"cannot unmount {mountpoint}: {said}; lazily: {lazy_said}")
+    log.info("unmount of %s needed a lazy detach (%s)%s", mountpoint, said, "; connection aborted" if aborted else "")
+    return "cleaned stale mount (its daemon was not answering)"

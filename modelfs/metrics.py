@@ -70,7 +70,12 @@ def render(ops: "ModelFS", fetcher: "Fetcher") -> str:
         ("modelfs_fetch_retries_total", "counter", "Range requests retried", c.retries),
         ("modelfs_fetch_errors_total", "counter", "Fetches given up", c.errors),
         ("modelfs_cache_write_errors_total", "counter", "Blocks the cache could not store", c.cache_write_errors),
-        ("modelfs_integrity_errors_total", "counter", "Fetched blocks refused by the block index", c.integrity_errors),
+        ("modelfs_integrity_errors_total", "counter", "Fetched blocks or blobs that did not match the index or digest",
+         c.integrity_errors),
+        ("modelfs_damaged_blocks_total", "counter", "Cached blocks that failed their checksum when read back",
+         c.damaged_blocks),
+        ("modelfs_handler_errors_total", "counter", "FUSE requests that met an unexpected error (answered EIO)",
+         ops.handler_errors),
         ("modelfs_inflight_blocks", "gauge", "Blocks being fetched now", inflight),
     ]
     lines = []

@@ -9,6 +9,7 @@ of uploaded. Large blobs go up in chunks; every byte is streamed from disk.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
@@ -18,8 +19,7 @@ from .layout import Store
 from .reference import Reference, parse
 from .registry import RegistryClient
 from . import blockindex
-from .cache import DEFAULT_BLOCK_SIZE
-from .spec import Descriptor, Packing, classify_layer, parse_manifest
+from .spec import Descriptor, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,16 @@ async def push(client: RegistryClient, store: Store, reference: Reference, sourc
     sources = _mount_sources(store, reference)
     limiter = trio.CapacityLimiter(parallel)
     unique = {blob.digest: blob for blob in [manifest.config, *manifest.layers]}
+    named_index = manifest.annotations.get(blockindex.ANNOTATION)
+    if block_index and named_index and store.has_blob(named_index):
+        unique[named_index] = Descriptor(blockindex.ARTIFACT_TYPE, named_index, os.path.getsize(store.blob_path(named_index)))
     async with trio.open_nursery() as nursery:
         for blob in unique.values():
             nursery.start_soon(_push_blob, client, store, reference, blob, sources[:3], result, limiter, chunk_size)
     await client.put_manifest(reference.repository, reference.tag or stored.digest, data, manifest.media_type)
-    if block_index:
-        hashes = {}
-        for layer in unique.values():
-            classified = classify_layer(layer.media_type)
-            if classified and classified[1] in (Packing.RAW, Packing.TAR) and layer.digest not in hashes:
-                hashes[layer.digest] = await trio.to_thread.run_sync(blockindex.hash_blocks, store.blob_path(layer.digest),
-                                                                    DEFAULT_BLOCK_SIZE)
+    if block_index and named_index in unique:
+        # also a referrer: generic tools see it, and registry garbage collection keeps the blob
         subject = Descriptor(manifest.media_type, stored.digest, len(data), artifact_type=manifest.artifact_type)
         result.block_index = await blockindex.attach(client, reference.repository, subject,
-                                                     blockindex.encode(DEFAULT_BLOCK_SIZE, hashes))
+                                                     store.read_blob(named_index))
     return result

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .blockindex import ANNOTATION
 from .cache import BlockCache
 from .errors import ManifestError, NotAModelError
 from .reference import Reference
@@ -53,11 +54,22 @@ async def fetch_model(client: RegistryClient, reference: Reference) -> Model:
     return Model(reference.with_digest(digest), manifest, data, config, config_bytes)
 
 
-def record(cache: BlockCache, model: Model) -> None:
-    """Keep the model's manifest and config beside its blocks (see :func:`cached_model`)."""
+def record(cache: BlockCache, model: Model, index_bytes: bytes = b"") -> None:
+    """Keep the model's manifest, config and the block index its manifest names beside its
+    blocks (see :func:`cached_model`)."""
     cache.record_model(str(model.reference.without_digest()), model.reference.digest or "",
                        [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers],
-                       model.manifest_bytes, model.manifest.media_type, model.config_bytes)
+                       model.manifest_bytes, model.manifest.media_type, model.config_bytes, index_bytes)
+
+
+def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
+    """The block index recorded with ``model``, if its manifest names it and it matches."""
+    doc = cache.recorded_model(str(model.reference.without_digest()), model.reference.digest)
+    named = model.manifest.annotations.get(ANNOTATION)
+    if not doc or not named or not doc.get("index"):
+        return None
+    data = base64.b64decode(doc["index"])
+    return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
 
 
 def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float] | None:

@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import trio
 
-from .errors import IntegrityError, ManifestError, ModelfsError
-from .fetcher import BlobReader, Fetcher
+from .errors import CacheError, IntegrityError, ManifestError
+from .fetcher import TRANSIENT, BlobReader, Fetcher, FetchError, StallGuard
 from .spec import Descriptor, Packing
 from .tarindex import REGULAR, Member, iter_members
 from .zstd import ZstdDecompressor, ZstdError
@@ -89,6 +89,7 @@ class StreamSource:
         self.offset = 0
         self.hasher = hashlib.sha256()
         self.compressed_bytes = 0
+        self.on_progress: Callable[[int], None] | None = None  # told how many compressed bytes arrived
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size and not self._eof:
@@ -109,6 +110,8 @@ class StreamSource:
                 continue
             self.hasher.update(chunk)
             self.compressed_bytes += len(chunk)
+            if self.on_progress is not None:
+                self.on_progress(len(chunk))
             self._buffer += self._feed(chunk)
 
     def _step(self) -> bytes | None:
@@ -144,22 +147,60 @@ class StreamSource:
 
 
 class DerivedReader(BlobReader):
-    """A file inside a compressed layer: its blocks arrive from the layer stream."""
+    """A file inside a compressed layer: its blocks arrive from the layer stream, and are
+    served once the layer matched its digest (or as they arrive, with ``--verify lazy``)."""
 
     def __init__(self, fetcher: Fetcher, key: str, size: int, stream: "LayerStream") -> None:
         super().__init__(fetcher, fetcher.cache.entry(key, size))
         self.stream = stream
+        self.checks: dict[int, int] = {}  # checksum of each block this stream stored
 
     def _schedule(self, blocks: list[int]) -> None:
         for index in blocks:
-            if index not in self._inflight and not self._available(index):
+            if index not in self._inflight and not self.servable(index):
                 self._inflight[index] = trio.Event()
                 self._failures.pop(index, None)
         if self._inflight:
             self.stream.ensure_running()
 
+    def _start_whole(self) -> None:
+        self.stream.ensure_running()
+
     def _maybe_verify(self) -> None:
         return None  # verified through the layer digest by the stream
+
+    def begin_pass(self) -> None:
+        """The layer stream starts: drop what an earlier pass left unchecked, so every block
+        is written again with a checksum this pass knows."""
+        if not self._whole_running:
+            self._whole_running = True
+            self._whole_generation += 1
+        self.checks = {}
+        if not self.entry.verified:
+            self.entry.clear()
+
+    def keep(self, index: int, data: bytes) -> None:
+        check = self._write_or_match_logged(index, data)
+        if check is not None:
+            self.checks[index] = check
+        if self.lazy:
+            self.fetcher.recent.put(self.digest, index, data)
+            self._arrived(index, len(data), False)
+        self._tick()
+
+    def _write_or_match_logged(self, index: int, data: bytes) -> int | None:
+        try:
+            return self._write_or_match(index, data)
+        except CacheError as exc:
+            self._cache_write_failed(exc)
+            return None
+
+    def end_pass(self, failure: BaseException | None) -> None:
+        self._whole_outcome = (self._whole_generation, failure)
+        self._whole_running = False
+        if failure is not None:
+            self.fail_pending(failure)
+        self._tick()
 
     def fail_pending(self, exc: BaseException) -> None:
         for index in list(self._inflight):
@@ -183,6 +224,8 @@ class LayerStream:
     def ensure_running(self) -> None:
         if not self._running:
             self._running = True
+            for reader in self.targets.values():
+                reader.begin_pass()
             self.fetcher._nursery.start_soon(self._run_logged)
 
     async def collect(self) -> list[Member]:
@@ -192,40 +235,77 @@ class LayerStream:
             return await self._run()
         finally:
             self._collect = False
+            self._running = False
 
     async def _run_logged(self) -> None:
+        """The stream in the background: retried on transient failures, and whatever happens
+        it ends with every waiting reader told, never with an exception into the daemon."""
+        attempt, failure = 0, None
         try:
-            await self._run()
-        except ModelfsError as exc:
-            log.error("%s", exc if str(exc).startswith(self.where) else f"{self.where}: {exc}")
+            while True:
+                try:
+                    await self._run()
+                    failure = None
+                    return
+                except TRANSIENT as exc:
+                    failure = exc
+                    attempt += 1
+                    if attempt >= self.fetcher.policy.attempts:
+                        break
+                    self.fetcher.counters.retries += 1
+                    delay = min(5.0, 0.2 * 2 ** (attempt - 1))
+                    log.warning("%s: stream failed (%s); retry %d in %.1fs", self.where, exc, attempt, delay)
+                    await trio.sleep(delay)
+                    for reader in self.targets.values():
+                        reader.begin_pass()
+            self.fetcher.counters.errors += 1
+            log.error("%s", failure if str(failure).startswith(self.where) else f"{self.where}: {failure}")
+        except Exception as exc:  # a bug: fail these reads, keep the daemon
+            failure = exc
+            log.exception("%s: unexpected error streaming the layer", self.where)
+        finally:
+            self._running = False
+            for reader in self.targets.values():
+                reader.end_pass(failure)
 
     async def _run(self) -> list[Member]:
         members: list[Member] = []
         try:
-            async with self.fetcher.client.stream_blob(self.fetcher.repository, self.layer.digest) as response:
-                source = StreamSource(response.aiter_raw(), self.packing, self.where)
-                async for member in iter_members(source, self.where):
-                    members.append(member)
-                    if member.kind == REGULAR:
-                        await self._copy(source, member)
-                await source.drain()
+            guard = StallGuard(self.fetcher.policy.timeout)
+            with guard.scope:
+                async with self.fetcher.client.stream_blob(self.fetcher.repository, self.layer.digest) as response:
+                    source = StreamSource(response.aiter_raw(), self.packing, self.where)
+                    source.on_progress = guard.fed
+                    async for member in iter_members(source, self.where):
+                        members.append(member)
+                        if member.kind == REGULAR:
+                            await self._copy(source, member)
+                    await source.drain()
+            if guard.fired:
+                raise FetchError(f"{self.where}: less than 1 MiB arrived in {guard.seconds:g}s (server stalled or trickling)")
             self.fetcher.counters.bytes_fetched += source.compressed_bytes
             if source.compressed_bytes != self.layer.size or "sha256:" + source.hasher.hexdigest() != self.layer.digest:
-                for reader in self.targets.values():
-                    reader.entry.clear()
-                    self.fetcher.recent.drop(reader.digest)
+                self.fetcher.wrong_bytes(f"layer {self.layer.digest}")
+                self._drop_unverified()
                 raise IntegrityError(f"{self.where}: blob does not match its digest; its files were dropped from the cache")
             for reader in self.targets.values():
                 reader.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
-                if reader.entry.complete:
-                    reader.entry.mark_verified()
+                if reader.entry.complete and not reader.entry.verified:
+                    await trio.to_thread.run_sync(reader.entry.mark_whole, reader.checks)
             return members
-        except Exception as exc:
-            for reader in self.targets.values():
-                reader.fail_pending(exc)
+        except BaseException:
+            self._drop_unverified()
             raise
-        finally:
-            self._running = False
+
+    def _drop_unverified(self) -> None:
+        """Blocks derived from a stream that did not check out are never kept."""
+        for reader in self.targets.values():
+            if not reader.entry.verified:
+                try:
+                    reader.entry.clear()
+                except CacheError as exc:
+                    log.error("%s", exc)
+                self.fetcher.recent.drop(reader.digest)
 
     async def _copy(self, source: StreamSource, member: Member) -> None:
         reader = self.target(member.path, member.size) if self._collect else self.targets.get(member.path)
@@ -239,5 +319,5 @@ class LayerStream:
             data = await source.read(length)
             if len(data) != length:
                 raise ManifestError(f"{self.where}, member {member.path!r}: stream ended inside the file")
-            if not reader._available(index):
-                reader._store(index, data, fetched=False)  # counted as compressed bytes below
+            if not reader.entry.verified:
+                reader.keep(index, data)

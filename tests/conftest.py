@@ -261,3 +261,14 @@ def make_tar(members: list[tuple[str, bytes | None, dict]]) -> bytes:
             else:
                 tar.addfile(info)
     return buffer.getvalue()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    path = tmp_path / "tiny"
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)])

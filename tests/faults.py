@@ -1,9 +1,11 @@
 """A fault-injecting HTTP proxy between modelfs and the real registry (loopback, bounded).
 
 Blob GETs can be answered with 503, 429 (Retry-After), a stall, a connection reset, a
-truncated body, one flipped byte, or the whole blob with 200 (``norange``: the Range header
-is dropped on the way, as some servers and filling pull-through caches do). Faults come from a queue (one per blob GET) or from a
-``persistent`` setting. Everything else is forwarded untouched.
+truncated body, one flipped byte, a trickle (the body at ``trickle_rate`` bytes a second,
+for at most ``trickle_seconds``), or the whole blob with 200 (``norange``: the Range header
+is dropped on the way, as some servers and filling pull-through caches do). Faults come from
+a queue (one per blob GET) or from a ``persistent`` setting; ``only`` limits them to blob
+GETs whose path contains that string. Everything else is forwarded untouched.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ class FaultProxy:
         self.faults: list[str] = []
         self.persistent: str | None = None
         self.stall_seconds = stall_seconds
+        self.trickle_rate = 2048
+        self.trickle_seconds = 20.0
+        self.only: str | None = None
         self.injected: Counter[str] = Counter()
         self.blob_requests = 0
         self._lock = threading.Lock()
@@ -44,7 +49,7 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _next_fault(self, method: str, path: str) -> str | None:
-        if method != "GET" or "/blobs/" not in path:
+        if method != "GET" or "/blobs/" not in path or (self.only and self.only not in path):
             return None
         with self._lock:
             self.blob_requests += 1
@@ -102,6 +107,15 @@ class FaultProxy:
             if fault == "truncate":
                 client.sendall(body[: len(body) // 2])
                 return False
+            if fault == "trickle":  # bounded: stops (and drops the connection) after trickle_seconds
+                deadline = time.monotonic() + self.trickle_seconds
+                step = max(1, self.trickle_rate // 10)
+                for start in range(0, len(body), step):
+                    if time.monotonic() > deadline:
+                        return False
+                    client.sendall(body[start:start + step])
+                    time.sleep(0.1)
+                return True
             if fault == "flip" and body:
                 flipped = bytearray(body)
                 flipped[len(body) // 2] ^= 0x01

@@ -1,15 +1,24 @@
-"""The block cache on real files: compression policy, index-checked blocks, and block
-writes from worker threads racing an eviction."""
+"""The block cache on real files: compression policy, per-block trust, checksums on every
+read back (flipped bytes, holes, wrong map lengths), replacement instead of in-place
+emptying, and block writes from worker threads racing a clear."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import struct
 import threading
+import time
 
-from modelfs.cache import BlockCache
+import pytest
+
+from modelfs.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged
 
 MiB = 1 << 20
+
+
+def _blob(*blocks: bytes) -> str:
+    return "sha256:" + hashlib.sha256(b"".join(blocks)).hexdigest()
 
 
 def test_lz4_only_where_it_pays(tmp_path):
@@ -27,39 +36,118 @@ def test_lz4_only_where_it_pays(tmp_path):
     assert text.read_block(0) == (b"the quick brown fox " * 60000)[:MiB]
 
 
-def test_blob_checked_block_by_block_needs_no_second_hash(tmp_path):
+def test_trust_is_per_block_and_per_index_hash(tmp_path):
     cache = BlockCache(str(tmp_path))
     blocks = [os.urandom(MiB), os.urandom(MiB // 2)]
-    digest = "sha256:" + hashlib.sha256(b"".join(blocks)).hexdigest()
-    entry = cache.entry(digest, MiB + MiB // 2)
-    entry.write_block(0, blocks[0], checked=True)
-    assert not entry.all_checked
-    entry.write_block(1, blocks[1], checked=True)
-    assert entry.all_checked and entry.complete
-    entry.clear()
-    assert not entry.all_checked and not entry.complete
+    entry = cache.entry(_blob(*blocks), MiB + MiB // 2)
+    good = hashlib.sha256(blocks[0]).digest()
+    entry.write_block(0, blocks[0], index_hash=good)
+    entry.write_block(1, blocks[1])  # unverified
+    assert entry.trusted(0, good)
+    assert not entry.trusted(0, b"\1" * 32)  # another index's hash: not ours to trust
+    assert not entry.trusted(0, None)
+    assert not entry.trusted(1, hashlib.sha256(blocks[1]).digest())
+    assert entry.complete and not entry.verified
+    assert entry.verify()
+    assert entry.verified and entry.trusted(1, None)
+    # trust survives a reopen (it lives in the map, per block)
+    assert BlockCache(str(tmp_path)).entry(entry.digest, entry.size).verified
 
 
-def test_block_stored_by_another_process_is_not_counted_as_checked(tmp_path):
+def test_a_blob_that_does_not_match_is_dropped(tmp_path):
+    cache = BlockCache(str(tmp_path))
     blocks = [os.urandom(MiB), os.urandom(MiB)]
-    digest = "sha256:" + hashlib.sha256(b"".join(blocks)).hexdigest()
-    ours = BlockCache(str(tmp_path)).entry(digest, 2 * MiB)
-    theirs = BlockCache(str(tmp_path)).entry(digest, 2 * MiB)  # own descriptors, like another process
-    theirs.write_block(1, blocks[1])
-    ours.write_block(0, blocks[0], checked=True)
-    ours.write_block(1, blocks[1], checked=True)  # already there: their copy stays
-    assert ours.complete and not ours.all_checked  # so the mount hashes the whole blob instead
-    assert ours.digest_matches()
+    entry = cache.entry(_blob(*blocks), 2 * MiB)
+    entry.write_block(0, blocks[0])
+    entry.write_block(1, os.urandom(MiB))
+    assert not entry.verify()
+    assert not entry.has(0) and not entry.has(1)
+
+
+@pytest.mark.parametrize("damage", ["flip", "hole", "short_length", "long_length", "flip_lz4"])
+def test_damage_at_rest_is_caught_on_read_back(tmp_path, damage):
+    cache = BlockCache(str(tmp_path))
+    block = (b"tokenizer vocabulary " * 60000)[:MiB] if damage == "flip_lz4" else os.urandom(MiB)
+    entry = cache.entry(_blob(block, block, block), 3 * MiB)
+    for index in range(3):
+        entry.write_block(index, block)
+    assert entry.verify()
+    if damage in ("flip", "flip_lz4"):
+        with open(entry.data_path, "r+b") as handle:
+            handle.seek(MiB + 100)
+            byte = handle.read(1)
+            handle.seek(MiB + 100)
+            handle.write(bytes([byte[0] ^ 0x40]))
+    elif damage == "hole":  # what a power cut leaves: the map landed, the data did not
+        with open(entry.data_path, "r+b") as handle:
+            os.truncate(handle.fileno(), 0)
+            os.truncate(handle.fileno(), 3 * MiB)
+    else:
+        offset = _HEADER_SIZE + _ENTRY.size
+        with open(entry.map_path, "r+b") as handle:
+            handle.seek(offset)
+            length = struct.unpack("<I", handle.read(4))[0]
+            handle.seek(offset)
+            handle.write(struct.pack("<I", length // 4 if damage == "short_length" else length + 4096))
+    reopened = BlockCache(str(tmp_path)).entry(entry.digest, entry.size)  # a later mount, offline or not
+    with pytest.raises(BlockDamaged):
+        reopened.read_block(1)
+    assert reopened.scrub() == (3 if damage == "hole" else 1)
+    assert not reopened.verified and not reopened.has(1)
+
+
+def test_clear_replaces_files_so_another_holder_never_reads_zeros(tmp_path):
+    """One mount evicts (or fails a check and clears) while another holds the blob open:
+    the holder keeps reading the bytes it had, then notices the new files."""
+    blocks = [os.urandom(MiB) for _ in range(8)]
+    digest = _blob(*blocks)
+    ours = BlockCache(str(tmp_path)).entry(digest, 8 * MiB)
+    theirs = BlockCache(str(tmp_path)).entry(digest, 8 * MiB)  # own descriptors, like another process
+    for index, block in enumerate(blocks):
+        ours.write_block(index, block)
+    assert ours.verify()
+    assert all(theirs.has(i) for i in range(8))
+    ours.clear()
+    ours.write_block(7, blocks[7])  # the evicting mount fetches its last block again
+    for index in range(8):  # before noticing: the old, valid bytes (never holes read as zeros)
+        if theirs.has(index):
+            assert theirs.read_block(index) == blocks[index]
+    time.sleep(RECHECK_SECONDS + 0.1)
+    assert not theirs.has(0) and theirs.has(7) and not theirs.verified
+    assert theirs.read_block(7) == blocks[7]
+
+
+def test_eviction_by_another_process_is_noticed_and_frees_the_files(tmp_path):
+    blocks = [os.urandom(MiB)]
+    digest = _blob(*blocks)
+    holder = BlockCache(str(tmp_path))
+    entry = holder.entry(digest, MiB)
+    entry.write_block(0, blocks[0])
+    BlockCache(str(tmp_path)).evict(digest)  # `cache prune` in another process
+    assert holder.release_replaced() == 1
+    assert not entry.is_open
+    assert not entry.has(0)  # reopened on use: fresh, empty files
+
+
+def test_open_files_are_bounded(tmp_path):
+    cache = BlockCache(str(tmp_path), max_open=4)
+    entries = [cache.entry("sha256:%064x" % i, MiB) for i in range(20)]
+    assert cache.open_files() <= 2 * 4 + 2
+    data = os.urandom(MiB)
+    for entry in entries:
+        entry.write_block(0, data)
+    assert cache.open_files() <= 2 * 4 + 2
+    assert all(entry.read_block(0) == data for entry in entries)
 
 
 def test_writes_from_threads_racing_clear_never_leave_a_wrong_block(tmp_path):
-    """Block writes run in worker threads while eviction empties the blob on the event loop;
+    """Block writes run in worker threads while a clear replaces the files on the event loop;
     whatever the map claims afterwards must read back as the block that was written."""
     block = 64 << 10
     cache = BlockCache(str(tmp_path), block_size=block)
     blocks = [os.urandom(block) for _ in range(32)]
     entry = cache.entry("sha256:" + "cd" * 32, len(blocks) * block)
-    for _ in range(50):  # bounded: each round writes every block once while clearing
+    for _ in range(30):  # bounded: each round writes every block once while clearing
         writers = [threading.Thread(target=_write_blocks, args=(entry, blocks, start)) for start in (0, 1)]
         for writer in writers:
             writer.start()

@@ -28,7 +28,7 @@ def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_pa
     built = cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
     assert "13 layers" in built.stdout
     pushed = cli.run("push", "--plain-http", ref)
-    assert "14 blobs uploaded" in pushed.stdout
+    assert "15 blobs uploaded" in pushed.stdout  # 13 layers, the config and the block index
 
     inspected = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)
     assert inspected["manifest"]["artifactType"] == "application/vnd.cncf.model.manifest.v1+json"
@@ -39,6 +39,7 @@ def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_pa
     assert weights[0]["mediaType"] == "application/vnd.cncf.model.weight.v1.raw"
     assert json.loads(weights[0]["annotations"]["org.cncf.model.file.metadata+json"])["size"] == 90868376
     assert inspected["config"]["modelfs"]["diffIds"] == [layer["digest"] for layer in inspected["manifest"]["layers"]]
+    assert inspected["manifest"]["annotations"]["dev.modelfs.block-index"].startswith("sha256:")  # the index, vouched for
 
     out = tmp_path / "out"
     cli.run("extract", "--plain-http", ref, "--output", str(out))
@@ -75,7 +76,8 @@ def test_repush_after_config_edit_uploads_only_what_changed(cli, registry, minil
     again = cli.run("push", "--plain-http", ref).stdout
     new_config_size = (context / "config.json").stat().st_size
     # config.json's layer and the model config blob, nothing else; the 90 MB weights are skipped
-    assert "2 blobs uploaded" in again and "12 already present" in again, again
+    # config.json's layer, the config and the block index (one of its blocks' hashes changed)
+    assert "3 blobs uploaded" in again and "12 already present" in again, again
     uploaded_mb = float(again.split("(")[1].split(" MB")[0])
     assert uploaded_mb < 0.01 + new_config_size / 1e6
 
@@ -98,7 +100,7 @@ def test_push_to_second_repository_mounts_blobs(cli, registry, minilm_dir):
     cli.run("build", "-t", second, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
     result = cli.run("push", "--plain-http", second).stdout
     # the 13 file layers are linked from the first repository; only the new config blob goes up
-    assert "1 blobs uploaded" in result and "13 mounted" in result, result
+    assert "1 blobs uploaded" in result and "14 mounted" in result, result  # 13 layers and the block index
 
 
 def test_oras_pulls_identical_files(cli, minilm_ref, minilm_dir, tmp_path, registry):
