@@ -138,20 +138,27 @@ class BlobEntry:
 
     def _open(self) -> None:
         """Open the current files (creating them if absent) and load the map."""
-        try:
-            self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
-            self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            self._close_fds()
-            raise CacheError(f"cannot open cache files for {self.digest} in {os.path.dirname(self.map_path)}: "
-                             f"{exc.strerror}") from None
-        try:
-            with self._flock():
-                self._load_or_init()
-        except OSError as exc:
-            self._close_fds()
-            raise CacheError(f"cannot set up the cache map for {self.digest} in {os.path.dirname(self.map_path)}: "
-                             f"{exc.strerror}") from None
+        for _ in range(2):
+            try:
+                self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
+                self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                self._close_fds()
+                raise CacheError(f"cannot open cache files for {self.digest} in {os.path.dirname(self.map_path)}: "
+                                 f"{exc.strerror}") from None
+            try:
+                with self._flock():
+                    loaded = self._load_or_init()
+                if loaded:
+                    break
+                # a map of another format or blob: replaced, never emptied under another reader
+                log.warning("cache map for %s is unreadable, stale or of another format; starting it afresh", self.digest)
+                self._close_fds()
+                self._replace_files()
+            except OSError as exc:
+                self._close_fds()
+                raise CacheError(f"cannot set up the cache map for {self.digest} in {os.path.dirname(self.map_path)}: "
+                                 f"{exc.strerror}") from None
         self._inode = (os.fstat(self._map_fd).st_ino, os.fstat(self._data_fd).st_ino)
         self._checked_at = time.monotonic()
         if self._on_open is not None:
@@ -207,24 +214,26 @@ class BlobEntry:
     def _writing(self) -> "_WriteLock":
         return _WriteLock(self)
 
-    def _load_or_init(self) -> None:
+    def _load_or_init(self) -> bool:
+        """Load the map; a new (empty) one is set up here. False: it holds something else."""
         header = os.pread(self._map_fd, _HEADER_SIZE, 0)
-        if len(header) >= _HEADER.size:
+        if header:
+            if len(header) < _HEADER.size:
+                return False
             magic, bs, size, nblocks, policy = _HEADER.unpack_from(header)
-            if magic == _MAGIC and bs == self.block_size and size == self.size and nblocks == self.nblocks:
-                raw = os.pread(self._map_fd, nblocks * _ENTRY.size, _HEADER_SIZE)
-                self._policy = policy
-                self._raw = bytearray(raw.ljust(nblocks * _ENTRY.size, b"\0"))
-                self._recount()
-                return
-            log.warning("cache map for %s is unreadable, stale or of another format; starting it afresh", self.digest)
+            if not (magic == _MAGIC and bs == self.block_size and size == self.size and nblocks == self.nblocks):
+                return False
+            raw = os.pread(self._map_fd, nblocks * _ENTRY.size, _HEADER_SIZE)
+            self._policy = policy
+            self._raw = bytearray(raw.ljust(nblocks * _ENTRY.size, b"\0"))
+            self._recount()
+            return True
         self._policy = _POLICY_UNDECIDED
         self._raw = bytearray(self.nblocks * _ENTRY.size)
         self._recount()
-        os.ftruncate(self._map_fd, 0)
-        os.ftruncate(self._data_fd, 0)
         os.pwrite(self._map_fd, self._header(), 0)
         os.pwrite(self._map_fd, bytes(self._raw), _HEADER_SIZE)
+        return True
 
     def _recount(self) -> None:
         with self._count_lock:
@@ -298,12 +307,13 @@ class BlobEntry:
     def read_block(self, index: int) -> bytes:
         """The block's bytes, checked against the checksum stored with them; a block that does
         not check out raises :class:`BlockDamaged` (the caller drops it and fetches again)."""
-        entry = self.entry(index)
-        if not entry.present:
-            raise CacheError(f"block {index} of {self.digest} is not cached")
+        self.entry(index)  # refreshed from disk if absent here
         try:
             with self._mutex:
                 self._current()
+                entry = self.entry_at(index)  # of the files we now hold (another process may have replaced them)
+                if not entry.present:
+                    raise CacheError(f"block {index} of {self.digest} is not cached")
                 data = os.pread(self._data_fd, entry.length, index * self.block_size)
         except OSError as exc:
             raise BlockDamaged(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
@@ -461,21 +471,27 @@ class BlobEntry:
         keeps reading consistent bytes until it notices (see the module docstring)."""
         try:
             with self._mutex:
-                for path, header in ((self.map_path, True), (self.data_path, False)):
-                    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
-                    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-                    try:
-                        if header:
-                            os.pwrite(fd, _HEADER.pack(_MAGIC, self.block_size, self.size, self.nblocks,
-                                                       _POLICY_UNDECIDED).ljust(_HEADER_SIZE, b"\0"), 0)
-                            os.ftruncate(fd, _HEADER_SIZE + self.nblocks * _ENTRY.size)
-                    finally:
-                        os.close(fd)
-                    os.replace(tmp, path)
+                self._replace_files()
                 self._close_fds()
                 self._open()
         except OSError as exc:
             raise CacheError(f"cannot clear the cache of {self.digest}: {exc.strerror}") from None
+
+    def _replace_files(self) -> None:
+        """Rename fresh files over the blob's (the map first: a reader that opens the new map
+        with the old data sees no blocks; one that meets a block of the other pair fails its
+        checksum)."""
+        for path, header in ((self.map_path, True), (self.data_path, False)):
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                if header:
+                    os.pwrite(fd, _HEADER.pack(_MAGIC, self.block_size, self.size, self.nblocks,
+                                               _POLICY_UNDECIDED).ljust(_HEADER_SIZE, b"\0"), 0)
+                    os.ftruncate(fd, _HEADER_SIZE + self.nblocks * _ENTRY.size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
 
     def stats(self) -> BlobStats:
         return BlobStats(self.digest, self.size, self.cached_bytes(), self.stored_bytes(), self.complete, self.verified)

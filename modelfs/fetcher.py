@@ -36,7 +36,7 @@ import trio
 
 from .blockindex import BlockIndex
 from .config import VERIFY_MODES  # noqa: F401  (re-exported: the modes a mount knows)
-from .cache import BlobEntry, BlockCache
+from .cache import BlobEntry, BlockCache, BlockDamaged
 from .errors import AuthenticationError, CacheError, IntegrityError, ModelfsError, NotFoundError, RegistryError
 from .registry import RegistryClient
 
@@ -322,8 +322,10 @@ class BlobReader:
         for index in range(first, last + 1):
             try:
                 parts.append(self._block(index))
-            except CacheError as exc:
+            except BlockDamaged as exc:
                 self._damaged(index, exc)
+                return None
+            except CacheError:  # gone meanwhile (evicted or cleared by another process): fetch again
                 return None
         return parts
 
@@ -662,14 +664,8 @@ class BlobReader:
         async with self.fetcher._limiter:
             while index < self.entry.nblocks:
                 if self.entry.has(index):
-                    try:
-                        data = self.entry.read_block(index)
-                    except CacheError as exc:
-                        self._damaged(index, exc)
-                        continue
-                    hasher.update(data)
-                    checks[index] = self.entry.entry(index).check
-                    index += 1
+                    index = await trio.to_thread.run_sync(self._hash_cached, index, hasher, checks)
+                    self._tick()
                     continue
                 stop = index
                 while stop + 1 < self.entry.nblocks and not self.entry.has(stop + 1):
@@ -693,6 +689,23 @@ class BlobReader:
             raise CacheError(f"blocks of {self.digest} changed under its check; fetching again")
         log.info("%s checked whole (%d bytes)", self.digest, self.size)
         return True
+
+    def _hash_cached(self, index: int, hasher: "hashlib._Hash", checks: dict[int, int]) -> int:
+        """Hash the cached blocks from ``index`` on (in a worker thread: a large cached prefix
+        must not hold up the event loop); returns the first block not cached, or one that
+        was damaged (dropped here, so it is fetched)."""
+        while index < self.entry.nblocks and self.entry.has(index):
+            try:
+                data = self.entry.read_block(index)
+            except CacheError as exc:
+                self.fetcher.counters.damaged_blocks += 1
+                log.warning("%s; fetching it again", exc)
+                self.entry.forget(index)
+                break
+            hasher.update(data)
+            checks[index] = self.entry.entry(index).check
+            index += 1
+        return index
 
     async def _stream_whole(self, first: int, last: int, hasher: "hashlib._Hash", checks: dict[int, int]) -> int:
         """Stream blocks [first, last] in order into the hasher and the cache (unverified)."""

@@ -153,6 +153,7 @@ class DerivedReader(BlobReader):
     def __init__(self, fetcher: Fetcher, key: str, size: int, stream: "LayerStream") -> None:
         super().__init__(fetcher, fetcher.cache.entry(key, size))
         self.stream = stream
+        self.stream_path = ""  # the member's path in the layer
         self.checks: dict[int, int] = {}  # checksum of each block this stream stored
 
     def _schedule(self, blocks: list[int]) -> None:
@@ -219,6 +220,7 @@ class LayerStream:
         reader = self.targets.get(path)
         if reader is None:
             reader = self.targets[path] = DerivedReader(self.fetcher, derived_key(self.layer.digest, path), size, self)
+            reader.stream_path = path
         return reader
 
     def ensure_running(self) -> None:
@@ -266,7 +268,9 @@ class LayerStream:
         finally:
             self._running = False
             for reader in self.targets.values():
-                reader.end_pass(failure)
+                missing = None if failure or reader.entry.verified else ManifestError(
+                    f"{self.where}: the layer holds no file {reader.stream_path!r} of {reader.size} bytes")
+                reader.end_pass(failure or missing)
 
     async def _run(self) -> list[Member]:
         members: list[Member] = []

@@ -162,3 +162,20 @@ def test_writes_from_threads_racing_clear_never_leave_a_wrong_block(tmp_path):
 def _write_blocks(entry, blocks, start):
     for index in range(start, entry.nblocks, 2):
         entry.write_block(index, blocks[index])
+
+
+def test_a_map_of_another_format_is_replaced_not_emptied_in_place(tmp_path):
+    """An old map (another format, another block size) held open by an older daemon: the new
+    one starts afresh in new files, and whoever holds the old ones keeps its bytes."""
+    digest = "sha256:" + "ee" * 32
+    directory = tmp_path / "blobs" / "sha256"
+    directory.mkdir(parents=True)
+    (directory / f"{'ee' * 32}.map").write_bytes(b"MFSMAP01" + bytes(200))
+    data = os.urandom(MiB)
+    (directory / f"{'ee' * 32}.data").write_bytes(data)
+    with open(directory / f"{'ee' * 32}.data", "rb") as old_reader:
+        entry = BlockCache(str(tmp_path)).entry(digest, MiB)
+        assert not entry.has(0)
+        assert old_reader.read() == data  # not truncated under the older reader
+    entry.write_block(0, data)
+    assert BlockCache(str(tmp_path)).entry(digest, MiB).read_block(0) == data
