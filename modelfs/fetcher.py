@@ -105,6 +105,7 @@ TRANSIENT = (httpx.HTTPError, ModelfsError, OSError)
 # comes this soon after another gave up on its fetch fails at once too, instead of waiting a
 # second full timeout. A later read (an application retrying) waits again.
 KERNEL_RETRY_WINDOW = 0.5
+WHOLE_ROUNDS = 3  # whole passes over a blob whose digest does not match before its reads fail
 
 
 class StallGuard:
@@ -541,16 +542,29 @@ class BlobReader:
         return True
 
     async def _stream_run(self, first: int, last: int) -> int:
-        """Stream blocks [first, last] into the cache; returns the next block not stored. A
-        response that delivers no block within the timeout is abandoned (and retried)."""
-        bs, size = self.block_size, self.size
-        start, end = first * bs, min((last + 1) * bs, size)
-        index = first
+        """Stream blocks [first, last]: each checked against the index (if any) before it is
+        served or cached. Returns the next block not stored."""
+        async def keep(index: int, data: bytes) -> None:
+            digest = None
+            if self.expected is not None:
+                digest = hashlib.sha256(data).digest()
+                self._check_block(index, digest)
+            await self._store_behind(index, data, digest)
+
+        await self._receive_range(first, last, keep)
+        return last + 1
+
+    async def _receive_range(self, first: int, last: int, on_block: Callable[[int, bytes], Awaitable[None]]) -> None:
+        """One range request for blocks [first, last], each handed to ``on_block`` whole, in
+        order, as it arrives. A response that delivers no block within the timeout is
+        abandoned (FetchError); so is one that ends early or sends more than asked."""
+        bs = self.block_size
+        start, end = first * bs, min((last + 1) * bs, self.size)
+        index, fill = first, 0
         pieces: list[memoryview] = []  # of the block being assembled: joined once, one copy
-        fill, need = 0, self.entry.block_length(index)
-        hasher = self._block_hasher()
+        need = self.entry.block_length(index)
         self.fetcher.counters.requests += 1
-        guard = StallGuard(self.fetcher.policy.timeout, self.block_size)
+        guard = StallGuard(self.fetcher.policy.timeout, bs)
         with guard.scope:
             async with self.fetcher.client.stream_blob(self.fetcher.repository, self.digest, start, end) as response:
                 async for chunk in response.aiter_raw():
@@ -559,18 +573,11 @@ class BlobReader:
                         if index > last:
                             raise IntegrityError(f"registry sent more than the {end - start} bytes asked of {self.digest}")
                         take = min(len(view), need - fill)
-                        piece = view[:take]
-                        pieces.append(piece)
-                        if hasher is not None:
-                            hasher.update(piece)
+                        pieces.append(view[:take])
                         fill += take
                         view = view[take:]
                         if fill == need:
-                            digest = hasher.digest() if hasher is not None else None
-                            if digest is not None:
-                                self._check_block(index, digest)
-                                hasher = self._block_hasher()
-                            await self._store_behind(index, b"".join(pieces), digest)
+                            await on_block(index, b"".join(pieces))
                             guard.fed(need)
                             index += 1
                             pieces, fill = [], 0
@@ -580,13 +587,6 @@ class BlobReader:
             raise FetchError(f"{self.digest}: no block arrived within {guard.seconds:g}s (server stalled or trickling)")
         if index <= last:
             raise FetchError(f"response for {self.digest} ended after {(index - first) * bs + fill} of {end - start} bytes")
-        return index
-
-    def _block_hasher(self) -> "hashlib._Hash | None":
-        """Blocks are hashed piece by piece as they arrive, on the event loop: handing each
-        block to a worker thread cost more here (about 0.25 ms a hop on two busy cores, a
-        third of the hash itself) than the hash gains from running beside the loop."""
-        return hashlib.sha256() if self.expected is not None else None
 
     def _check_block(self, index: int, digest: bytes) -> None:
         """A block must match the block index before anyone sees it."""
@@ -636,12 +636,12 @@ class BlobReader:
     async def _run_whole(self, generation: int) -> None:
         failure: BaseException | None = None
         try:
-            for round_ in (1, 2):  # a blob that fails its digest is fetched again once
+            for round_ in range(1, WHOLE_ROUNDS + 1):  # bytes flipped on the way: fetched again, a bounded number of times
                 if await self._fetch_whole():
                     return
-                if round_ == 1:
+                if round_ < WHOLE_ROUNDS:
                     log.warning("fetching %s again after its digest did not match", self.digest)
-            failure = IntegrityError(f"blob {self.digest} does not match its digest (twice); not serving it")
+            failure = IntegrityError(f"blob {self.digest} does not match its digest ({WHOLE_ROUNDS} times); not serving it")
         except TRANSIENT as exc:
             failure = exc
             self.fetcher.counters.errors += 1
@@ -661,6 +661,15 @@ class BlobReader:
         hasher = hashlib.sha256()
         checks: dict[int, int] = {}
         index, attempt = 0, 0
+
+        async def hashed(block: int, data: bytes) -> None:
+            nonlocal index
+            hasher.update(data)
+            self.fetcher.counters.bytes_fetched += len(data)
+            await self._keep_unverified(block, data, checks)
+            self._tick()
+            index = block + 1
+
         async with self.fetcher._limiter:
             while index < self.entry.nblocks:
                 if self.entry.has(index):
@@ -671,11 +680,11 @@ class BlobReader:
                 while stop + 1 < self.entry.nblocks and not self.entry.has(stop + 1):
                     stop += 1
                 try:
-                    index = await self._stream_whole(index, stop, hasher, checks)
+                    await self._receive_range(index, stop, hashed)
                     attempt = 0
                 except TRANSIENT as exc:
                     attempt += 1
-                    # the hasher holds every byte before ``index``; resume there
+                    # the hasher holds every block before ``index`` (kept current by ``hashed``): resume there
                     if not await self._retry_or_give_up(attempt, exc, index):
                         raise
             await self._writes_done.wait()
@@ -705,43 +714,6 @@ class BlobReader:
             hasher.update(data)
             checks[index] = self.entry.entry(index).check
             index += 1
-        return index
-
-    async def _stream_whole(self, first: int, last: int, hasher: "hashlib._Hash", checks: dict[int, int]) -> int:
-        """Stream blocks [first, last] in order into the hasher and the cache (unverified)."""
-        bs = self.block_size
-        index, fill = first, 0
-        pieces: list[memoryview] = []
-        need = self.entry.block_length(index)
-        self.fetcher.counters.requests += 1
-        guard = StallGuard(self.fetcher.policy.timeout, bs)
-        with guard.scope:
-            async with self.fetcher.client.stream_blob(self.fetcher.repository, self.digest, first * bs,
-                                                       min((last + 1) * bs, self.size)) as response:
-                async for chunk in response.aiter_raw():
-                    view = memoryview(chunk)
-                    while view:
-                        if index > last:
-                            raise IntegrityError(f"registry sent more bytes of {self.digest} than asked")
-                        take = min(len(view), need - fill)
-                        pieces.append(view[:take])
-                        fill += take
-                        view = view[take:]
-                        if fill == need:
-                            data = b"".join(pieces)
-                            hasher.update(data)
-                            self.fetcher.counters.bytes_fetched += len(data)
-                            await self._keep_unverified(index, data, checks)
-                            guard.fed(need)
-                            self._tick()
-                            index += 1
-                            pieces, fill = [], 0
-                            if index <= last:
-                                need = self.entry.block_length(index)
-        if guard.fired:
-            raise FetchError(f"{self.digest}: no block arrived within {guard.seconds:g}s (server stalled or trickling)")
-        if index <= last:
-            raise FetchError(f"response for {self.digest} ended early, at block {index} of {last + 1}")
         return index
 
     async def _keep_unverified(self, index: int, data: bytes, checks: dict[int, int]) -> None:
