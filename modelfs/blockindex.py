@@ -179,7 +179,7 @@ async def _extend_fallback_index(client, repository: str, subject_digest: str, e
 def indexable(media_type: str) -> bool:
     """Layers read by ranges (raw and plain tar); compressed ones are checked whole anyway."""
     classified = classify_layer(media_type)
-    return bool(classified) and classified[1] in (Packing.RAW, Packing.TAR)
+    return classified is not None and classified[1] in (Packing.RAW, Packing.TAR)
 
 
 async def trusted(client, repository: str, manifest: Manifest, manifest_digest: str) -> TrustedIndex | None:

@@ -13,7 +13,7 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Callable, Coroutine, ParamSpec, Sequence, TypeVar
 
 import pyfuse3
 import trio
@@ -26,6 +26,7 @@ from .tarindex import DIRECTORY, SYMLINK
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+P = ParamSpec("P")
 
 TIMEOUT = 24 * 3600.0
 XATTR_DIGEST = b"user.modelfs.digest"
@@ -35,19 +36,21 @@ XATTR_MODEL = b"user.modelfs.model"
 XATTRS = (XATTR_DIGEST, XATTR_CACHED, XATTR_MEDIA_TYPE, XATTR_MODEL)
 
 
-def _guarded(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def _guarded(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
     """No request may end the mount: whatever a handler raises besides ``FUSEError`` (a bug,
     an entry no check foresaw) becomes EIO for that request and a log line."""
 
     @functools.wraps(handler)
-    async def guarded(self: "ModelFS", *args: Any) -> T:
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
-            return await handler(self, *args)
+            return await handler(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception:
-            self.handler_errors += 1
-            log.exception("unexpected error in %s%r; answering EIO", handler.__name__, args[:2])
+            ops = args[0]
+            if isinstance(ops, ModelFS):
+                ops.handler_errors += 1
+            log.exception("unexpected error in %s%r; answering EIO", handler.__name__, args[1:3])
             raise pyfuse3.FUSEError(errno.EIO) from None
     return guarded
 

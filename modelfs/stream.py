@@ -242,7 +242,8 @@ class LayerStream:
     async def _run_logged(self) -> None:
         """The stream in the background: retried on transient failures, and whatever happens
         it ends with every waiting reader told, never with an exception into the daemon."""
-        attempt, failure = 0, None
+        attempt = 0
+        failure: BaseException | None = None
         try:
             while True:
                 try:
