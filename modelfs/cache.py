@@ -307,6 +307,12 @@ class BlobEntry:
     def read_block(self, index: int) -> bytes:
         """The block's bytes, checked against the checksum stored with them; a block that does
         not check out raises :class:`BlockDamaged` (the caller drops it and fetches again)."""
+        return self.read_checked(index)[0]
+
+    def read_checked(self, index: int) -> tuple[bytes, int]:
+        """The block's bytes and the checksum they matched: what a caller that records trust
+        for these very bytes (``adopt``, ``mark_whole``) must pass on, since the entry may be
+        replaced by another process the moment after."""
         self.entry(index)  # refreshed from disk if absent here
         try:
             with self._mutex:
@@ -327,7 +333,7 @@ class BlobEntry:
         if len(data) != self.block_length(index):
             raise BlockDamaged(f"cached block {index} of {self.digest} has {len(data)} bytes, expected "
                                f"{self.block_length(index)}")
-        return data
+        return data, entry.check
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None,
                     whole: bool = False) -> int | None:
@@ -419,8 +425,8 @@ class BlobEntry:
     def blocks_with_checks(self) -> Iterator[tuple[int, bytes, int]]:
         """(index, bytes, stored checksum) of every block, each checked as it is read."""
         for index in range(self.nblocks):
-            entry = self.entry(index)
-            yield index, self.read_block(index), entry.check
+            data, check = self.read_checked(index)
+            yield index, data, check
 
     def digest_matches(self) -> tuple[bool, dict[int, int]]:
         """Hash the complete blob (pure reads, so it may run in a worker thread); also returns

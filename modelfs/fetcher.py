@@ -526,7 +526,7 @@ class BlobReader:
             if self.expected is None or not self.entry.has(index):
                 return False
             try:
-                data = self.entry.read_block(index)
+                data, check = self.entry.read_checked(index)
             except CacheError as exc:
                 self._damaged(index, exc)
                 return False
@@ -534,7 +534,7 @@ class BlobReader:
                 log.warning("cached block %d of %s does not match the block index; fetching it again", index, self.digest)
                 self.entry.forget(index)
                 return False
-            self.entry.adopt(index, self.expected[index], self.entry.entry(index).check)
+            self.entry.adopt(index, self.expected[index], check)
         event = self._inflight.pop(index, None)
         self._timed_out.pop(index, None)
         if event is not None:
@@ -705,14 +705,14 @@ class BlobReader:
         was damaged (dropped here, so it is fetched)."""
         while index < self.entry.nblocks and self.entry.has(index):
             try:
-                data = self.entry.read_block(index)
+                data, check = self.entry.read_checked(index)
             except CacheError as exc:
                 self.fetcher.counters.damaged_blocks += 1
                 log.warning("%s; fetching it again", exc)
                 self.entry.forget(index)
                 break
             hasher.update(data)
-            checks[index] = self.entry.entry(index).check
+            checks[index] = check
             index += 1
         return index
 
@@ -745,8 +745,9 @@ class BlobReader:
         if check is not None:
             return check
         try:
-            if self.entry.read_block(index) == data:
-                return self.entry.entry(index).check
+            theirs, check = self.entry.read_checked(index)
+            if theirs == data:
+                return check
         except CacheError:
             pass
         self.entry.forget(index)
