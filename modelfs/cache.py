@@ -16,7 +16,7 @@ on disk is trusted because a flag says so:
   pass. (Mountpoint for S3 checks its cache blocks with CRC32C for the same reason.)
 - **Trust is recorded per block**, never per blob: ``WHOLE`` means the block was part of the
   blob when its sha256 matched the digest (set only on blocks whose checksum is the one that
-  was hashed); ``INDEXED`` means its sha256 was computed on arrival and is kept in the entry,
+  was hashed); ``INDEXED`` means its index hash was computed on arrival and is kept in the entry,
   so a mount trusts it only if *its own* trusted index has the same hash for that block. A
   block with neither flag was stored unverified (``--verify lazy``, or bytes of a blob still
   being checked whole) and is served by default to no one.
@@ -337,7 +337,7 @@ class BlobEntry:
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None,
                     whole: bool = False) -> int | None:
-        """Store a block: data first, then its map entry. ``index_hash``: the block's sha256,
+        """Store a block: data first, then its map entry. ``index_hash``: the block's hash,
         matched by the caller against a block index; ``whole``: the caller checked it as part
         of the whole blob. Returns the stored checksum, or None if the block was already there
         (another process stored it meanwhile; its copy stays, with the trust it has)."""

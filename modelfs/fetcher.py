@@ -160,7 +160,8 @@ class Fetcher:
             if expected is not None and len(expected) != entry.nblocks:
                 log.warning("block index of %s has %d blocks, blob has %d; not using it", digest, len(expected), entry.nblocks)
                 expected = None
-            found = self._readers[digest] = BlobReader(self, entry, expected)
+            found = self._readers[digest] = BlobReader(self, entry, expected,
+                                                       self.block_index.block_hash if self.block_index else None)
         return found
 
     def pinned(self) -> set[str]:
@@ -232,9 +233,11 @@ class Fetcher:
 
 
 class BlobReader:
-    def __init__(self, fetcher: Fetcher, entry: BlobEntry, expected: list[bytes] | None = None) -> None:
+    def __init__(self, fetcher: Fetcher, entry: BlobEntry, expected: list[bytes] | None = None,
+                 block_hash: Callable[[bytes], bytes] | None = None) -> None:
         self.fetcher, self.entry = fetcher, entry
-        self.expected = expected  # sha256 per block, from a block index the mount trusts
+        self.expected = expected  # hash per block, from a block index the mount trusts
+        self.block_hash = block_hash or (lambda data: hashlib.sha256(data).digest())  # the index's algorithm
         self.block_size = entry.block_size
         self._inflight: dict[int, trio.Event] = {}
         self._failures: dict[int, BaseException] = {}
@@ -530,7 +533,7 @@ class BlobReader:
             except CacheError as exc:
                 self._damaged(index, exc)
                 return False
-            if hashlib.sha256(data).digest() != self.expected[index]:
+            if self.block_hash(data) != self.expected[index]:
                 log.warning("cached block %d of %s does not match the block index; fetching it again", index, self.digest)
                 self.entry.forget(index)
                 return False
@@ -547,7 +550,7 @@ class BlobReader:
         async def keep(index: int, data: bytes) -> None:
             digest = None
             if self.expected is not None:
-                digest = hashlib.sha256(data).digest()
+                digest = self.block_hash(data)
                 self._check_block(index, digest)
             await self._store_behind(index, data, digest)
 

@@ -13,11 +13,30 @@ DIGEST = "sha256:" + "cd" * 32
 
 
 def test_hash_blocks_hashes_each_block_and_the_short_tail(tmp_path):
+    import blake3
     data = os.urandom(2 * 4096 + 100)
     path = tmp_path / "blob"
     path.write_bytes(data)
-    expected = [hashlib.sha256(data[i:i + 4096]).hexdigest() for i in range(0, len(data), 4096)]
+    expected = [blake3.blake3(data[i:i + 4096]).hexdigest() for i in range(0, len(data), 4096)]
     assert hash_blocks(str(path), 4096) == expected and len(expected) == 3
+    assert hash_blocks(str(path), 4096, "sha256") == [hashlib.sha256(data[i:i + 4096]).hexdigest()
+                                                       for i in range(0, len(data), 4096)]
+
+
+def test_version_2_names_its_algorithm_and_version_1_is_sha256():
+    block = os.urandom(1000)
+    v2 = decode(encode(1 << 20, {DIGEST: [hash_of(block, "blake3")]}))
+    assert v2.algorithm == "blake3" and v2.block_hash(block) == v2.for_blob(DIGEST, 1 << 20)[0]
+    assert json.loads(encode(1 << 20, {DIGEST: []}))["version"] == 2
+    v1 = decode(json.dumps({"blockSize": 1 << 20, "blobs": {DIGEST: [hashlib.sha256(block).hexdigest()]}}).encode())
+    assert v1.algorithm == "sha256" and v1.block_hash(block) == v1.for_blob(DIGEST, 1 << 20)[0]
+    with pytest.raises(ManifestError, match="algorithm 'md5' is not one of"):
+        decode(json.dumps({"version": 2, "algorithm": "md5", "blockSize": 1, "blobs": {}}).encode())
+
+
+def hash_of(data: bytes, algorithm: str) -> str:
+    from modelfs.blockindex import ALGORITHMS
+    return ALGORITHMS[algorithm](data).hex()
 
 
 def test_index_round_trips_and_matches_only_its_block_size(tmp_path):

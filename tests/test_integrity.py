@@ -455,3 +455,36 @@ def test_index_attach_makes_a_third_party_artifact_lazy_and_verified(registry, c
     log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
     assert "attached at the registry" in log
     assert (target / "w.bin").read_bytes() == files["w.bin"]
+
+
+def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(registry, cli, mounts, faulty, tmp_path):
+    """Indexes pushed before BLAKE3 (version 1, sha256) keep working: attached at the registry,
+    each block is checked against them and a flipped one is fetched again."""
+    import trio
+    from modelfs import blockindex
+    from modelfs.registry import RegistryClient
+    from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
+    files = make_context(tmp_path / "ctx")
+    ref = f"{registry.address}/v1index/model:v1"
+    cli.run("build", "--no-block-index", "-t", ref, str(tmp_path / "ctx"))
+    cli.run("push", "--plain-http", ref)
+    inspected = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)
+    hashes = {layer["digest"]: blockindex.hash_blocks(str(tmp_path / "ctx" / layer["annotations"]["org.cncf.model.filepath"]),
+                                                      MiB, "sha256") for layer in inspected["manifest"]["layers"]}
+
+    async def attach_v1() -> None:
+        manifest = json.dumps(inspected["manifest"], separators=(",", ":")).encode()
+        subject = Descriptor(OCI_MANIFEST, inspected["digest"], len(manifest), artifact_type=ARTIFACT_TYPE)
+        async with RegistryClient(registry.address, plain_http=True) as client:
+            await blockindex.attach(client, "v1index/model", subject, blockindex.encode(MiB, hashes, "sha256"))
+
+    trio.run(attach_v1)
+    faulty.only = _weights_layer(cli, ref)
+    faulty.faults = ["flip"]
+    target = mounts.mount(ref.replace(registry.address, faulty.address), "--prefetch", "none", "--log-level", "info")
+    with open(target / "w.bin", "rb") as handle:
+        handle.seek(MiB)
+        assert handle.read(MiB) == files["w.bin"][MiB:2 * MiB]
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert "attached at the registry" in log and "does not match the block index" in log
+    assert _read_all(target, files) == files
