@@ -169,6 +169,15 @@ def proxy(registry):
     counting.close()
 
 
+def daemon_alive(pid: int) -> bool:
+    """Whether the mount daemon ``pid`` still runs (no request may have ended it)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def daemon_pid(mount_output: str) -> int:
     """The daemon's pid from ``modelfs mount``'s "Mounted ... (pid N, ...)" line."""
     return int(mount_output.split("(pid ")[1].split(",")[0])

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from conftest import make_tar, push_artifact
+from conftest import daemon_alive, make_tar, push_artifact
 
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
@@ -38,14 +38,6 @@ def _huge_mtime_tar() -> bytes:
     return buffer.getvalue()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_latin1_symlink_target_is_listed_and_read(registry, mounts):
     ref = push_artifact(registry.address, "fs/latin1", [(_latin1_symlink_tar(), WEIGHT_TAR, {})])
     target, pid = mounts.mount_daemon(ref, "--prefetch", "none")
@@ -55,7 +47,7 @@ def test_latin1_symlink_target_is_listed_and_read(registry, mounts):
         os.lstat(os.path.join(os.fsencode(target), name))  # `ls -l`
     assert os.readlink(os.path.join(os.fsencode(target), b"link")) == b"caf\xe9.bin"
     assert open(os.path.join(os.fsencode(target), b"link"), "rb").read() == b"weights"
-    assert _alive(pid)
+    assert daemon_alive(pid)
 
 
 def test_unpaired_surrogate_in_a_media_type_does_not_end_the_mount(registry, mounts):
@@ -65,7 +57,7 @@ def test_unpaired_surrogate_in_a_media_type_does_not_end_the_mount(registry, mou
     for name in os.listxattr(target / "w.bin"):  # what `cp -a` and `rsync -X` do
         os.getxattr(target / "w.bin", name)
     assert (target / "w.bin").read_bytes() == b"weights"
-    assert _alive(pid)
+    assert daemon_alive(pid)
 
 
 def test_unpaired_surrogate_in_a_file_path_is_refused_up_front(registry, mounts):
@@ -79,7 +71,7 @@ def test_huge_tar_mtime_is_clamped_not_fatal(registry, mounts):
     target, pid = mounts.mount_daemon(ref, "--prefetch", "none")
     assert os.stat(target / "w.bin").st_mtime > 0
     assert (target / "w.bin").read_bytes() == b"abcd"
-    assert _alive(pid)
+    assert daemon_alive(pid)
 
 
 @pytest.mark.parametrize("name, members, message", [

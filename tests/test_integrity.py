@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import daemon_alive
 from faults import FaultProxy
 from modelfs.cache import _ENTRY, _HEADER_SIZE, BlockCache
 
@@ -78,14 +79,6 @@ def _assert_right_or_eio(got: dict[str, bytes | int], files: dict[str, bytes]) -
             assert hashlib.sha256(value).hexdigest() == hashlib.sha256(files[name]).hexdigest(), f"{name}: WRONG BYTES"
 
 
-def _daemon_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _flip_cached_bytes(cache_dir: Path) -> int:
     """Flip one byte in the middle of every cached data file; returns how many."""
     flipped = 0
@@ -116,7 +109,7 @@ def test_fault_in_transit_gives_right_bytes_or_eio(packing, indexed, fault, matr
     _assert_right_or_eio(got, files)
     assert got == files  # transient faults: retried, so every byte arrives right in the end
     assert faulty.injected[fault] >= 1
-    assert _daemon_alive(pid)
+    assert daemon_alive(pid)
     if fault != "flip":  # a cut stream resumes where it stopped, its hash intact: no false alarm
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert "does not match" not in log, log
@@ -144,7 +137,7 @@ def test_persistent_flip_is_eio_never_wrong_bytes(packing, indexed, matrix_model
         got = _read_all(target, files)
         _assert_right_or_eio(got, files)
         assert got["w.bin"] == errno.EIO
-        assert _daemon_alive(pid)
+        assert daemon_alive(pid)
         faulty.persistent = None  # the network heals: nothing wrong was kept
         assert _read_all(target, files) == files
     assert faulty.injected["flip"] >= 1
@@ -160,7 +153,7 @@ def test_corruption_at_rest_is_fetched_again(packing, indexed, matrix_models, mo
     assert _flip_cached_bytes(cli.cache_dir) >= 1
     target, pid = mounts.mount_daemon(ref, "--prefetch", "none")  # a fresh mount: no page cache
     assert _read_all(target, files) == files
-    assert _daemon_alive(pid)
+    assert daemon_alive(pid)
 
 
 def _damage_map_entry(map_path: Path, index: int, how: str) -> None:
@@ -234,7 +227,7 @@ def test_damaged_block_offline_is_eio_not_wrong_bytes(mounts, cli, tmp_path):
     got = _read_all(target, files)
     _assert_right_or_eio(got, files)
     assert got["w.bin"] == errno.EIO
-    assert _daemon_alive(pid)
+    assert daemon_alive(pid)
 
 
 def test_eviction_by_another_mount_never_serves_zeros(matrix_models, mounts, cli):
@@ -345,7 +338,7 @@ def test_trickling_server_is_eio_within_the_timeout_then_recovers(packing, index
         except OSError:
             assert time.monotonic() < deadline
             time.sleep(0.5)
-    assert _daemon_alive(pid)
+    assert daemon_alive(pid)
 
 
 def test_stall_is_eio_after_one_timeout_not_two(minilm_ref, minilm_dir, faulty, mounts, registry):
@@ -389,7 +382,7 @@ def test_full_cache_disk_serves_from_memory_and_leaves_no_temp_files(matrix_mode
     ref, files = matrix_models[("raw", False)]  # without an index: refused clearly, never served unchecked
     target, pid = mounts.mount_daemon(ref, "--prefetch", "none", "--cache-dir", str(tiny_tmpfs), "--timeout", "10")
     _assert_right_or_eio(_read_all(target, files), files)
-    assert _daemon_alive(pid)
+    assert daemon_alive(pid)
 
 
 def test_a_model_of_many_files_fits_a_small_descriptor_limit(registry, cli, tmp_path):
