@@ -57,7 +57,7 @@ class BlockIndex:
     blobs: dict[str, list[bytes]]  # digest -> hash of each block
     algorithm: str = "sha256"
 
-    def block_hash(self, data: bytes | bytearray | memoryview) -> bytes:
+    def block_hash(self, data: bytes) -> bytes:
         return ALGORITHMS[self.algorithm](data)
 
     def for_blob(self, digest: str, block_size: int) -> list[bytes] | None:

@@ -301,9 +301,6 @@ class BlobEntry:
         return bool(entry.flags & WHOLE) or (expected is not None and bool(entry.flags & INDEXED)
                                              and entry.index_hash == expected)
 
-    def missing(self, first: int, last: int) -> list[int]:
-        return [i for i in range(first, last + 1) if not self.has(i)]
-
     def read_block(self, index: int) -> bytes:
         """The block's bytes, checked against the checksum stored with them; a block that does
         not check out raises :class:`BlockDamaged` (the caller drops it and fetches again)."""
@@ -335,11 +332,10 @@ class BlobEntry:
                                f"{self.block_length(index)}")
         return data, entry.check
 
-    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None,
-                    whole: bool = False) -> int | None:
+    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None) -> int | None:
         """Store a block: data first, then its map entry. ``index_hash``: the block's hash,
-        matched by the caller against a block index; ``whole``: the caller checked it as part
-        of the whole blob. Returns the stored checksum, or None if the block was already there
+        matched by the caller against a block index (trust "checked whole" is only ever added
+        afterwards, by :meth:`mark_whole`). Returns the stored checksum, or None if the block was already there
         (another process stored it meanwhile; its copy stays, with the trust it has)."""
         if len(data) != self.block_length(index):
             raise CacheError(f"block {index} of {self.digest} has {len(data)} bytes, expected {self.block_length(index)}")
@@ -352,7 +348,7 @@ class BlobEntry:
                 if written != len(payload):  # a nearly full disk takes what fits and says so only here
                     raise CacheError(f"cannot write to the cache for {self.digest}: No space left on device "
                                      f"(wrote {written} of {len(payload)} bytes of block {index})")
-                flags |= PRESENT | (INDEXED if index_hash is not None else 0) | (WHOLE if whole else 0)
+                flags |= PRESENT | (INDEXED if index_hash is not None else 0)
                 check = checksum(payload)
                 self._put_entry(index, Entry(len(payload), flags, check, index_hash or bytes(32)))
                 return check
@@ -525,8 +521,7 @@ class VolatileEntry(BlobEntry):
     def _refresh_entry(self, index: int) -> Entry:
         return self.entry_at(index)
 
-    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None,
-                    whole: bool = False) -> int | None:
+    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None) -> int | None:
         raise CacheError(f"the cache cannot store {self.digest}: {self.reason}")
 
     def forget(self, index: int) -> None:

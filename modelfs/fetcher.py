@@ -34,7 +34,7 @@ from typing import Awaitable, Callable, Iterable
 import httpx
 import trio
 
-from .blockindex import BlockIndex
+from .blockindex import ALGORITHMS, BlockIndex
 from .config import VERIFY_MODES  # noqa: F401  (re-exported: the modes a mount knows)
 from .cache import BlobEntry, BlockCache, BlockDamaged
 from .errors import AuthenticationError, CacheError, IntegrityError, ModelfsError, NotFoundError, RegistryError
@@ -237,7 +237,7 @@ class BlobReader:
                  block_hash: Callable[[bytes], bytes] | None = None) -> None:
         self.fetcher, self.entry = fetcher, entry
         self.expected = expected  # hash per block, from a block index the mount trusts
-        self.block_hash = block_hash or (lambda data: hashlib.sha256(data).digest())  # the index's algorithm
+        self.block_hash = block_hash or ALGORITHMS["sha256"]  # the index's algorithm
         self.block_size = entry.block_size
         self._inflight: dict[int, trio.Event] = {}
         self._failures: dict[int, BaseException] = {}
@@ -424,17 +424,6 @@ class BlobReader:
             self._inflight[index] = trio.Event()
             self._failures.pop(index, None)
         self.fetcher._nursery.start_soon(self._fetch_run, run[0], run[-1])
-
-    def _store(self, index: int, data: bytes, fetched: bool = True) -> int | None:
-        """Keep a block in the cache (synchronously; derived layers use this). A cache that
-        cannot take it (full disk) is logged; a checked block is still served from memory."""
-        check = None
-        try:
-            check = self.entry.write_block(index, data)
-        except CacheError as exc:
-            self._cache_write_failed(exc)
-        self._arrived(index, len(data), fetched)
-        return check
 
     async def _store_behind(self, index: int, data: bytes, index_hash: bytes | None) -> None:
         """Serve a block at once (it was checked) and write it to the cache in a worker thread,
@@ -710,9 +699,7 @@ class BlobReader:
             try:
                 data, check = self.entry.read_checked(index)
             except CacheError as exc:
-                self.fetcher.counters.damaged_blocks += 1
-                log.warning("%s; fetching it again", exc)
-                self.entry.forget(index)
+                self._damaged(index, exc)
                 break
             hasher.update(data)
             checks[index] = check

@@ -150,10 +150,10 @@ class DerivedReader(BlobReader):
     """A file inside a compressed layer: its blocks arrive from the layer stream, and are
     served once the layer matched its digest (or as they arrive, with ``--verify lazy``)."""
 
-    def __init__(self, fetcher: Fetcher, key: str, size: int, stream: "LayerStream") -> None:
-        super().__init__(fetcher, fetcher.cache.entry(key, size))
+    def __init__(self, fetcher: Fetcher, size: int, stream: "LayerStream", path: str) -> None:
+        super().__init__(fetcher, fetcher.cache.entry(derived_key(stream.layer.digest, path), size))
         self.stream = stream
-        self.stream_path = ""  # the member's path in the layer
+        self.stream_path = path  # the member's path in the layer
         self.checks: dict[int, int] = {}  # checksum of each block this stream stored
 
     def _schedule(self, blocks: list[int]) -> None:
@@ -181,20 +181,16 @@ class DerivedReader(BlobReader):
             self.entry.clear()
 
     def keep(self, index: int, data: bytes) -> None:
-        check = self._write_or_match_logged(index, data)
-        if check is not None:
-            self.checks[index] = check
+        try:
+            check = self._write_or_match(index, data)
+            if check is not None:
+                self.checks[index] = check
+        except CacheError as exc:
+            self._cache_write_failed(exc)
         if self.lazy:
             self.fetcher.recent.put(self.digest, index, data)
             self._arrived(index, len(data), False)
         self._tick()
-
-    def _write_or_match_logged(self, index: int, data: bytes) -> int | None:
-        try:
-            return self._write_or_match(index, data)
-        except CacheError as exc:
-            self._cache_write_failed(exc)
-            return None
 
     def end_pass(self, failure: BaseException | None) -> None:
         self._whole_outcome = (self._whole_generation, failure)
@@ -219,8 +215,7 @@ class LayerStream:
     def target(self, path: str, size: int) -> DerivedReader:
         reader = self.targets.get(path)
         if reader is None:
-            reader = self.targets[path] = DerivedReader(self.fetcher, derived_key(self.layer.digest, path), size, self)
-            reader.stream_path = path
+            reader = self.targets[path] = DerivedReader(self.fetcher, size, self, path)
         return reader
 
     def ensure_running(self) -> None:
