@@ -176,8 +176,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         total = sum(layer.size for layer in model.manifest.layers)
         progress = _Progress(total, f"pull {reference}")
         async with trio.open_nursery() as nursery:
-            fetcher = Fetcher(cache, client, reference.repository, nursery, block_index=index.index if index else None,
-                              index_vouched=bool(index and index.vouched))
+            fetcher = Fetcher(cache, client, reference.repository, nursery, index=index)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             record(cache, model, index.data if index else b"")
             await fetcher.prefetch(readers, progress)
@@ -409,7 +408,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--packing", default="raw", choices=[p.value for p in Packing],
                    help="layer format: raw (modctl's default) or tar[+gzip|+zstd]")
     p.add_argument("--no-block-index", action="store_true",
-                   help="do not name a per-block sha256 index in the manifest (mounts then serve each blob "
+                   help="do not name a per-block hash index in the manifest (mounts then serve each blob "
                         "only once it has been checked whole)")
     p.add_argument("context")
     p.set_defaults(handler=cmd_build)

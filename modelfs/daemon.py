@@ -219,8 +219,7 @@ async def serve(options: MountOptions) -> None:
             model, index = await resolve_for_mount(client, cache, reference)
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(cache, client, reference.repository, nursery,
-                                  FetchPolicy(timeout=options.timeout, verify=options.verify),
-                                  block_index=index.index if index else None, index_vouched=bool(index and index.vouched))
+                                  FetchPolicy(timeout=options.timeout, verify=options.verify), index=index)
                 if options.verify == "lazy":
                     log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                                 "they are checked; a corrupt range can reach readers until its blob completes")

@@ -34,7 +34,7 @@ from typing import Awaitable, Callable, Iterable
 import httpx
 import trio
 
-from .blockindex import ALGORITHMS, BlockIndex
+from .blockindex import ALGORITHMS, TrustedIndex
 from .config import VERIFY_MODES  # noqa: F401  (re-exported: the modes a mount knows)
 from .cache import BlobEntry, BlockCache, BlockDamaged
 from .errors import AuthenticationError, CacheError, IntegrityError, ModelfsError, NotFoundError, RegistryError
@@ -131,11 +131,10 @@ class StallGuard:
 
 class Fetcher:
     def __init__(self, cache: BlockCache, client: RegistryClient, repository: str, nursery: trio.Nursery,
-                 policy: FetchPolicy | None = None, block_index: BlockIndex | None = None,
-                 index_vouched: bool = False) -> None:
+                 policy: FetchPolicy | None = None, index: TrustedIndex | None = None) -> None:
         self.cache, self.client, self.repository = cache, client, repository
-        self.block_index = block_index
-        self.index_vouched = index_vouched  # named by the manifest: no whole-blob hash needed
+        self.block_index = index.index if index else None
+        self.index_vouched = bool(index and index.vouched)  # named by the manifest: no whole-blob hash needed
         self.policy = policy or FetchPolicy()
         self.counters = Counters()
         self.recent = RecentBlocks(self.policy.recent_blocks)
