@@ -20,18 +20,18 @@ from typing import Callable, NoReturn
 import trio
 
 from . import __version__
-from .build import build
-from .cache import BlockCache, default_cache_dir
+from .artifact.build import build
+from .mount.cache import BlockCache, default_cache_dir
 from .credentials import Credential, CredentialStore
-from .daemon import MountOptions, active_mounts, run_foreground, umount
+from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
 from .errors import CacheError, ModelfsError, MountError, user_error
-from .extract import extract
-from . import blockindex
+from .artifact.extract import extract
+from .mount import blockindex
 from .config import VERIFY_MODES
-from .fetcher import Fetcher
-from .layout import Store, default_store_dir
+from .mount.fetcher import Fetcher
+from .artifact.layout import Store, default_store_dir
 from .logfile import LOG_MAX_BYTES, DaemonLog
-from .push import push
+from .artifact.push import push
 from .reference import Reference, parse
 from .config import load as load_config, parse_size
 from .registry.mirrors import open_client

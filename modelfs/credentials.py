@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .errors import AuthenticationError, ModelfsError
-from .layout import atomic_write
+from .artifact.layout import atomic_write
 from .reference import DOCKER_HUB
 
 _DOCKER_HUB_KEY = "https://index.docker.io/v1/"

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .blockindex import ANNOTATION
-from .cache import BlockCache
+from .mount.blockindex import ANNOTATION
+from .mount.cache import BlockCache
 from .errors import ManifestError, NotAModelError
 from .reference import Reference
 from .registry import RegistryClient

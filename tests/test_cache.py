@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from modelfs.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged
+from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged
 
 MiB = 1 << 20
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from modelfs.cache import BlockCache
+from modelfs.mount.cache import BlockCache
 from modelfs.errors import CacheError
 
 MiB = 1 << 20

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import daemon_alive
 from faults import FaultProxy
-from modelfs.cache import _ENTRY, _HEADER_SIZE, BlockCache
+from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, BlockCache
 
 MiB = 1 << 20
 PACKINGS = ["raw", "tar", "tar+gzip"]
@@ -437,7 +437,7 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
     """Indexes pushed before BLAKE3 (version 1, sha256) keep working: attached at the registry,
     each block is checked against them and a flipped one is fetched again."""
     import trio
-    from modelfs import blockindex
+    from modelfs.mount import blockindex
     from modelfs.registry import RegistryClient
     from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
     files = make_context(tmp_path / "ctx")

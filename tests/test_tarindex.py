@@ -5,7 +5,7 @@ import pytest
 
 from conftest import make_tar
 from modelfs.errors import ManifestError, UnsafePathError
-from modelfs.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
+from modelfs.mount.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
 
 
 def _reader(blob: bytes):

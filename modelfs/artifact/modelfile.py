@@ -13,8 +13,8 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from .errors import ModelfileError
-from .spec import Kind
+from ..errors import ModelfileError
+from ..spec import Kind
 
 METADATA_COMMANDS = ("NAME", "ARCH", "FAMILY", "FORMAT", "PARAMSIZE", "PRECISION", "QUANTIZATION")
 FILE_COMMANDS: dict[str, Kind] = {

@@ -23,14 +23,14 @@ import trio
 from . import blockindex
 from .blockindex import TrustedIndex
 from .cache import BlockCache
-from .errors import MountError, UnavailableError, user_error
+from ..errors import MountError, UnavailableError, user_error
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS
 from .metrics import serve_metrics
-from .index import Tree, build_tree
-from .reference import Reference, parse
-from .registry.mirrors import open_client
-from .resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
+from .tree import Tree, build_tree
+from ..reference import Reference, parse
+from ..registry.mirrors import open_client
+from ..resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
 
 log = logging.getLogger(__name__)
 

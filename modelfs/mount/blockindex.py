@@ -28,9 +28,9 @@ from typing import Callable
 
 import blake3
 
-from .errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
-from .registry import brief_retries
-from .spec import (OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, Packing, classify_layer, load_json,
+from ..errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
+from ..registry import brief_retries
+from ..spec import (OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, Packing, classify_layer, load_json,
                    parse_descriptor, parse_manifest)
 
 log = logging.getLogger(__name__)

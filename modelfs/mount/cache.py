@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import lz4.block
 import xxhash
 
-from .errors import CacheError
+from ..errors import CacheError
 
 log = logging.getLogger(__name__)
 

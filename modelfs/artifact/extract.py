@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import BlobEntry, BlockCache, BlockDamaged
-from .errors import CacheError, IntegrityError, ManifestError, UnsafePathError
-from .paths import clean_member_path, link_chain_inside, safe_join
-from .registry import RegistryClient
-from .resolve import Model
-from .spec import Descriptor, Packing, classify_layer
-from .tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
-from .zstd import ZstdError, ZstdFile
+from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
+from ..errors import CacheError, IntegrityError, ManifestError, UnsafePathError
+from ..paths import clean_member_path, link_chain_inside, safe_join
+from ..registry import RegistryClient
+from ..resolve import Model
+from ..spec import Descriptor, Packing, classify_layer
+from ..mount.tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
+from ..zstd import ZstdError, ZstdFile
 
 log = logging.getLogger(__name__)
 

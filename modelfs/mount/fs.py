@@ -18,9 +18,9 @@ from typing import Any, Callable, Coroutine, ParamSpec, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from .errors import ModelfsError
+from ..errors import ModelfsError
 from .fetcher import Fetcher
-from .index import ROOT_INODE, Node, Tree
+from .tree import ROOT_INODE, Node, Tree
 from .metrics import Histogram, ReadTimer
 from .tarindex import DIRECTORY, SYMLINK
 

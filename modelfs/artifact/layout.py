@@ -14,8 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
-from .errors import IntegrityError, NotFoundError
-from .spec import OCI_MANIFEST
+from ..errors import IntegrityError, NotFoundError
+from ..spec import OCI_MANIFEST
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 4 * 1024 * 1024

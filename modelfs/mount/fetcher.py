@@ -14,7 +14,7 @@ What a reader may see is decided per blob by what vouches for its bytes (README,
   unverified, then checked whole once complete.
 
 Every block read back from the cache is checked against its stored checksum
-(:mod:`modelfs.cache`); one that fails is dropped and fetched again. Single flight: a block
+(:mod:`modelfs.mount.cache`); one that fails is dropped and fetched again. Single flight: a block
 being fetched has one ``trio.Event`` all its readers wait on. Read-ahead: a reader moving
 forward doubles its window. Prefetch: a background pass that steps aside whenever a process
 is waiting on a read. A fetch that delivers no block within ``timeout`` is abandoned and
@@ -35,10 +35,10 @@ import httpx
 import trio
 
 from .blockindex import ALGORITHMS, TrustedIndex
-from .config import VERIFY_MODES  # noqa: F401  (re-exported: the modes a mount knows)
+from ..config import VERIFY_MODES  # noqa: F401  (re-exported: the modes a mount knows)
 from .cache import BlobEntry, BlockCache, BlockDamaged
-from .errors import AuthenticationError, CacheError, IntegrityError, ModelfsError, NotFoundError, RegistryError
-from .registry import RegistryClient
+from ..errors import AuthenticationError, CacheError, IntegrityError, ModelfsError, NotFoundError, RegistryError
+from ..registry import RegistryClient
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from .errors import CacheError, IntegrityError, ManifestError
+from ..errors import CacheError, IntegrityError, ManifestError
 from .fetcher import TRANSIENT, BlobReader, Fetcher, FetchError, StallGuard
-from .spec import Descriptor, Packing
+from ..spec import Descriptor, Packing
 from .tarindex import REGULAR, Member, iter_members
-from .zstd import ZstdDecompressor, ZstdError
+from ..zstd import ZstdDecompressor, ZstdError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import ModelfsError
+from ..errors import ModelfsError
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher

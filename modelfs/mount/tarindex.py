@@ -12,8 +12,8 @@ import tarfile
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
-from .errors import ManifestError, UnsafePathError
-from .paths import clean_member_path, link_target_inside
+from ..errors import ManifestError, UnsafePathError
+from ..paths import clean_member_path, link_target_inside
 
 BLOCK = 512
 MAX_MEMBERS = 1_000_000  # a real layer has thousands; millions of empty members are an attack on memory

@@ -16,10 +16,10 @@ from typing import AsyncIterator, Callable
 import trio
 
 from .layout import Store
-from .reference import Reference, parse
-from .registry import RegistryClient
-from . import blockindex
-from .spec import Descriptor, parse_manifest
+from ..reference import Reference, parse
+from ..registry import RegistryClient
+from ..mount import blockindex
+from ..spec import Descriptor, parse_manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """Layers to a file tree: every file knows (blob, offset, size), every path is safe.
 
 - raw layers: the blob is the file, named by ``org.cncf.model.filepath``;
-- tar layers: members located by reading headers only (:mod:`modelfs.tarindex`);
+- tar layers: members located by reading headers only (:mod:`modelfs.mount.tarindex`);
 - tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
-  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.stream`).
+  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.stream`).
 
 Listing and stat are answered from this tree, never from the registry.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
-from .errors import ManifestError, UnsafePathError
+from ..errors import ManifestError, UnsafePathError
 from .fetcher import BlobReader, Fetcher
-from .resolve import Model
-from .spec import Descriptor, Packing, classify_layer
-from .paths import clean_member_path, link_chain_inside
+from ..resolve import Model
+from ..spec import Descriptor, Packing, classify_layer
+from ..paths import clean_member_path, link_chain_inside
 from .stream import LayerStream
 from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, index_tar
 

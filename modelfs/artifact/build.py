@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 
-from . import blockindex
+from ..mount import blockindex
 from . import modelfile as mf
-from .cache import DEFAULT_BLOCK_SIZE
-from .errors import ModelfsError
+from ..mount.cache import DEFAULT_BLOCK_SIZE
+from ..errors import ModelfsError
 from .layout import Store
-from .spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
+from ..spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
                    OCI_MANIFEST, Descriptor, Manifest, ModelConfig, Packing, layer_media_type)
-from .zstd import ZstdFile
+from ..zstd import ZstdFile
 
 # Lets generic OCI tools (oras, ORAS CLI) name the files they pull; modelfs itself reads filepath.
 ANNOTATION_TITLE = "org.opencontainers.image.title"
