@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged
+from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
 
 MiB = 1 << 20
 
@@ -179,3 +179,80 @@ def test_a_map_of_another_format_is_replaced_not_emptied_in_place(tmp_path):
         assert old_reader.read() == data  # not truncated under the older reader
     entry.write_block(0, data)
     assert BlockCache(str(tmp_path)).entry(digest, MiB).read_block(0) == data
+
+
+def test_blocks_from_aligned_buffers_go_to_disk_directly_and_read_back_equal(tmp_path):
+    """Full raw blocks in page-aligned buffers are written with O_DIRECT where the filesystem
+    takes it (the page cache keeps no second copy); the last, short block and bytes objects
+    through the page cache. Every one reads back equal, whichever way it went."""
+    cache = BlockCache(str(tmp_path))
+    blocks = [os.urandom(MiB) for _ in range(3)] + [os.urandom(12345)]
+    entry = cache.entry(_blob(*blocks), 3 * MiB + 12345)
+    for index, block in enumerate(blocks):
+        if index % 2 == 0:
+            buffer = aligned_buffer(len(block))
+            buffer[:] = block
+            assert entry.write_block(index, buffer) is not None
+        else:
+            assert entry.write_block(index, block) is not None
+    assert [entry.read_block(i) for i in range(4)] == blocks
+    assert entry.digest_matches()[0]
+    reopened = BlockCache(str(tmp_path)).entry(entry.digest, entry.size)
+    assert [reopened.read_block(i) for i in range(4)] == blocks
+
+
+@pytest.mark.parametrize("refused_at", ["open", "write"])
+def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypatch, caplog, refused_at):
+    """Some filesystems refuse O_DIRECT when the file is opened (EINVAL), others on the first
+    write: either way the block goes through the page cache, and later ones do not try again."""
+    import errno
+    import fcntl
+    from modelfs.mount import cache as cache_module
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def direct(fd: int) -> bool:
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & cache_module._O_DIRECT)
+
+    def open_(path, flags, *args):
+        if flags & cache_module._O_DIRECT and refused_at == "open":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    def pwrite(fd, data, offset):
+        if refused_at == "write" and direct(fd):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    caplog.set_level("INFO", logger="modelfs.mount.cache")
+    cache = BlockCache(str(tmp_path))
+    blocks = [os.urandom(MiB) for _ in range(3)]
+    entry = cache.entry(_blob(*blocks), 3 * MiB)
+    for index, block in enumerate(blocks):
+        buffer = aligned_buffer(MiB)
+        buffer[:] = block
+        entry.write_block(index, buffer)
+    assert [entry.read_block(i) for i in range(3)] == blocks
+    assert [r.getMessage() for r in caplog.records].count(
+        f"cache filesystem refuses O_DIRECT (Invalid argument); writing {entry.digest} through the page cache") == 1
+
+
+def test_workers_writing_other_blocks_do_not_wait_for_each_other_and_all_land(tmp_path):
+    cache = BlockCache(str(tmp_path))
+    blocks = [os.urandom(MiB) for _ in range(32)]
+    entry = cache.entry(_blob(*blocks), 32 * MiB)
+
+    def write(indexes: range) -> None:
+        for index in indexes:
+            buffer = aligned_buffer(MiB)
+            buffer[:] = blocks[index]
+            entry.write_block(index, buffer, hashlib.sha256(blocks[index]).digest())
+
+    threads = [threading.Thread(target=write, args=(range(i, 32, 4),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert entry.complete and [entry.read_block(i) for i in range(32)] == blocks
+    assert all(entry.trusted(i, hashlib.sha256(blocks[i]).digest()) for i in range(32))

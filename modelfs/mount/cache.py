@@ -32,6 +32,7 @@ block (weights do not compress, tokenizers do), so incompressible data never pay
 from __future__ import annotations
 
 import base64
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -61,6 +62,13 @@ PRESENT, LZ4, INDEXED, WHOLE = 1, 2, 4, 8
 _POLICY_UNDECIDED, _POLICY_LZ4, _POLICY_RAW = 0, 1, 2
 _LZ4_WORTH_IT = 0.85
 RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob's files" may get
+# Full raw blocks are written with O_DIRECT where the filesystem takes it. The kernel already
+# keeps the mounted files' pages (FUSE page cache); a second copy of the same bytes in the
+# page cache of the cache file costs a memcpy per byte and memory. Measured on the build
+# machine: 1 GiB buffered, 0.3-1.1 CPU-s (a copy into new page-cache pages, then writeback);
+# with O_DIRECT, 0.11 s. A filesystem that refuses it (tmpfs, some FUSE) gets buffered writes.
+DIRECT_ALIGNMENT = 4096
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
 _EMPTY_ENTRY = bytes(_ENTRY.size)
 
 
@@ -103,6 +111,24 @@ class Entry:
         return bool(self.flags & PRESENT)
 
 
+def aligned_buffer(size: int) -> memoryview:
+    """A writable buffer of ``size`` bytes at a page-aligned address: a block received into
+    it can be written to the cache with O_DIRECT, and served, with no copy."""
+    backing = bytearray(size + DIRECT_ALIGNMENT)
+    skip = -_address(backing) % DIRECT_ALIGNMENT
+    return memoryview(backing)[skip:skip + size]
+
+
+def _address(buffer: bytearray | memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+
+
+def is_aligned(buffer: bytes | bytearray | memoryview) -> bool:
+    if isinstance(buffer, bytes) or (isinstance(buffer, memoryview) and buffer.readonly) or not len(buffer):
+        return False  # read-only buffers: not ours to hand to the disk directly
+    return _address(buffer) % DIRECT_ALIGNMENT == 0
+
+
 def _decode_entry(raw: bytes | bytearray, at: int = 0) -> Entry:
     return Entry(*_ENTRY.unpack_from(raw, at))
 
@@ -123,7 +149,8 @@ class BlobEntry:
         self.nblocks = -(-size // block_size)
         self._mutex = threading.RLock()
         self._count_lock = threading.Lock()
-        self._map_fd = self._data_fd = -1
+        self._map_fd = self._data_fd = self._direct_fd = -1
+        self._direct_ok = bool(_O_DIRECT)  # until the filesystem refuses it
         self._inode = (0, 0)
         self._checked_at = 0.0
         self._policy = _POLICY_UNDECIDED
@@ -165,13 +192,31 @@ class BlobEntry:
             self._on_open(self)
 
     def _close_fds(self) -> None:
-        for fd in (self._map_fd, self._data_fd):
+        for fd in (self._map_fd, self._data_fd, self._direct_fd):
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self._map_fd = self._data_fd = -1
+        self._map_fd = self._data_fd = self._direct_fd = -1
+
+    def _direct_descriptor(self) -> int:
+        """The data file opened for O_DIRECT writes (mutex held), next to the buffered one."""
+        if self._direct_fd < 0:
+            try:
+                self._direct_fd = os.open(self.data_path, os.O_WRONLY | _O_DIRECT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                log.info("cache filesystem refuses O_DIRECT (%s); writing %s through the page cache", exc.strerror,
+                         self.digest)
+                self._direct_ok = False
+                return self._data_fd
+            if os.fstat(self._direct_fd).st_ino != os.fstat(self._data_fd).st_ino:  # replaced since we opened
+                os.close(self._direct_fd)
+                self._direct_fd = -1
+                return self._data_fd
+        return self._direct_fd
 
     def _replaced(self) -> bool:
         """Whether the paths no longer name the files we hold (cleared or evicted elsewhere)."""
@@ -336,22 +381,50 @@ class BlobEntry:
         """Store a block: data first, then its map entry. ``index_hash``: the block's hash,
         matched by the caller against a block index (trust "checked whole" is only ever added
         afterwards, by :meth:`mark_whole`). Returns the stored checksum, or None if the block was already there
-        (another process stored it meanwhile; its copy stays, with the trust it has)."""
+        (another process stored it meanwhile; its copy stays, with the trust it has).
+
+        The data is written without the locks held, on a descriptor of its own (the entry may
+        close or reopen its files meanwhile), so workers storing other blocks of the blob, or
+        other processes, do not wait for this disk write. Two writers of the same block that
+        race both write its slot; the map entry that lands first stays, and if its checksum
+        does not fit the bytes that landed last, the block fails its check when read and is
+        fetched again: a rare race costs a fetch, never a wrong byte."""
         if len(data) != self.block_length(index):
             raise CacheError(f"block {index} of {self.digest} has {len(data)} bytes, expected {self.block_length(index)}")
+        offset = index * self.block_size
         try:
-            with self._writing():
-                if self._refresh_entry(index).present:
-                    return None
-                payload, flags = self._encode(data)
-                written = os.pwrite(self._data_fd, payload, index * self.block_size)
+            for _ in range(3):
+                with self._writing():
+                    if self._refresh_entry(index).present:
+                        return None
+                    payload, flags = self._encode(data)
+                    direct = self._direct_ok and len(payload) % DIRECT_ALIGNMENT == 0 and is_aligned(payload)
+                    fd = os.dup(self._direct_descriptor() if direct else self._data_fd)
+                    files = self._inode
+                try:
+                    written = os.pwrite(fd, payload, offset)
+                except OSError as exc:
+                    if not direct or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    log.info("cache filesystem refuses O_DIRECT (%s); writing %s through the page cache",
+                             exc.strerror, self.digest)
+                    self._direct_ok = False
+                    continue
+                finally:
+                    os.close(fd)
                 if written != len(payload):  # a nearly full disk takes what fits and says so only here
                     raise CacheError(f"cannot write to the cache for {self.digest}: No space left on device "
                                      f"(wrote {written} of {len(payload)} bytes of block {index})")
-                flags |= PRESENT | (INDEXED if index_hash is not None else 0)
-                check = checksum(payload)
-                self._put_entry(index, Entry(len(payload), flags, check, index_hash or bytes(32)))
-                return check
+                with self._writing():
+                    if self._inode != files:
+                        continue  # the files were replaced while we wrote: into the current ones
+                    if self._refresh_entry(index).present:
+                        return None
+                    check = checksum(payload)
+                    flags |= PRESENT | (INDEXED if index_hash is not None else 0)
+                    self._put_entry(index, Entry(len(payload), flags, check, index_hash or bytes(32)))
+                    return check
+            raise CacheError(f"cache files of {self.digest} keep being replaced; giving up on block {index}")
         except OSError as exc:
             raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
 
