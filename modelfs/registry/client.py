@@ -14,6 +14,7 @@ import hashlib
 import logging
 import random
 import ssl
+import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Iterator
@@ -27,10 +28,17 @@ from ..errors import (AuthenticationError, ConnectionLostError, IntegrityError, 
                       UnavailableError)
 from ..spec import MANIFEST_ACCEPT
 from .auth import parse_challenge, TokenCache
+from .ranges import BlobLocation
 
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 20
+# How long a blob location is reused before it is resolved again. A redirect target (a
+# presigned storage URL) is resolved again well inside the validity real registries give it
+# (Distribution's S3 driver: 20 minutes); one that expires sooner is refused by its server,
+# and that refusal resolves it again too. On the registry's own origin, a refused token does.
+REDIRECT_TTL = 60.0
+LOCATION_TTL = 300.0
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -175,7 +183,7 @@ class RegistryClient:
         self._credential_lock = trio.Lock()
         self._tokens = TokenCache()
         self._basic = False
-        self._ca_file = ca_file
+        self.ca_file = ca_file
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None)
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
@@ -183,11 +191,11 @@ class RegistryClient:
     async def __aenter__(self) -> "RegistryClient":
         tune_httpcore()
         verify: ssl.SSLContext | bool = True
-        if self._ca_file:
+        if self.ca_file:
             try:
-                verify = ssl.create_default_context(cafile=self._ca_file)
+                verify = ssl.create_default_context(cafile=self.ca_file)
             except (OSError, ssl.SSLError) as exc:
-                raise TLSError(f"cannot load CA file {self._ca_file}: {exc}") from None
+                raise TLSError(f"cannot load CA file {self.ca_file}: {exc}") from None
         self._http = httpx.AsyncClient(
             verify=verify, timeout=self._timeout, follow_redirects=False, transport=self._transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32), trust_env=True,
@@ -449,6 +457,41 @@ class RegistryClient:
                 yield BlobBody(response, what=f"{digest} from {self.host}")
         finally:
             await response.aclose()
+
+    async def blob_location(self, repository: str, digest: str) -> BlobLocation:
+        """Where worker threads first try to read ranges of a blob (:mod:`.ranges`), with no
+        request: our own URL and the credentials we already hold for the repository. A worker
+        that is redirected follows (``Authorization`` stays with this origin); one that is
+        refused comes back for :meth:`locate_blob`."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        authorization = await self._auth_header(self.scope(repository))
+        return BlobLocation(self.base_url + path, authorization, self.host, time.monotonic() + LOCATION_TTL)
+
+    def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
+        """The location a redirect of ``location`` points to: ``Authorization`` only if it
+        stays on the same origin (scheme, host and port: an https -> http downgrade drops it)."""
+        same_origin = _origin(url) == _origin(location.url)
+        return BlobLocation(url, location.authorization if same_origin else None, location.source,
+                            time.monotonic() + REDIRECT_TTL, redirected=True)
+
+    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
+        """Where worker threads read ranges of a blob, asked of the registry: the URL a GET
+        ends at after redirects, with ``Authorization`` only if that URL is on our own origin.
+        One ranged GET of a single byte, through auth, redirects and retries like any request
+        (after a worker was refused: an expired token, a mirror without the blob)."""
+        path = f"/v2/{repository}/blobs/{digest}"
+        response = await self.request("GET", path, scope=self.scope(repository), headers={"Range": "bytes=0-0"},
+                                      stream=True)
+        try:
+            if response.status_code not in (200, 206):
+                self._raise_for(await self._read_bounded(response, "GET", path), f"blob {digest} in {repository}")
+            url = str(response.url)
+            authorization = response.request.headers.get("authorization")
+        finally:
+            await response.aclose()
+        redirected = url != self.base_url + path
+        ttl = REDIRECT_TTL if redirected else LOCATION_TTL
+        return BlobLocation(url, authorization, self.host, time.monotonic() + ttl, redirected)
 
     async def blob_size(self, repository: str, digest: str) -> int | None:
         """HEAD a blob: its size, or None when the registry does not have it."""

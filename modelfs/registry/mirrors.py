@@ -21,6 +21,7 @@ import trio
 from ..credentials import CredentialStore
 from ..errors import IntegrityError, NotFoundError, RegistryError
 from .client import BlobBody, RegistryClient, RetryPolicy
+from .ranges import BlobLocation
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,26 @@ class MirroredClient:
 
     async def blob_size(self, repository: str, digest: str) -> int | None:
         return await self._first("blob_size", repository, digest)  # type: ignore[return-value]
+
+    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
+        return await self._first("locate_blob", repository, digest)  # type: ignore[return-value]
+
+    async def blob_location(self, repository: str, digest: str) -> BlobLocation:
+        return await self._candidates()[0].blob_location(repository, digest)
+
+    def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
+        return self.upstream.moved_location(location, url)
+
+    def location_failed(self, location: BlobLocation, exc: Exception) -> None:
+        """A range read from ``location`` failed: if a mirror served it, leave that mirror out
+        for a while (the next location comes from the next source)."""
+        for mirror in self.mirrors:
+            if mirror.host == location.source:
+                self._failed(mirror, exc)
+
+    @property
+    def ca_file(self) -> str | None:
+        return self.upstream.ca_file
 
     async def referrers(self, repository: str, digest: str) -> bytes | None:
         return await self._first("referrers", repository, digest)  # type: ignore[return-value]
