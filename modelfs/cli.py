@@ -33,7 +33,7 @@ from .artifact.layout import Store, default_store_dir
 from .logfile import LOG_MAX_BYTES, DaemonLog
 from .artifact.push import push
 from .reference import Reference, parse
-from .config import load as load_config, parse_size
+from .config import load as load_config, parse_size, parse_workers
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, record
 from .spec import Packing
@@ -60,6 +60,8 @@ def _resolve_settings(args: argparse.Namespace) -> None:
         args.timeout = config.timeout
     if getattr(args, "cache_max_size", "unset") is None:
         args.cache_max_size = config.cache_max_size
+    if getattr(args, "workers", "unset") is None:
+        args.workers = config.workers
 
 
 def _client(args: argparse.Namespace, reference: Reference | str, write: bool = False):
@@ -179,13 +181,16 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             fetcher = Fetcher(cache, client, reference.repository, nursery, index=index)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             record(cache, model, index.data if index else b"")
-            await fetcher.prefetch(readers, progress)
-            await fetcher.flush()  # blocks are written behind: all on disk before they are checked
-            for reader in readers:
-                # every block read back and checked, whatever the cache's flags say
-                if not await reader.settle():
-                    raise CacheError(f"blob {reader.digest} could not be stored whole and checked in {args.cache_dir} "
-                                     "(see the errors above; is the disk full?)")
+            try:
+                await fetcher.prefetch(readers, progress)
+                for reader in readers:
+                    # every block read back and checked, whatever the cache's flags say
+                    if not await reader.settle():
+                        raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
+                                         f"{args.cache_dir} (see the errors above; is the disk full?)")
+            finally:
+                nursery.cancel_scope.cancel()  # nothing left to wait for: end the fetch tasks' nursery now
+        fetcher.close()
     cache.close()
     progress.finish()
     print(f"Pulled {model.reference} into {args.cache_dir}")
@@ -267,7 +272,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
                         plain_http=args.plain_http or settings.plain_http, ca_file=args.ca_file or settings.ca_file,
                         mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
                         timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics,
-                        verify=_verify_mode(args))
+                        verify=_verify_mode(args), workers=args.workers)
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -450,6 +455,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", choices=["all", "none"], help="fetch the whole model in the background (default all)")
     p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
     p.add_argument("--timeout", type=float, help="seconds a read may wait before EIO (default 120)")
+    p.add_argument("--workers", type=lambda v: parse_workers(v, "--workers"), metavar="N",
+                   help="threads that receive, check and store blocks (default 0: one per core available)")
     p.add_argument("--cache-max-size", type=lambda v: parse_size(v, "--cache-max-size"), metavar="SIZE",
                    help="evict least recently used blobs above this size (e.g. 200G; default unlimited)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
@@ -485,7 +492,8 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", 
                           "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async"}
 _VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
                         "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
-                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify"}
+                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify",
+                        "workers": "--workers"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
 
 

@@ -5,6 +5,7 @@
     cache_max_size = "200G"          # LRU eviction above this; "" or 0 = unlimited
     prefetch = "all"                 # or "none"
     timeout = 120                    # seconds a read may wait before EIO
+    workers = 0                      # threads receiving, checking, storing blocks; 0 = one per core
     verify = "full"                  # or "lazy": see the README, "Integrity"
 
     [registries."registry.example.com"]
@@ -28,7 +29,7 @@ from typing import Any
 from .errors import ModelfsError
 
 SYSTEM_CONFIG = "/etc/modelfs/config.toml"
-_TOP_KEYS = {"cache_dir", "cache_max_size", "prefetch", "timeout", "verify", "registries"}
+_TOP_KEYS = {"cache_dir", "cache_max_size", "prefetch", "timeout", "verify", "workers", "registries"}
 _REGISTRY_KEYS = {"plain_http", "ca_file", "mirrors", "verify"}
 VERIFY_MODES = ("full", "lazy")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
@@ -36,6 +37,20 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
 
 class ConfigError(ModelfsError):
     pass
+
+
+MAX_WORKERS = 256
+
+
+def parse_workers(value: Any, where: str) -> int:
+    """A worker count: 0 (one per core available) up to MAX_WORKERS."""
+    try:
+        count = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or count > MAX_WORKERS or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{where} must be a whole number from 0 (one per core) to {MAX_WORKERS}, not {value!r}")
+    return count
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,7 @@ class Config:
     cache_max_size: int = 0
     prefetch: str = "all"
     timeout: float = 120.0
+    workers: int = 0
     verify: str = "full"
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
@@ -119,6 +135,8 @@ def _apply(config: Config, doc: dict[str, Any], path: str) -> None:
             config.timeout = float(value)
         elif key == "verify":
             config.verify = _verify(value, where)
+        elif key == "workers":
+            config.workers = parse_workers(value, where)
         elif key == "registries":
             if not isinstance(value, dict):
                 raise ConfigError(f"{where} must be a table of registry hosts")

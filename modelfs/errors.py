@@ -4,6 +4,8 @@ Every error a user can meet derives from :class:`ModelfsError`; its ``str()`` is
 line that says what happened and what to do, and the CLI prints exactly that (no traceback).
 """
 
+import httpx
+
 
 class ModelfsError(Exception):
     """Root of every error modelfs reports to a user."""
@@ -45,6 +47,10 @@ class ConnectionLostError(UnavailableError):
     """The connection dropped in the middle of a body (reset, short read); worth a retry."""
 
 
+class FetchError(RegistryError):
+    """Bytes could not be fetched; the read that needed them fails (EIO)."""
+
+
 class AuthenticationError(RegistryError):
     """The registry refused our credentials (or we had none and it wants some)."""
 
@@ -79,3 +85,8 @@ def user_error(exc: BaseException) -> ModelfsError | None:
             if found is not None:
                 return found
     return None
+
+
+# What a fetch retries: our own errors (each says what went wrong), the OS's, and httpx's
+# (the control plane and compressed-layer streams run on it).
+TRANSIENT: tuple[type[BaseException], ...] = (httpx.HTTPError, ModelfsError, OSError)

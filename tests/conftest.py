@@ -163,6 +163,15 @@ def minilm_ref(registry, session_cli, minilm_dir) -> str:
 
 
 @pytest.fixture
+def faulty(registry):
+    """A fault-injecting proxy in front of the session's registry (see ``faults.py``)."""
+    from faults import FaultProxy
+    proxy = FaultProxy(registry.port)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
 def proxy(registry):
     counting = CountingProxy(registry.port)
     yield counting

@@ -8,16 +8,8 @@ import time
 
 import pytest
 
-from faults import FaultProxy
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def faulty(registry):
-    proxy = FaultProxy(registry.port)
-    yield proxy
-    proxy.close()
 
 
 def _read(path, offset: int, size: int) -> bytes:

@@ -21,18 +21,10 @@ from pathlib import Path
 import pytest
 
 from conftest import daemon_alive
-from faults import FaultProxy
 from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, BlockCache
 
 MiB = 1 << 20
 PACKINGS = ["raw", "tar", "tar+gzip"]
-
-
-@pytest.fixture
-def faulty(registry):
-    proxy = FaultProxy(registry.port)
-    yield proxy
-    proxy.close()
 
 
 def make_context(root: Path, weights_size: int = 3 * MiB + 12345) -> dict[str, bytes]:

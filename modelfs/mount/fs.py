@@ -21,7 +21,7 @@ import trio
 from ..errors import ModelfsError
 from .fetcher import Fetcher
 from .tree import ROOT_INODE, Node, Tree
-from .metrics import Histogram, ReadTimer
+from .stats import ReadTimer
 from .tarindex import DIRECTORY, SYMLINK
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _guarded(handler: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Corout
         except Exception:
             ops = args[0]
             if isinstance(ops, ModelFS):
-                ops.handler_errors += 1
+                ops.stats.handler_errors += 1
             log.exception("unexpected error in %s%r; answering EIO", handler.__name__, args[1:3])
             raise pyfuse3.FUSEError(errno.EIO) from None
     return guarded
@@ -70,11 +70,7 @@ class ModelFS(pyfuse3.Operations):
         super().__init__()
         self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
         self.uid, self.gid = os.getuid(), os.getgid()
-        self.reads = 0
-        self.read_errors = 0
-        self.bytes_served = 0
-        self.read_latency = Histogram()
-        self.handler_errors = 0
+        self.stats = fetcher.stats
         fetcher.on_dropped.append(self.forget_pages)
 
     async def forget_pages(self, digest: str) -> None:
@@ -168,23 +164,23 @@ class ModelFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_guarded
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         node = self._node(fh)
         if node.reader is None or off >= node.size:
             return b""
         size = min(size, node.size - off)
-        self.reads += 1
+        self.stats.reads += 1
         try:
-            with ReadTimer(self.read_latency):
-                data = await node.reader.read(node.offset + off, size)
-            self.bytes_served += len(data)
+            with ReadTimer(self.stats.read_latency):
+                data = await node.reader.read_view(node.offset + off, size)
+            self.stats.bytes_served += len(data)
             return data
         except ModelfsError as exc:
-            self.read_errors += 1
+            self.stats.read_errors += 1
             log.error("read of %s at %d (+%d) failed: %s", self.path_of(node), off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except Exception:
-            self.read_errors += 1
+            self.stats.read_errors += 1
             log.exception("unexpected error reading %s at %d (+%d)", self.path_of(node), off, size)
             raise pyfuse3.FUSEError(errno.EIO) from None
 

@@ -17,11 +17,12 @@ from typing import AsyncIterator, Callable
 
 import trio
 
-from ..errors import CacheError, IntegrityError, ManifestError
-from .fetcher import TRANSIENT, BlobReader, Fetcher, FetchError, StallGuard
+from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
 from ..spec import Descriptor, Packing
-from .tarindex import REGULAR, Member, iter_members
 from ..zstd import ZstdDecompressor, ZstdError
+from .blobreader import BlobReader
+from .fetcher import Fetcher
+from .tarindex import REGULAR, Member, iter_members
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,27 @@ class _Decompressor:
     def finished(self) -> bool:
         """The input ended at the end of a member or frame, not inside one."""
         return self._obj.eof and not self._next
+
+
+class StallGuard:
+    """A cancel scope for one response that fires when less than ``quantum`` bytes arrived
+    in ``seconds``: a server that trickles (a few KB/s never trips a read timeout) cannot hold
+    a fetch slot for hours."""
+
+    def __init__(self, seconds: float, quantum: int = 1 << 20) -> None:
+        self.seconds, self.quantum = seconds, quantum
+        self.scope = trio.CancelScope(deadline=trio.current_time() + seconds)
+        self._fed = 0
+
+    def fed(self, size: int) -> None:
+        self._fed += size
+        if self._fed >= self.quantum:
+            self._fed = 0
+            self.scope.deadline = trio.current_time() + self.seconds
+
+    @property
+    def fired(self) -> bool:
+        return self.scope.cancelled_caught
 
 
 class StreamSource:
@@ -146,84 +168,63 @@ class StreamSource:
         self._buffer.clear()
 
 
-class DerivedReader(BlobReader):
-    """A file inside a compressed layer: its blocks arrive from the layer stream, and are
-    served once the layer matched its digest (or as they arrive, with ``--verify lazy``)."""
-
-    def __init__(self, fetcher: Fetcher, size: int, stream: "LayerStream", path: str) -> None:
-        super().__init__(fetcher, fetcher.cache.entry(derived_key(stream.layer.digest, path), size))
-        self.stream = stream
-        self.stream_path = path  # the member's path in the layer
-        self.checks: dict[int, int] = {}  # checksum of each block this stream stored
-
-    def _schedule(self, blocks: list[int]) -> None:
-        for index in blocks:
-            if index not in self._inflight and not self.servable(index):
-                self._inflight[index] = trio.Event()
-                self._failures.pop(index, None)
-        if self._inflight:
-            self.stream.ensure_running()
-
-    def _start_whole(self) -> None:
-        self.stream.ensure_running()
-
-    def _maybe_verify(self) -> None:
-        return None  # verified through the layer digest by the stream
-
-    def begin_pass(self) -> None:
-        """The layer stream starts: drop what an earlier pass left unchecked, so every block
-        is written again with a checksum this pass knows."""
-        if not self._whole_running:
-            self._whole_running = True
-            self._whole_generation += 1
-        self.checks = {}
-        if not self.entry.verified:
-            self.entry.clear()
-
-    def keep(self, index: int, data: bytes) -> None:
-        try:
-            check = self._write_or_match(index, data)
-            if check is not None:
-                self.checks[index] = check
-        except CacheError as exc:
-            self._cache_write_failed(exc)
-        if self.lazy:
-            self.fetcher.recent.put(self.digest, index, data)
-            self._arrived(index, len(data), False)
-        self._tick()
-
-    def end_pass(self, failure: BaseException | None) -> None:
-        self._whole_outcome = (self._whole_generation, failure)
-        self._whole_running = False
-        if failure is not None:
-            self.fail_pending(failure)
-        self._tick()
-
-    def fail_pending(self, exc: BaseException) -> None:
-        for index in list(self._inflight):
-            self._failures[index] = exc
-            self._inflight.pop(index).set()
-
-
 class LayerStream:
+    """The block source of every file in one compressed layer (see
+    :class:`~.blobreader.BlockSource`): a reader of any of them starts one pass over the
+    layer, which fills them all, and checks the layer digest itself (``checks_whole``).
+
+    Each file's blocks go into a cache entry of its own ("derived", keyed by layer digest and
+    path), served once the layer matched its digest (or as they arrive, with ``--verify lazy``).
+    """
+
+    checks_whole = True
+
     def __init__(self, fetcher: Fetcher, layer: Descriptor, packing: Packing, where: str) -> None:
         self.fetcher, self.layer, self.packing, self.where = fetcher, layer, packing, where
-        self.targets: dict[str, DerivedReader] = {}
+        self.targets: dict[str, BlobReader] = {}
+        self._checks: dict[str, dict[int, int]] = {}  # checksum of each block this pass stored, per file
         self._running = False
         self._collect = False
 
-    def target(self, path: str, size: int) -> DerivedReader:
+    def target(self, path: str, size: int) -> BlobReader:
         reader = self.targets.get(path)
         if reader is None:
-            reader = self.targets[path] = DerivedReader(self.fetcher, size, self, path)
+            entry = self.fetcher.cache.entry(derived_key(self.layer.digest, path), size)
+            reader = self.targets[path] = BlobReader(self.fetcher, entry, self)
+            self._checks[path] = {}
         return reader
+
+    def schedule(self, reader: BlobReader, blocks: list[int], for_reader: bool = True) -> None:
+        if not reader.whole_mode:
+            reader.claim(blocks)  # lazy: readers wait per block, served as they arrive
+        self.ensure_running()
 
     def ensure_running(self) -> None:
         if not self._running:
             self._running = True
-            for reader in self.targets.values():
-                reader.begin_pass()
-            self.fetcher._nursery.start_soon(self._run_logged)
+            self._begin_pass()
+            self.fetcher.spawn(self._run_logged)
+
+    def _begin_pass(self) -> None:
+        """Drop what an earlier pass left unchecked, so every block is written again with a
+        checksum this pass knows."""
+        for path, reader in self.targets.items():
+            reader.begin_pass()
+            self._checks[path] = {}
+            if not reader.entry.verified:
+                reader.entry.clear()
+
+    def _keep(self, path: str, reader: BlobReader, index: int, data: bytes) -> None:
+        try:
+            check = reader.store_unverified(index, data)
+            if check is not None:
+                self._checks[path][index] = check
+        except CacheError as exc:
+            self.fetcher.cache_write_failed(exc)
+        if reader.lazy:
+            self.fetcher.recent.put(reader.digest, index, data)
+            reader.arrived(index, len(data), False)
+        reader.tick()
 
     async def collect(self) -> list[Member]:
         """Stream the layer now, creating a target per file (layers without file metadata)."""
@@ -248,24 +249,19 @@ class LayerStream:
                 except TRANSIENT as exc:
                     failure = exc
                     attempt += 1
-                    if attempt >= self.fetcher.policy.attempts:
+                    if not await self.fetcher.retry_or_give_up(attempt, exc, self.where):
                         break
-                    self.fetcher.counters.retries += 1
-                    delay = min(5.0, 0.2 * 2 ** (attempt - 1))
-                    log.warning("%s: stream failed (%s); retry %d in %.1fs", self.where, exc, attempt, delay)
-                    await trio.sleep(delay)
-                    for reader in self.targets.values():
-                        reader.begin_pass()
-            self.fetcher.counters.errors += 1
+                    self._begin_pass()
+            self.fetcher.stats.errors += 1
             log.error("%s", failure if str(failure).startswith(self.where) else f"{self.where}: {failure}")
         except Exception as exc:  # a bug: fail these reads, keep the daemon
             failure = exc
             log.exception("%s: unexpected error streaming the layer", self.where)
         finally:
             self._running = False
-            for reader in self.targets.values():
+            for path, reader in self.targets.items():
                 missing = None if failure or reader.entry.verified else ManifestError(
-                    f"{self.where}: the layer holds no file {reader.stream_path!r} of {reader.size} bytes")
+                    f"{self.where}: the layer holds no file {path!r} of {reader.size} bytes")
                 reader.end_pass(failure or missing)
 
     async def _run(self) -> list[Member]:
@@ -283,15 +279,15 @@ class LayerStream:
                     await source.drain()
             if guard.fired:
                 raise FetchError(f"{self.where}: less than 1 MiB arrived in {guard.seconds:g}s (server stalled or trickling)")
-            self.fetcher.counters.bytes_fetched += source.compressed_bytes
+            self.fetcher.stats.bytes_fetched += source.compressed_bytes
             if source.compressed_bytes != self.layer.size or "sha256:" + source.hasher.hexdigest() != self.layer.digest:
                 self.fetcher.wrong_bytes(f"layer {self.layer.digest}")
                 self._drop_unverified()
                 raise IntegrityError(f"{self.where}: blob does not match its digest; its files were dropped from the cache")
-            for reader in self.targets.values():
+            for path, reader in self.targets.items():
                 reader.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
                 if reader.entry.complete and not reader.entry.verified:
-                    await trio.to_thread.run_sync(reader.entry.mark_whole, reader.checks)
+                    await trio.to_thread.run_sync(reader.entry.mark_whole, self._checks[path])
             return members
         except BaseException:
             self._drop_unverified()
@@ -320,4 +316,4 @@ class LayerStream:
             if len(data) != length:
                 raise ManifestError(f"{self.where}, member {member.path!r}: stream ended inside the file")
             if not reader.entry.verified:
-                reader.keep(index, data)
+                self._keep(member.path, reader, index, data)
