@@ -219,11 +219,23 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
 
     # 1, 6. cold sequential read vs curl; amplification; CPU per GiB, the daemon's and the registry's
     target, pid, metrics = bench.mount(ref, "--prefetch", "none")
+    profiler = None
+    if args.profile:  # py-spy samples the daemon during the read: collapsed stacks, one line per stack
+        profiler = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--threads", "--nonblocking", "--format", "raw",
+                                     "--rate", "200", "--output", str(args.profile)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        time.sleep(1)
     before, registry_before, threads_before = cpu.sample(pid), cpu.sample(reg.process.pid), cpu.threads(pid)
     cold_s = timed(lambda: read_file(target / "model.safetensors"))
     spent, registry_spent = cpu.sample(pid) - before, cpu.sample(reg.process.pid) - registry_before
+    if profiler is not None:
+        profiler.send_signal(2)
+        profiler.wait(30)
     fetched = bench.metric(metrics, "modelfs_registry_bytes_total")
-    bench.results["cold read CPU s/GiB"] = {
+    fuse_reads = bench.metric(metrics, "modelfs_reads_total")
+    workers = bench.metric(metrics, "modelfs_fetch_workers")
+    range_requests = bench.metric(metrics, "modelfs_fetch_requests_total")
+    bench.results["cold read CPU s/GiB"] = {"workers": workers, "fuse_reads": fuse_reads, "range_requests": range_requests,
         "daemon_all": spent.total / (size / GiB), "serving_thread": spent.serving / (size / GiB),
         "registry": registry_spent.total / (size / GiB), "threads": {name: spent_s - threads_before.get(name, 0.0) for name, spent_s in cpu.threads(pid).items()},
         "target": "daemon <= 1.2, serving thread <= 0.4"}
@@ -232,6 +244,7 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
                  modelfs_MBps=size / cold_s / 1e6, baseline_MBps=size / curl_s / 1e6)
     bench.record("cold sequential read vs curl to a file", cold_s, curl_file_s, "curl -o file, same disk", "report")
     if args.cold_only:
+        workers_case(bench, ref, weights, curl_s)
         return
 
     # 4. warm (all blocks cached, page cache dropped) vs a local file (page cache dropped)
@@ -274,6 +287,8 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3
     bench.results["random 4K-1M reads (ms)"] = {"cold_p50": pct(cold_random, .5), "cold_p99": pct(cold_random, .99),
                                                "warm_p50": pct(warm_random, .5), "warm_p99": pct(warm_random, .99)}
+
+    workers_case(bench, ref, weights, curl_s)
 
     # 8b. pull vs skopeo copy to an OCI layout
     bench.empty_cache()
@@ -340,6 +355,25 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
         nginx.stop()
 
 
+def workers_case(bench: Bench, ref: str, weights: Path, curl_s: float) -> None:
+    """The same cold read with 1, 2, 4 ... workers up to the cores: how a mount scales with them."""
+    size = weights.stat().st_size
+    cores = len(os.sched_getaffinity(0))
+    counts = sorted({1, cores, *[n for n in (2, 4, 8, 16, 32) if n < cores]})
+    scaling = {}
+    for workers in counts:
+        bench.empty_cache()
+        target, pid, _ = bench.mount(ref, "--prefetch", "none", "--workers", str(workers))
+        before = cpu.sample(pid)
+        seconds = timed(lambda: read_file(target / "model.safetensors"))
+        spent = cpu.sample(pid) - before
+        bench.umount(target)
+        scaling[workers] = {"MBps": size / seconds / 1e6, "ratio_vs_curl": curl_s / seconds,
+                            "daemon_cpu_s_per_GiB": spent.total / (size / GiB)}
+    bench.results["cold read by workers"] = {"cores": cores, "by_workers": scaling}
+    bench.empty_cache()
+
+
 def peak_rss(pid: int) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) * 1024
@@ -373,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="weight file size in MiB (default 1024)")
     parser.add_argument("--rate", type=int, default=50, help="slow-link limit per connection, MB/s (default 50)")
     parser.add_argument("--rss-size", type=int, default=4096, help="model size for the peak-RSS case, MiB (default 4096)")
+    parser.add_argument("--profile", type=Path, help="write py-spy's collapsed stacks of the daemon's cold read here")
     parser.add_argument("--cold-only", action="store_true", help="only the cold sequential read (quick, for profiling)")
     parser.add_argument("--skip-slow", action="store_true", help="skip the nginx slow-link cases")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json", help="where to write the results")
@@ -407,10 +442,17 @@ def main(argv: list[str] | None = None) -> int:
     for case, row in bench.results.items():
         if "ratio" in row:
             print(f"{case:<48} {row['modelfs_s']:>8.2f}s {row['baseline_s']:>8.2f}s {row['ratio']:>6.2f}x  {row['target']}")
+    by_workers = bench.results.get("cold read by workers")
+    if by_workers:
+        for workers, row in by_workers["by_workers"].items():
+            label = f"cold read, {workers} worker{'s' if workers > 1 else ''} ({by_workers['cores']} cores)"
+            print(f"{label:<48} {row['MBps']:>7.0f}MB/s {row['ratio_vs_curl']:>8.2f}x curl  "
+                  f"daemon {row['daemon_cpu_s_per_GiB']:.2f} CPU-s/GiB")
     cold_cpu = bench.results.get("cold read CPU s/GiB")
     if cold_cpu:
         print(f"{'cold read CPU s/GiB: daemon / serving thread':<48} {cold_cpu['daemon_all']:>9.2f} "
-              f"{cold_cpu['serving_thread']:>9.2f}  (registry {cold_cpu['registry']:.2f})  target <= 1.2 / 0.4")
+              f"{cold_cpu['serving_thread']:>9.2f}  (registry {cold_cpu['registry']:.2f}; {cold_cpu['workers']:.0f} workers)"
+              "  target <= 1.2 / 0.4")
     amp = bench.results.get("amplification")
     if amp:
         print(f"{'amplification, cold sequential':<48} {amp['cold_registry_bytes_per_byte']:>9.3f}  (second mount: "
