@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,8 @@ def test_sigkill_during_fetch_then_remount_reads_correct_bytes(cli, mounts, mini
     for attempt in range(3):  # kill at a few different moments of the prefetch
         target, pid = mounts.mount_daemon(minilm_ref, name="crash")  # prefetch all
         time.sleep(0.05 * attempt)
+        # its workers are threads: killing the daemon leaves no process behind to orphan
+        assert [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()] == []
         os.kill(pid, 9)
         cli.run("umount", str(target))
         mounts.active.remove(target)

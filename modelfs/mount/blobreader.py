@@ -269,7 +269,8 @@ class BlobReader:
             self.fetcher.recent.put(self.entry.digest, index, data)
         else:
             self.fetcher.buffers.give_back(data)  # last: the view is released there
-        self._maybe_verify()
+        if self.entry.complete_here:  # cheap: the full check reads the disk map
+            self._maybe_verify()
 
     def arrived(self, index: int, size: int, fetched: bool) -> None:
         if fetched:

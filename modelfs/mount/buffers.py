@@ -23,6 +23,7 @@ class BlockBuffers:
         self._free: list[mmap.mmap] = []
         self._lock = threading.Lock()
         self.reused = 0
+        self.created = 0
 
     def take(self, size: int) -> memoryview:
         """A buffer of ``size`` bytes (the blob's last block may be short: not pooled)."""
@@ -30,8 +31,9 @@ class BlockBuffers:
             return aligned_buffer(size)
         with self._lock:
             found = self._free.pop() if self._free else None
-        if found is None:
-            found = mmap.mmap(-1, self.block_size)
+        if found is None:  # private, not shared: no shmem behind it, plain zero pages on first touch
+            found = mmap.mmap(-1, self.block_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.created += 1
         else:
             self.reused += 1
         return memoryview(found)

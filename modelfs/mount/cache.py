@@ -402,6 +402,7 @@ class BlobEntry:
                     fd = os.dup(self._direct_descriptor() if direct else self._data_fd)
                     files = self._inode
                 try:
+                    check = checksum(payload)  # while the bytes are still in the CPU's cache
                     written = os.pwrite(fd, payload, offset)
                 except OSError as exc:
                     if not direct or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
@@ -420,7 +421,6 @@ class BlobEntry:
                         continue  # the files were replaced while we wrote: into the current ones
                     if self._refresh_entry(index).present:
                         return None
-                    check = checksum(payload)
                     flags |= PRESENT | (INDEXED if index_hash is not None else 0)
                     self._put_entry(index, Entry(len(payload), flags, check, index_hash or bytes(32)))
                     return check
@@ -479,6 +479,12 @@ class BlobEntry:
         while self._scan_from < self.nblocks and self.has(self._scan_from):
             self._scan_from += 1
         return self._scan_from >= self.nblocks
+
+    @property
+    def complete_here(self) -> bool:
+        """Every block is present as far as this process knows (no look at the disk: for a
+        check after each stored block; :attr:`complete` also finds other processes' blocks)."""
+        return self._present >= self.nblocks
 
     @property
     def verified(self) -> bool:

@@ -234,8 +234,9 @@ async def serve(options: MountOptions) -> None:
                 ops = ModelFS(tree, fetcher, str(model.reference))
                 await _serve_mount(nursery, ops, fetcher, cache, tree, options, f"{reference} ({model.reference.digest})")
             c = fetcher.stats
-            log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries",
-                     mountpoint, c.reads, c.read_errors, c.bytes_fetched, c.requests, c.retries)
+            log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
+                     "%d block buffers, used %d more times", mountpoint, c.reads, c.read_errors, c.bytes_fetched,
+                     c.requests, c.retries, fetcher.buffers.created, fetcher.buffers.reused)
     finally:
         # only now: every task and worker thread that writes or hashes blocks has finished (a
         # descriptor closed under a worker thread could be reused by another file meanwhile)
