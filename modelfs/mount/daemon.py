@@ -273,14 +273,15 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
 
 
 # Worker threads release the GIL for every receive, hash and write, and must get it back to
-# go on. With CPython's default 5 ms switch interval a worker waits up to that long for the
-# loop thread each time (measured here: 2 workers took 3 s for a GiB beside a busy Python
-# thread at 5 ms, 0.56 s at 0.1 ms).
-GIL_SWITCH_SECONDS = 0.0002
+# go on. With CPython's default 5 ms switch interval a worker may wait that long for a busy
+# loop thread each time (measured here: two workers took 3 s for a GiB beside a busy Python
+# thread at 5 ms, 0.8 s at 0.5 ms). In the daemon, 0.2-5 ms measured the same within noise
+# (a worker takes the GIL a few times per block); 1 ms bounds the worst case.
+GIL_SWITCH_SECONDS = 0.001
 
 
 def run_foreground(options: MountOptions) -> None:
-    sys.setswitchinterval(float(os.environ.get("MODELFS_GIL_SWITCH", GIL_SWITCH_SECONDS)))
+    sys.setswitchinterval(GIL_SWITCH_SECONDS)
     try:
         trio.run(serve, options)
     except BaseException as exc:
