@@ -35,7 +35,7 @@ class CpuSample:
     total: float  # every thread of every process in the tree
     serving: float  # the daemon's main thread: the one that answers FUSE
 
-    def __sub__(self, other: "CpuSample") -> "CpuSample":
+    def __sub__(self, other: CpuSample) -> CpuSample:
         return CpuSample(self.total - other.total, self.serving - other.serving)
 
 

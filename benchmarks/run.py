@@ -31,8 +31,9 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from benchmarks import cpu  # noqa: E402
 from conftest import SAMPLE_MODELFILE, Cli, Registry, daemon_pid, free_port  # noqa: E402
+
+from benchmarks import cpu  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -284,7 +285,8 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     target, _, _ = bench.mount(ref, "--prefetch", "none")
     cold_random = random_reads(target / "model.safetensors")
     bench.umount(target)
-    pct = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3
+    def pct(xs: list[float], p: float) -> float:
+        return xs[min(len(xs) - 1, int(p * len(xs)))] * 1e3
     bench.results["random 4K-1M reads (ms)"] = {"cold_p50": pct(cold_random, .5), "cold_p99": pct(cold_random, .99),
                                                "warm_p50": pct(warm_random, .5), "warm_p99": pct(warm_random, .99)}
 
@@ -365,7 +367,7 @@ def workers_case(bench: Bench, ref: str, weights: Path, curl_s: float) -> None:
         bench.empty_cache()
         target, pid, _ = bench.mount(ref, "--prefetch", "none", "--workers", str(workers))
         before = cpu.sample(pid)
-        seconds = timed(lambda: read_file(target / "model.safetensors"))
+        seconds = timed(lambda target=target: read_file(target / "model.safetensors"))
         spent = cpu.sample(pid) - before
         bench.umount(target)
         scaling[workers] = {"MBps": size / seconds / 1e6, "ratio_vs_curl": curl_s / seconds,

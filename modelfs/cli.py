@@ -15,25 +15,26 @@ import os
 import sys
 import time
 import traceback
-from typing import Callable, NoReturn
+from collections.abc import Callable
+from typing import NoReturn
 
 import trio
 
 from . import __version__
 from .artifact.build import build
-from .mount.cache import BlockCache, default_cache_dir
-from .credentials import Credential, CredentialStore
-from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
-from .errors import CacheError, ModelfsError, MountError, user_error
 from .artifact.extract import extract
-from .mount import blockindex
-from .config import VERIFY_MODES
-from .mount.fetcher import Fetcher
 from .artifact.layout import Store, default_store_dir
-from .logfile import LOG_MAX_BYTES, DaemonLog
 from .artifact.push import push
+from .config import VERIFY_MODES, parse_size, parse_workers
+from .config import load as load_config
+from .credentials import Credential, CredentialStore
+from .errors import CacheError, ModelfsError, MountError, user_error
+from .logfile import LOG_MAX_BYTES, DaemonLog
+from .mount import blockindex
+from .mount.cache import BlockCache, default_cache_dir
+from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
+from .mount.fetcher import Fetcher
 from .reference import Reference, parse
-from .config import load as load_config, parse_size, parse_workers
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, record
 from .spec import Packing
@@ -502,7 +503,8 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
 
     This is what ``mount -t fuse.modelfs REF DIR -o ...`` and ``/etc/fstab`` lines run.
     """
-    positional, options = [], []
+    positional: list[str] = []
+    options: list[str] = []
     items = iter(argv)
     for item in items:
         if item == "-o":
@@ -533,7 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         parser = _parser()
-        if argv and not argv[0].startswith("-") and argv[0] not in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+        commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if argv and not argv[0].startswith("-") and argv[0] not in (commands or {}):
             argv = mount_helper_argv(argv)
     except ModelfsError as exc:
         print(f"modelfs: error: {exc}", file=sys.stderr)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .errors import AuthenticationError, ModelfsError
 from .artifact.layout import atomic_write
+from .errors import AuthenticationError, ModelfsError
 from .reference import DOCKER_HUB
 
 _DOCKER_HUB_KEY = "https://index.docker.io/v1/"

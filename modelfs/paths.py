@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Mapping
+from collections.abc import Mapping
 
 from .errors import UnsafePathError
-
 
 MAX_NAME_BYTES = 255  # NAME_MAX and PATH_MAX of Linux: longer ones cannot be created or served
 MAX_PATH_BYTES = 4096

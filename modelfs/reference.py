@@ -42,10 +42,10 @@ class Reference:
         """What to ask ``/v2/<repo>/manifests/<target>`` for: the digest wins over the tag."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> "Reference":
+    def with_digest(self, digest: str) -> Reference:
         return Reference(self.registry, self.repository, self.tag, digest)
 
-    def without_digest(self) -> "Reference":
+    def without_digest(self) -> Reference:
         return Reference(self.registry, self.repository, self.tag)
 
     def __str__(self) -> str:

@@ -9,13 +9,22 @@ from dataclasses import dataclass
 
 import trio
 
+from .errors import ManifestError, NotAModelError
 from .mount.blockindex import ANNOTATION
 from .mount.cache import BlockCache
-from .errors import ManifestError, NotAModelError
 from .reference import Reference
-from .registry import RegistryClient
-from .spec import (ARTIFACT_TYPE, LEGACY_ARTIFACT_TYPE, Manifest, ModelConfig, is_index, load_json,
-                   parse_config, parse_manifest, require_model)
+from .registry import RegistryReader
+from .spec import (
+    ARTIFACT_TYPE,
+    LEGACY_ARTIFACT_TYPE,
+    Manifest,
+    ModelConfig,
+    is_index,
+    load_json,
+    parse_config,
+    parse_manifest,
+    require_model,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ def _pick_from_index(data: bytes, reference: Reference) -> str:
     raise ManifestError(f"{reference} is an index of {len(entries)} manifests and none is marked as a model")
 
 
-async def fetch_model(client: RegistryClient, reference: Reference) -> Model:
+async def fetch_model(client: RegistryReader, reference: Reference) -> Model:
     data, media_type, digest = await client.get_manifest(reference.repository, reference.target)
     if is_index(data):
         digest = _pick_from_index(data, reference)
@@ -90,7 +99,7 @@ def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float]
     return model, float(doc.get("recorded", 0))
 
 
-async def check_layer_sizes(client: RegistryClient, model: Model) -> None:
+async def check_layer_sizes(client: RegistryReader, model: Model) -> None:
     """HEAD every layer: a manifest that lies about a size is refused before anything is
     served (one small request per layer, all at once)."""
     problems: list[str] = []

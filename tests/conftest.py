@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from proxy import CountingProxy
 
 REGISTRY_BIN = shutil.which("docker-registry") or shutil.which("registry")
@@ -57,7 +56,7 @@ class Registry:
                 break
             except httpx.HTTPError:
                 if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise RuntimeError(f"registry did not start: {(self.root / 'registry.log').read_text()}")
+                    raise RuntimeError(f"registry did not start: {(self.root / 'registry.log').read_text()}") from None
                 time.sleep(0.05)
 
     @property

@@ -43,7 +43,7 @@ class HostileMirror:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "HostileMirror":
+    def __enter__(self) -> HostileMirror:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -91,9 +91,10 @@ class HostileMirror:
         hashes = {digest: [hashlib.sha256(data[i:i + (1 << 20)]).hexdigest() for i in range(0, len(data), 1 << 20)]
                   for digest, data in forged.items()}
 
+        manifest = httpx.get(f"{self.upstream}/v2/{repository}/manifests/{manifest_digest}",
+                             headers={"Accept": OCI_MANIFEST}).content
+
         async def attach() -> None:
-            manifest = httpx.get(f"{self.upstream}/v2/{repository}/manifests/{manifest_digest}",
-                                 headers={"Accept": OCI_MANIFEST}).content
             subject = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest), artifact_type=ARTIFACT_TYPE)
             async with RegistryClient(self.upstream.removeprefix("http://"), plain_http=True) as client:
                 await blockindex.attach(client, repository, subject, blockindex.encode(1 << 20, hashes))

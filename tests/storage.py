@@ -68,7 +68,7 @@ class PresigningFront:
     def address(self) -> str:
         return f"127.0.0.1:{self._front.server_address[1]}"
 
-    def __enter__(self) -> "PresigningFront":
+    def __enter__(self) -> PresigningFront:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from modelfs.mount.blockindex import decode, encode, fallback_tag, hash_blocks
 from modelfs.errors import ManifestError
+from modelfs.mount.blockindex import decode, encode, fallback_tag, hash_blocks
 
 DIGEST = "sha256:" + "cd" * 32
 

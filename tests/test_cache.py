@@ -131,7 +131,7 @@ def test_eviction_by_another_process_is_noticed_and_frees_the_files(tmp_path):
 
 def test_open_files_are_bounded(tmp_path):
     cache = BlockCache(str(tmp_path), max_open=4)
-    entries = [cache.entry("sha256:%064x" % i, MiB) for i in range(20)]
+    entries = [cache.entry(f"sha256:{i:064x}", MiB) for i in range(20)]
     assert cache.open_files() <= 2 * 4 + 2
     data = os.urandom(MiB)
     for entry in entries:
@@ -207,6 +207,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
     write: either way the block goes through the page cache, and later ones do not try again."""
     import errno
     import fcntl
+
     from modelfs.mount import cache as cache_module
     real_open, real_pwrite = os.open, os.pwrite
 

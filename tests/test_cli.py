@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import SAMPLE_MODELFILE
 
 
@@ -165,9 +164,8 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     helper_dir = tmp_path / "bin"
     helper_dir.mkdir()
     helper = helper_dir / "docker-credential-modelfstest"
-    helper.write_text("#!/bin/sh\nread host\n[ \"$1\" = get ] && [ \"$host\" = \"%s\" ] || exit 1\n"
-                      "echo '{\"ServerURL\":\"'$host'\",\"Username\":\"alice\",\"Secret\":\"s3cret-pass\"}'\n"
-                      % basic_registry.address)
+    helper.write_text(f"#!/bin/sh\nread host\n[ \"$1\" = get ] && [ \"$host\" = \"{basic_registry.address}\" ] || exit 1\n"
+                      "echo '{\"ServerURL\":\"'$host'\",\"Username\":\"alice\",\"Secret\":\"s3cret-pass\"}'\n")
     helper.chmod(0o755)
     docker = cli.home / "docker"
     docker.mkdir(parents=True)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from modelfs.mount.cache import BlockCache
 from modelfs.errors import CacheError
+from modelfs.mount.cache import BlockCache
 
 MiB = 1 << 20
 

@@ -7,8 +7,8 @@ import subprocess
 import tarfile
 
 import pytest
-
 from conftest import make_tar, push_artifact
+
 from modelfs import zstd
 
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
@@ -164,6 +164,7 @@ def test_legacy_cnai_artifacts_are_read(cli, registry, mounts):
 @pytest.mark.parametrize("claimed", [5000, 500])
 def test_manifest_lying_about_a_size_is_refused(cli, registry, tmp_path, claimed):
     import json
+
     import httpx
     push_artifact(registry.address, "lying/size", [(b"x" * 1000, WEIGHT_RAW, {"org.cncf.model.filepath": "w.bin"})])
     base = f"http://{registry.address}/v2/lying/size"

@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-
 MiB = 1 << 20
 
 

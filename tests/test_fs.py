@@ -8,7 +8,6 @@ import os
 import tarfile
 
 import pytest
-
 from conftest import daemon_alive, make_tar, push_artifact
 
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import daemon_alive
+
 from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, BlockCache
 
 MiB = 1 << 20
@@ -429,6 +429,7 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
     """Indexes pushed before BLAKE3 (version 1, sha256) keep working: attached at the registry,
     each block is checked against them and a flipped one is fetched again."""
     import trio
+
     from modelfs.mount import blockindex
     from modelfs.registry import RegistryClient
     from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor

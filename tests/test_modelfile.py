@@ -1,7 +1,7 @@
 import pytest
 
-from modelfs.errors import ModelfileError
 from modelfs.artifact.modelfile import parse, resolve
+from modelfs.errors import ModelfileError
 from modelfs.spec import Kind
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import SAMPLE_MODELFILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import trio
+from storage import PresigningFront
 
 from modelfs.errors import FetchError
 from modelfs.mount import rangefetch
 from modelfs.mount.cache import BlockCache
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.registry import RegistryClient
-from storage import PresigningFront
 
 MiB = 1 << 20
 

@@ -14,8 +14,16 @@ import pytest
 
 from modelfs.errors import ConnectionLostError, IntegrityError, RegistryError
 from modelfs.mount.cache import DIRECT_ALIGNMENT, aligned_buffer
-from modelfs.registry.ranges import (BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused,
-                                     Transfer, TransferAborted, read_range)
+from modelfs.registry.ranges import (
+    BlobLocation,
+    ConnectionPool,
+    LocationMoved,
+    LocationRejected,
+    RangeRefused,
+    Transfer,
+    TransferAborted,
+    read_range,
+)
 
 BLOB = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB
 BLOCK = 16 * 1024

@@ -12,12 +12,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SAMPLE_MODELFILE, Registry
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-
-from conftest import SAMPLE_MODELFILE, Registry
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +24,7 @@ def tls_registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("tls-registry")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelfs test registry")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=1))
@@ -85,6 +84,7 @@ def _as_nobody(*argv: str, env: dict, timeout: float = 120) -> subprocess.Comple
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
 def test_unprivileged_user_mounts_with_a_user_cache(minilm_ref, minilm_dir, tmp_path):
     import site
+
     import modelfs
     user = pwd.getpwnam("nobody")
     home = tmp_path / "nobody-home"

@@ -5,9 +5,22 @@ import json
 import pytest
 
 from modelfs.errors import ManifestError, NotAModelError
-from modelfs.spec import (ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, OCI_INDEX, OCI_MANIFEST, Descriptor, Kind, Manifest,
-                          Packing, classify_layer, is_index, layer_media_type, parse_config, parse_manifest,
-                          require_model)
+from modelfs.spec import (
+    ARTIFACT_TYPE,
+    CONFIG_MEDIA_TYPE,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Kind,
+    Manifest,
+    Packing,
+    classify_layer,
+    is_index,
+    layer_media_type,
+    parse_config,
+    parse_manifest,
+    require_model,
+)
 
 DIGEST = "sha256:" + "ab" * 32
 CONFIG = {"mediaType": CONFIG_MEDIA_TYPE, "digest": DIGEST, "size": 2}

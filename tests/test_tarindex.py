@@ -2,8 +2,8 @@ import io
 import tarfile
 
 import pytest
-
 from conftest import make_tar
+
 from modelfs.errors import ManifestError, UnsafePathError
 from modelfs.mount.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
 

@@ -15,17 +15,26 @@ import stat
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
-
-from ..mount import blockindex
-from . import modelfile as mf
-from ..mount.cache import DEFAULT_BLOCK_SIZE
 from ..errors import ModelfsError
-from .layout import Store
-from ..spec import (ANNOTATION_FILE_METADATA, ANNOTATION_FILEPATH, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
-                   OCI_MANIFEST, Descriptor, Manifest, ModelConfig, Packing, layer_media_type)
+from ..mount import blockindex
+from ..mount.cache import DEFAULT_BLOCK_SIZE
+from ..spec import (
+    ANNOTATION_FILE_METADATA,
+    ANNOTATION_FILEPATH,
+    ARTIFACT_TYPE,
+    CONFIG_MEDIA_TYPE,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    ModelConfig,
+    Packing,
+    layer_media_type,
+)
 from ..zstd import ZstdFile
+from . import modelfile as mf
+from .layout import Store
 
 # Lets generic OCI tools (oras, ORAS CLI) name the files they pull; modelfs itself reads filepath.
 ANNOTATION_TITLE = "org.opencontainers.image.title"
@@ -42,7 +51,7 @@ class BuildResult:
 
 
 def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _file_metadata(path: str, rel: str) -> dict:
@@ -123,7 +132,7 @@ def build(context: str, modelfile_path: str, reference: str, store: Store,
         layers.append(Descriptor(layer_media_type(item.kind, packing), digest, size, annotations))
         diff_ids.append(diff_id)
     meta = parsed.metadata
-    descriptor = {"createdAt": _rfc3339(datetime.now(timezone.utc).timestamp())}
+    descriptor = {"createdAt": _rfc3339(datetime.now(UTC).timestamp())}
     if "NAME" in meta:
         descriptor["name"] = meta["NAME"]
     if "FAMILY" in meta:

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
 from ..errors import CacheError, IntegrityError, ManifestError, UnsafePathError
+from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
+from ..mount.tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
 from ..paths import clean_member_path, link_chain_inside, safe_join
-from ..registry import RegistryClient
+from ..registry import RegistryReader
 from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
-from ..mount.tarindex import DIRECTORY, HARDLINK, SYMLINK, check_tarinfo
 from ..zstd import ZstdError, ZstdFile
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class ExtractResult:
     bytes_from_cache: int = 0
 
 
-def _copy_from_cache(entry: BlobEntry, out, where: str) -> "hashlib._Hash | None":
+def _copy_from_cache(entry: BlobEntry, out, where: str) -> hashlib._Hash | None:
     """Copy a complete cached blob into ``out``, every block checked as it is read back;
     None (and the damage dropped from the cache) if it does not read back whole."""
     hasher = hashlib.sha256()
@@ -58,7 +58,7 @@ def _copy_from_cache(entry: BlobEntry, out, where: str) -> "hashlib._Hash | None
     return hasher
 
 
-async def _download(client: RegistryClient, cache: BlockCache | None, repository: str, layer: Descriptor,
+async def _download(client: RegistryReader, cache: BlockCache | None, repository: str, layer: Descriptor,
                     path: str, result: ExtractResult, where: str) -> None:
     """The blob into ``path``, from the cache if it holds it whole and it checks out (whatever
     flags say), else from the registry; either way hashed here against its digest."""
@@ -201,7 +201,7 @@ def _decompressed(raw, packing: Packing):
     return raw
 
 
-async def extract(client: RegistryClient, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:
+async def extract(client: RegistryReader, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:
     os.makedirs(output, exist_ok=True)
     result = ExtractResult()
     for number, layer in enumerate(model.manifest.layers):
@@ -220,6 +220,8 @@ async def extract(client: RegistryClient, model: Model, output: str, cache: Bloc
         try:
             await _download(client, cache, model.reference.repository, layer, tmp, result, where)
             if packing is Packing.RAW:
+                if layer.filepath is None:
+                    raise ManifestError(f"{where}: a raw layer without a file path annotation")
                 meta = layer.file_metadata or {}
                 mode = meta.get("mode") if isinstance(meta.get("mode"), int) else None
                 _place(tmp, output, layer.filepath, where, (mode & 0o755) if mode is not None else None)

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import trio
 
-from .layout import Store
+from ..mount import blockindex
 from ..reference import Reference, parse
 from ..registry import RegistryClient
-from ..mount import blockindex
 from ..spec import Descriptor, parse_manifest
+from .layout import Store
 
 log = logging.getLogger(__name__)
 

@@ -58,13 +58,13 @@ class BlockSource(Protocol):
 
     checks_whole: bool
 
-    def schedule(self, reader: "BlobReader", blocks: list[int], for_reader: bool = True) -> None:
+    def schedule(self, reader: BlobReader, blocks: list[int], for_reader: bool = True) -> None:
         """Start getting ``blocks`` (or, in whole mode, the pass that makes them servable).
         ``for_reader``: a reader wants them soon (held in memory until read), not prefetch."""
 
 
 class BlobReader:
-    def __init__(self, fetcher: "Fetcher", entry: BlobEntry, source: BlockSource, expected: list[bytes] | None = None,
+    def __init__(self, fetcher: Fetcher, entry: BlobEntry, source: BlockSource, expected: list[bytes] | None = None,
                  block_hash: Callable[[Block], bytes] | None = None) -> None:
         self.fetcher, self.entry, self.source = fetcher, entry, source
         self.stats = fetcher.stats

@@ -23,15 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import blake3
 
 from ..errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
-from ..registry import brief_retries
-from ..spec import (OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, Packing, classify_layer, load_json,
-                   parse_descriptor, parse_manifest)
+from ..registry import RegistryReader, brief_retries
+from ..spec import (
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Manifest,
+    Packing,
+    classify_layer,
+    load_json,
+    parse_descriptor,
+    parse_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +119,7 @@ def _block_hashes(hashes: object, algorithm: str) -> list[bytes]:
     if not isinstance(hashes, list):
         raise ValueError(f"block hashes {str(hashes)[:80]!r} are not a list")
     values = [bytes.fromhex(text) for text in hashes]
-    for text, value in zip(hashes, values):
+    for text, value in zip(hashes, values, strict=True):
         if len(value) != 32:  # sha256 and BLAKE3 (default length) alike
             raise ValueError(f"block hash {text[:80]!r} is not a {algorithm}")
     return values
@@ -205,7 +214,7 @@ def indexable(media_type: str) -> bool:
     return classified is not None and classified[1] in (Packing.RAW, Packing.TAR)
 
 
-async def trusted(client, repository: str, manifest: Manifest, manifest_digest: str) -> TrustedIndex | None:
+async def trusted(client: RegistryReader, repository: str, manifest: Manifest, manifest_digest: str) -> TrustedIndex | None:
     """The block index this mount may check blocks against, or None (blobs then are served
     only once checked whole). See the module docstring for what counts."""
     named = manifest.annotations.get(ANNOTATION)

@@ -43,8 +43,8 @@ import struct
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import lz4.block
 import xxhash
@@ -140,7 +140,7 @@ class BlobEntry:
     exclude threads sharing one file description."""
 
     def __init__(self, directory: str, digest: str, size: int, block_size: int,
-                 on_open: Callable[["BlobEntry"], None] | None = None) -> None:
+                 on_open: Callable[[BlobEntry], None] | None = None) -> None:
         self.digest, self.size = digest, size
         hexpart = digest.split(":", 1)[1]
         self.data_path = os.path.join(directory, f"{hexpart}.data")
@@ -253,10 +253,10 @@ class BlobEntry:
     def is_open(self) -> bool:
         return self._map_fd >= 0
 
-    def _flock(self) -> "_Flock":
+    def _flock(self) -> _Flock:
         return _Flock(self._map_fd, self._mutex)
 
-    def _writing(self) -> "_WriteLock":
+    def _writing(self) -> _WriteLock:
         return _WriteLock(self)
 
     def _load_or_init(self) -> bool:
@@ -786,7 +786,7 @@ class BlockCache:
             with entry._mutex:
                 entry._close_fds()
 
-    def usage(self) -> list["BlobUsage"]:
+    def usage(self) -> list[BlobUsage]:
         """Every cached blob with its bytes on disk and last use, least recently used first."""
         found = []
         for name in os.listdir(self._dir):

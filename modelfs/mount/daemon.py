@@ -11,28 +11,28 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
 
-from . import blockindex
-from .blockindex import TrustedIndex
-from .cache import BlockCache
 from ..errors import MountError, UnavailableError, user_error
-from .fetcher import BlobReader, Fetcher, FetchPolicy
-from .rangefetch import available_cores
-from .fs import ModelFS
-from .metrics import serve_metrics
-from .tree import Tree, build_tree
 from ..reference import Reference, parse
 from ..registry.mirrors import open_client
 from ..resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
+from . import blockindex
+from .blockindex import TrustedIndex
+from .cache import BlockCache
+from .fetcher import BlobReader, Fetcher, FetchPolicy
+from .fs import ModelFS
+from .metrics import serve_metrics
+from .rangefetch import available_cores
+from .tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def report(ready_fd: int | None, message: str) -> None:
         pass
 
 
-async def announce_ready(mountpoint: str, options: "MountOptions") -> None:
+async def announce_ready(mountpoint: str, options: MountOptions) -> None:
     """Report readiness only once the mount answers: a stat through it must come back.
 
     The stat goes through our own FUSE loop, so it runs in a thread while ``pyfuse3.main``
@@ -292,6 +292,11 @@ def run_foreground(options: MountOptions) -> None:
         raise
 
 
+def _unescape(field: str) -> str:
+    """A mountinfo field with its octal escapes (space, tab, backslash) undone."""
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
+
+
 def _mountinfo() -> list[tuple[str, str, str, str]]:
     """(mount point, fs type, source, device major:minor) of every mount, read from
     /proc/self/mountinfo: nothing here touches the mount itself, which may be frozen."""
@@ -301,8 +306,7 @@ def _mountinfo() -> list[tuple[str, str, str, str]]:
             for line in handle:
                 fields = line.split()
                 sep = fields.index("-")
-                decode = lambda v: v.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-                out.append((decode(fields[4]), fields[sep + 1], decode(fields[sep + 2]), fields[2]))
+                out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]), fields[2]))
     except OSError:
         pass
     return out
@@ -319,7 +323,7 @@ def active_mounts() -> list[dict]:
     for point, fstype, source, _ in _mountinfo():
         if fstype != "fuse.modelfs":
             continue
-        entry = {"mountpoint": point, "source": source}
+        entry: dict[str, str | None] = {"mountpoint": point, "source": source}
         for key, name in (("model", "user.modelfs.model"), ("cached", "user.modelfs.cached")):
             try:
                 entry[key] = os.getxattr(point, name).decode()

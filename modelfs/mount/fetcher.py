@@ -22,12 +22,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
-from .blobreader import Block, BlobReader
+from ..registry import RegistryReader
+from .blobreader import BlobReader, Block
 from .blockindex import TrustedIndex
 from .buffers import BlockBuffers
 from .cache import BlockCache
@@ -92,7 +92,7 @@ class RecentBlocks:
 
 
 class Fetcher:
-    def __init__(self, cache: BlockCache, client: Any, repository: str, nursery: trio.Nursery,
+    def __init__(self, cache: BlockCache, client: RegistryReader, repository: str, nursery: trio.Nursery,
                  policy: FetchPolicy | None = None, index: TrustedIndex | None = None) -> None:
         self.cache, self.client, self.repository = cache, client, repository
         self.block_index = index.index if index else None

@@ -13,16 +13,17 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Callable, Coroutine, ParamSpec, Sequence, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
 from ..errors import ModelfsError
 from .fetcher import Fetcher
-from .tree import ROOT_INODE, Node, Tree
 from .stats import ReadTimer
 from .tarindex import DIRECTORY, SYMLINK
+from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def render(c: "Stats") -> str:
+def render(c: Stats) -> str:
     served = c.bytes_served
     from_cache = max(0, served - c.bytes_fetched)
     metrics = [
@@ -49,7 +49,7 @@ def render(c: "Stats") -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _answer(stream: trio.SocketStream, stats: "Stats") -> None:
+async def _answer(stream: trio.abc.Stream, stats: Stats) -> None:
     try:
         with trio.move_on_after(5):
             request = b""
@@ -67,7 +67,7 @@ async def _answer(stream: trio.SocketStream, stats: "Stats") -> None:
         await stream.aclose()
 
 
-async def serve_metrics(address: str, stats: "Stats",
+async def serve_metrics(address: str, stats: Stats,
                         task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
     host, _, port = address.rpartition(":")
     try:
@@ -76,4 +76,7 @@ async def serve_metrics(address: str, stats: "Stats",
         raise ModelfsError(f"cannot serve metrics on {address}: {exc}") from None
     log.info("metrics on http://%s/metrics", address)
     task_status.started()
-    await trio.serve_listeners(lambda stream: _answer(stream, stats), listeners)
+    async def answer(stream: trio.SocketStream) -> None:
+        await _answer(stream, stats)
+
+    await trio.serve_listeners(answer, listeners)

@@ -20,13 +20,13 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError
-from ..registry.ranges import (BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer,
-                               read_range)
+from ..registry import RegistryReader
+from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import aligned_buffer
 from .readahead import RequestSizer, plan_runs
@@ -53,7 +53,7 @@ class RangeFetcher:
     """The range requests of one mount: blob locations, worker threads, one watchdog over
     the transfers in flight, and the request sizing learned from how they went."""
 
-    def __init__(self, client: Any, repository: str, nursery: trio.Nursery, timeout: float, workers: int,
+    def __init__(self, client: RegistryReader, repository: str, nursery: trio.Nursery, timeout: float, workers: int,
                  block_size: int, window_cap: int, new_buffer: Callable[[int], memoryview] = aligned_buffer) -> None:
         self.client, self.repository, self.timeout = client, repository, timeout
         self.workers = max(1, workers)
@@ -180,7 +180,7 @@ class RangeSource:
 
     checks_whole = False
 
-    def __init__(self, fetcher: "Fetcher", ranges: RangeFetcher) -> None:
+    def __init__(self, fetcher: Fetcher, ranges: RangeFetcher) -> None:
         self.fetcher, self.ranges = fetcher, ranges
 
     def schedule(self, reader: BlobReader, blocks: list[int], for_reader: bool = True) -> None:
@@ -219,11 +219,10 @@ class RangeSource:
         except Exception as exc:  # a bug or an unexpected error: fail these reads, keep the daemon
             log.exception("unexpected error fetching %s blocks %d-%d", reader.digest, first, last)
             reader.fail(range(first, last + 1), exc)
-        finally:
-            with trio.CancelScope(shield=True):
-                if any(reader.in_flight(i) for i in range(first, last + 1)):
-                    log.debug("blocks %d-%d of %s not fetched: unmounting", first, last, reader.digest)
-                    reader.fail(range(first, last + 1), FetchError("fetch cancelled"))
+        finally:  # cancelled (unmounting): no reader may wait on these blocks for ever
+            if any(reader.in_flight(i) for i in range(first, last + 1)):
+                log.debug("blocks %d-%d of %s not fetched: unmounting", first, last, reader.digest)
+                reader.fail(range(first, last + 1), FetchError("fetch cancelled"))
 
     async def _receive_run(self, reader: BlobReader, position: list[int], last: int, for_reader: bool) -> None:
         entry = reader.entry
@@ -320,7 +319,7 @@ class RangeSource:
         return True
 
     @staticmethod
-    def _hash_cached(reader: BlobReader, index: int, hasher: "hashlib._Hash", checks: dict[int, int],
+    def _hash_cached(reader: BlobReader, index: int, hasher: hashlib._Hash, checks: dict[int, int],
                      token: trio.lowlevel.TrioToken) -> int:
         """Hash the cached blocks from ``index`` on (on a worker thread: a large cached prefix
         must not hold up the event loop); returns the first block not cached, or one that

@@ -24,7 +24,7 @@ class Histogram:
 
     def render(self, name: str) -> list[str]:
         lines = [f"# TYPE {name} histogram"]
-        lines += [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(BUCKETS, self.counts)]
+        lines += [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(BUCKETS, self.counts, strict=True)]
         lines += [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.total}"]
         return lines
 

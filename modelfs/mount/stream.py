@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zlib
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 

@@ -9,8 +9,9 @@ checked here, so the tree never contains a path that leaves it.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Protocol
+from typing import Protocol
 
 from ..errors import ManifestError, UnsafePathError
 from ..paths import clean_member_path, link_target_inside
@@ -203,7 +204,7 @@ async def index_tar(read_at: ReadAt, blob_size: int, where: str) -> list[Member]
     return [member async for member in iter_members(RangeSource(read_at), where, blob_size)]
 
 
-def check_tarinfo(info: "tarfile.TarInfo", seen: set[str], where: str) -> tuple[str, str, str] | None:
+def check_tarinfo(info: tarfile.TarInfo, seen: set[str], where: str) -> tuple[str, str, str] | None:
     """Vet one member read by :mod:`tarfile` (``extract``): (clean path, kind, link) or None."""
     if info.isdir():
         kind = DIRECTORY

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
 
 from ..errors import ManifestError, UnsafePathError
-from .fetcher import BlobReader, Fetcher
+from ..paths import clean_member_path, link_chain_inside
 from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
-from ..paths import clean_member_path, link_chain_inside
+from .fetcher import BlobReader, Fetcher
 from .stream import LayerStream
 from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, index_tar
 
@@ -159,7 +159,10 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
         elif packing is Packing.TAR:
             reader = fetcher.reader(layer.digest, layer.size)
             members = await index_tar(reader.read, layer.size, where)
-            _add_members(tree, members, layer, where, lambda m, reader=reader: (reader, m.offset))
+            def locate(member: Member, reader: BlobReader = reader) -> tuple[BlobReader, int]:
+                return reader, member.offset
+
+            _add_members(tree, members, layer, where, locate)
         else:
             await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
     tree.check_links()

@@ -15,19 +15,26 @@ import logging
 import random
 import ssl
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Iterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
 
 from ..credentials import Credential, CredentialStore
-from ..errors import (AuthenticationError, ConnectionLostError, IntegrityError, NotFoundError, RegistryError, TLSError,
-                      UnavailableError)
+from ..errors import (
+    AuthenticationError,
+    ConnectionLostError,
+    IntegrityError,
+    NotFoundError,
+    RegistryError,
+    TLSError,
+    UnavailableError,
+)
 from ..spec import MANIFEST_ACCEPT
-from .auth import parse_challenge, TokenCache
+from .auth import TokenCache, parse_challenge
 from .ranges import BlobLocation
 
 log = logging.getLogger(__name__)
@@ -162,6 +169,10 @@ def _is_tls_failure(exc: Exception) -> bool:
 ContentFactory = Callable[[], AsyncIterator[bytes] | bytes]
 
 
+def _empty_body() -> bytes:
+    return b""
+
+
 def _origin(url: str) -> tuple[str, str]:
     """Scheme and authority: credentials are sent only where the first request went."""
     parts = urlsplit(url)
@@ -188,7 +199,7 @@ class RegistryClient:
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
 
-    async def __aenter__(self) -> "RegistryClient":
+    async def __aenter__(self) -> RegistryClient:
         tune_httpcore()
         verify: ssl.SSLContext | bool = True
         if self.ca_file:
@@ -247,7 +258,7 @@ class RegistryClient:
 
     async def _fetch_token(self, params: dict[str, str], scope: str, credential: Credential | None) -> None:
         assert self._http is not None
-        query: list[tuple[str, str]] = []
+        query: list[tuple[str, str | int | float | bool | None]] = []
         if params.get("service"):
             query.append(("service", params["service"]))
         query.extend(("scope", s) for s in scope.split(" ") if s)
@@ -528,15 +539,19 @@ class RegistryClient:
             offset = 0
             async for piece in open_chunks():  # type: ignore[union-attr]
                 data = bytes(piece)
+
+                def chunk(data: bytes = data) -> bytes:
+                    return data
+
                 response = await self.request(
-                    "PATCH", location, scope=scope, content=lambda d=data: d,
+                    "PATCH", location, scope=scope, content=chunk,
                     headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data)),
                              "Content-Range": f"{offset}-{offset + len(data) - 1}"})
                 if response.status_code != 202:
                     self._raise_for(response, f"chunk at {offset} of {digest}")
                 location = urljoin(str(response.url), response.headers["location"])
                 offset += len(data)
-            body: ContentFactory | None = lambda: b""
+            body: ContentFactory | None = _empty_body
             length = 0
         else:
             body, length = open_chunks, size

@@ -12,8 +12,8 @@ only that request moves on to the next source. Writes never go to mirrors.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import AsyncIterator
 
 import httpx
 import trio
@@ -38,7 +38,7 @@ class MirroredClient:
         self._down_until: dict[str, float] = {}
         self._stack = AsyncExitStack()
 
-    async def __aenter__(self) -> "MirroredClient":
+    async def __aenter__(self) -> MirroredClient:
         for client in [*self.mirrors, self.upstream]:
             await self._stack.enter_async_context(client)
         return self
