@@ -35,6 +35,7 @@ from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
 from .mount.fetcher import Fetcher
 from .reference import Reference, parse
+from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, record
 from .spec import Packing
@@ -103,6 +104,10 @@ async def cmd_login(args: argparse.Namespace) -> int:
         password = sys.stdin.readline().rstrip("\n")
     elif args.password is not None:
         password = args.password
+    elif not sys.stdin.isatty():
+        raise ModelfsError("no terminal to ask for the password on: pipe it in with --password-stdin "
+                           f"(printf %s \"$TOKEN\" | modelfs login {args.registry} -u {args.username or 'USER'} "
+                           "--password-stdin)")
     else:
         password = getpass.getpass(f"Password for {args.username}@{args.registry}: ")
     if not args.username or not password:
@@ -253,6 +258,8 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
 
 async def cmd_extract(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ModelfsError(f"--output {args.output} is a file; name a directory (it is created if missing)")
     cache = BlockCache(args.cache_dir) if os.path.isdir(args.cache_dir) else None
     async with _client(args, reference) as client:
         model = await fetch_model(client, reference)
@@ -538,14 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         if argv and not argv[0].startswith("-") and argv[0] not in (commands or {}):
             argv = mount_helper_argv(argv)
+        args = parser.parse_args(argv)  # a bad value (a size like 10Q) is one line, not a traceback
     except ModelfsError as exc:
         print(f"modelfs: error: {exc}", file=sys.stderr)
-        return 1
-    args = parser.parse_args(argv)
+        return 2
     daemon = args.handler is cmd_mount and args.foreground
     _setup_logging(args.log_level or ("info" if daemon else "warning"))
 
     def run() -> int:
+        if args.handler is not cmd_mount:  # a mount daemon waits for its registry; a command says what is wrong
+            FAIL_FAST.set(True)
         _resolve_settings(args)
         if inspect.iscoroutinefunction(args.handler):
             return trio.run(args.handler, args)
@@ -559,11 +568,20 @@ def _report_errors(run: Callable[[], int]) -> int:
     try:
         return run()
     except (ModelfsError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None:
+            return _interrupted()
         error = user_error(exc)
         if error is None:
             raise
         print(f"modelfs: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("modelfs: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
+    except BrokenPipeError:  # `modelfs cache stats | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
+
+
+def _interrupted() -> int:
+    print("modelfs: interrupted (Ctrl-C); nothing half-done is kept as if complete", file=sys.stderr)
+    return 130

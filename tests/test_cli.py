@@ -3,7 +3,10 @@
 import filecmp
 import json
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -187,13 +190,60 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     (["inspect", "--plain-http", "{registry}/demo/minilm:missing"], "not found"),
     (["inspect", "--plain-http", "{registry}/nosuch/repo:v1"], "not found"),
     (["push", "--plain-http", "{registry}/never/built:v1"], "is not in the local store"),
-    (["inspect", "127.0.0.1:1/x:y", "--plain-http"], "cannot reach 127.0.0.1:1"),
+    (["inspect", "127.0.0.1:1/x:y", "--plain-http"], "cannot reach 127.0.0.1:1: connection refused"),
+    (["inspect", "--plain-http", "registry.invalid/x:y"], "cannot reach registry.invalid: unknown host"),
+    (["inspect", "{registry}/demo/minilm:v1"], "speaks plain HTTP, not HTTPS: add --plain-http"),
+    (["mount", "--cache-max-size", "10Q", "{registry}/demo/minilm:v1", "/tmp"], "--cache-max-size: '10Q' is not a size"),
+    (["cache", "prune", "--keep-size", "10Q"], "--keep-size: '10Q' is not a size"),
+    (["mount", "--workers", "-3", "{registry}/demo/minilm:v1", "/tmp"], "--workers must be a whole number"),
+    (["extract", "--plain-http", "{registry}/demo/minilm:v1", "--output", "{file}"], "is a file; name a directory"),
+    (["login", "{registry}", "-u", "alice"], "no terminal to ask for the password on: pipe it in with --password-stdin"),
+    (["pull", "--plain-http", "--cache-dir", "{file}", "{registry}/demo/minilm:v1"], "is not a directory"),
 ])
-def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, args, message):
-    result = cli.run(*[a.format(registry=registry.address) for a in args], check=False)
-    assert result.returncode == 1
+def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, tmp_path, args, message):
+    """A mistake is one line that names the cause and the fix, at once: no traceback, and no
+    minute of retries for a refused connection, an unknown host or a missing --plain-http."""
+    (tmp_path / "a-file").write_text("x")
+    started = time.monotonic()
+    result = cli.run(*[a.format(registry=registry.address, file=tmp_path / "a-file") for a in args], check=False,
+                     input="")
+    assert result.returncode in (1, 2)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("modelfs: error: ") and message in lines[0], result.stderr
+    assert time.monotonic() - started < 3
+
+
+def test_plain_http_against_a_tls_registry_says_it_speaks_tls(cli, tmp_path):
+    from test_security import make_tls_registry
+    registry = make_tls_registry(tmp_path / "tls")
+    try:
+        result = cli.run("inspect", "--plain-http", f"{registry.address}/x/y:z", check=False)
+    finally:
+        registry.stop()
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert "speaks HTTPS (TLS), not plain HTTP: drop --plain-http" in lines[0]
+
+
+def test_cache_stats_into_a_closed_pipe_is_quiet(cli, minilm_ref):
+    cli.run("pull", "--plain-http", minilm_ref)
+    command = [sys.executable, "-m", "modelfs", "cache", "stats"]
+    shell = subprocess.run(f"{' '.join(command)} | head -1", shell=True, env=cli.env, capture_output=True, text=True,
+                           timeout=60)
+    assert shell.stdout.startswith("Cache ") and shell.stderr == ""
+
+
+def test_ctrl_c_during_pull_is_one_line(cli, minilm_ref, faulty, registry):
+    faulty.stall_seconds = 30
+    faulty.persistent = "stall"
+    process = subprocess.Popen([sys.executable, "-m", "modelfs", "pull", "--plain-http",
+                                minilm_ref.replace(registry.address, faulty.address)],
+                               env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1].startswith("modelfs: interrupted") and "Traceback" not in stderr
 
 
 def test_container_image_is_refused_clearly(cli, registry):

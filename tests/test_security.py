@@ -10,6 +10,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import SAMPLE_MODELFILE, Registry
@@ -21,7 +22,14 @@ from cryptography.x509.oid import NameOID
 
 @pytest.fixture(scope="module")
 def tls_registry(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tls-registry")
+    reg = make_tls_registry(tmp_path_factory.mktemp("tls-registry"))
+    yield reg
+    reg.stop()
+
+
+def make_tls_registry(root: Path) -> Registry:
+    """Distribution serving HTTPS with a self-signed certificate for 127.0.0.1 (``root/cert.pem``)."""
+    root.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "modelfs test registry")])
     now = datetime.datetime.now(datetime.UTC)
@@ -34,9 +42,7 @@ def tls_registry(tmp_path_factory):
     (root / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (root / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                      serialization.NoEncryption()))
-    reg = Registry(root, tls=(root / "cert.pem", root / "key.pem"))
-    yield reg
-    reg.stop()
+    return Registry(root, tls=(root / "cert.pem", root / "key.pem"))
 
 
 def test_self_signed_registry_is_refused_unless_ca_given(cli, tls_registry, minilm_dir):

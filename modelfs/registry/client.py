@@ -13,6 +13,7 @@ import contextvars
 import hashlib
 import logging
 import random
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -134,6 +135,45 @@ def brief_retries() -> Iterator[None]:
         yield
     finally:
         _brief.reset(token)
+
+
+# A command run by hand (not a mount daemon, which waits for a registry to come back) gives
+# up at once on a registry that refuses connections or a host name that does not resolve:
+# retrying those for a minute only hides the typo.
+FAIL_FAST = contextvars.ContextVar("modelfs_fail_fast", default=False)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything behind it: causes, contexts, members of exception groups."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                todo.append(linked)
+
+
+def _transport_problem(exc: httpx.TransportError, host: str) -> tuple[str, bool]:
+    """What a transport error means for the user, in one line, and whether retrying can
+    help (False: a typo or a wrong flag, said at once)."""
+    for cause in _causes(exc):
+        text = str(cause)
+        if isinstance(cause, ssl.SSLError) and ("WRONG_VERSION_NUMBER" in text or "record layer failure" in text):
+            raise TLSError(f"{host} speaks plain HTTP, not HTTPS: add --plain-http (or plain_http = true for it "
+                           "in the config)")
+        if isinstance(cause, ConnectionRefusedError):
+            return f"cannot reach {host}: connection refused (is the registry running, on that port?)", False
+        if isinstance(cause, socket.gaierror):
+            return f"cannot reach {host}: unknown host ({cause.strerror or cause})", False
+    reason = next((str(c) for c in _causes(exc) if str(c)), type(exc).__name__)
+    return f"cannot reach {host}: {reason}", True
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -326,7 +366,9 @@ class RegistryClient:
                 if _is_tls_failure(exc):
                     raise TLSError(f"TLS certificate of {self.host} is not trusted ({exc}); pass --ca-file, "
                                    "or --plain-http if the registry speaks plain HTTP") from None
-                problem = f"cannot reach {self.host}: {exc or type(exc).__name__}"
+                problem, worth_retrying = _transport_problem(exc, self.host)
+                if not worth_retrying and FAIL_FAST.get():
+                    raise UnavailableError(problem) from None
             else:
                 if response.status_code == 401 and not authenticated:
                     await response.aclose()
@@ -336,6 +378,12 @@ class RegistryClient:
                     attempt -= 1
                     continue
                 try:
+                    if response.status_code == 400 and url.startswith("http://"):
+                        answer = await self._read_bounded(response, method, path)
+                        if b"HTTP request to an HTTPS server" in answer.content:
+                            raise TLSError(f"{self.host} speaks HTTPS (TLS), not plain HTTP: drop --plain-http "
+                                           "(and plain_http for it in the config)")
+                        return answer
                     if response.status_code != 429 and response.status_code < 500:
                         return response if stream else await self._read_bounded(response, method, path)
                     response = await self._read_bounded(response, method, path)
