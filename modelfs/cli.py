@@ -25,7 +25,7 @@ from .artifact.build import build
 from .artifact.extract import extract
 from .artifact.layout import Store, default_store_dir
 from .artifact.push import push
-from .config import VERIFY_MODES, parse_size, parse_workers
+from .config import VERIFY_MODES, parse_mode, parse_owner, parse_size, parse_workers
 from .config import load as load_config
 from .credentials import Credential, CredentialStore
 from .errors import CacheError, ModelfsError, MountError, user_error
@@ -280,7 +280,8 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
                         plain_http=args.plain_http or settings.plain_http, ca_file=args.ca_file or settings.ca_file,
                         mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
                         timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics,
-                        verify=_verify_mode(args), workers=args.workers)
+                        verify=_verify_mode(args), workers=args.workers, uid=args.uid, gid=args.gid,
+                        file_mode=args.file_mode, dir_mode=args.dir_mode)
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -461,7 +462,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd and supervisors)")
     p.add_argument("--prefetch", choices=["all", "none"], help="fetch the whole model in the background (default all)")
-    p.add_argument("--allow-other", action="store_true", help="let other users read the mount")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users read the mount (files then default to 0444, 0555 if executable)")
+    p.add_argument("--uid", type=lambda v: parse_owner(v, "user", "--uid"), metavar="USER",
+                   help="owner of every file and directory, a name or a number (default: who mounts)")
+    p.add_argument("--gid", type=lambda v: parse_owner(v, "group", "--gid"), metavar="GROUP",
+                   help="group of every file and directory (default: who mounts)")
+    p.add_argument("--file-mode", type=lambda v: parse_mode(v, "--file-mode"), metavar="MODE",
+                   help="permissions of every file, octal (exec added where the artifact has it)")
+    p.add_argument("--dir-mode", type=lambda v: parse_mode(v, "--dir-mode"), metavar="MODE",
+                   help="permissions of every directory, octal (default 0555)")
     p.add_argument("--timeout", type=float, help="seconds a read may wait before EIO (default 120)")
     p.add_argument("--workers", type=lambda v: parse_workers(v, "--workers"), metavar="N",
                    help="threads that receive, check and store blocks (default 0: one per core available)")
@@ -501,7 +511,8 @@ _IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", 
 _VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
                         "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
                         "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify",
-                        "workers": "--workers"}
+                        "workers": "--workers", "uid": "--uid", "gid": "--gid", "file_mode": "--file-mode",
+                        "dir_mode": "--dir-mode"}
 _FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
 
 

@@ -42,6 +42,31 @@ class ConfigError(ModelfsError):
 MAX_WORKERS = 256
 
 
+def parse_owner(value: Any, kind: str, where: str) -> int:
+    """A uid or gid: a number, or a user or group name of this host."""
+    import grp
+    import pwd
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no {kind} {text!r} on this host (give a name that exists, or a number)") from None
+
+
+def parse_mode(value: Any, where: str) -> int:
+    """Permission bits in octal (0444, 444 or 0o444); read-only mounts ignore write bits."""
+    text = str(value).strip().lower().removeprefix("0o")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: {value!r} is not a permission mode (octal, like 0444 or 0555)")
+    return mode
+
+
 def parse_workers(value: Any, where: str) -> int:
     """A worker count: 0 (one per core available) up to MAX_WORKERS."""
     try:

@@ -8,6 +8,7 @@ import ipaddress
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,15 @@ def test_mount_is_private_unless_allow_other(mounts, minilm_ref):
     assert "allow_other" in options
 
 
+def _let_others_reach(path: Path) -> None:
+    """Let other users traverse from /tmp down to ``path`` (pytest's tmp is 0700)."""
+    for parent in [path, *path.parents]:
+        if parent.stat().st_mode & 0o001 == 0:
+            os.chmod(parent, parent.stat().st_mode | 0o001)
+        if str(parent) == "/tmp":
+            break
+
+
 def _as_nobody(*argv: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(["runuser", "-u", "nobody", "--", *argv], env=env, capture_output=True, text=True,
                           timeout=timeout)
@@ -95,11 +105,7 @@ def test_unprivileged_user_mounts_with_a_user_cache(minilm_ref, minilm_dir, tmp_
     user = pwd.getpwnam("nobody")
     home = tmp_path / "nobody-home"
     (home / "mnt").mkdir(parents=True)
-    for parent in [tmp_path, *tmp_path.parents]:
-        if parent.stat().st_mode & 0o001 == 0:
-            os.chmod(parent, parent.stat().st_mode | 0o001)  # let nobody reach its own home under pytest's tmp
-        if str(parent) == "/tmp":
-            break
+    _let_others_reach(tmp_path)  # nobody's own home is under pytest's tmp
     os.chown(home, user.pw_uid, user.pw_gid)
     os.chown(home / "mnt", user.pw_uid, user.pw_gid)
     # the venv's interpreter may live under /root (pyenv); Debian's python3.11 runs the same code
@@ -126,3 +132,50 @@ def test_unprivileged_user_mounts_with_a_user_cache(minilm_ref, minilm_dir, tmp_
         if unmounted.returncode != 0:
             subprocess.run(["umount", "-l", str(home / "mnt")], capture_output=True)
     assert unmounted.returncode == 0, unmounted.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_weights_saved_0600_are_readable_by_another_user_with_allow_other(cli, registry, mounts, tmp_path):
+    """safetensors.save_file writes 0600; an inference server running as another user must
+    still read the weights through an allow_other mount, and an executable keeps its exec bit."""
+    context = tmp_path / "ctx"
+    context.mkdir()
+    weights = context / "model.safetensors"
+    weights.write_bytes(os.urandom(3 << 20))
+    weights.chmod(0o600)
+    tool = context / "run.sh"
+    tool.write_text("#!/bin/sh\necho hi\n")
+    tool.chmod(0o700)
+    (context / "Modelfile").write_text("MODEL model.safetensors\nCODE run.sh\n")
+    ref = f"{registry.address}/perm/model:v1"
+    cli.run("build", "-t", ref, str(context))
+    cli.run("push", "--plain-http", ref)
+    (tmp_path / "mounts").mkdir()
+    _let_others_reach(tmp_path / "mounts")  # where the mounts go
+
+    private = mounts.mount(ref, "--prefetch", "none")
+    assert stat.S_IMODE((private / "model.safetensors").stat().st_mode) == 0o400  # as the artifact says, read-only
+
+    shared = mounts.mount(ref, "--prefetch", "none", "--allow-other")
+    assert stat.S_IMODE((shared / "model.safetensors").stat().st_mode) == 0o444
+    assert stat.S_IMODE((shared / "run.sh").stat().st_mode) == 0o555
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o555
+    env = dict(os.environ)
+    read = _as_nobody("wc", "-c", str(shared / "model.safetensors"), env=env)
+    assert read.returncode == 0 and read.stdout.split()[0] == str(3 << 20), read.stderr
+    assert _as_nobody(str(shared / "run.sh"), env=env).stdout == "hi\n"
+
+    owned = mounts.mount(ref, "--prefetch", "none", "--allow-other", "--uid", "nobody", "--gid", "0",
+                         "--file-mode", "0440", "--dir-mode", "0550")
+    info = (owned / "model.safetensors").stat()
+    assert (info.st_uid, info.st_gid) == (pwd.getpwnam("nobody").pw_uid, 0)
+    assert stat.S_IMODE(info.st_mode) == 0o440 and stat.S_IMODE((owned / "run.sh").stat().st_mode) == 0o550
+    assert stat.S_IMODE(owned.stat().st_mode) == 0o550
+    assert _as_nobody("head", "-c", "1", str(owned / "model.safetensors"), env=env).returncode == 0
+    # the same through fstab-style options
+    via_fstab = tmp_path / "fstab"
+    via_fstab.mkdir()
+    cli.run(ref, str(via_fstab), "-o", "ro,plain_http,prefetch=none,allow_other,uid=nobody,file_mode=0400")
+    mounts.active.append(via_fstab)
+    assert stat.S_IMODE((via_fstab / "model.safetensors").stat().st_mode) == 0o400
+    assert (via_fstab / "model.safetensors").stat().st_uid == pwd.getpwnam("nobody").pw_uid

@@ -29,7 +29,7 @@ from . import blockindex
 from .blockindex import TrustedIndex
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
-from .fs import ModelFS
+from .fs import ModelFS, Permissions
 from .metrics import serve_metrics
 from .rangefetch import available_cores
 from .tree import Tree, build_tree
@@ -55,6 +55,10 @@ class MountOptions:
     cache_max_size: int = 0
     metrics: str | None = None
     verify: str = "full"  # or "lazy" (see fetcher.py)
+    uid: int | None = None  # owner shown for every file; None: the mounting user
+    gid: int | None = None
+    file_mode: int | None = None  # see fs.Permissions
+    dir_mode: int | None = None
 
 
 def sd_notify(message: str) -> None:
@@ -231,7 +235,10 @@ async def serve(options: MountOptions) -> None:
                                 "they are checked; a corrupt range can reach readers until its blob completes")
                 tree = await build_tree(model, fetcher)
                 record(cache, model, index.data if index else b"")
-                ops = ModelFS(tree, fetcher, str(model.reference))
+                permissions = Permissions(os.getuid() if options.uid is None else options.uid,
+                                          os.getgid() if options.gid is None else options.gid,
+                                          options.file_mode, options.dir_mode, options.allow_other)
+                ops = ModelFS(tree, fetcher, str(model.reference), permissions)
                 await _serve_mount(nursery, ops, fetcher, cache, tree, options, f"{reference} ({model.reference.digest})")
             c = fetcher.stats
             log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "

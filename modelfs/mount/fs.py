@@ -14,6 +14,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -62,15 +63,46 @@ def _encoded(value: str) -> bytes:
     return value.encode("utf-8", "backslashreplace")
 
 
+@dataclass(frozen=True)
+class Permissions:
+    """Who the files belong to and who may read them (``uid=``, ``gid=``, ``file_mode=``,
+    ``dir_mode=``, as mount-s3 and other FUSE filesystems take them).
+
+    By default the mounting user owns everything, and a file keeps the read and exec bits the
+    artifact recorded: private to that user, as the mount is. With ``allow_other`` the
+    default is 0444 for files (0555 for those the artifact marks executable) and 0555 for
+    directories: weights saved as 0600 (``safetensors.save_file`` writes them so) must be
+    readable by an inference server that runs as another user. An explicit ``file_mode``
+    applies to every file, plus exec for whoever may read where the artifact had exec bits.
+    """
+
+    uid: int
+    gid: int
+    file_mode: int | None = None
+    dir_mode: int | None = None
+    allow_other: bool = False
+
+    def of_file(self, recorded: int) -> int:
+        executable = bool(recorded & 0o111)
+        if self.file_mode is not None:
+            return self.file_mode | ((self.file_mode & 0o444) >> 2 if executable else 0)
+        if self.allow_other:
+            return 0o555 if executable else 0o444
+        return recorded & 0o555 or 0o444
+
+    def of_directory(self) -> int:
+        return 0o555 if self.dir_mode is None else self.dir_mode
+
+
 class ModelFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, fetcher: Fetcher, model_name: str) -> None:
+    def __init__(self, tree: Tree, fetcher: Fetcher, model_name: str, permissions: Permissions | None = None) -> None:
         super().__init__()
         self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
-        self.uid, self.gid = os.getuid(), os.getgid()
+        self.permissions = permissions or Permissions(os.getuid(), os.getgid())
         self.stats = fetcher.stats
         fetcher.on_dropped.append(self.forget_pages)
 
@@ -96,7 +128,7 @@ class ModelFS(pyfuse3.Operations):
         attrs.entry_timeout = TIMEOUT
         attrs.attr_timeout = TIMEOUT
         if node.kind == DIRECTORY:
-            attrs.st_mode = stat.S_IFDIR | 0o555
+            attrs.st_mode = stat.S_IFDIR | self.permissions.of_directory()
             attrs.st_nlink = 2 + sum(1 for c in node.children.values() if self.tree.nodes[c].kind == DIRECTORY)
             attrs.st_size = 4096
         elif node.kind == SYMLINK:
@@ -104,10 +136,10 @@ class ModelFS(pyfuse3.Operations):
             attrs.st_nlink = 1
             attrs.st_size = len(os.fsencode(node.link))
         else:
-            attrs.st_mode = stat.S_IFREG | (node.mode & 0o555 or 0o444)
+            attrs.st_mode = stat.S_IFREG | self.permissions.of_file(node.mode)
             attrs.st_nlink = 1
             attrs.st_size = node.size
-        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        attrs.st_uid, attrs.st_gid = self.permissions.uid, self.permissions.gid
         attrs.st_blksize = 1 << 20
         attrs.st_blocks = (attrs.st_size + 511) // 512
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = node.mtime_ns
