@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import trio
 
@@ -25,12 +25,25 @@ from .artifact.build import build
 from .artifact.extract import extract
 from .artifact.layout import Store, default_store_dir
 from .artifact.push import push
-from .config import VERIFY_MODES, parse_mode, parse_owner, parse_size, parse_workers
+from .config import VERIFY_MODES, ConfigError, parse_mode, parse_owner, parse_size, parse_workers
 from .config import load as load_config
 from .credentials import Credential, CredentialStore
-from .errors import CacheError, ModelfsError, MountError, user_error
+from .errors import (
+    AuthenticationError,
+    CacheError,
+    InvalidReferenceError,
+    ManifestError,
+    ModelfsError,
+    MountError,
+    NotAModelError,
+    NotFoundError,
+    TLSError,
+    UnsafePathError,
+    user_error,
+)
 from .logfile import LOG_MAX_BYTES, DaemonLog
 from .mount import blockindex
+from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
 from .mount.fetcher import Fetcher
@@ -306,8 +319,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.readline().decode().strip()
-    if message == "READY":
+    if message == "READY" or message.startswith("READY OFFLINE "):
         print(f"Mounted {args.reference} at {args.mountpoint} (pid {pid}, log {log_path})")
+        if message.startswith("READY OFFLINE "):
+            print(f"warning: offline: {message.removeprefix('READY OFFLINE ')}", file=sys.stderr)
         if _verify_mode(args) == "lazy":
             print("warning: --verify lazy: bytes of blobs without a trusted block index are served before they are "
                   "checked", file=sys.stderr)
@@ -371,15 +386,28 @@ def _reap(pid: int, timeout: float) -> int | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    mounts = active_mounts()
+    """Every modelfs mount of this host, from mountinfo and the status file its daemon writes
+    each second (never from the mount itself: a frozen daemon cannot hang this)."""
+    mounts: list[dict[str, Any]] = []
+    for point, source in active_mounts():
+        found = mount_status.read(point)
+        if found is None:
+            mounts.append({"mountpoint": point, "source": source, "answering": False})
+        else:
+            mounts.append({"source": source, **found})
     if args.json:
         print(json.dumps(mounts, indent=2))
         return 0
     if not mounts:
         print("No modelfs mounts")
     for mount in mounts:
-        cached = f"{float(mount['cached']):.0%} cached" if mount.get("cached") else "state unknown"
-        print(f"{mount['mountpoint']}: {mount.get('model') or mount['source']} ({cached})")
+        if "pid" not in mount:
+            print(f"{mount['mountpoint']}: {mount['source']} (no status: its daemon is gone or stopped answering)")
+            continue
+        line = mount_status.MountStatus(**{k: v for k, v in mount.items() if k not in ("source", "answering")})
+        stale = "" if mount["answering"] else ", NOT ANSWERING"
+        print(f"{mount['mountpoint']}: {mount['reference']} ({line.digest[:19]}), pid {line.pid}: "
+              f"{line.progress_line()}{stale}")
     return 0
 
 
@@ -571,11 +599,21 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(args.handler, args)
         return args.handler(args)
 
-    return _report_errors(run)
+    return _report_errors(run, PERMANENT_FAILURE if daemon else 1)
 
 
-def _report_errors(run: Callable[[], int]) -> int:
-    """Run a command; an error the user can act on becomes one line on stderr and exit 1."""
+# The exit status of a mount daemon (``mount --foreground``, as systemd runs it) that failed in
+# a way restarting cannot cure: a bad reference, refused credentials, not a model, a TLS or
+# configuration mistake. The unit lists it in RestartPreventExitStatus= instead of restarting
+# every few seconds for ever; an unreachable registry exits 1 and is restarted.
+PERMANENT_FAILURE = 78  # EX_CONFIG
+PERMANENT_ERRORS = (InvalidReferenceError, AuthenticationError, NotAModelError, ManifestError, NotFoundError, TLSError,
+                    ConfigError, UnsafePathError)
+
+
+def _report_errors(run: Callable[[], int], permanent_status: int = 1) -> int:
+    """Run a command; an error the user can act on becomes one line on stderr and exit 1
+    (``permanent_status`` for one that trying again cannot cure)."""
     try:
         return run()
     except (ModelfsError, BaseExceptionGroup) as exc:
@@ -585,7 +623,7 @@ def _report_errors(run: Callable[[], int]) -> int:
         if error is None:
             raise
         print(f"modelfs: error: {error}", file=sys.stderr)
-        return 1
+        return permanent_status if isinstance(error, PERMANENT_ERRORS) else 1
     except KeyboardInterrupt:
         return _interrupted()
     except BrokenPipeError:  # `modelfs cache stats | head`: the reader has all it wanted

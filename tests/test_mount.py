@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -246,11 +247,20 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
         cli.run("push", "--plain-http", ref)
         cli.run("pull", "--plain-http", ref)
         private.kill()
-        target = mounts.mount(ref, "--prefetch", "none")
+        target = tmp_path / "offline-mount"
+        target.mkdir()
+        mounted = cli.run("mount", "--plain-http", "--prefetch", "none", ref, str(target))
+        mounts.active.append(target)
+        # said on the terminal, not only in the daemon's log
+        assert f"warning: offline: cannot reach {private.address}" in mounted.stderr
+        assert f"serving {ref} as cached on" in mounted.stderr
         for name in ("model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
             assert (target / name).read_bytes() == (minilm_dir / name).read_bytes(), name
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert f"cannot reach {private.address}" in log and f"serving {ref} as cached on" in log
+        status = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
+        assert status["offline"] and f"cannot reach {private.address}" in status["offline"]
+        assert "OFFLINE" in cli.run("status").stdout
         # a model this host never had is a clear one-line error, not a stale guess
         failed = mounts.refused(never_pulled)
         assert failed.returncode == 1 and f"cannot reach {private.address}" in failed.stderr

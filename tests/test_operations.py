@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import SAMPLE_MODELFILE, Registry
+from conftest import REPO_ROOT, SAMPLE_MODELFILE, Registry
 
 REPO = Path(__file__).resolve().parent.parent
 MODELFS_BIN = Path(sys.executable).parent / "modelfs"
@@ -183,11 +184,19 @@ def test_systemd_notify_ready_only_when_mount_answers_and_stopping(cli, minilm_r
     daemon = subprocess.Popen([sys.executable, "-m", "modelfs", "mount", "--foreground", "--plain-http",
                                "--prefetch", "none", minilm_ref, str(target)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    def until(wanted: bytes) -> list[bytes]:
+        seen = [sock.recv(200)]
+        while seen[-1] != wanted:
+            seen.append(sock.recv(200))
+        return seen
+
     try:
-        assert sock.recv(100) == b"READY=1"
+        before_ready = until(b"READY=1")
         assert os.path.ismount(target) and "model.safetensors" in os.listdir(target)
+        statuses = [m for m in before_ready if m.startswith(b"STATUS=")]
+        assert statuses and b"% local (" in statuses[0]  # progress for `systemctl status`
         daemon.terminate()
-        assert sock.recv(100) == b"STOPPING=1"
+        until(b"STOPPING=1")
         assert daemon.wait(30) == 0
         assert not os.path.ismount(target)
     finally:
@@ -216,3 +225,41 @@ def test_http_proxy_environment_is_honoured(cli, minilm_ref, proxy, tmp_path):
     out = tmp_path / "out"
     cli.run("extract", "--plain-http", minilm_ref, "--output", str(out))
     assert proxy.downstream_bytes > 90_000_000  # every byte came through the proxy
+
+
+def test_status_reports_numbers_from_the_daemon_without_touching_the_mount(cli, mounts, minilm_ref, minilm_dir):
+    target, pid = mounts.mount_daemon(minilm_ref)  # prefetch all
+    size = sum(p.stat().st_size for p in minilm_dir.rglob("*") if p.is_file() and p.name != "Modelfile")
+    deadline = time.monotonic() + 60
+    while True:
+        found = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
+        if found["bytes_local"] == found["bytes_total"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert found["pid"] == pid and found["reference"] == minilm_ref and found["digest"].startswith("sha256:")
+    assert found["answering"] is True and found["offline"] is None
+    assert found["bytes_local"] == found["bytes_total"] > 0.9 * size  # prefetch progress, as numbers
+    for key in ("integrity_errors", "read_errors", "reads", "workers", "bytes_fetched"):
+        assert isinstance(found[key], int), key
+    assert found["integrity_errors"] == 0 and found["workers"] >= 2
+    text = cli.run("status").stdout
+    assert f"{target}: {minilm_ref}" in text and f"pid {pid}: 100% local" in text
+    # a frozen daemon cannot hang status: it reads the file the daemon writes, marked stale
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)
+        started = time.monotonic()
+        frozen = next(m for m in json.loads(cli.run("status", "--json", timeout=10).stdout) if m["mountpoint"] == str(target))
+        assert frozen["answering"] is False and time.monotonic() - started < 5
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def test_a_mount_daemon_that_cannot_succeed_exits_with_the_status_systemd_does_not_restart(cli, registry, tmp_path):
+    target = tmp_path / "never"
+    target.mkdir()
+    missing = cli.run("mount", "--foreground", "--plain-http", f"{registry.address}/no/such:model", str(target),
+                      check=False, timeout=60)
+    assert missing.returncode == 78 and "not found" in missing.stderr.strip().splitlines()[-1]
+    unit = (REPO_ROOT / "systemd" / "modelfs@.service").read_text()
+    assert "RestartPreventExitStatus=78" in unit

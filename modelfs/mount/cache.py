@@ -492,7 +492,12 @@ class BlobEntry:
         return all(self.entry(i).flags & WHOLE for i in range(self.nblocks))
 
     def cached_bytes(self) -> int:
-        return sum(self.block_length(i) for i in range(self.nblocks) if self.entry_at(i).present)
+        """Bytes present, from the count of present blocks (cheap: status asks every second)."""
+        if not self._present:
+            return 0
+        last = self.nblocks - 1
+        short = self.block_size - self.block_length(last) if self.entry_at(last).present else 0
+        return self._present * self.block_size - short
 
     def stored_bytes(self) -> int:
         return sum(self.entry_at(i).length for i in range(self.nblocks))

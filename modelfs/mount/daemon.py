@@ -23,9 +23,10 @@ import trio
 
 from ..errors import MountError, UnavailableError, user_error
 from ..reference import Reference, parse
+from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
-from . import blockindex
+from . import blockindex, status
 from .blockindex import TrustedIndex
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
@@ -86,7 +87,7 @@ def report(ready_fd: int | None, message: str) -> None:
         pass
 
 
-async def announce_ready(mountpoint: str, options: MountOptions) -> None:
+async def announce_ready(mountpoint: str, options: MountOptions, offline: str | None = None) -> None:
     """Report readiness only once the mount answers: a stat through it must come back.
 
     The stat goes through our own FUSE loop, so it runs in a thread while ``pyfuse3.main``
@@ -94,7 +95,7 @@ async def announce_ready(mountpoint: str, options: MountOptions) -> None:
     """
     st = await trio.to_thread.run_sync(os.stat, mountpoint)
     raise_read_ahead(st, options.read_ahead_kb)
-    report(options.ready_fd, "READY")
+    report(options.ready_fd, "READY" if offline is None else f"READY OFFLINE {offline}")
     sd_notify("READY=1")
 
 
@@ -188,11 +189,13 @@ async def _watch_signals() -> None:
             return
 
 
-async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> tuple[Model, TrustedIndex | None]:
+async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference: Reference
+                            ) -> tuple[Model, TrustedIndex | None, str | None]:
     """The model to serve and its block index. A GPU host rebooting while its registry is
     down still mounts a model it has cached: the manifest and config recorded at the last
     mount or pull are used (checked against their digests), cached blocks are served, and
-    missing ones are fetched once the registry answers again."""
+    missing ones are fetched once the registry answers again. The third value says why, when
+    the mount is offline like that."""
     try:
         model = await fetch_model(client, reference)
     except UnavailableError as exc:
@@ -201,10 +204,11 @@ async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> 
             raise
         model, recorded = cached
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
-        log.warning("%s; serving %s as cached on %s (%s); blocks not in the cache fail until the registry answers",
-                    exc, reference, when, model.reference.digest)
+        offline = (f"{exc}; serving {reference} as cached on {when} ({model.reference.digest}); blocks not in the "
+                   "cache fail until the registry answers")
+        log.warning("%s", offline)
         data = recorded_index(cache, model)
-        return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None
+        return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None, offline
     await check_layer_sizes(client, model)
     index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
     if index is None:
@@ -212,7 +216,7 @@ async def resolve_for_mount(client, cache: BlockCache, reference: Reference) -> 
     else:
         log.info("block index: %s; every block is checked before it is served",
                  "named by the manifest" if index.vouched else "attached at the registry (blobs also checked whole)")
-    return model, index
+    return model, index, None
 
 
 async def serve(options: MountOptions) -> None:
@@ -224,7 +228,7 @@ async def serve(options: MountOptions) -> None:
     try:
         async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
                                mirrors=options.mirrors) as client:
-            model, index = await resolve_for_mount(client, cache, reference)
+            model, index, offline = await resolve_for_mount(client, cache, reference)
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(cache, client, reference.repository, nursery,
                                   FetchPolicy(timeout=options.timeout, verify=options.verify, workers=options.workers), index=index)
@@ -239,7 +243,7 @@ async def serve(options: MountOptions) -> None:
                                           os.getgid() if options.gid is None else options.gid,
                                           options.file_mode, options.dir_mode, options.allow_other)
                 ops = ModelFS(tree, fetcher, str(model.reference), permissions)
-                await _serve_mount(nursery, ops, fetcher, cache, tree, options, f"{reference} ({model.reference.digest})")
+                await _serve_mount(nursery, ops, fetcher, cache, tree, options, model, offline)
             c = fetcher.stats
             log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
                      "%d block buffers, used %d more times", mountpoint, c.reads, c.read_errors, c.bytes_fetched,
@@ -253,8 +257,9 @@ async def serve(options: MountOptions) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, cache: BlockCache, tree: Tree,
-                       options: MountOptions, what: str) -> None:
+                       options: MountOptions, model: Model, offline: str | None) -> None:
     mountpoint = os.path.abspath(options.mountpoint)
+    what = f"{options.reference} ({model.reference.digest})"
     fuse_options = {"fsname=" + str(parse(options.reference)), "subtype=modelfs", "ro", "default_permissions", "noatime"}
     if options.allow_other:
         fuse_options.add("allow_other")
@@ -272,7 +277,20 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
         if options.metrics:
             await nursery.start(serve_metrics, options.metrics, fetcher.stats)
-        nursery.start_soon(announce_ready, mountpoint, options)
+        started = time.time()
+
+        def collect() -> status.MountStatus:
+            readers = tree.readers()
+            c = fetcher.stats
+            return status.MountStatus(
+                pid=os.getpid(), mountpoint=mountpoint, reference=options.reference, digest=model.reference.digest or "",
+                offline=offline, bytes_total=sum(r.size for r in readers),
+                bytes_local=sum(r.entry.cached_bytes() for r in readers), reads=c.reads, read_errors=c.read_errors,
+                integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
+                bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time())
+
+        nursery.start_soon(status.keep_writing, collect, sd_notify)
+        nursery.start_soon(announce_ready, mountpoint, options, offline)
         await pyfuse3.main(max_tasks=options.max_tasks)
     finally:
         nursery.cancel_scope.cancel()
@@ -324,20 +342,9 @@ def mounted_fuse(mountpoint: str) -> bool:
     return any(point == mountpoint and fstype.startswith("fuse") for point, fstype, _, _ in _mountinfo())
 
 
-def active_mounts() -> list[dict]:
-    """modelfs mounts on this host, with what their root's extended attributes tell."""
-    found = []
-    for point, fstype, source, _ in _mountinfo():
-        if fstype != "fuse.modelfs":
-            continue
-        entry: dict[str, str | None] = {"mountpoint": point, "source": source}
-        for key, name in (("model", "user.modelfs.model"), ("cached", "user.modelfs.cached")):
-            try:
-                entry[key] = os.getxattr(point, name).decode()
-            except OSError:
-                entry[key] = None
-        found.append(entry)
-    return found
+def active_mounts() -> list[tuple[str, str]]:
+    """(mount point, source) of every modelfs mount on this host, from mountinfo alone."""
+    return [(point, source) for point, fstype, source, _ in _mountinfo() if fstype == "fuse.modelfs"]
 
 
 UMOUNT_SECONDS = 10.0
