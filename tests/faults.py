@@ -27,6 +27,7 @@ class FaultProxy:
         self.trickle_seconds = 20.0
         self.only: str | None = None
         self.injected: Counter[str] = Counter()
+        self.faulted_ranges: Counter[str] = Counter()  # how often each Range header met a fault
         self.blob_requests = 0
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -68,6 +69,10 @@ class FaultProxy:
                 lines = head.decode("latin-1").split("\r\n")
                 method, path, _ = lines[0].split(" ", 2)
                 fault = self._next_fault(method, path)
+                if fault:
+                    asked = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("range:")), "")
+                    with self._lock:
+                        self.faulted_ranges[asked] += 1
                 if fault in ("503", "429"):
                     extra = "Retry-After: 1\r\n" if fault == "429" else ""
                     client.sendall(f"HTTP/1.1 {fault} Injected\r\nContent-Length: 0\r\n{extra}\r\n".encode())

@@ -3,6 +3,8 @@ the configured time, never wrong bytes and never a dead daemon."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import time
 
@@ -47,8 +49,15 @@ def test_persistent_corruption_is_eio_never_wrong_bytes(faulty, mounts, minilm_r
     with pytest.raises(OSError) as info:
         _read(target / "model.safetensors", 20 * MiB, MiB)
     assert info.value.errno == 5
-    faulty.persistent = None
-    assert _read(target / "model.safetensors", 20 * MiB, MiB) == source[20 * MiB:21 * MiB]
+    faulty.persistent = None  # healed: a fetch retrying meanwhile may end in EIO once more, never in wrong bytes
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            assert _read(target / "model.safetensors", 20 * MiB, MiB) == source[20 * MiB:21 * MiB]
+            break
+        except OSError as exc:
+            assert exc.errno == errno.EIO and time.monotonic() < deadline
+            time.sleep(0.5)
     log = next((cli.cache_dir / "logs").iterdir()).read_text()
     assert "does not match the block index" in log
 
@@ -118,3 +127,25 @@ def test_a_token_the_registry_stops_accepting_is_renewed_mid_mount(cli, mounts, 
     finally:
         registry.stop()
         registry.issuer.close()
+
+
+def test_a_failing_registry_sees_one_retry_policy_not_the_product_of_two(faulty, mounts, minilm_ref, registry, cli):
+    """Every attempt at a range goes to the registry once: the fetcher's retries are the only
+    loop (the client's policy, with jitter), so a registry answering 503 gets at most that
+    policy's attempts per range, then the read fails with EIO."""
+    from modelfs.registry import RetryPolicy
+    manifest = json.loads(cli.run("inspect", "--plain-http", "--json", minilm_ref).stdout)["manifest"]
+    weights = next(layer["digest"] for layer in manifest["layers"]
+                   if layer["annotations"]["org.cncf.model.filepath"] == "model.safetensors")
+    target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none", "--timeout", "60")
+    faulty.only = weights
+    faulty.persistent = "503"
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        _read(target / "model.safetensors", 0, 4096)
+    assert failed.value.errno == errno.EIO
+    # each read of a range makes the policy's attempts (not 6 client attempts times 5 fetcher
+    # ones); the kernel reads a page whose readahead failed once more, itself: at most twice that
+    attempts = RetryPolicy().attempts
+    assert faulty.faulted_ranges and all(count in (attempts, 2 * attempts) for count in faulty.faulted_ranges.values())
+    assert time.monotonic() - started < 30

@@ -17,7 +17,7 @@ from modelfs.errors import FetchError
 from modelfs.mount import rangefetch
 from modelfs.mount.cache import BlockCache
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
-from modelfs.registry import RegistryClient
+from modelfs.registry import RegistryClient, RetryPolicy
 
 MiB = 1 << 20
 
@@ -86,7 +86,7 @@ def test_a_worker_that_keeps_dying_fails_its_reads_within_the_policy(pushed, reg
     monkeypatch.setattr(rangefetch, "read_range", always_dies)
     started = time.monotonic()
     with pytest.raises(BaseExceptionGroup) as raised:  # from the nursery the read ran in
-        read_blob(registry.address, digest, len(data), tmp_path / "cache", FetchPolicy(timeout=10, attempts=3))
+        read_blob(registry.address, digest, len(data), tmp_path / "cache", FetchPolicy(timeout=10, retry=RetryPolicy(attempts=3)))
     failed = raised.value.subgroup(FetchError)
     assert failed is not None and "worker died" in str(failed.exceptions[0])
     assert time.monotonic() - started < 10

@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
-from ..registry import RegistryReader
+from ..registry import RegistryReader, RetryPolicy
 from .blobreader import BlobReader, Block
 from .blockindex import TrustedIndex
 from .buffers import BlockBuffers
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FetchPolicy:
     timeout: float = 120.0  # a read waiting longer than this fails with EIO; so does a silent fetch
-    attempts: int = 5
+    retry: RetryPolicy = field(default_factory=RetryPolicy)  # the client's policy: one for every fetch
     workers: int = 0  # threads doing per-byte work (receive, check, store); 0: one per core available
     readahead_max: int = 96  # blocks read ahead of a sequential reader, at most (the sizer may ask for less)
     prefetch_workers: int = 8  # runs prefetch keeps asked for (request slots bound what is in flight)
@@ -170,11 +170,15 @@ class Fetcher:
             log.error("serving without caching: %s", exc)
 
     async def retry_or_give_up(self, attempt: int, exc: BaseException, where: str) -> bool:
-        """Back off before another attempt; False once the policy gives up (or must not retry)."""
-        if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= self.policy.attempts:
+        """Back off before another attempt, as the registry client's :class:`RetryPolicy`
+        says (jitter, ``Retry-After``); False once it gives up, or must not retry. The requests
+        the fetch makes through the client are sent once each (``single_attempt``): this is
+        the only loop that retries them."""
+        retry = self.policy.retry
+        if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= retry.attempts:
             return False
         self.stats.retries += 1
-        delay = min(5.0, 0.2 * 2 ** (attempt - 1))
+        delay = retry.delay(attempt, getattr(exc, "retry_after", None))
         log.warning("fetch of %s failed (%s); retry %d in %.1fs", where, exc or type(exc).__name__, attempt, delay)
         await trio.sleep(delay)
         return True

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError
-from ..registry import RegistryReader
+from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import aligned_buffer
@@ -81,7 +81,8 @@ class RangeFetcher:
         found = self._locations.get(digest)
         if found is None or time.monotonic() >= found.expires:
             if digest in self._refused:
-                found = await self.client.locate_blob(self.repository, digest)
+                with single_attempt():  # the fetch that asked retries, by the one policy
+                    found = await self.client.locate_blob(self.repository, digest)
                 self._refused.discard(digest)
             else:
                 found = await self.client.blob_location(self.repository, digest)

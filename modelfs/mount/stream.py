@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
+from ..registry import single_attempt
 from ..spec import Descriptor, Packing
 from ..zstd import ZstdDecompressor, ZstdError
 from .blobreader import BlobReader
@@ -268,7 +269,7 @@ class LayerStream:
         members: list[Member] = []
         try:
             guard = StallGuard(self.fetcher.policy.timeout)
-            with guard.scope:
+            with guard.scope, single_attempt():  # _run_logged retries, by the one policy
                 async with self.fetcher.client.stream_blob(self.fetcher.repository, self.layer.digest) as response:
                     source = StreamSource(response.aiter_raw(), self.packing, self.where)
                     source.on_progress = guard.fed

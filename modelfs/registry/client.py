@@ -122,7 +122,21 @@ class RetryPolicy:
 
 
 BRIEF_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.2, deadline=10.0)
+SINGLE_ATTEMPT = RetryPolicy(attempts=1, deadline=0.0)
 _brief = contextvars.ContextVar("modelfs_brief_retries", default=False)
+_single = contextvars.ContextVar("modelfs_single_attempt", default=False)
+
+
+@contextmanager
+def single_attempt() -> Iterator[None]:
+    """Requests made in this block are sent once: the caller's own loop retries, with the
+    same :class:`RetryPolicy`, so a struggling registry sees one policy's attempts, not the
+    product of two (the fetcher's retries of a range times the client's of each request)."""
+    token = _single.set(True)
+    try:
+        yield
+    finally:
+        _single.reset(token)
 
 
 @contextmanager
@@ -350,7 +364,7 @@ class RegistryClient:
         if self._http is None:
             raise RuntimeError("RegistryClient used outside 'async with'")
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        retry = BRIEF_RETRY if _brief.get() else self.retry
+        retry = SINGLE_ATTEMPT if _single.get() else BRIEF_RETRY if _brief.get() else self.retry
         deadline = trio.current_time() + retry.deadline
         attempt, authenticated = 0, False
         while True:
