@@ -24,7 +24,7 @@ from . import __version__
 from .artifact.build import build
 from .artifact.extract import extract
 from .artifact.layout import Store, default_store_dir
-from .artifact.push import push
+from .artifact.push import push, push_size
 from .config import VERIFY_MODES, ConfigError, parse_mode, parse_owner, parse_size, parse_workers
 from .config import load as load_config
 from .credentials import Credential, CredentialStore
@@ -91,22 +91,40 @@ class _Progress:
     """A one-line progress bar on stderr (only when it is a terminal, else a final line)."""
 
     def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done = total, label, 0
+        self.total, self.label, self.done, self.already = total, label, 0, 0
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
 
     def __call__(self, amount: int) -> None:
+        """``amount`` more bytes moved over the network."""
         self.done += amount
+        self._draw()
+
+    def skip(self, amount: int) -> None:
+        """``amount`` bytes that were already there (cached, or present at the registry)."""
+        self.already += amount
+        self.done += amount
+        self._draw()
+
+    def _draw(self) -> None:
         if self.tty:
-            fraction = self.done / self.total if self.total else 1.0
+            fraction = min(1.0, self.done / self.total if self.total else 1.0)
             bar = "#" * int(fraction * 30)
             sys.stderr.write(f"\r{self.label} [{bar:<30}] {fraction:6.1%} {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB")
             sys.stderr.flush()
 
     def finish(self) -> None:
+        """A last line with the rate of what moved: bytes that were already there took no time."""
         elapsed = max(time.monotonic() - self.started, 1e-9)
         end = "\n" if self.tty else ""
-        sys.stderr.write(f"{end}{self.label}: {self.total / 1e6:,.1f} MB in {elapsed:.1f}s ({self.total / 1e6 / elapsed:,.0f} MB/s)\n")
+        moved = max(0, self.done - self.already)
+        if not moved:
+            line = f"{self.label}: all {self.total / 1e6:,.1f} MB already there"
+        else:
+            line = f"{self.label}: {moved / 1e6:,.1f} MB in {elapsed:.1f}s ({moved / 1e6 / elapsed:,.0f} MB/s)"
+            if self.already:
+                line += f", {self.already / 1e6:,.1f} MB already there"
+        sys.stderr.write(f"{end}{line}\n")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -155,9 +173,12 @@ async def cmd_build(args: argparse.Namespace) -> int:
 
 async def cmd_push(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
+    store = Store(args.store)
+    progress = _Progress(push_size(store, reference, args.source), f"push {reference}")
     async with _client(args, reference, write=True) as client:
-        result = await push(client, Store(args.store), reference, args.source, chunk_size=args.chunk_size << 20,
-                            block_index=not args.no_block_index)
+        result = await push(client, store, reference, args.source, chunk_size=args.chunk_size << 20,
+                            block_index=not args.no_block_index, progress=progress, skipped=progress.skip)
+    progress.finish()
     chunked = f", {result.chunked} in chunks" if result.chunked else ""
     print(f"Pushed {reference}: {len(result.uploaded)} blobs uploaded ({result.uploaded_bytes / 1e6:,.1f} MB{chunked}), "
           f"{len(result.skipped)} already present, {len(result.mounted)} mounted; digest {result.digest}")
@@ -201,7 +222,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             record(cache, model, index.data if index else b"")
             try:
-                await fetcher.prefetch(readers, progress)
+                await fetcher.prefetch(readers, progress, progress.skip)
                 for reader in readers:
                     # every block read back and checked, whatever the cache's flags say
                     if not await reader.settle():
@@ -294,7 +315,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
                         mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
                         timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics,
                         verify=_verify_mode(args), workers=args.workers, uid=args.uid, gid=args.gid,
-                        file_mode=args.file_mode, dir_mode=args.dir_mode)
+                        file_mode=args.file_mode, dir_mode=args.dir_mode, allow_nonempty=args.allow_nonempty)
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -492,6 +513,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefetch", choices=["all", "none"], help="fetch the whole model in the background (default all)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users read the mount (files then default to 0444, 0555 if executable)")
+    p.add_argument("--allow-nonempty", action="store_true",
+                   help="mount over a directory that has files (they are hidden while mounted)")
     p.add_argument("--uid", type=lambda v: parse_owner(v, "user", "--uid"), metavar="USER",
                    help="owner of every file and directory, a name or a number (default: who mounts)")
     p.add_argument("--gid", type=lambda v: parse_owner(v, "group", "--gid"), metavar="GROUP",
@@ -541,7 +564,7 @@ _VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "pre
                         "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify",
                         "workers": "--workers", "uid": "--uid", "gid": "--gid", "file_mode": "--file-mode",
                         "dir_mode": "--dir-mode"}
-_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http"}
+_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http", "nonempty": "--allow-nonempty"}
 
 
 def mount_helper_argv(argv: list[str]) -> list[str]:

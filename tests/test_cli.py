@@ -2,6 +2,8 @@
 
 import filecmp
 import json
+import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,3 +273,31 @@ def test_pull_fills_the_cache(cli, minilm_ref):
     assert "Pulled" in result.stdout
     data_files = list((cli.cache_dir / "blobs" / "sha256").glob("*.map"))
     assert len(data_files) == 13
+
+
+def test_mount_point_mistakes_are_named(cli, minilm_ref, tmp_path, mounts):
+    missing = cli.run("mount", "--plain-http", minilm_ref, str(tmp_path / "nowhere"), check=False)
+    assert missing.returncode == 1 and missing.stderr.strip() == (
+        f"modelfs: error: mount point {tmp_path / 'nowhere'} does not exist (create it: mkdir -p {tmp_path / 'nowhere'})")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    refused = cli.run("mount", "--plain-http", minilm_ref, str(occupied), check=False)
+    assert refused.returncode == 1 and "is not empty: the mount would hide its files" in refused.stderr
+    cli.run("mount", "--plain-http", "--prefetch", "none", "--allow-nonempty", minilm_ref, str(occupied))
+    mounts.active.append(occupied)
+    assert "config.json" in os.listdir(occupied) and "notes.txt" not in os.listdir(occupied)
+    mounts.umount(occupied)
+    assert (occupied / "notes.txt").read_text() == "mine"
+
+
+def test_progress_lines_report_what_moved_not_what_was_already_there(cli, registry, minilm_dir, tmp_path):
+    ref = f"{registry.address}/progress/minilm:v1"
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    pushed = cli.run("push", "--plain-http", ref)
+    assert re.search(rf"push {re.escape(ref)}: [0-9.,]+ MB in [0-9.]+s \([0-9,]+ MB/s\)", pushed.stderr), pushed.stderr
+    again = cli.run("push", "--plain-http", ref)
+    assert f"push {ref}: all " in again.stderr and "already there" in again.stderr
+    cli.run("pull", "--plain-http", ref)
+    warm = cli.run("pull", "--plain-http", ref)
+    assert f"pull {ref}: all " in warm.stderr and "MB/s" not in warm.stderr  # no "198,390 MB/s" for a warm pull

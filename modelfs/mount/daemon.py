@@ -60,6 +60,7 @@ class MountOptions:
     gid: int | None = None
     file_mode: int | None = None  # see fs.Permissions
     dir_mode: int | None = None
+    allow_nonempty: bool = False
 
 
 def sd_notify(message: str) -> None:
@@ -110,11 +111,16 @@ def raise_read_ahead(st: os.stat_result, kb: int) -> None:
         log.info("cannot raise read_ahead_kb (%s): %s; the kernel will read 128 KiB at a time", path, exc.strerror)
 
 
-def check_mountpoint(mountpoint: str) -> None:
+def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
+    if not os.path.lexists(mountpoint):
+        raise MountError(f"mount point {mountpoint} does not exist (create it: mkdir -p {mountpoint})")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point (run `modelfs umount {mountpoint}` first)")
+    if not allow_nonempty and os.listdir(mountpoint):
+        raise MountError(f"mount point {mountpoint} is not empty: the mount would hide its files (empty it, or pass "
+                         "--allow-nonempty / -o nonempty)")
 
 
 def prefetch_plan(readers: list[BlobReader], cache_limit: int) -> list[BlobReader]:
@@ -222,7 +228,7 @@ async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference
 async def serve(options: MountOptions) -> None:
     reference = parse(options.reference)
     mountpoint = os.path.abspath(options.mountpoint)
-    check_mountpoint(mountpoint)
+    check_mountpoint(mountpoint, options.allow_nonempty)
     cache = BlockCache(options.cache_dir)
     fetcher: Fetcher | None = None
     try:

@@ -202,7 +202,8 @@ class Fetcher:
         while self.foreground_waiting:
             await self._idle.wait()
 
-    async def prefetch(self, readers: Iterable[BlobReader], progress: Callable[[int], None] | None = None) -> None:
+    async def prefetch(self, readers: Iterable[BlobReader], progress: Callable[[int], None] | None = None,
+                       cached: Callable[[int], None] | None = None) -> None:
         """Fetch every missing block of ``readers``, yielding to foreground reads. Stops with a
         :class:`CacheError` once the cache refuses blocks (a full disk): prefetching into
         memory that cannot be kept only takes bandwidth from the readers."""
@@ -230,8 +231,8 @@ class Fetcher:
             async with send:
                 for reader in readers:
                     missing = [i for i in range(reader.entry.nblocks) if not reader.servable(i)]
-                    if progress:
-                        progress(reader.entry.size - sum(reader.entry.block_length(i) for i in missing))
+                    if cached:
+                        cached(reader.entry.size - sum(reader.entry.block_length(i) for i in missing))
                     step = reader.entry.nblocks if reader.whole_mode else self.ranges.sizer.run_blocks
                     for start in range(0, len(missing), max(step, 1)):
                         await send.send((reader, missing[start:start + step]))
