@@ -51,7 +51,7 @@ from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, record
-from .spec import Packing
+from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
 
@@ -162,8 +162,10 @@ async def cmd_logout(args: argparse.Namespace) -> int:
 async def cmd_build(args: argparse.Namespace) -> int:
     reference = parse(args.tag)
     modelfile = args.file or os.path.join(args.context, "Modelfile")
-    result = build(args.context, modelfile, str(reference), Store(args.store), Packing(args.packing),
-                   block_index=not args.no_block_index)
+    store = Store(args.store)
+    with store.locked(exclusive=False):  # `modelfs rm` elsewhere must not collect blobs not yet named
+        result = build(args.context, modelfile, str(reference), store, Packing(args.packing),
+                       block_index=not args.no_block_index)
     for path in result.unmatched:
         print(f"warning: {path} is matched by no Modelfile command and is not included", file=sys.stderr)
     total = sum(layer.size for layer in result.layers)
@@ -286,7 +288,40 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
             break
         cache.evict(blob.digest)
         freed += blob.disk_bytes
-    print(f"Freed {freed / 1e6:,.1f} MB; {(total - freed) / 1e6:,.1f} MB left in {args.cache_dir}")
+    forgotten = f"; forgot {cache.forget_models()} model records" if args.all else ""
+    print(f"Freed {freed / 1e6:,.1f} MB; {(total - freed) / 1e6:,.1f} MB left in {args.cache_dir}{forgotten}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """Models in the local store (what ``build`` made, ready to ``push``)."""
+    entries = Store(args.store).entries()
+    if args.json:
+        print(json.dumps([{"reference": r, "digest": d, "size": n} for r, d, n in entries], indent=2))
+        return 0
+    if not entries:
+        print(f"No models in the local store {args.store}")
+    for reference, digest, size in sorted(entries):
+        print(f"{reference:<60} {digest[7:19]}  {size / 1e6:>12,.1f} MB")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    for reference in args.references:
+        removed = store.untag(str(parse(reference)))
+        print(f"Untagged {reference} ({removed.digest})")
+    print(f"Deleted {store.collect_garbage() / 1e6:,.1f} MB of blobs no model in {args.store} needs any more")
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = Store(args.store)
+    source, target = str(parse(args.source)), str(parse(args.target))
+    found = store.resolve(source)
+    manifest = store.read_blob(found.digest)
+    store.tag(target, manifest, json.loads(manifest).get("mediaType", OCI_MANIFEST))
+    print(f"Tagged {source} as {target} ({found.digest})")
     return 0
 
 
@@ -500,6 +535,19 @@ def _parser() -> argparse.ArgumentParser:
                              help="hash a model already pushed (by any tool) block by block and attach the index")
     q.add_argument("reference")
     q.set_defaults(handler=cmd_index_attach)
+
+    p = sub.add_parser("ls", parents=[common], help="list the models in the local store (built, ready to push)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_ls)
+
+    p = sub.add_parser("rm", parents=[common], help="remove models from the local store (and blobs no other needs)")
+    p.add_argument("references", nargs="+", metavar="REFERENCE")
+    p.set_defaults(handler=cmd_rm)
+
+    p = sub.add_parser("tag", parents=[common], help="name a model of the local store again")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("target", metavar="TARGET")
+    p.set_defaults(handler=cmd_tag)
 
     p = sub.add_parser("extract", parents=[common], help="write a model's files to a directory")
     p.add_argument("reference")

@@ -301,3 +301,42 @@ def test_progress_lines_report_what_moved_not_what_was_already_there(cli, regist
     cli.run("pull", "--plain-http", ref)
     warm = cli.run("pull", "--plain-http", ref)
     assert f"pull {ref}: all " in warm.stderr and "MB/s" not in warm.stderr  # no "198,390 MB/s" for a warm pull
+
+
+def test_the_local_store_has_a_lifecycle_ls_tag_rm(cli, registry, minilm_dir, tmp_path):
+    first = f"{registry.address}/store/minilm:v1"
+    cli.run("build", "-t", first, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    second_context = tmp_path / "second"
+    shutil.copytree(minilm_dir, second_context)
+    (second_context / "config.json").write_text('{"edited": true}')
+    second = f"{registry.address}/store/minilm:v2"
+    cli.run("build", "-t", second, "-f", str(SAMPLE_MODELFILE), str(second_context))
+    listed = {m["reference"]: m for m in json.loads(cli.run("ls", "--json").stdout)}
+    assert set(listed) == {first, second} and listed[first]["size"] > 80e6
+    assert first in cli.run("ls").stdout
+
+    renamed = f"{registry.address}/store/minilm:stable"
+    cli.run("tag", first, renamed)
+    cli.run("push", "--plain-http", renamed)  # a tag is a model like any other
+    assert json.loads(cli.run("inspect", "--plain-http", "--json", renamed).stdout)["digest"] == listed[first]["digest"]
+
+    def store_bytes() -> int:
+        return sum(p.stat().st_size for p in (cli.home / "store" / "blobs").rglob("*") if p.is_file())
+
+    before = store_bytes()
+    removed = cli.run("rm", first, renamed)
+    assert "Untagged" in removed.stdout and "Deleted" in removed.stdout
+    assert [m["reference"] for m in json.loads(cli.run("ls", "--json").stdout)] == [second]
+    # only what v1 alone needed went: the weights v2 shares stay, and v2 still pushes whole
+    assert 0 < before - store_bytes() < 10e6
+    cli.run("push", "--plain-http", second)
+    missing = cli.run("rm", first, check=False)
+    assert missing.returncode == 1 and "is not in the local store" in missing.stderr
+
+
+def test_cache_prune_all_forgets_the_model_records_too(cli, minilm_ref):
+    cli.run("pull", "--plain-http", minilm_ref)
+    assert json.loads(cli.run("cache", "stats", "--json").stdout)["models"]
+    pruned = cli.run("cache", "prune", "--all")
+    assert "forgot 1 model records" in pruned.stdout
+    assert json.loads(cli.run("cache", "stats", "--json").stdout)["models"] == []

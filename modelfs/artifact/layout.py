@@ -7,11 +7,13 @@ the full reference, so ``skopeo copy oci:<store>:<ref>`` reads it as well as we 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -150,4 +152,68 @@ class Store:
             name = entry.get("annotations", {}).get(REF_NAME)
             if name:
                 yield name
+
+    def entries(self) -> list[tuple[str, str, int]]:
+        """(reference, manifest digest, bytes of its blobs) of every model in the store."""
+        out = []
+        for entry in self._index().get("manifests", []):
+            name = entry.get("annotations", {}).get(REF_NAME)
+            if name:
+                out.append((name, entry["digest"], sum(self._blob_sizes(entry["digest"]).values())))
+        return out
+
+    def _blob_sizes(self, manifest_digest: str) -> dict[str, int]:
+        """The blobs a stored manifest needs (itself, config, layers, a named block index)."""
+        try:
+            manifest = json.loads(self.read_blob(manifest_digest))
+        except (NotFoundError, IntegrityError, ValueError):
+            return {}
+        needed = {manifest_digest: os.path.getsize(self.blob_path(manifest_digest))}
+        for blob in [manifest.get("config", {}), *manifest.get("layers", [])]:
+            if isinstance(blob, dict) and isinstance(blob.get("digest"), str):
+                needed[blob["digest"]] = int(blob.get("size", 0))
+        named = manifest.get("annotations", {}).get("dev.modelfs.block-index")
+        if isinstance(named, str) and self.has_blob(named):
+            needed[named] = os.path.getsize(self.blob_path(named))
+        return needed
+
+    def untag(self, reference: str) -> StoredBlob:
+        """Forget the name ``reference``, then delete every blob no remaining name needs."""
+        found = self.resolve(reference)
+        index = self._index()
+        index["manifests"] = [m for m in index.get("manifests", [])
+                              if m.get("annotations", {}).get(REF_NAME) != reference]
+        atomic_write(self._index_path, json.dumps(index, indent=2).encode())
+        return found
+
+    @contextmanager
+    def locked(self, exclusive: bool) -> Iterator[None]:
+        """Builds hold the store shared, garbage collection exclusive: blobs a build has
+        written but not yet named are never collected under it."""
+        self._init()
+        with open(os.path.join(self.root, ".lock"), "a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+
+    def collect_garbage(self) -> int:
+        """Delete blobs no named manifest needs; returns the bytes freed."""
+        with self.locked(exclusive=True):
+            return self._collect_garbage()
+
+    def _collect_garbage(self) -> int:
+        needed: set[str] = set()
+        for entry in self._index().get("manifests", []):
+            needed.update(self._blob_sizes(entry["digest"]))
+        directory = os.path.join(self.root, "blobs", "sha256")
+        freed = 0
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.startswith(".") or "sha256:" + name in needed:
+                continue
+            path = os.path.join(directory, name)
+            try:
+                freed += os.path.getsize(path)
+                os.unlink(path)
+            except OSError:
+                continue
+        return freed
 

@@ -842,6 +842,19 @@ class BlockCache:
                  and (m.get("digest") == digest if digest else m.get("reference") == reference)]
         return max(found, key=lambda m: m.get("recorded", 0), default=None)
 
+    def forget_models(self) -> int:
+        """Delete every model record (``cache prune --all``); returns how many there were."""
+        directory = os.path.join(self.root, "models")
+        count = 0
+        for name in os.listdir(directory) if os.path.isdir(directory) else []:
+            if name.endswith(".json"):
+                try:
+                    os.unlink(os.path.join(directory, name))
+                    count += 1
+                except OSError:
+                    continue
+        return count
+
     def models(self) -> list[dict]:
         directory = os.path.join(self.root, "models")
         out = []
