@@ -38,6 +38,7 @@ from .errors import (
     NotAModelError,
     NotFoundError,
     TLSError,
+    UnavailableError,
     UnsafePathError,
     user_error,
 )
@@ -50,7 +51,7 @@ from .mount.fetcher import Fetcher
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
-from .resolve import check_layer_sizes, describe, fetch_model, record
+from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, record
 from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
@@ -187,10 +188,21 @@ async def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_cache(args: argparse.Namespace) -> BlockCache | None:
+    """The block cache, if there is one (commands that only read never create it)."""
+    return BlockCache(args.cache_dir) if os.path.isdir(args.cache_dir) else None
+
+
+def _warn_offline(offline: str | None) -> None:
+    if offline is not None:
+        print(f"warning: offline: {offline}", file=sys.stderr)
+
+
 async def cmd_inspect(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference) as client:
-        model = await fetch_model(client, reference)
+        model, offline = await fetch_or_cached(client, _existing_cache(args), reference)
+    _warn_offline(offline)
     doc = describe(model)
     if args.json:
         print(json.dumps(doc, indent=2))
@@ -214,7 +226,14 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     cache = BlockCache(args.cache_dir)
     async with _client(args, reference) as client:
-        model = await fetch_model(client, reference)
+        model, offline = await fetch_or_cached(client, cache, reference)
+        if offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
+            if not all(cache.entry(layer.digest, layer.size).settled for layer in model.manifest.layers):
+                raise UnavailableError(f"{offline}; not every blob of it is in the cache, so it cannot be pulled "
+                                       "until the registry answers")
+            _warn_offline(offline)
+            print(f"Pulled {model.reference} into {args.cache_dir} (already complete there)")
+            return 0
         await check_layer_sizes(client, model)
         index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
         total = sum(layer.size for layer in model.manifest.layers)
@@ -329,9 +348,10 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ModelfsError(f"--output {args.output} is a file; name a directory (it is created if missing)")
-    cache = BlockCache(args.cache_dir) if os.path.isdir(args.cache_dir) else None
+    cache = _existing_cache(args)
     async with _client(args, reference) as client:
-        model = await fetch_model(client, reference)
+        model, offline = await fetch_or_cached(client, cache, reference)
+        _warn_offline(offline)
         result = await extract(client, model, args.output, cache)
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
     return 0

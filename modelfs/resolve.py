@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 import trio
 
-from .errors import ManifestError, NotAModelError
+from .errors import ManifestError, NotAModelError, UnavailableError
 from .mount.blockindex import ANNOTATION
 from .mount.cache import BlockCache
 from .reference import Reference
@@ -97,6 +98,22 @@ def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float]
         raise ManifestError(f"the cached config of {reference} does not match its digest; mount it once online")
     model = Model(reference.with_digest(digest), manifest, data, parse_config(config_bytes), config_bytes)
     return model, float(doc.get("recorded", 0))
+
+
+async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference
+                          ) -> tuple[Model, str | None]:
+    """The model from the registry, or, while the registry cannot be reached, as recorded in
+    the cache at the last pull or mount (checked against its digests). The second value says
+    why, when it is the cached copy; every command that only reads takes this one path."""
+    try:
+        return await fetch_model(client, reference), None
+    except UnavailableError as exc:
+        cached = cached_model(cache, reference) if cache is not None else None
+        if cached is None:
+            raise
+        model, recorded = cached
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
+        return model, f"{exc}; using {reference} as cached on {when} ({model.reference.digest})"
 
 
 async def check_layer_sizes(client: RegistryReader, model: Model) -> None:

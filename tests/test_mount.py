@@ -253,11 +253,11 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
         mounts.active.append(target)
         # said on the terminal, not only in the daemon's log
         assert f"warning: offline: cannot reach {private.address}" in mounted.stderr
-        assert f"serving {ref} as cached on" in mounted.stderr
+        assert f"using {ref} as cached on" in mounted.stderr
         for name in ("model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
             assert (target / name).read_bytes() == (minilm_dir / name).read_bytes(), name
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
-        assert f"cannot reach {private.address}" in log and f"serving {ref} as cached on" in log
+        assert f"cannot reach {private.address}" in log and f"using {ref} as cached on" in log
         status = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
         assert status["offline"] and f"cannot reach {private.address}" in status["offline"]
         assert "OFFLINE" in cli.run("status").stdout
@@ -280,3 +280,37 @@ def test_unmount_during_prefetch_is_clean(cli, mounts, minilm_ref, minilm_dir):
     assert log.count("unmounted ") == 3
     target = mounts.mount(minilm_ref, "--prefetch", "none")
     assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+
+
+def test_commands_that_only_read_work_from_the_cache_while_the_registry_is_down(cli, tmp_path, minilm_dir):
+    """inspect, pull (already complete) and extract take the cached copy, as mount does, and
+    say so; a model the cache does not hold whole is a clear error."""
+    from conftest import Registry
+    private = Registry(tmp_path / "down-registry")
+    try:
+        ref = f"{private.address}/down/minilm:v1"
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("push", "--plain-http", ref)
+        cli.run("pull", "--plain-http", ref)
+        digest = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["digest"]
+        private.kill()
+        inspected = cli.run("inspect", "--plain-http", "--json", ref)
+        assert json.loads(inspected.stdout)["digest"] == digest
+        assert "warning: offline: cannot reach" in inspected.stderr
+        pulled = cli.run("pull", "--plain-http", ref)
+        assert "already complete there" in pulled.stdout and "warning: offline" in pulled.stderr
+        out = tmp_path / "out"
+        extracted = cli.run("extract", "--plain-http", ref, "--output", str(out))
+        assert "warning: offline" in extracted.stderr
+        assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        # a blob missing from the cache: pull cannot complete it, and says why in one line
+        blobs = cli.cache_dir / "blobs" / "sha256"
+        for path in blobs.glob("*.data"):
+            if path.stat().st_size > 1 << 20:
+                path.with_suffix(".map").unlink()
+                path.unlink()
+        refused = cli.run("pull", "--plain-http", ref, check=False)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 1 and "not every blob of it is in the cache" in lines[-1]
+    finally:
+        private.stop()

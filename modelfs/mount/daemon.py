@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from ..errors import MountError, UnavailableError, user_error
+from ..errors import MountError, user_error
 from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
-from ..resolve import Model, cached_model, check_layer_sizes, fetch_model, record, recorded_index
+from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index
 from . import blockindex, status
 from .blockindex import TrustedIndex
 from .cache import BlockCache
@@ -202,16 +202,9 @@ async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference
     mount or pull are used (checked against their digests), cached blocks are served, and
     missing ones are fetched once the registry answers again. The third value says why, when
     the mount is offline like that."""
-    try:
-        model = await fetch_model(client, reference)
-    except UnavailableError as exc:
-        cached = cached_model(cache, reference)
-        if cached is None:
-            raise
-        model, recorded = cached
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
-        offline = (f"{exc}; serving {reference} as cached on {when} ({model.reference.digest}); blocks not in the "
-                   "cache fail until the registry answers")
+    model, offline = await fetch_or_cached(client, cache, reference)
+    if offline is not None:
+        offline += "; blocks not in the cache fail until the registry answers"
         log.warning("%s", offline)
         data = recorded_index(cache, model)
         return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None, offline
