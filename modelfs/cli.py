@@ -20,12 +20,12 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import __version__
+from . import __version__, settings
 from .artifact.build import build
 from .artifact.extract import extract
 from .artifact.layout import Store, default_store_dir
 from .artifact.push import push, push_size
-from .config import VERIFY_MODES, ConfigError, parse_mode, parse_owner, parse_size, parse_workers
+from .config import Config, ConfigError, parse_size
 from .config import load as load_config
 from .credentials import Credential, CredentialStore
 from .errors import (
@@ -65,27 +65,25 @@ def _setup_logging(level: str, log_file: str | None = None, log_max_size: int = 
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
-def _resolve_settings(args: argparse.Namespace) -> None:
-    """Flags override the config files, which override the built-in defaults."""
-    config = load_config()
+def _resolve_settings(args: argparse.Namespace, config: Config | None = None) -> None:
+    """Flags override the config files, which override the built-in defaults (one table:
+    :mod:`modelfs.settings`). The cache directory may also come from MODELFS_CACHE_DIR."""
+    config = config or load_config()
     args.config = config
-    args.cache_dir = args.cache_dir or os.environ.get("MODELFS_CACHE_DIR") or config.cache_dir or default_cache_dir()
-    if getattr(args, "prefetch", "unset") is None:
-        args.prefetch = config.prefetch
-    if getattr(args, "timeout", "unset") is None:
-        args.timeout = config.timeout
-    if getattr(args, "cache_max_size", "unset") is None:
-        args.cache_max_size = config.cache_max_size
-    if getattr(args, "workers", "unset") is None:
-        args.workers = config.workers
+    args.cache_dir = (args.cache_dir or os.environ.get("MODELFS_CACHE_DIR") or settings.resolve("cache_dir", None, config)
+                      or default_cache_dir())
+
+
+def _setting(args: argparse.Namespace, name: str, host: str | None = None) -> Any:
+    return settings.resolve(name, getattr(args, name, None), args.config, host)
 
 
 def _client(args: argparse.Namespace, reference: Reference | str, write: bool = False):
     """A registry client honouring flags and config; reads go through configured mirrors."""
     registry = reference.registry if isinstance(reference, Reference) else reference
-    settings = args.config.registry(registry)
-    return open_client(registry, plain_http=args.plain_http or settings.plain_http,
-                       ca_file=args.ca_file or settings.ca_file, mirrors=None if write else settings.mirrors)
+    return open_client(registry, plain_http=_setting(args, "plain_http", registry),
+                       ca_file=_setting(args, "ca_file", registry),
+                       mirrors=None if write else args.config.registry(registry).mirrors)
 
 
 class _Progress:
@@ -357,20 +355,14 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify_mode(args: argparse.Namespace) -> str:
-    """The flag, else the registry's setting, else the config's top-level one."""
-    return args.verify or args.config.registry(parse(args.reference).registry).verify or args.config.verify
-
-
 def _mount_options(args: argparse.Namespace) -> MountOptions:
-    registry = parse(args.reference).registry
-    settings = args.config.registry(registry)
-    return MountOptions(reference=args.reference, mountpoint=args.mountpoint, cache_dir=args.cache_dir,
-                        plain_http=args.plain_http or settings.plain_http, ca_file=args.ca_file or settings.ca_file,
-                        mirrors=settings.mirrors, prefetch=args.prefetch, allow_other=args.allow_other,
-                        timeout=args.timeout, cache_max_size=args.cache_max_size, metrics=args.metrics,
-                        verify=_verify_mode(args), workers=args.workers, uid=args.uid, gid=args.gid,
-                        file_mode=args.file_mode, dir_mode=args.dir_mode, allow_nonempty=args.allow_nonempty)
+    """Every mount setting resolved once, from the one table, for the reference's registry."""
+    reference = parse(args.reference)
+    values = {s.name: _setting(args, s.name, reference.registry) for s in settings.SETTINGS
+              if s.name in MountOptions.__dataclass_fields__}
+    values["cache_dir"] = args.cache_dir
+    return MountOptions(reference=str(reference), mountpoint=args.mountpoint,
+                        mirrors=args.config.registry(reference.registry).mirrors, **values)
 
 
 def _log_file(cache_dir: str, mountpoint: str) -> str:
@@ -399,7 +391,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         print(f"Mounted {args.reference} at {args.mountpoint} (pid {pid}, log {log_path})")
         if message.startswith("READY OFFLINE "):
             print(f"warning: offline: {message.removeprefix('READY OFFLINE ')}", file=sys.stderr)
-        if _verify_mode(args) == "lazy":
+        if _setting(args, "verify", parse(args.reference).registry) == "lazy":
             print("warning: --verify lazy: bytes of blobs without a trusted block index are served before they are "
                   "checked", file=sys.stderr)
         return 0
@@ -436,7 +428,7 @@ def _run_daemon(args: argparse.Namespace, ready_fd: int, log_path: str) -> NoRet
         log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log_fd, 2)
         os.close(log_fd)
-        _setup_logging(args.log_level or "info", log_path, args.log_max_size or LOG_MAX_BYTES)
+        _setup_logging(_setting(args, "log_level") or "info", log_path, _setting(args, "log_max_size"))
         code = _report_errors(lambda: _serve_mount(args, ready_fd))
     except BaseException:
         traceback.print_exc()
@@ -497,13 +489,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--plain-http", action="store_true", help="talk HTTP, not HTTPS, to the registry")
-    common.add_argument("--ca-file", help="PEM bundle to verify the registry's TLS certificate")
-    common.add_argument("--cache-dir", help="block cache (default: config, then /var/cache/modelfs or ~/.cache/modelfs)")
+    settings.add_flags(common, common=True)
     common.add_argument("--store", default=os.environ.get("MODELFS_STORE") or default_store_dir(),
                         help="local OCI layout that build writes and push reads")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        help="default: info for the mount daemon (its log is its record), warning otherwise")
 
     parser = argparse.ArgumentParser(prog="modelfs", description="Lazy-loading filesystem for ModelPack OCI models")
     parser.add_argument("--version", action="version", version=f"modelfs {__version__}")
@@ -578,30 +566,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd and supervisors)")
-    p.add_argument("--prefetch", choices=["all", "none"], help="fetch the whole model in the background (default all)")
-    p.add_argument("--allow-other", action="store_true",
-                   help="let other users read the mount (files then default to 0444, 0555 if executable)")
-    p.add_argument("--allow-nonempty", action="store_true",
-                   help="mount over a directory that has files (they are hidden while mounted)")
-    p.add_argument("--uid", type=lambda v: parse_owner(v, "user", "--uid"), metavar="USER",
-                   help="owner of every file and directory, a name or a number (default: who mounts)")
-    p.add_argument("--gid", type=lambda v: parse_owner(v, "group", "--gid"), metavar="GROUP",
-                   help="group of every file and directory (default: who mounts)")
-    p.add_argument("--file-mode", type=lambda v: parse_mode(v, "--file-mode"), metavar="MODE",
-                   help="permissions of every file, octal (exec added where the artifact has it)")
-    p.add_argument("--dir-mode", type=lambda v: parse_mode(v, "--dir-mode"), metavar="MODE",
-                   help="permissions of every directory, octal (default 0555)")
-    p.add_argument("--timeout", type=float, help="seconds a read may wait before EIO (default 120)")
-    p.add_argument("--workers", type=lambda v: parse_workers(v, "--workers"), metavar="N",
-                   help="threads that receive, check and store blocks (default 0: one per core available)")
-    p.add_argument("--cache-max-size", type=lambda v: parse_size(v, "--cache-max-size"), metavar="SIZE",
-                   help="evict least recently used blobs above this size (e.g. 200G; default unlimited)")
-    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here (e.g. 127.0.0.1:9410)")
-    p.add_argument("--verify", choices=list(VERIFY_MODES),
-                   help="full (default): serve no byte before it is checked; lazy: serve bytes of blobs without a "
-                        "trusted block index before their blob is checked whole")
-    p.add_argument("--log-max-size", type=lambda v: parse_size(v, "--log-max-size"), metavar="SIZE",
-                   help="rotate the background daemon's log file at this size, keeping 2 old ones (default 10M)")
+    settings.add_flags(p, common=False)
     p.set_defaults(handler=cmd_mount)
 
     p = sub.add_parser("cache", help="inspect and prune the block cache")
@@ -627,14 +592,6 @@ def _parser() -> argparse.ArgumentParser:
 
 _IGNORED_MOUNT_OPTIONS = {"ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
                           "dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime", "relatime", "async"}
-_VALUE_MOUNT_OPTIONS = {"cache_dir": "--cache-dir", "ca_file": "--ca-file", "prefetch": "--prefetch",
-                        "timeout": "--timeout", "log_level": "--log-level", "metrics": "--metrics",
-                        "cache_max_size": "--cache-max-size", "log_max_size": "--log-max-size", "verify": "--verify",
-                        "workers": "--workers", "uid": "--uid", "gid": "--gid", "file_mode": "--file-mode",
-                        "dir_mode": "--dir-mode"}
-_FLAG_MOUNT_OPTIONS = {"allow_other": "--allow-other", "plain_http": "--plain-http", "nonempty": "--allow-nonempty"}
-
-
 def mount_helper_argv(argv: list[str]) -> list[str]:
     """Translate the ``mount.fuse3`` form ``modelfs REF DIR -o opt,opt=v`` into ``mount`` flags.
 
@@ -659,12 +616,7 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
             continue
         if key == "rw":
             raise ModelfsError("modelfs mounts are read-only; drop 'rw' from the mount options")
-        if key in _FLAG_MOUNT_OPTIONS and not has_value:
-            flags.append(_FLAG_MOUNT_OPTIONS[key])
-        elif key in _VALUE_MOUNT_OPTIONS and has_value:
-            flags.extend([_VALUE_MOUNT_OPTIONS[key], value])
-        else:
-            raise ModelfsError(f"unknown mount option {option!r}")
+        flags.extend(settings.fstab_flags(option))
     return ["mount", *flags, *positional]
 
 
@@ -686,6 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.handler is not cmd_mount:  # a mount daemon waits for its registry; a command says what is wrong
             FAIL_FAST.set(True)
         _resolve_settings(args)
+        if args.log_level is None and args.config.log_level:  # the config's level, now that it is read
+            _setup_logging(args.config.log_level)
         if inspect.iscoroutinefunction(args.handler):
             return trio.run(args.handler, args)
         return args.handler(args)

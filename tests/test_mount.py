@@ -176,7 +176,10 @@ def test_mount_errors_are_one_line(cli, registry, mounts, tmp_path, minilm_ref):
     assert missing.returncode == 1 and missing.stderr.startswith("modelfs: error: ") and "not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
     nodir = cli.run("mount", "--plain-http", minilm_ref, str(tmp_path / "nodir"), check=False)
-    assert nodir.returncode == 1 and "is not a directory" in nodir.stderr
+    assert nodir.returncode == 1 and "does not exist" in nodir.stderr
+    (tmp_path / "afile").write_text("x")
+    afile = cli.run("mount", "--plain-http", minilm_ref, str(tmp_path / "afile"), check=False)
+    assert afile.returncode == 1 and "is not a directory" in afile.stderr
 
 
 def test_minilm_loads_through_the_mount(mounts, minilm_ref, minilm_dir):

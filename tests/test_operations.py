@@ -85,9 +85,12 @@ def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert "using the next source" not in log, log
         assert "block index: named by the manifest" in log, log
-        # with the mirror gone too, the error says so in one line
+        # with the mirror gone too: what the cache recorded is still inspected (and says so),
+        # and a reference it never saw is one line naming the registry it cannot reach
         mirror.kill()
-        failed = cli.run("inspect", ref, check=False)
+        offline = cli.run("inspect", ref)
+        assert "warning: offline" in offline.stderr and "all-minilm" in offline.stdout
+        failed = cli.run("inspect", ref.replace(":v1", ":v2"), check=False)
         last = failed.stderr.strip().splitlines()[-1]
         assert failed.returncode == 1 and last.startswith(f"modelfs: error: cannot reach {upstream.address}")
         assert "Traceback" not in failed.stderr

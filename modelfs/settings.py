@@ -1,0 +1,259 @@
+"""Every mount setting, declared once: its type (the parser that validates it), default, help,
+and its name on each surface. The ``mount`` flags, the fstab ``-o`` options and the
+config.toml keys are all generated from this table, so they cannot drift apart: a value the
+config file refuses is refused on the command line too, with the same words.
+
+Precedence: a flag (or fstab option), then the config's ``[registries."host"]`` table for the
+settings that may differ per registry, then the config's top level, then the default.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ModelfsError
+
+VERIFY_MODES = ("full", "lazy")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 256
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+
+
+class ConfigError(ModelfsError):
+    pass
+
+
+# -- parsers: (value from a flag, an fstab option or the config file, where it came from) -----
+
+
+def parse_size(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            return 0
+        match = _SIZE.fullmatch(value.strip())
+        if match:
+            scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
+            return int(float(match.group(1)) * scale)
+    raise ConfigError(f"{where}: {str(value)!r} is not a size (like 500M, 200G or a byte count)")
+
+
+def parse_seconds(value: Any, where: str) -> float:
+    try:
+        seconds = float(value) if not isinstance(value, bool) else -1.0
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 < seconds <= 86400:
+        raise ConfigError(f"{where}: {str(value)!r} is not a number of seconds from more than 0 to 86400 (with 0 every "
+                          "cold read would fail at once)")
+    return seconds
+
+
+def parse_workers(value: Any, where: str) -> int:
+    """A worker count: 0 (one per core available) up to MAX_WORKERS."""
+    try:
+        count = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        count = -1
+    if count < 0 or count > MAX_WORKERS or (isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"{where} must be a whole number from 0 (one per core) to {MAX_WORKERS}, not {str(value)!r}")
+    return count
+
+
+def parse_owner_user(value: Any, where: str) -> int:
+    return _owner(value, "user", where)
+
+
+def parse_owner_group(value: Any, where: str) -> int:
+    return _owner(value, "group", where)
+
+
+def _owner(value: Any, kind: str, where: str) -> int:
+    """A uid or gid: a number, or a user or group name of this host."""
+    import grp
+    import pwd
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no {kind} {text!r} on this host (give a name that exists, or a number)") from None
+
+
+def parse_mode(value: Any, where: str) -> int:
+    """Permission bits in octal (0444, 444 or 0o444); read-only mounts ignore write bits."""
+    text = str(value).strip().lower().removeprefix("0o")
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: {str(value)!r} is not a permission mode (octal, like 0444 or 0555)")
+    return mode
+
+
+def parse_address(value: Any, where: str) -> str:
+    """HOST:PORT to listen on, the port from 1 to 65535 ([::1]:9410 for IPv6)."""
+    host, _, port = str(value).rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: {str(value)!r} is not HOST:PORT with a port from 1 to 65535 (like 127.0.0.1:9410)")
+    return str(value)
+
+
+def parse_path(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a path")
+    return value
+
+
+def parse_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{where} must be true or false")
+
+
+def choice(*allowed: str) -> Callable[[Any, str], str]:
+    def parse(value: Any, where: str) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{where} must be {' or '.join(repr(a) for a in allowed)}, not {str(value)!r}")
+        return str(value)
+    return parse
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # the MountOptions field and the config key
+    parse: Callable[[Any, str], Any]
+    default: Any
+    help: str
+    metavar: str = "VALUE"
+    switch: bool = False  # a flag without a value (``--allow-other``, ``-o allow_other``)
+    option: str | None = None  # the fstab option when it is not ``name``
+    common: bool = False  # a flag of every command, not only of ``mount``
+    top_level: bool = True  # a config.toml key at the top level
+    per_registry: bool = False  # also a key of ``[registries."host"]``, which wins for that host
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def fstab(self) -> str:
+        return self.option or self.name
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("cache_dir", parse_path, None, "block cache (default: /var/cache/modelfs as root, else ~/.cache/modelfs)",
+            "DIR", common=True),
+    Setting("plain_http", parse_bool, False, "talk HTTP, not HTTPS, to the registry", switch=True, common=True,
+            top_level=False, per_registry=True),
+    Setting("ca_file", parse_path, None, "PEM bundle to verify the registry's TLS certificate", "FILE", common=True,
+            top_level=False, per_registry=True),
+    Setting("log_level", choice(*LOG_LEVELS), None, "debug, info, warning or error (default: warning; a daemon: info)",
+            "LEVEL", common=True),
+    Setting("prefetch", choice("all", "none"), "all", "fetch the whole model in the background: all or none", "WHAT"),
+    Setting("timeout", parse_seconds, 120.0, "seconds a read may wait before it fails with EIO", "SECONDS"),
+    Setting("workers", parse_workers, 0, "threads that receive, check and store blocks (0: one per core available)",
+            "N"),
+    Setting("verify", choice(*VERIFY_MODES), "full",
+            "full: serve no byte before it is checked; lazy: serve bytes of blobs without a trusted block index "
+            "before their blob is checked whole", "MODE", per_registry=True),
+    Setting("cache_max_size", parse_size, 0, "evict least recently used blobs above this size (like 200G; 0: no limit)",
+            "SIZE"),
+    Setting("metrics", parse_address, None, "serve Prometheus metrics here (like 127.0.0.1:9410)", "HOST:PORT"),
+    Setting("allow_other", parse_bool, False, "let other users read the mount (files then 0444, 0555 if executable)",
+            switch=True),
+    Setting("allow_nonempty", parse_bool, False, "mount over a directory that has files (hidden while mounted)",
+            switch=True, option="nonempty"),
+    Setting("uid", parse_owner_user, None, "owner of every file and directory, a name or a number (default: who mounts)",
+            "USER"),
+    Setting("gid", parse_owner_group, None, "group of every file and directory (default: who mounts)", "GROUP"),
+    Setting("file_mode", parse_mode, None, "permissions of every file, octal (exec added where the artifact has it)",
+            "MODE"),
+    Setting("dir_mode", parse_mode, None, "permissions of every directory, octal (default 0555)", "MODE"),
+    Setting("log_max_size", parse_size, 10 << 20, "rotate the background daemon's log at this size, keeping 2 old ones",
+            "SIZE"),
+)
+
+BY_NAME = {setting.name: setting for setting in SETTINGS}
+BY_OPTION = {setting.fstab: setting for setting in SETTINGS}
+TOP_LEVEL_KEYS = {setting.name for setting in SETTINGS if setting.top_level}
+REGISTRY_KEYS = {setting.name for setting in SETTINGS if setting.per_registry} | {"mirrors"}
+
+
+def add_flags(parser: Any, common: bool) -> None:
+    """The flags of the settings of one kind (common to every command, or the mount's own).
+    Their default is None: the config file and the table's default are applied later."""
+    for setting in SETTINGS:
+        if setting.common != common:
+            continue
+        if setting.switch:
+            parser.add_argument(setting.flag, action="store_true", default=None, help=setting.help)
+        else:
+            parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help,
+                                type=_flag_parser(setting))
+
+
+def _flag_parser(setting: Setting) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        return setting.parse(value, setting.flag)
+    return parse
+
+
+def fstab_flags(option: str) -> list[str]:
+    """The ``mount`` flags for one fstab ``-o`` option (``name`` or ``name=value``)."""
+    key, has_value, value = option.partition("=")
+    setting = BY_OPTION.get(key)
+    if setting is None or setting.switch == bool(has_value):
+        raise ConfigError(f"unknown mount option {option!r}")
+    return [setting.flag] if setting.switch else [setting.flag, value]
+
+
+def resolve(name: str, given: Any, config: Any, host: str | None = None) -> Any:
+    """A setting's value: the flag if given, else the config for ``host``, else its top
+    level, else the default."""
+    setting = BY_NAME[name]
+    if given is not None and given is not False:
+        return given
+    if host is not None and setting.per_registry:
+        value = config.registry(host).values.get(name)
+        if value is not None:
+            return value
+    if setting.top_level and config.values.get(name) is not None:
+        return config.values[name]
+    return setting.default
+
+
+def _shown(setting: Setting) -> str:
+    default = setting.default
+    if setting.switch:
+        return "off"
+    if default is None:
+        return "-"
+    if setting.parse is parse_size:
+        return "0 (none)" if default == 0 else f"{default >> 20}M"
+    return str(default)
+
+
+def markdown_table() -> str:
+    """The README's table of mount settings, made from the declarations (a test keeps the
+    README equal to it; ``python -m modelfs.settings`` prints it)."""
+    rows = ["| flag | fstab `-o` | config.toml | default | what it does |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        flag = s.flag if s.switch else f"{s.flag} {s.metavar}"
+        fstab = s.fstab if s.switch else f"{s.fstab}=..."
+        where = [w for w, on in (("top level", s.top_level), ('`[registries."host"]`', s.per_registry)) if on]
+        rows.append(f"| `{flag}` | `{fstab}` | {', '.join(where) or '-'} | {_shown(s)} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

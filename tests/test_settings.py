@@ -1,0 +1,124 @@
+"""Every mount setting through every surface: the flag, the fstab option and the config key
+give the mount the same value, refuse the same mistake with the same words, and the README's
+table is the one the declarations make."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from conftest import REPO_ROOT
+
+from modelfs import cli, settings
+from modelfs.config import load
+from modelfs.settings import SETTINGS, ConfigError
+
+REF = "registry.example/org/model:v1"
+# a valid value (as text, as it comes from a flag or an fstab option), what the mount gets,
+# and a mistake each surface must refuse
+SAMPLES = {
+    "cache_dir": ("/var/tmp/cache", "/var/tmp/cache", None),
+    "plain_http": (True, True, None),
+    "ca_file": ("/etc/ssl/ca.pem", "/etc/ssl/ca.pem", None),
+    "log_level": ("debug", "debug", "loud"),
+    "prefetch": ("none", "none", "some"),
+    "timeout": ("7.5", 7.5, "0"),
+    "workers": ("3", 3, "-5"),
+    "verify": ("lazy", "lazy", "never"),
+    "cache_max_size": ("2G", 2 << 30, "10Q"),
+    "metrics": ("127.0.0.1:9410", "127.0.0.1:9410", "127.0.0.1:99999"),
+    "allow_other": (True, True, None),
+    "allow_nonempty": (True, True, None),
+    "uid": ("0", 0, "no-such-user-here"),
+    "gid": ("0", 0, "no-such-group-here"),
+    "file_mode": ("0440", 0o440, "0999"),
+    "dir_mode": ("550", 0o550, "rwx"),
+    "log_max_size": ("1M", 1 << 20, "big"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _no_cache_dir_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MODELFS_CACHE_DIR", raising=False)
+
+
+def test_every_setting_has_a_sample_here():
+    assert set(SAMPLES) == {s.name for s in SETTINGS}
+
+
+def _config(tmp_path, text: str = ""):
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return load([str(path)])
+
+
+def _value(args: argparse.Namespace, name: str, config) -> object:
+    cli._resolve_settings(args, config)
+    if name in cli.MountOptions.__dataclass_fields__:
+        return getattr(cli._mount_options(args), name)
+    return cli._setting(args, name, "registry.example")
+
+
+def _toml(setting, text) -> str:
+    value = text if isinstance(text, bool) else (repr(text) if not str(text).replace(".", "").isdigit()
+                                                   or setting.name in ("uid", "gid", "file_mode", "dir_mode") else text)
+    if isinstance(value, str) and value.startswith("'"):
+        value = '"' + value.strip("'") + '"'
+    line = f"{setting.name} = {str(value).lower() if isinstance(text, bool) else value}\n"
+    return line if setting.top_level else f'[registries."registry.example"]\n{line}'
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: s.name)
+def test_flag_fstab_option_and_config_key_give_the_same_value(setting, tmp_path):
+    text, expected, _ = SAMPLES[setting.name]
+    flag = [setting.flag] if setting.switch else [setting.flag, str(text)]
+    by_flag = cli._parser().parse_args(["mount", *flag, REF, "/mnt/x"])
+    assert _value(by_flag, setting.name, _config(tmp_path)) == expected
+
+    option = setting.fstab if setting.switch else f"{setting.fstab}={text}"
+    by_fstab = cli._parser().parse_args(cli.mount_helper_argv([REF, "/mnt/x", "-o", f"ro,{option}"]))
+    assert _value(by_fstab, setting.name, _config(tmp_path)) == expected
+
+    by_config = cli._parser().parse_args(["mount", REF, "/mnt/x"])
+    assert _value(by_config, setting.name, _config(tmp_path, _toml(setting, text))) == expected
+
+    untouched = cli._parser().parse_args(["mount", REF, "/mnt/x"])
+    default = _value(untouched, setting.name, _config(tmp_path))
+    assert default == (setting.default if setting.name != "cache_dir" else cli.default_cache_dir())
+
+
+@pytest.mark.parametrize("setting", [s for s in SETTINGS if SAMPLES[s.name][2] is not None], ids=lambda s: s.name)
+def test_each_surface_refuses_a_mistake_with_the_same_words(setting, tmp_path):
+    bad = SAMPLES[setting.name][2]
+    with pytest.raises(ConfigError) as by_flag:
+        cli._parser().parse_args(["mount", setting.flag, bad, REF, "/mnt/x"])
+    with pytest.raises(ConfigError) as by_fstab:
+        cli._parser().parse_args(cli.mount_helper_argv([REF, "/mnt/x", "-o", f"{setting.fstab}={bad}"]))
+    with pytest.raises(ConfigError) as by_config:
+        _config(tmp_path, _toml(setting, bad))
+    reason = str(by_flag.value).split(": ", 1)[-1].removeprefix(setting.flag).strip()
+    assert reason and reason in str(by_fstab.value) and reason in str(by_config.value)
+
+
+def test_a_flag_wins_over_the_registry_table_which_wins_over_the_top_level(tmp_path):
+    config = _config(tmp_path, 'verify = "lazy"\n[registries."registry.example"]\nverify = "full"\n'
+                               '[registries."other.example"]\nplain_http = true\n')
+    args = cli._parser().parse_args(["mount", REF, "/mnt/x"])
+    assert _value(args, "verify", config) == "full"
+    assert settings.resolve("verify", None, config, "elsewhere.example") == "lazy"
+    assert _value(cli._parser().parse_args(["mount", "--verify", "lazy", REF, "/mnt/x"]), "verify", config) == "lazy"
+    assert _value(args, "plain_http", config) is False  # the other registry's table does not leak
+
+
+def test_unknown_options_and_keys_are_named():
+    with pytest.raises(ConfigError, match="unknown mount option 'colour=blue'"):
+        cli.mount_helper_argv([REF, "/mnt/x", "-o", "colour=blue"])
+    with pytest.raises(ConfigError, match="unknown mount option 'timeout'"):  # a value option given no value
+        cli.mount_helper_argv([REF, "/mnt/x", "-o", "timeout"])
+
+
+def test_the_readme_table_is_the_one_the_declarations_make():
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index("<!-- settings table:")
+    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
+    assert table == settings.markdown_table(), "run `python -m modelfs.settings` and paste it into the README"
