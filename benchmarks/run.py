@@ -153,7 +153,8 @@ class Bench:
 
     @staticmethod
     def metric(url: str, name: str) -> float:
-        return float(re.search(rf"^{name} ([0-9.e+-]+)$", httpx.get(url).text, re.M).group(1))
+        """A metric's value (its labels, the mount's, ignored)."""
+        return float(re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", httpx.get(url).text, re.M).group(1))
 
     def record(self, case: str, modelfs_s: float, baseline_s: float, baseline: str, target: str, **extra) -> None:
         self.results[case] = {"modelfs_s": modelfs_s, "baseline_s": baseline_s, "baseline": baseline,

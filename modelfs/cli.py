@@ -48,6 +48,7 @@ from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
 from .mount.fetcher import Fetcher
+from .mount.metrics import render_host, serve_metrics
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
@@ -479,6 +480,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _host_metrics() -> str:
+    mounts = [mount_status.read(point) or {"mountpoint": point, "answering": False} for point, _ in active_mounts()]
+    return render_host(mounts)
+
+
+async def cmd_metrics(args: argparse.Namespace) -> int:
+    """The metrics of every modelfs mount of this host, from one place: printed once, or
+    served (``--listen``) for Prometheus, instead of one port per mount."""
+    if args.listen is None:
+        print(_host_metrics(), end="")
+        return 0
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_metrics, args.listen, _host_metrics)
+        print(f"Serving the metrics of every modelfs mount on http://{args.listen}/metrics", flush=True)
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     print(f"{umount(args.mountpoint).capitalize()} {args.mountpoint}")
     return 0
@@ -583,6 +601,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", parents=[common], help="list active modelfs mounts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("metrics", parents=[common], help="Prometheus metrics of every mount of this host")
+    p.add_argument("--listen", type=lambda v: settings.parse_address(v, "--listen"), metavar="HOST:PORT",
+                   help="serve them here until stopped (default: print them once)")
+    p.set_defaults(handler=cmd_metrics)
 
     p = sub.add_parser("umount", parents=[common], help="unmount (also cleans a stale mount)")
     p.add_argument("mountpoint")

@@ -163,7 +163,7 @@ def test_metrics_count_the_bytes_read(cli, minilm_ref, minilm_dir, mounts):
     target = mounts.mount(minilm_ref, "--prefetch", "none", "--metrics", f"127.0.0.1:{port}")
     data = (target / "model.safetensors").read_bytes()
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    values = dict(re.findall(r"^(modelfs_\w+) ([0-9.e+-]+)$", text, re.M))
+    values = dict(re.findall(r"^(modelfs_\w+)(?:\{[^}]*\})? ([0-9.e+-]+)$", text, re.M))
     assert float(values["modelfs_served_bytes_total"]) == len(data)
     fetched = float(values["modelfs_registry_bytes_total"])
     assert len(data) <= fetched <= len(data) * 1.05
@@ -171,8 +171,36 @@ def test_metrics_count_the_bytes_read(cli, minilm_ref, minilm_dir, mounts):
     assert 'modelfs_read_latency_seconds_count' in text
     again = (target / "model.safetensors").read_bytes()  # page cache or block cache: no new fetch
     assert again == data
-    values = dict(re.findall(r"^(modelfs_\w+) ([0-9.e+-]+)$", httpx.get(f"http://127.0.0.1:{port}/").text, re.M))
+    values = dict(re.findall(r"^(modelfs_\w+)(?:\{[^}]*\})? ([0-9.e+-]+)$", httpx.get(f"http://127.0.0.1:{port}/").text, re.M))
     assert float(values["modelfs_registry_bytes_total"]) == fetched
+    # every sample names its mount: mount point, reference and digest
+    labelled = re.search(r'^modelfs_reads_total\{mountpoint="([^"]*)",reference="([^"]*)",digest="(sha256:[0-9a-f]{64})"\} ',
+                         text, re.M)
+    assert labelled and labelled.group(1) == str(target) and labelled.group(2) == minilm_ref
+
+
+def test_one_endpoint_serves_the_metrics_of_every_mount_of_the_host(cli, minilm_ref, mounts):
+    from conftest import free_port
+    first, second = mounts.mount(minilm_ref, "--prefetch", "none"), mounts.mount(minilm_ref, "--prefetch", "none")
+    (first / "config.json").read_bytes()
+    time.sleep(1.5)  # the daemons rewrite their status every second
+    once = cli.run("metrics").stdout
+    for target in (first, second):
+        assert re.search(rf'^modelfs_mount_bytes_total{{mountpoint="{re.escape(str(target))}",reference="'
+                         rf'{re.escape(minilm_ref)}",digest="sha256:[0-9a-f]{{64}}"}} [1-9][0-9]*$', once, re.M), once
+    reads = {m.group(1): int(m.group(2)) for m in re.finditer(r'^modelfs_reads_total\{mountpoint="([^"]*)".*\} (\d+)$',
+                                                               once, re.M)}
+    assert reads[str(first)] >= 1 and reads[str(second)] == 0
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "modelfs", "metrics", "--listen", f"127.0.0.1:{port}"],
+                              env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "Serving the metrics" in server.stdout.readline()
+        served = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert str(first) in served and str(second) in served and "modelfs_mount_answering" in served
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 def test_systemd_notify_ready_only_when_mount_answers_and_stopping(cli, minilm_ref, tmp_path):

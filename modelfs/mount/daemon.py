@@ -31,7 +31,7 @@ from .blockindex import TrustedIndex
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS, Permissions
-from .metrics import serve_metrics
+from .metrics import render, serve_metrics
 from .rangefetch import available_cores
 from .tree import Tree, build_tree
 
@@ -275,7 +275,8 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
         if options.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
         if options.metrics:
-            await nursery.start(serve_metrics, options.metrics, fetcher.stats)
+            labels = {"mountpoint": mountpoint, "reference": options.reference, "digest": model.reference.digest or ""}
+            await nursery.start(serve_metrics, options.metrics, lambda: render(fetcher.stats, labels))
         started = time.time()
 
         def collect() -> status.MountStatus:

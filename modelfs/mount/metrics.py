@@ -7,6 +7,7 @@ answers any GET with the text exposition format.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -19,7 +20,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def render(c: Stats) -> str:
+def label_text(labels: dict[str, str]) -> str:
+    """``{key="value",...}`` with the exposition format's escapes (a mount point may hold any
+    character but NUL)."""
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in labels.items()) + "}" if labels else ""
+
+
+def render(c: Stats, labels: dict[str, str] | None = None) -> str:
+    """Every counter of one mount, each labelled with its mount point, reference and digest."""
+    tag = label_text(labels or {})
     served = c.bytes_served
     from_cache = max(0, served - c.bytes_fetched)
     metrics = [
@@ -44,12 +55,47 @@ def render(c: Stats) -> str:
     ]
     lines = []
     for name, kind, help_text, value in metrics:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    lines += c.read_latency.render("modelfs_read_latency_seconds")
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{tag} {value}"]
+    lines += c.read_latency.render("modelfs_read_latency_seconds", labels or {})
     return "\n".join(lines) + "\n"
 
 
-async def _answer(stream: trio.abc.Stream, stats: Stats) -> None:
+HOST_METRICS = (  # from the status files: (metric, kind, help, status key)
+    ("modelfs_mount_bytes_total", "gauge", "Bytes of the mounted model", "bytes_total"),
+    ("modelfs_mount_bytes_local", "gauge", "Bytes of the mounted model held in the cache", "bytes_local"),
+    ("modelfs_mount_offline", "gauge", "1 while the mount serves its cached copy with the registry unreachable",
+     "offline"),
+    ("modelfs_mount_answering", "gauge", "1 while the mount's daemon updates its status", "answering"),
+    ("modelfs_reads_total", "counter", "FUSE read requests", "reads"),
+    ("modelfs_read_errors_total", "counter", "FUSE reads answered with EIO", "read_errors"),
+    ("modelfs_registry_bytes_total", "counter", "Bytes fetched from the registry", "bytes_fetched"),
+    ("modelfs_integrity_errors_total", "counter", "Fetched blocks or blobs that did not match the index or digest",
+     "integrity_errors"),
+    ("modelfs_damaged_blocks_total", "counter", "Cached blocks that failed their checksum when read back",
+     "damaged_blocks"),
+    ("modelfs_handler_errors_total", "counter", "FUSE requests that met an unexpected error (answered EIO)",
+     "handler_errors"),
+)
+
+
+def render_host(mounts: list[dict]) -> str:
+    """Every mount of the host in one exposition, labelled per mount (``modelfs metrics``)."""
+    lines = []
+    for name, kind, help_text, key in HOST_METRICS:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for mount in mounts:
+            value = mount.get(key)
+            if key in ("offline", "answering"):
+                value = int(bool(value))
+            if value is None:
+                continue
+            labels = {"mountpoint": mount["mountpoint"], "reference": mount.get("reference", ""),
+                      "digest": mount.get("digest", "")}
+            lines.append(f"{name}{label_text(labels)} {value}")
+    return "\n".join(lines) + "\n"
+
+
+async def _answer(stream: trio.abc.Stream, render_body: Callable[[], str]) -> None:
     try:
         with trio.move_on_after(5):
             request = b""
@@ -58,7 +104,7 @@ async def _answer(stream: trio.abc.Stream, stats: Stats) -> None:
                 if not chunk:
                     return
                 request += chunk
-            body = render(stats).encode()
+            body = render_body().encode()
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
                                   b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -67,7 +113,7 @@ async def _answer(stream: trio.abc.Stream, stats: Stats) -> None:
         await stream.aclose()
 
 
-async def serve_metrics(address: str, stats: Stats,
+async def serve_metrics(address: str, render_body: Callable[[], str],
                         task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
     host, _, port = address.rpartition(":")
     try:
@@ -77,6 +123,6 @@ async def serve_metrics(address: str, stats: Stats,
     log.info("metrics on http://%s/metrics", address)
     task_status.started()
     async def answer(stream: trio.SocketStream) -> None:
-        await _answer(stream, stats)
+        await _answer(stream, render_body)
 
     await trio.serve_listeners(answer, listeners)
