@@ -82,6 +82,17 @@ def server():
     httpd.shutdown()
 
 
+def empty_answer(status: int, headers: dict[str, str]):
+    """A scripted answer with no body: a status and its headers."""
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+    return answer
+
+
 def location(url: str, authorization: str | None = None, redirected: bool = False) -> BlobLocation:
     return BlobLocation(url, authorization, "test", time.monotonic() + 60, redirected)
 
@@ -141,13 +152,7 @@ def test_a_content_range_other_than_asked_is_refused(server):
 @pytest.mark.parametrize(("status", "error"), [(401, LocationRejected), (403, LocationRejected),
                                                 (404, LocationRejected), (503, RangeRefused), (429, RangeRefused)])
 def test_status_codes_say_whether_to_resolve_again_or_retry(server, status, error):
-    def answer(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(status)
-        handler.send_header("Retry-After", "3")
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-
-    server.script.append(answer)
+    server.script.append(empty_answer(status, {"Retry-After": "3"}))
     with pytest.raises(error) as raised:
         fetch(ConnectionPool(5), location(server.url), 0, 1)
     if error is RangeRefused:
@@ -155,13 +160,7 @@ def test_status_codes_say_whether_to_resolve_again_or_retry(server, status, erro
 
 
 def test_a_redirect_is_reported_with_its_target_resolved_against_the_url(server):
-    def answer(handler: BaseHTTPRequestHandler) -> None:
-        handler.send_response(307)
-        handler.send_header("Location", "/storage/blob?X-Amz-Expires=60&sig=abc")
-        handler.send_header("Content-Length", "0")
-        handler.end_headers()
-
-    server.script.append(answer)
+    server.script.append(empty_answer(307, {"Location": "/storage/blob?X-Amz-Expires=60&sig=abc"}))
     with pytest.raises(LocationMoved) as moved:
         fetch(ConnectionPool(5), location(server.url), 0, 1)
     assert moved.value.url == server.url.split("/v2/")[0] + "/storage/blob?X-Amz-Expires=60&sig=abc"
