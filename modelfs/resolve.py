@@ -15,6 +15,7 @@ from .mount.blockindex import ANNOTATION
 from .mount.cache import BlockCache
 from .reference import Reference
 from .registry import RegistryReader
+from .registry.client import FAIL_FAST
 from .spec import (
     ARTIFACT_TYPE,
     LEGACY_ARTIFACT_TYPE,
@@ -104,16 +105,25 @@ async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, refe
                           ) -> tuple[Model, str | None]:
     """The model from the registry, or, while the registry cannot be reached, as recorded in
     the cache at the last pull or mount (checked against its digests). The second value says
-    why, when it is the cached copy; every command that only reads takes this one path."""
+    why, when it is the cached copy; every command that only reads takes this one path.
+
+    With a recorded copy to fall back on, a registry that refuses connections or a host name
+    that does not resolve is taken at its word at once (no minute of retries before a mount
+    during an outage serves what it has); slow or failing answers are still retried."""
+    recorded = cache is not None and cache.recorded_model(str(reference.without_digest()), reference.digest) is not None
+    token = FAIL_FAST.set(True) if recorded else None
     try:
         return await fetch_model(client, reference), None
     except UnavailableError as exc:
         cached = cached_model(cache, reference) if cache is not None else None
         if cached is None:
             raise
-        model, recorded = cached
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(recorded))
+        model, when_recorded = cached
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when_recorded))
         return model, f"{exc}; using {reference} as cached on {when} ({model.reference.digest})"
+    finally:
+        if token is not None:
+            FAIL_FAST.reset(token)
 
 
 async def check_layer_sizes(client: RegistryReader, model: Model) -> None:
