@@ -110,6 +110,11 @@ class Entry:
     def present(self) -> bool:
         return bool(self.flags & PRESENT)
 
+    @property
+    def checked(self) -> bool:
+        """Present and checked: whole with its blob, or against a block index."""
+        return self.present and bool(self.flags & (WHOLE | INDEXED))
+
 
 def aligned_buffer(size: int) -> memoryview:
     """A writable buffer of ``size`` bytes at a page-aligned address: a block received into
@@ -490,7 +495,7 @@ class BlobEntry:
     def settled(self) -> bool:
         """Every block present and checked: whole with its blob, or against a block index (a
         ``pull`` leaves blobs so; whether that index is trusted is the caller's to know)."""
-        return all(self.entry(i).present and self.entry(i).flags & (WHOLE | INDEXED) for i in range(self.nblocks))
+        return all(self.entry(i).checked for i in range(self.nblocks))
 
     @property
     def verified(self) -> bool:
@@ -709,7 +714,7 @@ def _read_header(map_path: str) -> tuple[int, int, bool]:
         raw = handle.read(nblocks * _ENTRY.size)
     entries = [_decode_entry(raw, i * _ENTRY.size) for i in range(len(raw) // _ENTRY.size)]
     cached = sum(min(bs, size - i * bs) for i, e in enumerate(entries) if e.present)
-    verified = len(entries) == nblocks and all(e.present and e.flags & (WHOLE | INDEXED) for e in entries)
+    verified = len(entries) == nblocks and all(e.checked for e in entries)
     return size, cached, verified
 
 
