@@ -52,7 +52,7 @@ from .mount.metrics import render_host, serve_metrics
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
-from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, record
+from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record
 from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
@@ -227,7 +227,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     async with _client(args, reference) as client:
         model, offline = await fetch_or_cached(client, cache, reference)
         if offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
-            if not all(cache.entry(layer.digest, layer.size).settled for layer in model.manifest.layers):
+            if not held_whole(cache, model):
                 raise UnavailableError(f"{offline}; not every blob of it is in the cache, so it cannot be pulled "
                                        "until the registry answers")
             _warn_offline(offline)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import ManifestError, NotAModelError, UnavailableError
+from .mount import blockindex
 from .mount.blockindex import ANNOTATION
 from .mount.cache import BlockCache
 from .reference import Reference
@@ -81,6 +82,22 @@ def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
         return None
     data = base64.b64decode(doc["index"])
     return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
+
+
+def held_whole(cache: BlockCache, model: Model) -> bool:
+    """Whether every block of every blob of ``model`` is cached with the trust a mount of it
+    would require: checked whole with its blob, or matched against the block index its
+    manifest names (never against some other index that happens to be recorded)."""
+    data = recorded_index(cache, model)
+    index = blockindex.decode(data) if data else None
+    for layer in model.manifest.layers:
+        entry = cache.entry(layer.digest, layer.size)
+        expected = index.for_blob(layer.digest, entry.block_size) if index else None
+        if expected is not None and len(expected) != entry.nblocks:
+            expected = None
+        if not all(entry.trusted(i, expected[i] if expected else None) for i in range(entry.nblocks)):
+            return False
+    return True
 
 
 def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float] | None:

@@ -492,12 +492,6 @@ class BlobEntry:
         return self._present >= self.nblocks
 
     @property
-    def settled(self) -> bool:
-        """Every block present and checked: whole with its blob, or against a block index (a
-        ``pull`` leaves blobs so; whether that index is trusted is the caller's to know)."""
-        return all(self.entry(i).checked for i in range(self.nblocks))
-
-    @property
     def verified(self) -> bool:
         """Every block is present and was part of the blob when it matched its digest."""
         return all(self.entry(i).flags & WHOLE for i in range(self.nblocks))
