@@ -9,22 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import SAMPLE_MODELFILE
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def assert_same_tree(got: Path, source: Path) -> None:
-    """The same file names, and every file equal byte for byte."""
-    assert _files(got) == _files(source)
-    for name in _files(source):
-        assert filecmp.cmp(got / name, source / name, shallow=False), name
+from trees import assert_same_tree
 
 
 def test_build_push_inspect_extract_round_trip(cli, registry, minilm_dir, tmp_path):

@@ -9,25 +9,15 @@ import shutil
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import SAMPLE_MODELFILE
+from trees import assert_same_tree
 
 MiB = 1 << 20
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def _same_tree(mounted: Path, source: Path) -> None:
-    assert _files(mounted) == _files(source)
-    for name in _files(source):
-        assert (mounted / name).read_bytes() == (source / name).read_bytes(), name
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +44,7 @@ def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref,
     assert listing["model.safetensors"] == 90868376
     assert (target / "1_Pooling" / "config.json").stat().st_size == (minilm_dir / "1_Pooling" / "config.json").stat().st_size
     assert proxy.downstream_bytes == 0, "ls/stat must be answered from the manifest"
-    _same_tree(target, minilm_dir)
+    assert_same_tree(target, minilm_dir)
     xattrs = os.listxattr(target / "model.safetensors")
     assert "user.modelfs.digest" in xattrs
     assert os.getxattr(target / "model.safetensors", "user.modelfs.cached") == b"1.0000"
@@ -74,10 +64,10 @@ def test_tar_layers_serve_exact_bytes(cli, mounts, registry, minilm_dir, packing
     assert (target / "model.safetensors").stat().st_size == 90868376
     if packing != "tar":  # compressed one-file layers are listed from annotations: nothing fetched yet
         assert proxy.downstream_bytes == 0
-    _same_tree(target, minilm_dir)
+    assert_same_tree(target, minilm_dir)
     out = tmp_path / "extracted"
     cli.run("extract", "--plain-http", ref, "--output", str(out))
-    _same_tree(out, minilm_dir)
+    assert_same_tree(out, minilm_dir)
 
 
 def test_lazy_read_fetches_a_small_fraction(mounts, big_model, proxy):
