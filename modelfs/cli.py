@@ -12,6 +12,8 @@ import inspect
 import json
 import logging
 import os
+import signal
+import socket
 import sys
 import time
 import traceback
@@ -40,13 +42,14 @@ from .errors import (
     TLSError,
     UnavailableError,
     UnsafePathError,
+    parse_ready_failure,
     user_error,
 )
 from .logfile import LOG_MAX_BYTES, DaemonLog
 from .mount import blockindex
 from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
-from .mount.daemon import MountOptions, active_mounts, run_foreground, umount
+from .mount.daemon import MountOptions, active_mounts, daemon_log_path, run_foreground, umount
 from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
 from .reference import Reference, parse
@@ -366,19 +369,14 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
                         mirrors=args.config.registry(reference.registry).mirrors, **values)
 
 
-def _log_file(cache_dir: str, mountpoint: str) -> str:
-    directory = os.path.join(cache_dir, "logs")
-    os.makedirs(directory, exist_ok=True)
-    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
-    return os.path.join(directory, f"{name}.log")
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     parse(args.reference)  # fail fast, before forking, on a malformed reference
     if args.foreground:
-        return _serve_mount(args)
+        if args.log_file:
+            _setup_logging(_setting(args, "log_level") or "info", args.log_file, _setting(args, "log_max_size"))
+        return _serve_mount(args, args.ready_fd)
     read_fd, write_fd = os.pipe()
-    log_path = _log_file(args.cache_dir, args.mountpoint)
+    log_path = daemon_log_path(args.cache_dir, args.mountpoint)
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -398,7 +396,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return 0
     returncode = _reap(pid, timeout=30)
     if message.startswith("ERROR "):
-        raise MountError(message[6:])
+        raise parse_ready_failure(message)
     with open(log_path, "rb") as handle:
         tail = handle.read()[-2000:].decode(errors="replace").strip().splitlines()
     raise MountError(f"mount daemon exited ({returncode}) before the mount was ready: {tail[-1] if tail else 'no log'} (see {log_path})")
@@ -497,6 +495,24 @@ async def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_csi(args: argparse.Namespace) -> int:
+    """The Kubernetes CSI node plugin, until SIGTERM (mounts stay: see modelfs/csi/)."""
+    from .csi.node import NodeOptions
+    from .csi.server import serve
+
+    node_id = args.node_id or os.environ.get("NODE_NAME") or socket.gethostname()
+    options = NodeOptions(node_id=node_id, cache_dir=args.cache_dir, state_dir=args.state_dir,
+                          publish_timeout=args.publish_timeout, check_interval=args.check_interval)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, options, args.endpoint)
+            async for signum in signals:
+                log.info("%s: stopping; published mounts keep serving", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return 0
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     print(f"{umount(args.mountpoint).capitalize()} {args.mountpoint}")
     return 0
@@ -584,6 +600,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("reference")
     p.add_argument("mountpoint")
     p.add_argument("--foreground", action="store_true", help="stay attached (for systemd and supervisors)")
+    # For a supervisor that starts foreground daemons itself (``modelfs csi``): the daemon writes
+    # READY or ``ERROR Kind: message`` on this descriptor, and logs to a rotated file.
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--log-file", help=argparse.SUPPRESS)
     settings.add_flags(p, common=False)
     p.set_defaults(handler=cmd_mount)
 
@@ -606,6 +626,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=lambda v: settings.parse_address(v, "--listen"), metavar="HOST:PORT",
                    help="serve them here until stopped (default: print them once)")
     p.set_defaults(handler=cmd_metrics)
+
+    p = sub.add_parser("csi", parents=[common], help="run the Kubernetes CSI node plugin (see deploy/kubernetes)")
+    p.add_argument("--endpoint", default="unix:///csi/csi.sock", help="the gRPC socket (default: %(default)s)")
+    p.add_argument("--node-id", help="this node's name (default: $NODE_NAME, else the host name)")
+    p.add_argument("--state-dir", default="/run/modelfs/csi",
+                   help="where published volumes are recorded, with their credentials: a tmpfs (default: %(default)s)")
+    p.add_argument("--publish-timeout", type=lambda v: settings.parse_seconds(v, "--publish-timeout"), default=100.0,
+                   metavar="SECONDS", help="longest a publish waits for its mount to answer (default: %(default)s)")
+    p.add_argument("--check-interval", type=lambda v: settings.parse_seconds(v, "--check-interval"), default=10.0,
+                   metavar="SECONDS", help="how often mounts whose daemon died are mounted again (default: %(default)s)")
+    p.set_defaults(handler=cmd_csi)
 
     p = sub.add_parser("umount", parents=[common], help="unmount (also cleans a stale mount)")
     p.add_argument("mountpoint")
@@ -654,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     except ModelfsError as exc:
         print(f"modelfs: error: {exc}", file=sys.stderr)
         return 2
-    daemon = args.handler is cmd_mount and args.foreground
+    daemon = (args.handler is cmd_mount and args.foreground) or args.handler is cmd_csi
     _setup_logging(args.log_level or ("info" if daemon else "warning"))
 
     def run() -> int:

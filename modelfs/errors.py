@@ -87,6 +87,34 @@ def user_error(exc: BaseException) -> ModelfsError | None:
     return None
 
 
+def error_named(name: str) -> type[ModelfsError]:
+    """The error class called ``name`` (a mount daemon reports its failure by class name to the
+    process waiting for it, which raises the same kind); ModelfsError for a name not known."""
+    pending: list[type[ModelfsError]] = [ModelfsError]
+    while pending:
+        kind = pending.pop()
+        if kind.__name__ == name:
+            return kind
+        pending.extend(kind.__subclasses__())
+    return ModelfsError
+
+
+def ready_failure(exc: BaseException) -> str:
+    """The line a mount daemon writes to its ready pipe when it fails: ``ERROR Kind: message``."""
+    error = user_error(exc)
+    if error is None:
+        return f"ERROR ModelfsError: unexpected {type(exc).__name__}: {exc}"
+    return f"ERROR {type(error).__name__}: {error}"
+
+
+def parse_ready_failure(line: str) -> ModelfsError:
+    """The error a ``ready_failure`` line reports, of the same class where it is known."""
+    kind, _, message = line.removeprefix("ERROR ").partition(": ")
+    if not message or not kind.isidentifier():
+        return MountError(line.removeprefix("ERROR "))
+    return error_named(kind)(message)
+
+
 # What a fetch retries: our own errors (each says what went wrong), the OS's, and httpx's
 # (the control plane and compressed-layer streams run on it).
 TRANSIENT: tuple[type[BaseException], ...] = (httpx.HTTPError, ModelfsError, OSError)

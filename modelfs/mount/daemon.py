@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from ..errors import MountError, user_error
+from ..errors import MountError, ready_failure, user_error
 from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
@@ -61,6 +61,14 @@ class MountOptions:
     file_mode: int | None = None  # see fs.Permissions
     dir_mode: int | None = None
     allow_nonempty: bool = False
+
+
+def daemon_log_path(cache_dir: str, mountpoint: str) -> str:
+    """Where a background daemon logs: one file per mount point, beside the cache."""
+    directory = os.path.join(cache_dir, "logs")
+    os.makedirs(directory, exist_ok=True)
+    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
+    return os.path.join(directory, f"{name}.log")
 
 
 def sd_notify(message: str) -> None:
@@ -311,7 +319,7 @@ def run_foreground(options: MountOptions) -> None:
         trio.run(serve, options)
     except BaseException as exc:
         error = user_error(exc)
-        report(options.ready_fd, f"ERROR {error}" if error else f"ERROR unexpected {type(exc).__name__}: {exc}")
+        report(options.ready_fd, ready_failure(exc))
         if error is not None:
             raise error from None
         raise
