@@ -3,6 +3,7 @@ model from a real registry through real FUSE mounts (kubelet's part played by th
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -172,6 +173,11 @@ def private_model(basic_registry, session_cli, minilm_dir):
 def test_credentials_come_from_the_pods_secret(plugin, private_model, basic_registry, minilm_dir, cli):
     registry = basic_registry.address
     target = plugin.target()
+    # The node itself may read the model (its Docker config has alice's password): a pod that
+    # gave no secret still may not.
+    node_config = cli.home / "docker" / "config.json"
+    node_config.parent.mkdir(parents=True, exist_ok=True)
+    node_config.write_text(dockerconfigjson(registry, "alice", "s3cret-pass")[".dockerconfigjson"])
     code, message = _code(lambda: plugin.client.publish("vol-p", target, _model(private_model)))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "requires authentication" in message, message
     wrong = dockerconfigjson(registry, "alice", "not-her-password")
@@ -204,6 +210,20 @@ def test_unpublish_of_a_dead_daemon_cleans_the_target(plugin, minilm_ref, cli):
     assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     plugin.client.unpublish("vol-d", target)
     assert not mounted(target) and not target.exists()
+
+
+def test_unpublish_of_a_frozen_daemon_cleans_the_target(plugin, minilm_ref, cli):
+    target = plugin.target()
+    plugin.client.publish("vol-f", target, _model(minilm_ref))
+    pid = daemon_of(target, cli.env)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        plugin.client.unpublish("vol-f", target)
+        assert not mounted(target) and not target.exists()
+        assert _exits(pid), "a daemon that does not exit after its unmount is killed"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_plugin_restart_brings_every_target_back(tmp_path, cli, minilm_ref, minilm_dir):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +76,9 @@ class NodeOptions:
     check_interval: float = 10.0  # how often dead mounts are looked for
 
 
+RECOVER_AT_ONCE = 8  # a restarted plugin mounts this many dead targets at a time
+
+
 class Node:
     def __init__(self, options: NodeOptions, nursery: trio.Nursery) -> None:
         self.options = options
@@ -81,15 +86,21 @@ class Node:
         self._nursery = nursery  # where the daemons this plugin started are waited for
         self._locks: dict[str, trio.Lock] = {}
 
-    def _lock(self, target: str) -> trio.Lock:
-        return self._locks.setdefault(target, trio.Lock())
+    @asynccontextmanager
+    async def _holding(self, target: str) -> AsyncIterator[None]:
+        """The target's lock, dropped once no record and no waiter needs it (pods come and go)."""
+        lock = self._locks.setdefault(target, trio.Lock())
+        async with lock:
+            yield
+            if not lock.statistics().tasks_waiting and self.records.load(target) is None:
+                self._locks.pop(target, None)
 
     async def publish(self, request: Any, time_left: float | None) -> str:
         """Mount the pod's model at its target; returns what was done."""
         spec = parse_publish(request)
         timeout = self.options.publish_timeout if time_left is None else min(self.options.publish_timeout,
                                                                               max(1.0, time_left - 2))
-        async with self._lock(spec.target):
+        async with self._holding(spec.target):
             record = self.records.load(spec.target)
             if record is None:
                 if os.path.ismount(spec.target):
@@ -130,9 +141,11 @@ class Node:
         self._nursery.start_soon(self._reap, started, spec.target)
 
     async def _reap(self, started: daemons.Started, target: str) -> None:
-        """Wait for a daemon this plugin started (no zombie stays), and say if it died serving."""
+        """Wait for a daemon this plugin started (no zombie stays), and say if it died serving
+        (under the target's lock: an unpublish in progress has not removed the record yet)."""
         code = await started.process.wait()
-        record = self.records.load(target)
+        async with self._holding(target):
+            record = self.records.load(target)
         if record is not None and record.pid == started.pid:
             log.error("the mount daemon of %s (pid %d) exited with status %d while published; it will be mounted "
                       "again within %gs", target, started.pid, code, self.options.check_interval)
@@ -141,12 +154,11 @@ class Node:
         """Unmount and remove the target, whatever state its daemon is in; a repeat succeeds."""
         if not volume_id or not target.startswith("/"):
             raise InvalidVolume("volume_id and an absolute target_path are required")
-        async with self._lock(target):
+        async with self._holding(target):
             record = self.records.load(target)
             if record is not None and record.volume_id != volume_id:
                 raise RequestFailed(grpc.StatusCode.NOT_FOUND, f"{target} holds volume {record.volume_id}, not {volume_id}")
-            done = await self._clean(target, record)
-            return done
+            return await self._clean(target, record)
 
     async def _clean(self, target: str, record: Record | None) -> str:
         if os.path.ismount(target) and target not in {point for point, _ in active_mounts()}:
@@ -162,16 +174,20 @@ class Node:
     async def recover(self) -> None:
         """One pass over the records: mount again every target whose daemon is gone, forget
         those whose pod is gone (kubelet removed the volume's directory)."""
-        for record in self.records.all():
-            async with self._lock(record.target):
-                current = self.records.load(record.target)
-                if current is None:
-                    continue  # unpublished meanwhile
-                try:
-                    await self._recover(current)
-                except ModelfsError as exc:
-                    log.error("cannot mount %s again (will retry in %gs): %s", current.target,
-                              self.options.check_interval, exc)
+        limiter = trio.CapacityLimiter(RECOVER_AT_ONCE)
+        async with trio.open_nursery() as nursery:
+            for record in self.records.all():
+                nursery.start_soon(self._recover_one, record.target, limiter)
+
+    async def _recover_one(self, target: str, limiter: trio.CapacityLimiter) -> None:
+        async with limiter, self._holding(target):
+            current = self.records.load(target)
+            if current is None:
+                return  # unpublished meanwhile
+            try:
+                await self._recover(current)
+            except ModelfsError as exc:
+                log.error("cannot mount %s again (will retry in %gs): %s", target, self.options.check_interval, exc)
 
     async def _recover(self, record: Record) -> None:
         if not os.path.isdir(os.path.dirname(record.target)):
