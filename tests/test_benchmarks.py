@@ -20,7 +20,7 @@ def test_harness_runs_and_reports_every_case(tmp_path):
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())["results"]
     for case in ("push 1 model vs skopeo copy", "cold sequential read vs curl", "warm read vs local file",
-                 "pull vs skopeo copy", "MiniLM load: cold mount vs local"):
+                 "pull vs skopeo copy", "MiniLM load: cold mount vs local", "CSI publish + first tensor vs pull (loopback)"):
         assert results[case]["modelfs_s"] > 0 and results[case]["baseline_s"] > 0, case
         assert case in run.stdout
     assert 1.0 <= results["amplification"]["cold_registry_bytes_per_byte"] <= 1.05

@@ -75,6 +75,7 @@ def test_publish_serves_the_model_and_unpublish_leaves_nothing(plugin, minilm_re
     assert not mounted(target) and not target.exists()
     assert _exits(pid), "the daemon must exit with its mount"
     assert not list((plugin.state / "volumes").iterdir()), "the record must go with the volume"
+    assert not list((plugin.cache / "logs").iterdir()), "so must its daemon's log"
     plugin.client.unpublish("vol-1", target)  # a repeat succeeds
 
 

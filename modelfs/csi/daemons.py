@@ -42,14 +42,21 @@ class Started:
     process: trio.Process
 
 
-def process_started(pid: int) -> int:
-    """The start time of process ``pid`` in clock ticks since boot (0 if it is gone)."""
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: state first, start time 20th ([] if gone)."""
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
-        return 0 if fields[0] in ("Z", "X") else int(fields[19])  # a zombie has exited
-    except (OSError, ValueError, IndexError):
+            return handle.read().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def process_started(pid: int) -> int:
+    """The start time of process ``pid`` in clock ticks since boot (0 if it is gone)."""
+    fields = _stat_fields(pid)
+    if len(fields) < 20 or fields[0] in ("Z", "X"):  # a zombie has exited
         return 0
+    return int(fields[19])
 
 
 def running(pid: int, started: int) -> bool:
@@ -169,9 +176,10 @@ async def stop(pid: int, started: int) -> None:
     """Wait for an unmounted daemon to exit; kill it if it does not."""
     with trio.move_on_after(STOP_SECONDS):
         # Polled: the daemon may have been started by an earlier plugin, not be our child.
-        while running(pid, started):  # noqa: ASYNC110
+        while running(pid, started) and _stat_fields(pid)[:1] != ["T"]:  # a stopped one will not exit  # noqa: ASYNC110
             await trio.sleep(0.05)
-        return
+        if not running(pid, started):
+            return
     log.warning("mount daemon %d did not exit after its unmount; killing it", pid)
     try:
         os.kill(pid, signal.SIGKILL)

@@ -9,6 +9,7 @@ target it may have left mounted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from ..errors import (
     TLSError,
     UnsafePathError,
 )
+from ..logfile import LOG_BACKUPS
 from ..mount.daemon import active_mounts, daemon_log_path
 from ..settings import ConfigError
 from . import daemons
@@ -169,6 +171,7 @@ class Node:
             await daemons.stop(record.pid, record.pid_started)
         _remove_target(target, must=True)
         self.records.remove(target)
+        _remove_log(daemon_log_path(self.options.cache_dir, target))
         return done
 
     async def recover(self) -> None:
@@ -222,3 +225,11 @@ def _remove_target(target: str, must: bool) -> None:
         if must:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"cannot remove {target} after unmounting it: {exc.strerror}") from None
+
+
+def _remove_log(path: str) -> None:
+    """A gone volume's daemon log, rotated copies too: pods come and go, and one log per pod
+    ever run would fill the node. What kubelet was told stays in the plugin's own log."""
+    for name in (path, *(f"{path}.{n}" for n in range(1, LOG_BACKUPS + 1))):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
