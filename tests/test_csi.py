@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 
 import grpc
@@ -116,6 +117,30 @@ def test_two_pods_on_a_node_fetch_a_model_once(plugin, minilm_ref, minilm_dir, r
     assert_same_tree(second, minilm_dir)
     size = sum(p.stat().st_size for p in minilm_dir.rglob("*") if p.is_file())
     assert fetched >= size and proxy.downstream_bytes - fetched < 64 * 1024, (fetched, proxy.downstream_bytes)
+
+
+def test_two_pods_starting_at_once_fetch_a_model_once(plugin, minilm_ref, minilm_dir, registry, proxy):
+    """Two daemons on one cache fetch each block once: each waits for the blocks the other
+    is fetching (claims.py) instead of fetching them too."""
+    reference = minilm_ref.replace(registry.address, proxy.address)
+    targets = [plugin.target(f"p{i}") for i in range(2)]
+    failures: list[BaseException] = []
+
+    def publish(volume: str, target) -> None:
+        try:
+            plugin.client.publish(volume, target, _model(reference))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+    threads = [threading.Thread(target=publish, args=(f"vol-{i}", t)) for i, t in enumerate(targets)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    for target in targets:
+        assert_same_tree(target, minilm_dir)
+    size = sum(p.stat().st_size for p in minilm_dir.rglob("*") if p.is_file())
+    assert proxy.downstream_bytes < size * 1.05, proxy.downstream_bytes / size
 
 
 @pytest.mark.parametrize(("attributes", "expected"), [

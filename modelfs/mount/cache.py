@@ -4,6 +4,7 @@ Layout under the cache root, content-addressed so any process that needs blob D 
 
     blobs/sha256/<hex>.data   sparse file: block i lives at offset i * block_size
     blobs/sha256/<hex>.map    header + one 48-byte entry per block
+    blobs/sha256/<hex>.claims empty: locks on it say which blocks a process is fetching (claims.py)
 
 A map entry holds the block's stored length, flags, an xxh3-64 checksum of the stored bytes
 and, for a block matched against a block index on arrival, that block's index hash. Nothing
@@ -150,6 +151,7 @@ class BlobEntry:
         hexpart = digest.split(":", 1)[1]
         self.data_path = os.path.join(directory, f"{hexpart}.data")
         self.map_path = os.path.join(directory, f"{hexpart}.map")
+        self.claims_path = os.path.join(directory, f"{hexpart}.claims")  # see claims.py
         self.block_size = block_size
         self.nblocks = -(-size // block_size)
         self._mutex = threading.RLock()
@@ -786,7 +788,7 @@ class BlockCache:
         """Free a blob's disk space: its files are removed. A process holding them (this one
         or another) keeps valid bytes and notices within RECHECK_SECONDS, then reopens."""
         hexpart = digest.split(":", 1)[1]
-        for suffix in (".map", ".data"):
+        for suffix in (".map", ".data", ".claims"):
             try:
                 os.unlink(os.path.join(self._dir, hexpart + suffix))
             except FileNotFoundError:

@@ -15,11 +15,12 @@ the fetch (unmount) aborts it the same way, so no worker outlives the mount's nu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -29,6 +30,7 @@ from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import aligned_buffer
+from .claims import PEER_WAIT_SECONDS, PeerClaims
 from .readahead import RequestSizer, plan_runs
 
 if TYPE_CHECKING:
@@ -201,22 +203,29 @@ class RangeSource:
         attempt = 0
         try:
             async with self.ranges.slots:
-                while position[0] <= last:
-                    while position[0] <= last and reader.settle_present(position[0]):
-                        position[0] += 1
-                    if position[0] > last:
-                        break
-                    try:
-                        await self._receive_run(reader, position, last, for_reader)
-                    except Exception as exc:
-                        # a worker that failed, for whatever reason (a bug included), is
-                        # replaced by the next attempt; what it delivered stays delivered
-                        if not isinstance(exc, TRANSIENT):
-                            log.exception("worker fetching %s blocks %d-%d failed", reader.digest, position[0], last)
-                        attempt += 1
-                        if not await self.fetcher.retry_or_give_up(attempt, exc, f"{reader.digest} block {position[0]}"):
-                            self.fetcher.give_up(reader, range(position[0], last + 1), exc)
-                            return
+                with _peer_claims(reader) as claims:
+                    while position[0] <= last:
+                        while position[0] <= last and reader.settle_present(position[0]):
+                            position[0] += 1
+                        if position[0] > last:
+                            break
+                        start = position[0]
+                        stop = await claims.claim(start, last)
+                        if stop is None:
+                            continue  # another process fetched it (or let go): look in the cache again
+                        try:
+                            await self._receive_run(reader, position, stop, for_reader)
+                        except Exception as exc:
+                            # a worker that failed, for whatever reason (a bug included), is
+                            # replaced by the next attempt; what it delivered stays delivered
+                            if not isinstance(exc, TRANSIENT):
+                                log.exception("worker fetching %s blocks %d-%d failed", reader.digest, position[0], last)
+                            attempt += 1
+                            if not await self.fetcher.retry_or_give_up(attempt, exc, f"{reader.digest} block {position[0]}"):
+                                self.fetcher.give_up(reader, range(position[0], last + 1), exc)
+                                return
+                        finally:
+                            claims.release(start, stop)
         except Exception as exc:  # a bug or an unexpected error: fail these reads, keep the daemon
             log.exception("unexpected error fetching %s blocks %d-%d", reader.digest, first, last)
             reader.fail(range(first, last + 1), exc)
@@ -336,3 +345,50 @@ class RangeSource:
             checks[index] = check
             index += 1
         return index
+
+
+class _RunClaims:
+    """The claims of one run on blocks other processes may be fetching (see claims.py): a
+    peer is waited on for PEER_WAIT_SECONDS in all per run, then ignored."""
+
+    def __init__(self, claims: PeerClaims | None, digest: str) -> None:
+        self.claims, self.digest = claims, digest
+        self.patience: float | None = None  # when waiting on peers ends
+
+    async def claim(self, start: int, last: int) -> int | None:
+        """The last block of ``start..last`` to fetch now, or None: look in the cache again."""
+        if self.claims is None:
+            return last
+        stop = self.claims.take(start, last)
+        if stop >= start:
+            return stop
+        if self.patience is None:
+            self.patience = trio.current_time() + PEER_WAIT_SECONDS
+        with trio.move_on_at(self.patience):
+            if await self.claims.wait_for_peer(start):
+                return None
+        log.info("another process has held block %d of %s for over %gs; fetching the rest of this run anyway",
+                 start, self.digest, PEER_WAIT_SECONDS)
+        self.claims.close()
+        self.claims = None
+        return last
+
+    def release(self, start: int, stop: int) -> None:
+        if self.claims is not None and stop >= start:
+            self.claims.release(start, stop)
+
+
+@contextlib.contextmanager
+def _peer_claims(reader: BlobReader) -> Iterator[_RunClaims]:
+    """A run's claims; without them (the claims file cannot be opened) it fetches regardless."""
+    try:
+        claims: PeerClaims | None = PeerClaims(reader.entry.claims_path)
+    except OSError as exc:
+        log.debug("no claims file for %s (%s): fetching without looking at other processes", reader.digest, exc)
+        claims = None
+    run = _RunClaims(claims, reader.digest)
+    try:
+        yield run
+    finally:
+        if run.claims is not None:
+            run.claims.close()
