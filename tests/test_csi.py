@@ -325,3 +325,23 @@ def test_a_plugin_restart_forgets_volumes_whose_pod_is_gone(tmp_path, cli, minil
         assert not target.exists()
     finally:
         node.cleanup()
+
+
+def test_a_damaged_record_is_reported_and_the_rest_served(tmp_path, cli, minilm_ref, minilm_dir):
+    """A record the plugin cannot read (a full disk, an edit by hand) is logged at every
+    pass; the plugin still starts, answers kubelet and publishes other volumes."""
+    node = Plugin(tmp_path / "node", cli.env, check_interval=0.5)
+    damaged = node.state / "volumes" / ("0" * 32)
+    damaged.mkdir(parents=True)
+    (damaged / "volume.json").write_text("{not json")
+    try:
+        node.start()
+        target = node.target()
+        node.client.publish("vol-ok", target, _model(minilm_ref))
+        assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+        time.sleep(1.5)  # recovery passes run over the damaged record
+        assert node.process.poll() is None
+        assert "unreadable volume record" in node.log.read_text()
+        node.client.unpublish("vol-ok", target)
+    finally:
+        node.cleanup()

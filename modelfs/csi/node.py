@@ -94,8 +94,9 @@ class Node:
         lock = self._locks.setdefault(target, trio.Lock())
         async with lock:
             yield
-            if not lock.statistics().tasks_waiting and self.records.load(target) is None:
-                self._locks.pop(target, None)
+            with contextlib.suppress(ModelfsError):  # an unreadable record keeps its lock
+                if not lock.statistics().tasks_waiting and self.records.load(target) is None:
+                    self._locks.pop(target, None)
 
     async def publish(self, request: Any, time_left: float | None) -> str:
         """Mount the pod's model at its target; returns what was done."""
@@ -147,7 +148,11 @@ class Node:
         (under the target's lock: an unpublish in progress has not removed the record yet)."""
         code = await started.process.wait()
         async with self._holding(target):
-            record = self.records.load(target)
+            try:
+                record = self.records.load(target)
+            except ModelfsError as exc:  # an unreadable record: the recovery pass says so too
+                log.error("%s", exc)
+                return
         if record is not None and record.pid == started.pid:
             log.error("the mount daemon of %s (pid %d) exited with status %d while published; it will be mounted "
                       "again within %gs", target, started.pid, code, self.options.check_interval)
@@ -184,13 +189,19 @@ class Node:
 
     async def _recover_one(self, target: str, limiter: trio.CapacityLimiter) -> None:
         async with limiter, self._holding(target):
-            current = self.records.load(target)
+            try:
+                current = self.records.load(target)
+            except ModelfsError as exc:
+                log.error("%s", exc)
+                return
             if current is None:
                 return  # unpublished meanwhile
             try:
                 await self._recover(current)
             except ModelfsError as exc:
                 log.error("cannot mount %s again (will retry in %gs): %s", target, self.options.check_interval, exc)
+            except Exception:  # a bug, or a damaged record: logged; the plugin keeps serving kubelet
+                log.exception("cannot mount %s again (will retry in %gs)", target, self.options.check_interval)
 
     async def _recover(self, record: Record) -> None:
         if not os.path.isdir(os.path.dirname(record.target)):
