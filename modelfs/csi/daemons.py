@@ -83,6 +83,9 @@ async def start(spec: VolumeSpec, cache_dir: str, credentials_dir: str) -> Start
             process = await trio.lowlevel.open_process(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log_file, env=env,
                 pass_fds=(write_end,), start_new_session=True)
+    except BaseException:
+        os.close(read_end)
+        raise
     finally:
         os.close(write_end)
     pipe = trio.lowlevel.FdStream(read_end)
