@@ -238,6 +238,17 @@ def test_unpublish_of_a_dead_daemon_cleans_the_target(plugin, minilm_ref, cli):
     assert not mounted(target) and not target.exists()
 
 
+def test_unpublish_with_a_file_still_open_detaches_and_the_file_keeps_reading(plugin, minilm_ref, minilm_dir, cli):
+    target = plugin.target()
+    plugin.client.publish("vol-b", target, _model(minilm_ref))
+    pid = daemon_of(target, cli.env)
+    with open(target / "config.json", "rb") as still_open:
+        plugin.client.unpublish("vol-b", target)
+        assert not mounted(target) and not target.exists()
+        assert still_open.read() == (minilm_dir / "config.json").read_bytes()
+    assert _exits(pid), "the daemon exits once its last file is closed"
+
+
 def test_unpublish_of_a_frozen_daemon_cleans_the_target(plugin, minilm_ref, cli):
     target = plugin.target()
     plugin.client.publish("vol-f", target, _model(minilm_ref))

@@ -161,18 +161,7 @@ async def detach(target: str) -> str:
     """Unmount whatever modelfs mount is at ``target``, dead, frozen or busy; say what was done."""
     if not mounted_fuse(target):
         return "nothing mounted"
-    try:
-        return await trio.to_thread.run_sync(umount, target)
-    except MountError as exc:
-        if "busy" not in str(exc):
-            raise
-    # Files still open (kubelet unpublishes after the pod's containers stopped, so rarely):
-    # detach now; the daemon serves the open files until they close, then exits.
-    result = await trio.to_thread.run_sync(lambda: subprocess.run(["umount", "-l", target], capture_output=True,
-                                                                  text=True, timeout=10))
-    if result.returncode != 0:
-        raise MountError(f"cannot unmount {target}: {result.stderr.strip()}")
-    return "detached (files were still open)"
+    return await trio.to_thread.run_sync(lambda: umount(target, detach_busy=True))
 
 
 async def stop(pid: int, started: int) -> None:

@@ -33,7 +33,7 @@ from ..errors import (
     UnsafePathError,
 )
 from ..logfile import LOG_BACKUPS
-from ..mount.daemon import active_mounts, daemon_log_path
+from ..mount.daemon import DETACHED_BUSY, active_mounts, daemon_log_path
 from ..settings import ConfigError
 from . import daemons
 from .records import Record, Records
@@ -172,7 +172,9 @@ class Node:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, f"{target} is a mount point that is not modelfs's; "
                                 "left as it is")
         done = await daemons.detach(target)
-        if record is not None:
+        if record is not None and done == DETACHED_BUSY:
+            log.info("the daemon of %s (pid %d) serves the files still open there, then exits", target, record.pid)
+        elif record is not None:
             await daemons.stop(record.pid, record.pid_started)
         _remove_target(target, must=True)
         self.records.remove(target)

@@ -358,6 +358,7 @@ def active_mounts() -> list[tuple[str, str]]:
 # An unmount of a daemon that answers returns at once (busy or not); one still waiting after
 # this long is stuck on a frozen daemon, whose connection is then aborted.
 UMOUNT_SECONDS = 4.0
+DETACHED_BUSY = "detached (files were still open)"  # what umount(detach_busy=True) did to a busy mount
 
 
 def _run_bounded(command: list[str], timeout: float) -> tuple[bool, str]:
@@ -384,9 +385,13 @@ def _abort_connection(device: str) -> bool:
         return False
 
 
-def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS) -> str:
+def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS, detach_busy: bool = False) -> str:
     """Unmount, and always return: a dead daemon (ENOTCONN) or a frozen one (SIGSTOP) gets
-    its connection aborted where permitted and a lazy unmount. Returns what was done."""
+    its connection aborted where permitted and a lazy unmount. Returns what was done.
+
+    A live daemon with files open is refused, unless ``detach_busy`` (the CSI plugin: kubelet
+    wants the target gone): then the mount is detached lazily, and its daemon serves the open
+    files until they close, then exits."""
     mountpoint = os.path.abspath(mountpoint)
     found = [m for m in _mountinfo() if m[0] == mountpoint and m[1].startswith("fuse")]
     if not found:
@@ -395,12 +400,15 @@ def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS) -> str:
     ok, said = _run_bounded(["umount", mountpoint] if root else ["fusermount3", "-u", mountpoint], timeout)
     if ok:
         return "unmounted"
-    if "busy" in said.lower():  # a live daemon with open files: not ours to break
+    busy = "busy" in said.lower()
+    if busy and not detach_busy:  # a live daemon with open files: not ours to break
         raise MountError(f"cannot unmount {mountpoint}: {said} (close the files open in it first)")
-    aborted = _abort_connection(found[-1][3])
+    aborted = not busy and _abort_connection(found[-1][3])
     lazy_ok, lazy_said = _run_bounded(["umount", "-l", mountpoint] if root else ["fusermount3", "-uz", mountpoint],
                                       timeout)
     if not lazy_ok:
         raise MountError(f"cannot unmount {mountpoint}: {said}; lazily: {lazy_said}")
+    if busy:
+        return DETACHED_BUSY
     log.info("unmount of %s needed a lazy detach (%s)%s", mountpoint, said, "; connection aborted" if aborted else "")
     return "cleaned stale mount (its daemon was not answering)"
