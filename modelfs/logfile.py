@@ -1,9 +1,10 @@
 """The background mount daemon's log file: rotated, so months of mounts cannot fill a disk.
 
 ``modelfs mount`` without ``--foreground`` writes one, and so do the daemons the CSI plugin
-starts (``--log-file``); daemons systemd supervises log to stderr, which its journal rotates. The file is rotated at a size limit keeping two old
-copies, and the process's stderr follows the current file, so a traceback from a bug lands
-beside the log lines instead of in a rotated-away (or deleted) file.
+starts (``--log-file``); daemons systemd supervises log to stderr, which its journal rotates.
+The file is rotated at a size limit keeping two old copies, and the process's stderr follows
+the current file, so a traceback from a bug lands beside the log lines instead of in a
+rotated-away (or deleted) file.
 """
 
 from __future__ import annotations

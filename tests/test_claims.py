@@ -45,7 +45,7 @@ async def test_a_claim_dies_with_its_process(tmp_path):
             assert ours.take(2, 5) == 1 and ours.held_by_peer(2)
             holder.kill()
             await holder.wait()
-            assert await ours.wait_for_peer(2)
+            assert await ours.wait_for_peer(2, trio.current_time() + 10)
             assert ours.take(0, 5) == 5
     finally:
         holder.kill()

@@ -62,10 +62,10 @@ class PeerClaims:
         answer = fcntl.fcntl(self.fd, fcntl.F_OFD_GETLK, request)
         return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
 
-    async def wait_for_peer(self, index: int) -> bool:
+    async def wait_for_peer(self, index: int, deadline: float) -> bool:
         """Wait while a peer holds block ``index``: True once it let go, False if it still
-        holds it after PEER_WAIT_SECONDS."""
-        with trio.move_on_after(PEER_WAIT_SECONDS):
+        holds it at ``deadline`` (trio's clock)."""
+        with trio.move_on_at(deadline):
             # Polled: a lock held by another process signals no event here.
             while self.held_by_peer(index):  # noqa: ASYNC110
                 await trio.sleep(POLL_SECONDS)

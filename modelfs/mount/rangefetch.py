@@ -20,7 +20,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -203,7 +203,7 @@ class RangeSource:
         attempt = 0
         try:
             async with self.ranges.slots:
-                with _peer_claims(reader) as claims:
+                with contextlib.closing(_RunClaims(reader)) as claims:
                     while position[0] <= last:
                         while position[0] <= last and reader.settle_present(position[0]):
                             position[0] += 1
@@ -349,11 +349,17 @@ class RangeSource:
 
 class _RunClaims:
     """The claims of one run on blocks other processes may be fetching (see claims.py): a
-    peer is waited on for PEER_WAIT_SECONDS in all per run, then ignored."""
+    peer is waited on for PEER_WAIT_SECONDS in all per run, then ignored. Without a claims
+    file (it cannot be opened) the run fetches regardless."""
 
-    def __init__(self, claims: PeerClaims | None, digest: str) -> None:
-        self.claims, self.digest = claims, digest
+    def __init__(self, reader: BlobReader) -> None:
+        self.digest = reader.digest
+        self.claims: PeerClaims | None = None
         self.patience: float | None = None  # when waiting on peers ends
+        try:
+            self.claims = PeerClaims(reader.entry.claims_path)
+        except OSError as exc:
+            log.debug("no claims file for %s (%s): fetching without looking at other processes", self.digest, exc)
 
     async def claim(self, start: int, last: int) -> int | None:
         """The last block of ``start..last`` to fetch now, or None: look in the cache again."""
@@ -364,31 +370,18 @@ class _RunClaims:
             return stop
         if self.patience is None:
             self.patience = trio.current_time() + PEER_WAIT_SECONDS
-        with trio.move_on_at(self.patience):
-            if await self.claims.wait_for_peer(start):
-                return None
+        if await self.claims.wait_for_peer(start, self.patience):
+            return None
         log.info("another process has held block %d of %s for over %gs; fetching the rest of this run anyway",
                  start, self.digest, PEER_WAIT_SECONDS)
-        self.claims.close()
-        self.claims = None
+        self.close()
         return last
 
     def release(self, start: int, stop: int) -> None:
         if self.claims is not None and stop >= start:
             self.claims.release(start, stop)
 
-
-@contextlib.contextmanager
-def _peer_claims(reader: BlobReader) -> Iterator[_RunClaims]:
-    """A run's claims; without them (the claims file cannot be opened) it fetches regardless."""
-    try:
-        claims: PeerClaims | None = PeerClaims(reader.entry.claims_path)
-    except OSError as exc:
-        log.debug("no claims file for %s (%s): fetching without looking at other processes", reader.digest, exc)
-        claims = None
-    run = _RunClaims(claims, reader.digest)
-    try:
-        yield run
-    finally:
-        if run.claims is not None:
-            run.claims.close()
+    def close(self) -> None:
+        if self.claims is not None:
+            self.claims.close()
+            self.claims = None
