@@ -1,11 +1,11 @@
 """Path safety: every path that comes from an artifact is hostile until proven otherwise.
 
-Used by the mount's file tree and by ``extract``, so both refuse the same things.
+Used by :mod:`modelfs.tree_check`, through which the mount's file tree and ``extract`` both
+pass, so both refuse the same things.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
 from collections.abc import Mapping
 
@@ -43,20 +43,6 @@ def clean_member_path(path: str, where: str) -> str:
     return "/".join(parts)
 
 
-def safe_join(root: str, member: str, where: str) -> str:
-    """Join a cleaned member path under ``root``, refusing anything that resolves outside.
-
-    Also refuses to follow a symlink that already exists inside ``root`` and points out of it.
-    """
-    rel = clean_member_path(member, where)
-    root_real = os.path.realpath(root)
-    target = os.path.join(root_real, *rel.split("/"))
-    parent_real = os.path.realpath(os.path.dirname(target))
-    if parent_real != root_real and not parent_real.startswith(root_real + os.sep):
-        raise UnsafePathError(f"{where}: path {member!r} resolves outside the output directory")
-    return target
-
-
 def link_target_inside(member: str, link: str) -> bool:
     """Whether a symlink at ``member`` pointing to ``link`` stays inside the tree."""
     if link.startswith("/"):
@@ -66,31 +52,41 @@ def link_target_inside(member: str, link: str) -> bool:
 
 
 def link_chain_inside(member: str, links: Mapping[str, str]) -> bool:
-    """Whether the symlink at ``member`` resolves inside the tree when every symlink on the
+    """Whether the symlink at ``member`` resolves inside the tree (see :func:`link_chain_escape`)."""
+    return link_chain_escape(member, links) is None
+
+
+def link_chain_escape(member: str, links: Mapping[str, str]) -> tuple[list[str], bool] | None:
+    """None if the symlink at ``member`` resolves inside the tree when every symlink on the
     way is followed, the way the kernel resolves it (``p/..`` is the parent of where ``p``
     points, not the directory holding ``p``), given every symlink of the tree in ``links``
-    (path -> target). A lexical check of each link alone passes chains that walk out."""
+    (path -> target); else the other links followed on the way out, and whether it was a
+    loop (more than the kernel's 40 hops). A lexical check of each link alone passes chains
+    that walk out."""
+    if links[member].startswith("/"):
+        return [], False
     current = member.split("/")[:-1]
     pending = list(reversed(links[member].split("/")))
-    if links[member].startswith("/"):
-        return False
-    hops = 0
+    followed: list[str] = []
     while pending:
         part = pending.pop()
         if part in ("", "."):
             continue
         if part == "..":
             if not current:
-                return False  # above the root of the tree
+                return followed, False  # above the root of the tree
             current.pop()
             continue
         current.append(part)
-        target = links.get("/".join(current))
+        hop = "/".join(current)
+        target = links.get(hop)
         if target is None:
             continue
-        hops += 1
-        if hops > MAX_LINK_HOPS or target.startswith("/"):
-            return False
+        followed.append(hop)
+        if len(followed) > MAX_LINK_HOPS:
+            return followed[:3], True
+        if target.startswith("/"):
+            return followed, False
         current.pop()
         pending.extend(reversed(target.split("/")))
-    return True
+    return None

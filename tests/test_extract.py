@@ -37,7 +37,7 @@ def test_hostile_layers_are_refused_by_extract_and_mount(cli, registry, mounts, 
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "layer 0" in lines[0] and message in lines[0], result.stderr
-    assert os.listdir(sandbox) == ["out"] and not [f for f in os.listdir(out) if not f.startswith(".modelfs-")]
+    assert os.listdir(sandbox) == []  # --output did not exist before: it does not now
     assert not os.path.exists("/tmp/evil") and not os.path.exists(tmp_path / "evil")
 
     mounted = mounts.refused(ref, "--prefetch", "none")
@@ -67,7 +67,7 @@ def test_a_layer_refused_halfway_leaves_nothing_behind(cli, registry, tmp_path):
     out = tmp_path / "out"
     result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
     assert result.returncode == 1 and "contains '..'" in result.stderr, result.stderr
-    assert os.listdir(out) == []
+    assert not out.exists()
 
 
 def _pieces(data: bytes, parts: int) -> list[bytes]:
@@ -180,7 +180,7 @@ def test_manifest_lying_about_a_size_is_refused(cli, registry, tmp_path, claimed
         result = cli.run(args[0], "--plain-http", *args[1:], check=False)
         assert result.returncode == 1, args
         line = result.stderr.strip().splitlines()[-1]
-        assert "layer 0 (w.bin)" in line and f"{claimed} bytes" in line, line
+        assert "layer 0 (" in line and "w.bin)" in line and f"{claimed} bytes" in line, line
     assert not os.path.exists(tmp_path / "out" / "w.bin")
 
 
@@ -198,7 +198,7 @@ def test_a_hard_link_to_an_escaping_symlink_chain_copies_no_host_file(cli, regis
     (sandbox / "secret").write_bytes(b"TOPSECRET")  # where the chain leads, from the staging directory
     out = sandbox / "out"
     result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
-    assert result.returncode == 1 and "leaves the model tree" in result.stderr, result.stderr
+    assert result.returncode == 1 and "hard link to 'a/b/q', which is not a regular file" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     for root, _, names in os.walk(out):
         for name in names:

@@ -44,7 +44,7 @@ def test_a_duplicate_path_names_both_layers():
 def test_a_path_cannot_be_both_file_and_directory(first, second):
     tree = Tree(mtime_ns=0)
     add_file(tree, first)
-    with pytest.raises(UnsafePathError, match=f"layer 0: {min(first, second, key=len)} is both a file and a directory"):
+    with pytest.raises(UnsafePathError, match=f"layer 0: '{min(first, second, key=len)}' is both a file and a directory"):
         add_file(tree, second)
 
 

@@ -3,24 +3,21 @@
 A weight file packed as a tar layer is one 512-byte header (plus PAX/GNU long-name records)
 followed by the data, so a member's (offset, size) inside the blob is learnt from a couple
 of small range reads, and the mount serves the data with a plain offset. Every member is
-checked here, so the tree never contains a path that leaves it.
+vetted here (:func:`modelfs.tree_check.vet`); the whole tree is checked by the mount's tree.
 """
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ManifestError, UnsafePathError
-from ..paths import clean_member_path, link_target_inside
+from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, vet
 
 BLOCK = 512
 MAX_MEMBERS = 1_000_000  # a real layer has thousands; millions of empty members are an attack on memory
 ReadAt = Callable[[int, int], Awaitable[bytes]]
-
-REGULAR, HARDLINK, SYMLINK, DIRECTORY = "file", "hardlink", "symlink", "dir"
 
 
 @dataclass(frozen=True)
@@ -109,29 +106,6 @@ def _string(field: bytes) -> str:
 _KINDS = {b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": HARDLINK, b"2": SYMLINK, b"5": DIRECTORY}
 
 
-def vet(name: str, kind: str, link: str, seen: set[str], where: str) -> tuple[str, str] | None:
-    """Check one member against the rules every tar path here obeys; returns (path, link).
-
-    Refused: unsafe paths, symlinks leaving the tree, hard links to anything but an earlier
-    member, duplicates. None for the archive's root directory entry.
-    """
-    member_where = f"{where}, member {name!r}"
-    if kind == DIRECTORY and name.strip("/") in ("", "."):
-        return None
-    path = clean_member_path(name, member_where)
-    if kind == SYMLINK and not link_target_inside(path, link):
-        raise UnsafePathError(f"{member_where}: symlink to {link!r} leaves the model tree")
-    if kind == HARDLINK:
-        link = clean_member_path(link, member_where)
-        if link not in seen:
-            raise UnsafePathError(f"{member_where}: hard link to {link!r}, which is not an earlier member")
-    if kind != DIRECTORY:
-        if path in seen:
-            raise UnsafePathError(f"{member_where}: duplicate path")
-        seen.add(path)
-    return path, link
-
-
 async def iter_members(source: TarSource, where: str, blob_size: int | None = None,
                        max_members: int = MAX_MEMBERS) -> AsyncIterator[Member]:
     """Yield each member before its data; the consumer may read the data from ``source``."""
@@ -202,19 +176,3 @@ def _padded(size: int) -> int:
 async def index_tar(read_at: ReadAt, blob_size: int, where: str) -> list[Member]:
     """List the members of an uncompressed tar blob by reading headers only."""
     return [member async for member in iter_members(RangeSource(read_at), where, blob_size)]
-
-
-def check_tarinfo(info: tarfile.TarInfo, seen: set[str], where: str) -> tuple[str, str, str] | None:
-    """Vet one member read by :mod:`tarfile` (``extract``): (clean path, kind, link) or None."""
-    if info.isdir():
-        kind = DIRECTORY
-    elif info.issym():
-        kind = SYMLINK
-    elif info.islnk():
-        kind = HARDLINK
-    elif info.isreg():
-        kind = REGULAR
-    else:
-        raise UnsafePathError(f"{where}, member {info.name!r}: tar entry type {info.type!r} (device, fifo or unknown) refused")
-    vetted = vet(info.name, kind, info.linkname, seen, where)
-    return None if vetted is None else (vetted[0], kind, vetted[1])

@@ -5,6 +5,9 @@
 - tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
   member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.stream`).
 
+Every path, link and conflict across layers is decided by :class:`modelfs.tree_check.TreeCheck`,
+which ``extract`` uses too, before the mount serves anything.
+
 Listing and stat are answered from this tree, never from the registry.
 """
 
@@ -16,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from ..errors import ManifestError, UnsafePathError
-from ..paths import clean_member_path, link_chain_inside
+from ..errors import ManifestError
+from ..paths import clean_member_path
 from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
+from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
 from .fetcher import BlobReader, Fetcher
 from .stream import LayerStream
-from .tarindex import DIRECTORY, HARDLINK, REGULAR, SYMLINK, Member, index_tar
+from .tarindex import Member, index_tar
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +59,12 @@ MAX_NODES = 1_000_000  # files, links and directories; real models have thousand
 
 
 class Tree:
+    """The nodes the mount serves, made only for paths :class:`TreeCheck` accepted: the one
+    check ``extract`` uses too, so both refuse the same models with the same words."""
+
     def __init__(self, mtime_ns: int, max_nodes: int = MAX_NODES) -> None:
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", DIRECTORY, 0o755, mtime_ns)}
-        self._origin: dict[str, str] = {}
-        self.symlinks: dict[str, str] = {}  # path -> target, to check whole chains once complete
+        self.check = TreeCheck()
         self.mtime_ns = mtime_ns
         self.max_nodes = max_nodes
 
@@ -68,9 +74,11 @@ class Tree:
             raise ManifestError(f"{where}: the model has over {self.max_nodes:,} files and directories; refusing it")
         return len(self.nodes) + 1
 
-    def _directory(self, parts: list[str], where: str) -> Node:
+    def directory(self, path: str, where: str) -> Node:
+        """The directory node at ``path`` (checked), made with its parents if new; a loop, not
+        recursion, whatever the depth."""
         node = self.nodes[ROOT_INODE]
-        for depth, part in enumerate(parts, 1):
+        for part in path.split("/") if path else ():
             child = node.children.get(part)
             if child is None:
                 new = Node(self._new_inode(where), part, DIRECTORY, 0o755, self.mtime_ns, parent=node.inode)
@@ -79,33 +87,22 @@ class Tree:
                 node = new
             else:
                 node = self.nodes[child]
-                if node.kind != DIRECTORY:
-                    raise UnsafePathError(f"{where}: {'/'.join(parts[:depth])} is both a file and a directory")
+                assert node.kind == DIRECTORY, f"{where}: the tree check let a path through a {node.kind}"
         return node
 
     def add(self, path: str, where: str, **attrs: object) -> Node:
-        parts = path.split("/")
-        parent = self._directory(parts[:-1], where)
-        existing = parent.children.get(parts[-1])
-        if existing is not None and self.nodes[existing].kind == DIRECTORY:
-            raise UnsafePathError(f"{where}: {path} is both a file and a directory")
-        if existing is not None:
-            raise UnsafePathError(f"{where}: duplicate path {path!r} (also in {self._origin.get(path, 'another layer')})")
-        node = Node(self._new_inode(where), parts[-1], parent=parent.inode, **attrs)  # type: ignore[arg-type]
-        self.nodes[node.inode] = node
-        parent.children[parts[-1]] = node.inode
-        self._origin[path] = where
-        if node.kind == SYMLINK:
-            self.symlinks[path] = node.link
-        return node
+        """Check one file or symlink against the whole tree, then make its node."""
+        self.check.add(path, str(attrs["kind"]), where, link=str(attrs.get("link", "")))
+        return self.place(path, where, **attrs)
 
-    def check_links(self) -> None:
-        """Refuse any symlink that leaves the tree once whole chains are followed (a link
-        through another link's ``..``); each link alone was checked when it was added."""
-        for path in self.symlinks:
-            if not link_chain_inside(path, self.symlinks):
-                raise UnsafePathError(f"{self._origin[path]}: symlink {path!r} -> {self.symlinks[path]!r} leaves the "
-                                      "model tree once the links it goes through are followed")
+    def place(self, path: str, where: str, **attrs: object) -> Node:
+        """The node of a path the tree check has accepted."""
+        parent_path, _, name = path.rpartition("/")
+        parent = self.directory(parent_path, where)
+        node = Node(self._new_inode(where), name, parent=parent.inode, **attrs)  # type: ignore[arg-type]
+        self.nodes[node.inode] = node
+        parent.children[name] = node.inode
+        return node
 
     def files(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == REGULAR]
@@ -141,7 +138,7 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
             pass
     tree = Tree(mtime_ns)
     for number, layer in enumerate(model.manifest.layers):
-        where = f"layer {number} ({layer.digest[:19]}, {layer.filepath or layer.media_type})"
+        where = layer_label(number, layer)
         classified = classify_layer(layer.media_type)
         packing = classified[1] if classified else None
         if packing is None:
@@ -165,32 +162,27 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
             _add_members(tree, members, layer, where, locate)
         else:
             await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
-    tree.check_links()
+    tree.check.finish()
     return tree
 
 
 def _add_members(tree: Tree, members: list[Member], layer: Descriptor, where: str,
                  locate: Callable[[Member], tuple[BlobReader, int]]) -> None:
-    by_path: dict[str, Member] = {}
+    by_path: dict[str, Member] = {}  # this layer's regular files, the only things a hard link may name
     for member in members:
         member_where = f"{where}, member {member.path!r}"
+        tree.check.add(member.path, member.kind, member_where, where, member.link)
         if member.kind == DIRECTORY:
-            tree._directory(member.path.split("/"), member_where)
+            tree.directory(member.path, member_where)
             continue
         if member.kind == SYMLINK:
-            tree.add(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=seconds_to_ns(member.mtime),
-                     link=member.link)
+            tree.place(member.path, member_where, kind=SYMLINK, mode=0o777, mtime_ns=seconds_to_ns(member.mtime),
+                       link=member.link)
             continue
-        source = member
-        if member.kind == HARDLINK:
-            found = by_path.get(member.link)
-            if found is None:
-                raise UnsafePathError(f"{member_where}: hard link to {member.link!r}, which is not a regular file of "
-                                      "this layer (a link, a directory or missing); refusing it")
-            source = found
+        source = by_path[member.link] if member.kind == HARDLINK else member
         reader, offset = locate(source)
-        tree.add(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644, mtime_ns=seconds_to_ns(member.mtime),
-                 size=source.size, reader=reader, offset=offset, layer=layer)
+        tree.place(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644,
+                   mtime_ns=seconds_to_ns(member.mtime), size=source.size, reader=reader, offset=offset, layer=layer)
         by_path[member.path] = source
 
 
