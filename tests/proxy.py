@@ -64,5 +64,11 @@ class CountingProxy:
                 sock.close()
 
     def close(self) -> None:
+        """Stop listening now: later connections are refused (a thread blocked in accept()
+        would keep a merely closed socket listening until its next connection)."""
         self._stopping = True
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._server.close()

@@ -90,6 +90,17 @@ class BlockDamaged(CacheError):
     """A cached block does not read back as it was stored; it is dropped and fetched again."""
 
 
+class FilesReplaced(CacheError):
+    """The files of a blob being checked whole were replaced by another process meanwhile
+    (``cache prune``, another mount's eviction): what the check stored is gone, so it starts
+    again instead of failing the reads waiting for it."""
+
+
+# Times a whole-blob check starts again because its files were replaced under it: one prune
+# costs one more pass; files replaced again and again mean something keeps clearing them.
+REPLACED_ROUNDS = 3
+
+
 @dataclass(frozen=True)
 class BlobStats:
     digest: str
@@ -259,6 +270,32 @@ class BlobEntry:
     @property
     def is_open(self) -> bool:
         return self._map_fd >= 0
+
+    def files_id(self) -> tuple[int, int]:
+        """Which files hold the blob now (their inodes): a check over the whole blob compares
+        this before and after, since blocks it stored are gone once another process replaced
+        the files (``cache prune``, another mount's eviction, a digest mismatch elsewhere)."""
+        try:
+            with self._mutex:
+                self._current(force=True)
+                return self._inode
+        except OSError as exc:
+            raise CacheError(f"cannot open cache files for {self.digest}: {exc.strerror}") from None
+
+    def reload(self) -> None:
+        """Re-read every map entry from disk: blocks and trust another process recorded, also
+        on blocks this process already saw present (``entry`` re-reads only absent ones)."""
+        try:
+            with self._mutex:
+                self._current(force=True)
+                if self._map_fd < 0:
+                    return
+                raw = os.pread(self._map_fd, self.nblocks * _ENTRY.size, _HEADER_SIZE)
+        except OSError as exc:
+            raise CacheError(f"cannot read the cache map of {self.digest}: {exc.strerror}") from None
+        raw = raw.ljust(self.nblocks * _ENTRY.size, b"\0")
+        for index in range(self.nblocks):
+            self._set_raw(index, raw[index * _ENTRY.size:(index + 1) * _ENTRY.size])
 
     def _flock(self) -> _Flock:
         return _Flock(self._map_fd, self._mutex)
@@ -755,6 +792,14 @@ class BlockCache:
                 found = VolatileEntry(digest, size, self.block_size, str(exc))
             self._entries[digest] = found
         return found
+
+    def holds(self, digest: str) -> bool:
+        """Whether the cache has files for ``digest`` (without creating them)."""
+        return digest in self._entries or os.path.exists(os.path.join(self._dir, digest.split(":", 1)[1] + ".map"))
+
+    def claims_path(self, digest: str) -> str:
+        """The claims file of ``digest`` (see claims.py), also for blobs held only as derived entries."""
+        return os.path.join(self._dir, digest.split(":", 1)[1] + ".claims")
 
     def _opened(self, entry: BlobEntry) -> None:
         """Keep at most ``max_open`` blobs' files open, closing the least recently opened

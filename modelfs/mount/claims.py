@@ -25,6 +25,13 @@ import trio
 
 PEER_WAIT_SECONDS = 5.0
 POLL_SECONDS = 0.02
+
+
+def peer_wait_seconds(timeout: float) -> float:
+    """How long a peer that makes no progress is waited on: at most PEER_WAIT_SECONDS, and a
+    quarter of the mount's read timeout, so a read that waited on a frozen peer still has
+    three quarters of its timeout to fetch the block itself (``--timeout 2``: 0.5 s)."""
+    return min(PEER_WAIT_SECONDS, timeout / 4)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
 
 

@@ -29,7 +29,7 @@ from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, Int
 from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
-from .cache import aligned_buffer
+from .cache import REPLACED_ROUNDS, FilesReplaced, aligned_buffer
 from .claims import PEER_WAIT_SECONDS, PeerClaims
 from .readahead import RequestSizer, plan_runs
 
@@ -259,11 +259,21 @@ class RangeSource:
     async def _run_whole(self, reader: BlobReader, generation: int) -> None:
         failure: BaseException | None = None
         try:
-            for round_ in range(1, WHOLE_ROUNDS + 1):  # bytes flipped on the way: fetched again, a bounded number of times
-                if await self._fetch_whole(reader):
-                    return
-                if round_ < WHOLE_ROUNDS:
-                    log.warning("fetching %s again after its digest did not match", reader.digest)
+            mismatches = replaced = 0
+            while True:
+                try:
+                    if await self._fetch_whole(reader):
+                        return
+                except FilesReplaced as exc:  # pruned under the check: check again, readers keep waiting
+                    replaced += 1
+                    if replaced >= REPLACED_ROUNDS:
+                        raise
+                    log.info("%s; checking it again", exc)
+                    continue
+                mismatches += 1  # bytes flipped on the way: fetched again, a bounded number of times
+                if mismatches >= WHOLE_ROUNDS:
+                    break
+                log.warning("fetching %s again after its digest did not match", reader.digest)
             failure = IntegrityError(f"blob {reader.digest} does not match its digest ({WHOLE_ROUNDS} times); not serving it")
         except TRANSIENT as exc:
             failure = exc
@@ -285,6 +295,7 @@ class RangeSource:
         position = [0]  # the hasher holds every block before this one
         attempt = 0
         token = trio.lowlevel.current_trio_token()
+        files = await trio.to_thread.run_sync(entry.files_id)
 
         def sink(offset: int, data: memoryview) -> None:  # on the worker thread
             index = position[0]
@@ -323,8 +334,9 @@ class RangeSource:
                                  "without a block index it is served only once kept and checked whole")
             reader.digest_mismatch()
             return False
-        if not await trio.to_thread.run_sync(entry.mark_whole, checks):
-            raise CacheError(f"blocks of {reader.digest} changed under its check; fetching again")
+        replaced = await trio.to_thread.run_sync(entry.files_id) != files
+        if replaced or not await trio.to_thread.run_sync(entry.mark_whole, checks):
+            raise FilesReplaced(f"the cache files of {reader.digest} were replaced while it was checked whole")
         log.info("%s checked whole (%d bytes)", reader.digest, reader.size)
         return True
 
