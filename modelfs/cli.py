@@ -45,13 +45,14 @@ from .errors import (
     parse_ready_failure,
     user_error,
 )
-from .logfile import LOG_MAX_BYTES, DaemonLog
+from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
 from .mount import blockindex
 from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
-from .mount.daemon import MountOptions, active_mounts, daemon_log_path, run_foreground, umount
+from .mount.daemon import MountOptions, run_foreground
 from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
+from .mount.table import active_mounts, umount
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
