@@ -557,7 +557,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("push", parents=[common], help="upload a built model")
     p.add_argument("reference")
     p.add_argument("--source", help="name in the local store, if not REFERENCE")
-    p.add_argument("--chunk-size", type=int, default=512, metavar="MiB",
+    p.add_argument("--chunk-size", type=lambda v: settings.parse_count(v, "--chunk-size", 1, 1 << 20), default=512,
+                   metavar="MiB",
                    help="blobs larger than this are uploaded in chunks of this size (default 512)")
     p.add_argument("--no-block-index", action="store_true",
                    help="do not upload the block index the manifest names (nor its referrer)")

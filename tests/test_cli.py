@@ -190,6 +190,11 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     (["extract", "--plain-http", "{registry}/demo/minilm:v1", "--output", "{file}"], "is a file; name a directory"),
     (["login", "{registry}", "-u", "alice"], "no terminal to ask for the password on: pipe it in with --password-stdin"),
     (["pull", "--plain-http", "--cache-dir", "{file}", "{registry}/demo/minilm:v1"], "is not a directory"),
+    (["mount", "--uid", "4294967296", "{registry}/demo/minilm:v1", "/tmp"], "--uid: '4294967296' is not a user id"),
+    (["mount", "--gid", "\u00b2", "{registry}/demo/minilm:v1", "/tmp"], "--gid: '\u00b2' is not a group id"),
+    (["{registry}/demo/minilm:v1", "/tmp", "-o", "ro,uid=\u00b2"], "-o uid: '\u00b2' is not a user id"),
+    (["{registry}/demo/minilm:v1", "/tmp", "-o", "ro,metrics=127.0.0.1:\u00b2"], "-o metrics: '127.0.0.1:\u00b2' is not HOST"),
+    (["push", "--chunk-size", "-1", "{registry}/never/built:v1"], "--chunk-size must be a whole number from 1"),
 ])
 def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, tmp_path, args, message):
     """A mistake is one line that names the cause and the fix, at once: no traceback, and no
