@@ -201,6 +201,14 @@ def _warn_offline(offline: str | None) -> None:
         print(f"warning: offline: {offline}", file=sys.stderr)
 
 
+def label_column(rows: list[tuple[str, str]]) -> list[str]:
+    """``Label:  value`` lines, the values in one column two spaces past the widest label, so
+    no label touches its value whatever the labels (a fixed width printed
+    ``Architecture:transformer``)."""
+    width = max((len(label) for label, _ in rows), default=0) + len(":  ")
+    return [f"{label + ':':<{width}}{value}" for label, value in rows]
+
+
 async def cmd_inspect(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference) as client:
@@ -212,13 +220,12 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     config = doc["config"].get("config", {})
     descriptor = doc["config"].get("descriptor", {})
-    print(f"Reference:  {model.reference}")
-    for label, value in (("Name", descriptor.get("name")), ("Family", descriptor.get("family")),
-                         ("Architecture", config.get("architecture")), ("Format", config.get("format")),
-                         ("Param size", config.get("paramSize")), ("Precision", config.get("precision")),
-                         ("Quantization", config.get("quantization")), ("Created", descriptor.get("createdAt"))):
-        if value:
-            print(f"{label + ':':<12}{value}")
+    fields = (("Reference", model.reference), ("Name", descriptor.get("name")), ("Family", descriptor.get("family")),
+              ("Architecture", config.get("architecture")), ("Format", config.get("format")),
+              ("Param size", config.get("paramSize")), ("Precision", config.get("precision")),
+              ("Quantization", config.get("quantization")), ("Created", descriptor.get("createdAt")))
+    for line in label_column([(label, str(value)) for label, value in fields if value]):
+        print(line)
     print(f"Layers ({len(model.manifest.layers)}, {sum(layer.size for layer in model.manifest.layers) / 1e6:,.1f} MB):")
     for layer in model.manifest.layers:
         print(f"  {layer.digest[7:19]}  {layer.size:>14,}  {layer.media_type.rsplit('.model.', 1)[-1]:<22} {layer.filepath or ''}")

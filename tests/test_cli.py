@@ -334,3 +334,19 @@ def test_cache_prune_all_forgets_the_model_records_too(cli, minilm_ref):
     pruned = cli.run("cache", "prune", "--all")
     assert "forgot 1 model records" in pruned.stdout
     assert json.loads(cli.run("cache", "stats", "--json").stdout)["models"] == []
+
+
+def test_inspect_labels_never_touch_their_values(cli, minilm_ref):
+    out = cli.run("inspect", "--plain-http", minilm_ref).stdout
+    header = out.split("\nLayers")[0].splitlines()
+    assert "Architecture" in out and len(header) >= 6
+    for line in header:
+        assert re.fullmatch(r"[A-Z][a-z]+(?: [a-z]+)?:  +\S.*", line), line  # two spaces at least after the label
+    assert len({len(re.match(r"[^:]+: +", line).group()) for line in header}) == 1, header  # one column
+    assert next(line for line in header if line.startswith("Architecture:")).split() == ["Architecture:", "transformer"]
+
+
+def test_label_column_fits_any_label():
+    from modelfs.cli import label_column
+    lines = label_column([("Reference", "r"), ("A label wider than any column was", "v"), ("X", "")])
+    assert lines == ["Reference:" + " " * 26 + "r", "A label wider than any column was:  v", "X:" + " " * 34]
