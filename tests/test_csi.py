@@ -153,8 +153,6 @@ def test_two_pods_starting_at_once_fetch_a_model_once(plugin, minilm_ref, minilm
     ({"reference": "127.0.0.1:5000/m:v1", "uid": "root"}, "volumeAttributes.uid must be a number"),
     ({"reference": "127.0.0.1:5000/m:v1", "uid": "4294967296"}, "volumeAttributes.uid: '4294967296' is not a user id"),
     ({"reference": "127.0.0.1:5000/m:v1", "uid": "\u00b2"}, "volumeAttributes.uid: '\u00b2' is not a user id"),
-    ({"reference": "127.0.0.1:5000/m:v1", "gid": "\u0661\u0662"}, "volumeAttributes.gid: '\u0661\u0662' is not a group id"),
-    ({"reference": "127.0.0.1:5000/m:v1", "file_mode": "\u0664\u0664\u0664"}, "volumeAttributes.file_mode: "),
     ({"reference": "127.0.0.1:5000/m:v1", "plain_http": "yes"}, "volumeAttributes.plain_http must be"),
     ({"reference": "127.0.0.1:5000/m:v1", "cache_dir": "/"}, "unknown key 'cache_dir'"),
 ])

@@ -325,28 +325,3 @@ def test_a_mount_point_reached_through_a_symlink_is_one_mount_everywhere(cli, mi
         assert not os.path.ismount(real / name) and not os.listdir(real / name)
     refused = cli.run("umount", str(link / "m"), check=False)
     assert refused.returncode == 1 and refused.stderr.strip() == f"modelfs: error: {link / 'm'} is not a modelfs mount"
-
-
-def test_mount_points_x_y_and_x_slash_y_keep_their_own_status_and_log(cli, minilm_ref, mounts, tmp_path):
-    """A name made by turning / into - gave both one status file and one log."""
-    base = tmp_path / "pair"
-    dashed, nested = base / "x-y", base / "x" / "y"
-    for target in (dashed, nested):
-        target.mkdir(parents=True)
-    pids = {}
-    for target in (dashed, nested):
-        out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(target)).stdout
-        mounts.active.append(target)
-        pids[target] = int(out.split("(pid ")[1].split(",")[0])
-    time.sleep(1.2)
-    for target in (dashed, nested):
-        found = _status_of(cli, target)
-        assert found is not None and found.get("pid") == pids[target], found
-    logs = {p.name: p.read_text() for p in (cli.cache_dir / "logs").iterdir()}
-    assert len(logs) == 2, list(logs)
-    for target in (dashed, nested):
-        assert sum(f" at {target}: " in text for text in logs.values()) == 1, logs
-    mounts.umount(dashed)
-    time.sleep(1.2)
-    found = _status_of(cli, nested)
-    assert found is not None and found.get("pid") == pids[nested] and found["answering"], found
