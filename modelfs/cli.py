@@ -30,6 +30,7 @@ from .artifact.push import push, push_size
 from .config import Config, ConfigError, parse_size
 from .config import load as load_config
 from .credentials import Credential, CredentialStore
+from .dirs import check_directory
 from .errors import (
     AuthenticationError,
     CacheError,
@@ -45,13 +46,14 @@ from .errors import (
     parse_ready_failure,
     user_error,
 )
-from .logfile import LOG_MAX_BYTES, DaemonLog
+from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
 from .mount import blockindex
 from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
-from .mount.daemon import MountOptions, active_mounts, daemon_log_path, run_foreground, umount
+from .mount.daemon import MountOptions, run_foreground
 from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
+from .mount.table import active_mounts, umount
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
@@ -191,13 +193,22 @@ async def cmd_push(args: argparse.Namespace) -> int:
 
 
 def _existing_cache(args: argparse.Namespace) -> BlockCache | None:
-    """The block cache, if there is one (commands that only read never create it)."""
-    return BlockCache(args.cache_dir) if os.path.isdir(args.cache_dir) else None
+    """The block cache, if there is one (commands that only read never create it, so a
+    read-only directory with no cache in it is no cache, not an error)."""
+    return BlockCache(args.cache_dir) if os.path.isdir(os.path.join(args.cache_dir, "blobs", "sha256")) else None
 
 
 def _warn_offline(offline: str | None) -> None:
     if offline is not None:
         print(f"warning: offline: {offline}", file=sys.stderr)
+
+
+def label_column(rows: list[tuple[str, str]]) -> list[str]:
+    """``Label:  value`` lines, the values in one column two spaces past the widest label, so
+    no label touches its value whatever the labels (a fixed width printed
+    ``Architecture:transformer``)."""
+    width = max((len(label) for label, _ in rows), default=0) + len(":  ")
+    return [f"{label + ':':<{width}}{value}" for label, value in rows]
 
 
 async def cmd_inspect(args: argparse.Namespace) -> int:
@@ -211,13 +222,12 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     config = doc["config"].get("config", {})
     descriptor = doc["config"].get("descriptor", {})
-    print(f"Reference:  {model.reference}")
-    for label, value in (("Name", descriptor.get("name")), ("Family", descriptor.get("family")),
-                         ("Architecture", config.get("architecture")), ("Format", config.get("format")),
-                         ("Param size", config.get("paramSize")), ("Precision", config.get("precision")),
-                         ("Quantization", config.get("quantization")), ("Created", descriptor.get("createdAt"))):
-        if value:
-            print(f"{label + ':':<12}{value}")
+    fields = (("Reference", model.reference), ("Name", descriptor.get("name")), ("Family", descriptor.get("family")),
+              ("Architecture", config.get("architecture")), ("Format", config.get("format")),
+              ("Param size", config.get("paramSize")), ("Precision", config.get("precision")),
+              ("Quantization", config.get("quantization")), ("Created", descriptor.get("createdAt")))
+    for line in label_column([(label, str(value)) for label, value in fields if value]):
+        print(line)
     print(f"Layers ({len(model.manifest.layers)}, {sum(layer.size for layer in model.manifest.layers) / 1e6:,.1f} MB):")
     for layer in model.manifest.layers:
         print(f"  {layer.digest[7:19]}  {layer.size:>14,}  {layer.media_type.rsplit('.model.', 1)[-1]:<22} {layer.filepath or ''}")
@@ -551,25 +561,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not name a per-block hash index in the manifest (mounts then serve each blob "
                         "only once it has been checked whole)")
     p.add_argument("context")
-    p.set_defaults(handler=cmd_build)
+    p.set_defaults(handler=cmd_build, directories={"store": WRITE})
 
     p = sub.add_parser("push", parents=[common], help="upload a built model")
     p.add_argument("reference")
     p.add_argument("--source", help="name in the local store, if not REFERENCE")
-    p.add_argument("--chunk-size", type=int, default=512, metavar="MiB",
+    p.add_argument("--chunk-size", type=lambda v: settings.parse_count(v, "--chunk-size", 1, 1 << 20), default=512,
+                   metavar="MiB",
                    help="blobs larger than this are uploaded in chunks of this size (default 512)")
     p.add_argument("--no-block-index", action="store_true",
                    help="do not upload the block index the manifest names (nor its referrer)")
-    p.set_defaults(handler=cmd_push)
+    p.set_defaults(handler=cmd_push, directories={"store": READ})
 
     p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")
     p.add_argument("reference")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_inspect)
+    p.set_defaults(handler=cmd_inspect, directories={"cache_dir": READ})
 
     p = sub.add_parser("pull", parents=[common], help="download a model into the block cache")
     p.add_argument("reference")
-    p.set_defaults(handler=cmd_pull)
+    p.set_defaults(handler=cmd_pull, directories={"cache_dir": WRITE})
 
     p = sub.add_parser("index", help="block indexes: what makes lazy reads verifiable")
     index_sub = p.add_subparsers(dest="index_command", required=True)
@@ -580,21 +591,21 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ls", parents=[common], help="list the models in the local store (built, ready to push)")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_ls)
+    p.set_defaults(handler=cmd_ls, directories={"store": READ})
 
     p = sub.add_parser("rm", parents=[common], help="remove models from the local store (and blobs no other needs)")
     p.add_argument("references", nargs="+", metavar="REFERENCE")
-    p.set_defaults(handler=cmd_rm)
+    p.set_defaults(handler=cmd_rm, directories={"store": WRITE})
 
     p = sub.add_parser("tag", parents=[common], help="name a model of the local store again")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="TARGET")
-    p.set_defaults(handler=cmd_tag)
+    p.set_defaults(handler=cmd_tag, directories={"store": WRITE})
 
     p = sub.add_parser("extract", parents=[common], help="write a model's files to a directory")
     p.add_argument("reference")
     p.add_argument("-o", "--output", required=True)
-    p.set_defaults(handler=cmd_extract)
+    p.set_defaults(handler=cmd_extract, directories={"cache_dir": READ})
 
     p = sub.add_parser("mount", parents=[common], help="mount a model (files fetched on demand)")
     p.add_argument("reference")
@@ -605,18 +616,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
     settings.add_flags(p, common=False)
-    p.set_defaults(handler=cmd_mount)
+    p.set_defaults(handler=cmd_mount, directories={"cache_dir": WRITE})
 
     p = sub.add_parser("cache", help="inspect and prune the block cache")
     cache_sub = p.add_subparsers(dest="cache_command", required=True)
     q = cache_sub.add_parser("stats", parents=[common], help="per model and blob: size, cached, on disk, last use")
     q.add_argument("--json", action="store_true")
-    q.set_defaults(handler=cmd_cache_stats)
+    q.set_defaults(handler=cmd_cache_stats, directories={"cache_dir": READ})
     q = cache_sub.add_parser("prune", parents=[common], help="evict least recently used blobs")
     q.add_argument("--all", action="store_true", help="empty the cache")
     q.add_argument("--keep-size", type=lambda v: parse_size(v, "--keep-size"), metavar="SIZE",
                    help="evict until at most SIZE bytes stay on disk (e.g. 50G)")
-    q.set_defaults(handler=cmd_cache_prune)
+    q.set_defaults(handler=cmd_cache_prune, directories={"cache_dir": WRITE})
 
     p = sub.add_parser("status", parents=[common], help="list active modelfs mounts")
     p.add_argument("--json", action="store_true")
@@ -636,7 +647,7 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="SECONDS", help="longest a publish waits for its mount to answer (default: %(default)s)")
     p.add_argument("--check-interval", type=lambda v: settings.parse_seconds(v, "--check-interval"), default=10.0,
                    metavar="SECONDS", help="how often mounts whose daemon died are mounted again (default: %(default)s)")
-    p.set_defaults(handler=cmd_csi)
+    p.set_defaults(handler=cmd_csi, directories={"cache_dir": WRITE, "state_dir": WRITE})
 
     p = sub.add_parser("umount", parents=[common], help="unmount (also cleans a stale mount)")
     p.add_argument("mountpoint")
@@ -674,6 +685,18 @@ def mount_helper_argv(argv: list[str]) -> list[str]:
     return ["mount", *flags, *positional]
 
 
+READ, WRITE = False, True  # how a command uses a directory it is given
+# the directories a command may declare (set_defaults(directories=...)): how the user hears of each
+DIRECTORIES = {"cache_dir": ("cache directory", "--cache-dir"), "store": ("local store", "--store"),
+               "state_dir": ("state directory", "--state-dir")}
+
+
+def _check_directories(args: argparse.Namespace) -> None:
+    """Each directory the command uses, checked first and the same way (:mod:`modelfs.dirs`)."""
+    for name, write in getattr(args, "directories", {}).items():
+        check_directory(getattr(args, name), *DIRECTORIES[name], write=write)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -692,6 +715,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.handler is not cmd_mount:  # a mount daemon waits for its registry; a command says what is wrong
             FAIL_FAST.set(True)
         _resolve_settings(args)
+        _check_directories(args)  # before anything writes there (a mount's log, a pull's blobs)
         if args.log_level is None and args.config.log_level:  # the config's level, now that it is read
             _setup_logging(args.config.log_level)
         if inspect.iscoroutinefunction(args.handler):

@@ -12,8 +12,23 @@ from __future__ import annotations
 import logging.handlers
 import os
 
+from .errors import CacheError
+from .mount.table import file_stem
+
 LOG_MAX_BYTES = 10 << 20
 LOG_BACKUPS = 2
+
+
+def daemon_log_path(cache_dir: str, mountpoint: str) -> str:
+    """Where a background daemon logs: one file per mount point (named by
+    :func:`~modelfs.mount.table.file_stem`, so two mount points never share one), beside the cache."""
+    directory = os.path.join(cache_dir, "logs")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot create the log directory {directory}: {exc.strerror} (give --cache-dir a writable "
+                         "directory)") from None
+    return os.path.join(directory, f"{file_stem(mountpoint)}.log")
 
 
 class DaemonLog(logging.handlers.RotatingFileHandler):

@@ -19,7 +19,13 @@ from .errors import ModelfsError
 VERIFY_MODES = ("full", "lazy")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+MAX_ID = 4294967294  # uid_t and gid_t are 32 bits, and 4294967295 is (uid_t) -1: "no id" to chown(2)
+MAX_SIZE = (1 << 63) - 1  # off_t: no file, and no cache, is larger
+# ASCII digits only, written out: `\d`, str.isdigit() and int() also take '²', '١٢' or '1_000'
+_NUMBER = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?B?)?", re.IGNORECASE)
+_OCTAL = re.compile(r"(?:0o)?([0-7]+)", re.IGNORECASE)
 
 
 class ConfigError(ModelfsError):
@@ -27,27 +33,58 @@ class ConfigError(ModelfsError):
 
 
 # -- parsers: (value from a flag, an fstab option or the config file, where it came from) -----
+# A flag and an fstab option give text; the config file gives TOML's own types. Every number
+# in text is ASCII digits in the setting's range, decided here once for every surface.
+
+
+def whole_number(value: Any, low: int, high: int) -> int | None:
+    """``value`` as a whole number from ``low`` to ``high``, or None: a TOML integer (or a
+    float with nothing after the point), or text of ASCII digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        number = int(value) if value.is_integer() else None  # inf and nan are not integers
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = int(value.strip())
+    else:
+        number = None
+    return number if number is not None and low <= number <= high else None
+
+
+def parse_count(value: Any, where: str, low: int, high: int) -> int:
+    number = whole_number(value, low, high)
+    if number is None:
+        raise ConfigError(f"{where} must be a whole number from {low} to {high}, not {str(value)!r}")
+    return number
 
 
 def parse_size(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
+    size: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value if value >= 0 else None
+    elif isinstance(value, str):
         if not value.strip():
             return 0
         match = _SIZE.fullmatch(value.strip())
         if match:
             scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[match.group(2).upper()]
-            return int(float(match.group(1)) * scale)
-    raise ConfigError(f"{where}: {str(value)!r} is not a size (like 500M, 200G or a byte count)")
+            size = int(float(match.group(1)) * scale)
+    if size is not None and size > MAX_SIZE:
+        raise ConfigError(f"{where}: {str(value)!r} is more than the largest size a file can have (8E)")
+    if size is None:
+        raise ConfigError(f"{where}: {str(value)!r} is not a size (like 500M, 200G or a byte count)")
+    return size
 
 
 def parse_seconds(value: Any, where: str) -> float:
-    try:
-        seconds = float(value) if not isinstance(value, bool) else -1.0
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 < seconds <= 86400:
+    seconds = -1.0
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        seconds = float(value.strip())
+    if not 0 < seconds <= 86400:  # nan and inf fail this too
         raise ConfigError(f"{where}: {str(value)!r} is not a number of seconds from more than 0 to 86400 (with 0 every "
                           "cold read would fail at once)")
     return seconds
@@ -55,11 +92,8 @@ def parse_seconds(value: Any, where: str) -> float:
 
 def parse_workers(value: Any, where: str) -> int:
     """A worker count: 0 (one per core available) up to MAX_WORKERS."""
-    try:
-        count = int(value) if not isinstance(value, bool) else -1
-    except (TypeError, ValueError):
-        count = -1
-    if count < 0 or count > MAX_WORKERS or (isinstance(value, float) and not value.is_integer()):
+    count = whole_number(value, 0, MAX_WORKERS)
+    if count is None:
         raise ConfigError(f"{where} must be a whole number from 0 (one per core) to {MAX_WORKERS}, not {str(value)!r}")
     return count
 
@@ -73,25 +107,32 @@ def parse_owner_group(value: Any, where: str) -> int:
 
 
 def _owner(value: Any, kind: str, where: str) -> int:
-    """A uid or gid: a number, or a user or group name of this host."""
+    """A uid or gid: a number from 0 to MAX_ID, or a user or group name of this host. Text
+    that looks like a number to Python (``str.isdigit``: '²', '١٢') is a number, and must be
+    ASCII digits in range, never a name to look up."""
     import grp
     import pwd
     text = str(value).strip()
-    if text.isdigit():
-        return int(text)
+    if not isinstance(value, str) or text.isdigit():
+        number = whole_number(value if not isinstance(value, str) else text, 0, MAX_ID)
+        if number is None:
+            raise ConfigError(f"{where}: {text!r} is not a {kind} id: a number of ASCII digits from 0 to {MAX_ID}")
+        return number
     try:
         return pwd.getpwnam(text).pw_uid if kind == "user" else grp.getgrnam(text).gr_gid
-    except KeyError:
+    except (KeyError, ValueError):  # ValueError: a NUL or an unpaired surrogate, which no name holds
         raise ConfigError(f"{where}: no {kind} {text!r} on this host (give a name that exists, or a number)") from None
 
 
 def parse_mode(value: Any, where: str) -> int:
-    """Permission bits in octal (0444, 444 or 0o444); read-only mounts ignore write bits."""
-    text = str(value).strip().lower().removeprefix("0o")
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        mode = -1
+    """Permission bits in octal (0444, 444 or 0o444); read-only mounts ignore write bits. The
+    config file gives them as a string: a TOML number cannot say whether 444 is octal, and
+    taking TOML's 0o555 (365) as the octal digits 365 served 0o365."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        raise ConfigError(f"{where}: write the mode as a string of octal digits, like \"0444\" (a TOML number, "
+                          f"{value}, cannot say whether it is octal)")
+    match = _OCTAL.fullmatch(value.strip()) if isinstance(value, str) else None
+    mode = int(match.group(1), 8) if match else -1
     if not 0 <= mode <= 0o777:
         raise ConfigError(f"{where}: {str(value)!r} is not a permission mode (octal, like 0444 or 0555)")
     return mode
@@ -100,7 +141,7 @@ def parse_mode(value: Any, where: str) -> int:
 def parse_address(value: Any, where: str) -> str:
     """HOST:PORT to listen on, the port from 1 to 65535 ([::1]:9410 for IPv6)."""
     host, _, port = str(value).rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or whole_number(port, 1, 65535) is None or port != port.strip():
         raise ConfigError(f"{where}: {str(value)!r} is not HOST:PORT with a port from 1 to 65535 (like 127.0.0.1:9410)")
     return str(value)
 
@@ -214,6 +255,8 @@ def fstab_flags(option: str) -> list[str]:
     setting = BY_OPTION.get(key)
     if setting is None or setting.switch == bool(has_value):
         raise ConfigError(f"unknown mount option {option!r}")
+    if has_value:
+        setting.parse(value, f"-o {key}")  # a mistake named as the fstab line has it, not as the flag
     return [setting.flag] if setting.switch else [setting.flag, value]
 
 

@@ -56,9 +56,12 @@ class CsiClient:
 class Plugin:
     """``modelfs csi`` with its socket, state, cache and log under ``root``."""
 
-    def __init__(self, root: Path, env: dict[str, str], check_interval: float = 3600) -> None:
+    def __init__(self, root: Path, env: dict[str, str], check_interval: float = 3600, kubelet_link: bool = False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        if kubelet_link:  # kubelet's root reached through a symlink (/var/lib/kubelet -> /data/kubelet)
+            (root / "data" / "kubelet").mkdir(parents=True)
+            (root / "kubelet").symlink_to(root / "data" / "kubelet")
         self.socket = root / "plugin" / "csi.sock"
         self.state = root / "state"
         self.cache = root / "cache"
@@ -122,16 +125,22 @@ def dockerconfigjson(registry: str, username: str, password: str) -> dict[str, s
                                                                    "auth": auth}}})}
 
 
+def as_mounted(target: Path) -> str:
+    """``target`` as the mount table shows it: its parent's symlinks followed (the target
+    itself, a mount point, is not stat-ed)."""
+    return os.path.join(os.path.realpath(target.parent), target.name)
+
+
 def mounted(target: Path) -> bool:
     with open("/proc/self/mountinfo") as handle:
-        return any(line.split()[4] == str(target) for line in handle)
+        return any(line.split()[4] == as_mounted(target) for line in handle)
 
 
 def daemon_of(target: Path, env: dict[str, str]) -> int:
     """The pid of the daemon serving ``target``, from `modelfs status --json`."""
     status = subprocess.run([sys.executable, "-m", "modelfs", "status", "--json"], env=env, capture_output=True,
                             text=True, check=True)
-    return next(m["pid"] for m in json.loads(status.stdout) if m["mountpoint"] == str(target))
+    return next(m["pid"] for m in json.loads(status.stdout) if m["mountpoint"] == as_mounted(target))
 
 
 def wait_serving(target: Path, seconds: float = 60) -> None:

@@ -190,6 +190,10 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     (["extract", "--plain-http", "{registry}/demo/minilm:v1", "--output", "{file}"], "is a file; name a directory"),
     (["login", "{registry}", "-u", "alice"], "no terminal to ask for the password on: pipe it in with --password-stdin"),
     (["pull", "--plain-http", "--cache-dir", "{file}", "{registry}/demo/minilm:v1"], "is not a directory"),
+    (["mount", "--uid", "4294967296", "{registry}/demo/minilm:v1", "/tmp"], "--uid: '4294967296' is not a user id"),
+    (["{registry}/demo/minilm:v1", "/tmp", "-o", "ro,uid=\u00b2"], "-o uid: '\u00b2' is not a user id"),
+    (["push", "--chunk-size", "-1", "{registry}/never/built:v1"], "--chunk-size must be a whole number from 1"),
+    (["ls", "--store", "{file}"], "local store {file} is not a directory (choose another with --store)"),
 ])
 def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, tmp_path, args, message):
     """A mistake is one line that names the cause and the fix, at once: no traceback, and no
@@ -200,6 +204,7 @@ def test_bad_input_gives_one_line_errors(cli, registry, minilm_ref, tmp_path, ar
                      input="")
     assert result.returncode in (1, 2)
     lines = result.stderr.strip().splitlines()
+    message = message.format(file=tmp_path / "a-file")
     assert len(lines) == 1 and lines[0].startswith("modelfs: error: ") and message in lines[0], result.stderr
     assert time.monotonic() - started < 3
 
@@ -329,3 +334,51 @@ def test_cache_prune_all_forgets_the_model_records_too(cli, minilm_ref):
     pruned = cli.run("cache", "prune", "--all")
     assert "forgot 1 model records" in pruned.stdout
     assert json.loads(cli.run("cache", "stats", "--json").stdout)["models"] == []
+
+
+def test_inspect_labels_never_touch_their_values(cli, minilm_ref):
+    out = cli.run("inspect", "--plain-http", minilm_ref).stdout
+    header = out.split("\nLayers")[0].splitlines()
+    assert "Architecture" in out and len(header) >= 6
+    for line in header:
+        assert re.fullmatch(r"[A-Z][a-z]+(?: [a-z]+)?:  +\S.*", line), line  # two spaces at least after the label
+    assert len({len(re.match(r"[^:]+: +", line).group()) for line in header}) == 1, header  # one column
+    assert next(line for line in header if line.startswith("Architecture:")).split() == ["Architecture:", "transformer"]
+
+
+def test_label_column_fits_any_label():
+    from modelfs.cli import label_column
+    lines = label_column([("Reference", "r"), ("A label wider than any column was", "v"), ("X", "")])
+    assert lines == ["Reference:" + " " * 26 + "r", "A label wider than any column was:  v", "X:" + " " * 34]
+
+
+def _with_cache_dir(args: list[str], cache_dir) -> list[str]:
+    """``args`` with --cache-dir after the command's own words (it is each command's flag)."""
+    words = 2 if args[0] == "cache" else 1
+    return [*args[:words], "--cache-dir", str(cache_dir), *args[words:]]
+
+
+def test_a_cache_dir_that_is_a_file_or_read_only_is_one_line(cli, minilm_ref, tmp_path, tiny_tmpfs):
+    """The mount created its log directory before anything looked at the cache directory: a
+    traceback. Each command that uses it checks it first, one way, and says what is wrong
+    (the commands run at once: 2 s, not 6)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_tmpfs)], check=True)  # as root, mode bits would not stop us
+    (tmp_path / "mnt").mkdir()
+    writers = [["mount", "--plain-http", minilm_ref, str(tmp_path / "mnt")], ["pull", "--plain-http", minilm_ref],
+               ["cache", "prune", "--all"], ["csi", "--endpoint", f"unix://{tmp_path}/csi.sock", "--state-dir",
+                                            str(tmp_path / "state")]]
+    readers = [["inspect", "--plain-http", minilm_ref]]  # extract and cache stats declare it the same way
+    cases = [(_with_cache_dir(args, a_file), f"cache directory {a_file} is not a directory") for args in writers + readers]
+    cases += [(_with_cache_dir(args, tiny_tmpfs), f"cache directory {tiny_tmpfs} is not writable: Read-only file system")
+              for args in writers]
+    running = [(subprocess.Popen([sys.executable, "-m", "modelfs", *args], env=cli.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True), args, message) for args, message in cases]
+    for process, args, message in running:
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 1 and stderr.strip() == f"modelfs: error: {message} (choose another with --cache-dir)", (
+            args, stderr)
+    assert not os.path.ismount(tmp_path / "mnt") and not (tmp_path / "state").exists()
+    # a cache only read may be read-only (here: empty), and is no reason to refuse
+    assert "transformer" in cli.run(*_with_cache_dir(["inspect", "--plain-http", minilm_ref], tiny_tmpfs)).stdout

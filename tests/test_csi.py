@@ -10,10 +10,11 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import grpc
 import pytest
-from csi_plugin import Plugin, daemon_of, dockerconfigjson, mounted, wait_serving
+from csi_plugin import Plugin, as_mounted, daemon_of, dockerconfigjson, mounted, wait_serving
 from trees import assert_same_tree
 
 from modelfs.csi import DRIVER_NAME, csi_pb2
@@ -150,6 +151,8 @@ def test_two_pods_starting_at_once_fetch_a_model_once(plugin, minilm_ref, minilm
     ({"reference": "127.0.0.1:5000/m:v1", "prefetch": "sometimes"}, "volumeAttributes.prefetch must be"),
     ({"reference": "127.0.0.1:5000/m:v1", "timeout": "-1"}, "volumeAttributes.timeout"),
     ({"reference": "127.0.0.1:5000/m:v1", "uid": "root"}, "volumeAttributes.uid must be a number"),
+    ({"reference": "127.0.0.1:5000/m:v1", "uid": "4294967296"}, "volumeAttributes.uid: '4294967296' is not a user id"),
+    ({"reference": "127.0.0.1:5000/m:v1", "uid": "\u00b2"}, "volumeAttributes.uid: '\u00b2' is not a user id"),
     ({"reference": "127.0.0.1:5000/m:v1", "plain_http": "yes"}, "volumeAttributes.plain_http must be"),
     ({"reference": "127.0.0.1:5000/m:v1", "cache_dir": "/"}, "unknown key 'cache_dir'"),
 ])
@@ -356,3 +359,47 @@ def test_a_damaged_record_is_reported_and_the_rest_served(tmp_path, cli, minilm_
         node.client.unpublish("vol-ok", target)
     finally:
         node.cleanup()
+
+
+def test_a_kubelet_root_through_a_symlink_is_published_left_alone_and_unpublished(tmp_path, cli, minilm_ref, minilm_dir):
+    """/var/lib/kubelet -> /data/kubelet: the mount table shows the resolved path. A plugin that
+    compared kubelet's path with it found nothing mounted at each pass, mounted again, and
+    refused the unpublish (FAILED_PRECONDITION), so the pod never ended."""
+    node = Plugin(tmp_path / "node", cli.env, check_interval=0.3, kubelet_link=True)
+    try:
+        node.start()
+        target = node.target()
+        assert as_mounted(target) != str(target)
+        node.client.publish("vol-l", target, _model(minilm_ref, prefetch="none"))
+        pid = daemon_of(target, cli.env)
+        time.sleep(1.5)  # several passes of the check for dead mounts
+        assert daemon_of(target, cli.env) == pid and mounted(target)
+        log = node.log.read_text()
+        assert "mounting" not in log and "cannot mount" not in log, log
+        assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+        node.client.unpublish("vol-l", target)
+        assert not mounted(target) and not target.exists() and _exits(pid)
+        assert not list((node.state / "volumes").iterdir()) and not list((node.cache / "logs").iterdir())
+    finally:
+        node.cleanup()
+
+
+def test_unpublishing_x_y_keeps_the_log_and_status_of_x_slash_y(plugin, minilm_ref, minilm_dir, cli):
+    """Two targets whose paths differ by '-' against '/' shared one log (and one status file):
+    unpublishing one deleted the other's log."""
+    volumes = plugin.pods / str(uuid.uuid4()) / "volumes" / "kubernetes.io~csi"
+    dashed, nested = volumes / "x-y" / "mount", volumes / "x" / "y" / "mount"
+    for target in (dashed, nested):
+        target.parent.mkdir(parents=True)
+    plugin.client.publish("vol-dash", dashed, _model(minilm_ref, prefetch="none"))
+    plugin.client.publish("vol-nest", nested, _model(minilm_ref, prefetch="none"))
+    assert len(list((plugin.cache / "logs").iterdir())) == 2
+    pid = daemon_of(nested, cli.env)
+    plugin.client.unpublish("vol-dash", dashed)
+    logs = list((plugin.cache / "logs").iterdir())
+    assert len(logs) == 1 and f" at {nested}: " in logs[0].read_text()
+    assert (nested / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+    time.sleep(1.2)  # its daemon rewrites its status each second, in a file of its own
+    assert daemon_of(nested, cli.env) == pid
+    plugin.client.unpublish("vol-nest", nested)
+    assert not mounted(nested) and not list((plugin.cache / "logs").iterdir())

@@ -294,3 +294,34 @@ def test_a_mount_daemon_that_cannot_succeed_exits_with_the_status_systemd_does_n
     assert missing.returncode == 78 and "not found" in missing.stderr.strip().splitlines()[-1]
     unit = (REPO_ROOT / "systemd" / "modelfs@.service").read_text()
     assert "RestartPreventExitStatus=78" in unit
+
+
+def _status_of(cli, point: Path) -> dict | None:
+    return next((m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(point)), None)
+
+
+def test_a_mount_point_reached_through_a_symlink_is_one_mount_everywhere(cli, minilm_ref, minilm_dir, mounts, tmp_path):
+    """/models -> /data/models: mounting, `status`, `metrics` and `umount` through the link all
+    mean the mount the kernel's table shows at the resolved path; the fstab form too."""
+    real = tmp_path / "data" / "models"
+    (real / "m").mkdir(parents=True)
+    (real / "f").mkdir()
+    link = tmp_path / "models"
+    link.symlink_to(real)
+    out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(link / "m")).stdout
+    mounts.active.append(link / "m")
+    assert (link / "m" / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+    time.sleep(1.2)  # the daemon writes its status every second
+    found = _status_of(cli, real / "m")
+    assert found is not None and found.get("pid") == int(out.split("(pid ")[1].split(",")[0]) and found["answering"], found
+    assert f'mountpoint="{real / "m"}"' in cli.run("metrics").stdout
+    # the mount.fuse3 form that fstab lines run, through the link as well
+    cli.run(minilm_ref, str(link / "f"), "-o", "ro,plain_http,prefetch=none")
+    mounts.active.append(link / "f")
+    assert (link / "f" / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+    for name in ("m", "f"):
+        assert cli.run("umount", str(link / name)).stdout.startswith("Unmounted")
+        mounts.active.remove(link / name)
+        assert not os.path.ismount(real / name) and not os.listdir(real / name)
+    refused = cli.run("umount", str(link / "m"), check=False)
+    assert refused.returncode == 1 and refused.stderr.strip() == f"modelfs: error: {link / 'm'} is not a modelfs mount"

@@ -5,6 +5,7 @@ table is the one the declarations make."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 from conftest import REPO_ROOT
@@ -122,3 +123,33 @@ def test_the_readme_table_is_the_one_the_declarations_make():
     start = readme.index("<!-- settings table:")
     table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
     assert table == settings.markdown_table(), "run `python -m modelfs.settings` and paste it into the README"
+
+
+# Text Python's own number parsing takes (str.isdigit, int(), float(), `\d`) but a setting must
+# not: other scripts' digits, superscripts, underscores, and numbers past the setting's range.
+NOT_NUMBERS = [("uid", "4294967296"), ("uid", "\u00b2"), ("gid", "\u0661\u0662"), ("gid", "4294967295"),
+               ("workers", "\u0661"), ("workers", "1_0"), ("timeout", "\u0661"), ("timeout", "1_0"),
+               ("cache_max_size", "\u0661\u0662M"), ("log_max_size", "9999999T"), ("file_mode", "\u0664\u0664\u0664"),
+               ("dir_mode", "0_555"), ("metrics", "127.0.0.1:\u0668\u0660")]
+
+
+@pytest.mark.parametrize(("name", "text"), NOT_NUMBERS)
+def test_numbers_are_ascii_digits_in_range_on_every_surface(name, text, tmp_path):
+    setting = settings.BY_NAME[name]
+    with pytest.raises(ConfigError, match=f"^{setting.flag}[: ]"):
+        cli._parser().parse_args(["mount", setting.flag, text, REF, "/mnt/x"])
+    with pytest.raises(ConfigError, match=f"^-o {setting.fstab}[: ]"):
+        cli.mount_helper_argv([REF, "/mnt/x", "-o", f"ro,{setting.fstab}={text}"])
+    with pytest.raises(ConfigError, match=f": {name}[: ]"):
+        _config(tmp_path, f'{name} = "{text}"\n')
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("uid = 4294967296", "uid: '4294967296' is not a user id"),
+    ("workers = inf", "workers must be a whole number"),
+    ("timeout = nan", "timeout: 'nan' is not a number of seconds"),
+    ("dir_mode = 0o555", 'dir_mode: write the mode as a string of octal digits, like "0444"'),  # was taken as 0o365
+])
+def test_toml_numbers_out_of_range_or_ambiguous_are_refused(line, message, tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _config(tmp_path, line + "\n")

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import ModelfsError, MountError, parse_ready_failure
-from ..mount.daemon import daemon_log_path, mounted_fuse, umount
+from ..logfile import daemon_log_path
+from ..mount.table import mounted_fuse, umount
 from .volume import VolumeSpec
 
 log = logging.getLogger("modelfs.csi")

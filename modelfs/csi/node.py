@@ -32,8 +32,9 @@ from ..errors import (
     TLSError,
     UnsafePathError,
 )
-from ..logfile import LOG_BACKUPS
-from ..mount.daemon import DETACHED_BUSY, active_mounts, daemon_log_path
+from ..logfile import LOG_BACKUPS, daemon_log_path
+from ..mount import table
+from ..mount.table import DETACHED_BUSY
 from ..settings import ConfigError
 from . import daemons
 from .records import Record, Records
@@ -106,7 +107,7 @@ class Node:
         async with self._holding(spec.target):
             record = self.records.load(spec.target)
             if record is None:
-                if os.path.ismount(spec.target):
+                if table.at(spec.target) is not None:
                     raise RequestFailed(grpc.StatusCode.ALREADY_EXISTS,
                                         f"{spec.target} is already a mount point, and not one this plugin published")
                 await self._mount(spec, timeout)
@@ -168,7 +169,8 @@ class Node:
             return await self._clean(target, record)
 
     async def _clean(self, target: str, record: Record | None) -> str:
-        if os.path.ismount(target) and target not in {point for point, _ in active_mounts()}:
+        found = table.at(target)  # the mount table, asked with the target resolved as it resolves paths
+        if found is not None and not found.is_modelfs:
             raise RequestFailed(grpc.StatusCode.FAILED_PRECONDITION, f"{target} is a mount point that is not modelfs's; "
                                 "left as it is")
         done = await daemons.detach(target)

@@ -13,10 +13,9 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyfuse3
 import trio
@@ -26,7 +25,7 @@ from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index
-from . import blockindex, status
+from . import blockindex, status, table
 from .blockindex import TrustedIndex
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
@@ -61,14 +60,6 @@ class MountOptions:
     file_mode: int | None = None  # see fs.Permissions
     dir_mode: int | None = None
     allow_nonempty: bool = False
-
-
-def daemon_log_path(cache_dir: str, mountpoint: str) -> str:
-    """Where a background daemon logs: one file per mount point, beside the cache."""
-    directory = os.path.join(cache_dir, "logs")
-    os.makedirs(directory, exist_ok=True)
-    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
-    return os.path.join(directory, f"{name}.log")
 
 
 def sd_notify(message: str) -> None:
@@ -120,12 +111,14 @@ def raise_read_ahead(st: os.stat_result, kb: int) -> None:
 
 
 def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
+    """Refuse a mount point the mount would misuse. The mount table is asked first: a path
+    already mounted is never stat-ed (its daemon may be frozen)."""
+    if table.at(mountpoint) is not None:
+        raise MountError(f"{mountpoint} is already a mount point (run `modelfs umount {mountpoint}` first)")
     if not os.path.lexists(mountpoint):
         raise MountError(f"mount point {mountpoint} does not exist (create it: mkdir -p {mountpoint})")
     if not os.path.isdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point (run `modelfs umount {mountpoint}` first)")
     if not allow_nonempty and os.listdir(mountpoint):
         raise MountError(f"mount point {mountpoint} is not empty: the mount would hide its files (empty it, or pass "
                          "--allow-nonempty / -o nonempty)")
@@ -228,8 +221,11 @@ async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference
 
 async def serve(options: MountOptions) -> None:
     reference = parse(options.reference)
-    mountpoint = os.path.abspath(options.mountpoint)
-    check_mountpoint(mountpoint, options.allow_nonempty)
+    check_mountpoint(options.mountpoint, options.allow_nonempty)  # named as the user gave it
+    # the path as the mount table will show it: what `status`, `umount` and the files named
+    # after a mount point (its status, its log) all key on, however the user reached it
+    options = replace(options, mountpoint=table.resolve(options.mountpoint))
+    mountpoint = options.mountpoint
     cache = BlockCache(options.cache_dir)
     fetcher: Fetcher | None = None
     try:
@@ -265,7 +261,7 @@ async def serve(options: MountOptions) -> None:
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, cache: BlockCache, tree: Tree,
                        options: MountOptions, model: Model, offline: str | None) -> None:
-    mountpoint = os.path.abspath(options.mountpoint)
+    mountpoint = options.mountpoint  # resolved by serve()
     what = f"{options.reference} ({model.reference.digest})"
     fuse_options = {"fsname=" + str(parse(options.reference)), "subtype=modelfs", "ro", "default_permissions", "noatime"}
     if options.allow_other:
@@ -323,92 +319,3 @@ def run_foreground(options: MountOptions) -> None:
         if error is not None:
             raise error from None
         raise
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo field with its octal escapes (space, tab, backslash) undone."""
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\134", "\\")
-
-
-def _mountinfo() -> list[tuple[str, str, str, str]]:
-    """(mount point, fs type, source, device major:minor) of every mount, read from
-    /proc/self/mountinfo: nothing here touches the mount itself, which may be frozen."""
-    out = []
-    try:
-        with open("/proc/self/mountinfo") as handle:
-            for line in handle:
-                fields = line.split()
-                sep = fields.index("-")
-                out.append((_unescape(fields[4]), fields[sep + 1], _unescape(fields[sep + 2]), fields[2]))
-    except OSError:
-        pass
-    return out
-
-
-def mounted_fuse(mountpoint: str) -> bool:
-    mountpoint = os.path.abspath(mountpoint)
-    return any(point == mountpoint and fstype.startswith("fuse") for point, fstype, _, _ in _mountinfo())
-
-
-def active_mounts() -> list[tuple[str, str]]:
-    """(mount point, source) of every modelfs mount on this host, from mountinfo alone."""
-    return [(point, source) for point, fstype, source, _ in _mountinfo() if fstype == "fuse.modelfs"]
-
-
-# An unmount of a daemon that answers returns at once (busy or not); one still waiting after
-# this long is stuck on a frozen daemon, whose connection is then aborted.
-UMOUNT_SECONDS = 4.0
-DETACHED_BUSY = "detached (files were still open)"  # what umount(detach_busy=True) did to a busy mount
-
-
-def _run_bounded(command: list[str], timeout: float) -> tuple[bool, str]:
-    """Run an unmount command; (succeeded, what it said). A command stuck on a frozen
-    daemon is killed after ``timeout`` seconds."""
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False, f"{command[0]} did not return within {timeout:g}s"
-    except OSError as exc:
-        return False, f"cannot run {command[0]}: {exc.strerror}"
-    return result.returncode == 0, result.stderr.strip() or f"exit status {result.returncode}"
-
-
-def _abort_connection(device: str) -> bool:
-    """Abort the FUSE connection of a frozen or dead daemon (as the kernel's fusectl allows
-    root): every request waiting on it fails at once, so the unmount can proceed."""
-    minor = device.partition(":")[2]
-    try:
-        with open(f"/sys/fs/fuse/connections/{minor}/abort", "w") as handle:
-            handle.write("1")
-        return True
-    except OSError:
-        return False
-
-
-def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS, detach_busy: bool = False) -> str:
-    """Unmount, and always return: a dead daemon (ENOTCONN) or a frozen one (SIGSTOP) gets
-    its connection aborted where permitted and a lazy unmount. Returns what was done.
-
-    A live daemon with files open is refused, unless ``detach_busy`` (the CSI plugin: kubelet
-    wants the target gone): then the mount is detached lazily, and its daemon serves the open
-    files until they close, then exits."""
-    mountpoint = os.path.abspath(mountpoint)
-    found = [m for m in _mountinfo() if m[0] == mountpoint and m[1].startswith("fuse")]
-    if not found:
-        raise MountError(f"{mountpoint} is not a modelfs mount")
-    root = os.geteuid() == 0
-    ok, said = _run_bounded(["umount", mountpoint] if root else ["fusermount3", "-u", mountpoint], timeout)
-    if ok:
-        return "unmounted"
-    busy = "busy" in said.lower()
-    if busy and not detach_busy:  # a live daemon with open files: not ours to break
-        raise MountError(f"cannot unmount {mountpoint}: {said} (close the files open in it first)")
-    aborted = not busy and _abort_connection(found[-1][3])
-    lazy_ok, lazy_said = _run_bounded(["umount", "-l", mountpoint] if root else ["fusermount3", "-uz", mountpoint],
-                                      timeout)
-    if not lazy_ok:
-        raise MountError(f"cannot unmount {mountpoint}: {said}; lazily: {lazy_said}")
-    if busy:
-        return DETACHED_BUSY
-    log.info("unmount of %s needed a lazy detach (%s)%s", mountpoint, said, "; connection aborted" if aborted else "")
-    return "cleaned stale mount (its daemon was not answering)"

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .table import file_stem
+
 STALE_SECONDS = 5.0  # a file this old belongs to a daemon that stopped answering
 
 
@@ -28,8 +30,8 @@ def run_dir() -> str:
 
 
 def status_path(mountpoint: str) -> str:
-    name = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
-    return os.path.join(run_dir(), f"{name}.json")
+    """The status file of a mount point, named by :func:`~.table.file_stem` (one per mount point)."""
+    return os.path.join(run_dir(), f"{file_stem(mountpoint)}.json")
 
 
 @dataclass
@@ -62,8 +64,8 @@ class MountStatus:
         return line
 
 
-def write(status: MountStatus) -> None:
-    path = status_path(status.mountpoint)
+def write(status: MountStatus, path: str | None = None) -> None:
+    path = path or status_path(status.mountpoint)
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as handle:
@@ -71,9 +73,9 @@ def write(status: MountStatus) -> None:
     os.replace(tmp, path)
 
 
-def remove(mountpoint: str) -> None:
+def remove(mountpoint: str, path: str | None = None) -> None:
     try:
-        os.unlink(status_path(mountpoint))
+        os.unlink(path or status_path(mountpoint))
     except OSError:
         pass
 
@@ -93,11 +95,13 @@ async def keep_writing(collect: Callable[[], MountStatus], notify: Callable[[str
     """Write the status every second until cancelled (unmount), and tell systemd."""
     import trio
     last_line = ""
+    first = collect()
+    path = status_path(first.mountpoint)  # once: it reads the mount table
     try:
         while True:
             status = collect()
             try:
-                write(status)
+                write(status, path)
             except OSError:
                 pass  # a read-only /run costs the status, never the mount
             line = status.progress_line()
@@ -106,4 +110,4 @@ async def keep_writing(collect: Callable[[], MountStatus], notify: Callable[[str
                 last_line = line
             await trio.sleep(1.0)
     finally:
-        remove(collect().mountpoint)
+        remove(first.mountpoint, path)
