@@ -1,7 +1,9 @@
 """A hostile mirror on loopback: it serves chosen blobs with forged bytes under their real
 digests (ranges included) and relays everything else to a real registry behind it, where a
-forged block index matching the forged bytes can be attached. Threads, like the other test
-proxies: the test blocks in reads on a FUSE mount while this must keep answering."""
+forged block index matching the forged bytes can be attached. With ``challenge`` set it
+answers every request with 401 and that ``WWW-Authenticate`` instead (any realm, itself
+included), recording every ``Authorization`` it is sent in ``authorizations``. Threads, like
+the other test proxies: the test blocks in reads on a FUSE mount while this must keep answering."""
 
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ class HostileMirror:
         self.upstream = f"http://127.0.0.1:{upstream_port}"
         self.forged = forged
         self.forged_served = 0
+        self.challenge: str | None = None
+        self.challenged = 0
+        self.authorizations: list[str] = []
         mirror = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +56,14 @@ class HostileMirror:
         self._server.server_close()
 
     def _answer(self, request: BaseHTTPRequestHandler, method: str) -> None:
+        self.authorizations.extend(v for k, v in request.headers.items() if k.lower() == "authorization")
+        if self.challenge:
+            self.challenged += 1
+            request.send_response(401)
+            request.send_header("WWW-Authenticate", self.challenge)
+            request.send_header("Content-Length", "0")
+            request.end_headers()
+            return
         match = _BLOB.match(request.path)
         if match and match.group(1) in self.forged:
             self._serve_forged(request, method, self.forged[match.group(1)])

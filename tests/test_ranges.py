@@ -14,6 +14,7 @@ import pytest
 
 from modelfs.errors import ConnectionLostError, IntegrityError, RegistryError
 from modelfs.mount.cache import DIRECT_ALIGNMENT, aligned_buffer
+from modelfs.registry.origin import Origin
 from modelfs.registry.ranges import (
     BlobLocation,
     ConnectionPool,
@@ -94,7 +95,7 @@ def empty_answer(status: int, headers: dict[str, str]):
 
 
 def location(url: str, authorization: str | None = None, redirected: bool = False) -> BlobLocation:
-    return BlobLocation(url, authorization, "test", time.monotonic() + 60, redirected)
+    return BlobLocation(url, authorization, "test", time.monotonic() + 60, redirected, owner=Origin.of(url))
 
 
 def fetch(pool: ConnectionPool, where: BlobLocation, start: int, blocks: int, transfer: Transfer | None = None,
@@ -224,3 +225,33 @@ def test_an_aborted_transfer_gives_no_block_it_had_not_finished(server):
     with pytest.raises(TransferAborted):
         read_range(ConnectionPool(5), location(server.url), 0, [BLOCK] * 4, sink, transfer, "blob", aligned_buffer)
     assert got == [0]
+
+
+def test_authorization_goes_only_to_the_origin_it_belongs_to(server):
+    """The worker applies the origin rule itself, where the request leaves: a location off the
+    origin its credential belongs to (another port here) is read without it."""
+    other = Origin.of("http://127.0.0.1:1")
+    where = BlobLocation(server.url, "Basic YWxpY2U6czNjcmV0LXBhc3M=", "test", time.monotonic() + 60, owner=other)
+    assert fetch(ConnectionPool(5), where, 0, 1) == [BLOB[:BLOCK]]
+    assert "Authorization" not in server.seen[0]
+    assert fetch(ConnectionPool(5), location(server.url, "Bearer t"), 0, 1) == [BLOB[:BLOCK]]
+    assert server.seen[1]["Authorization"] == "Bearer t"
+
+
+def test_an_encoded_range_is_delivered_as_the_raw_bytes_never_inflated(server):
+    """A server that gzips a range anyway (we asked for identity) gets its raw bytes checked,
+    and failing, as they are: nothing on the data path inflates them."""
+    import gzip
+    import os
+    encoded = gzip.compress(os.urandom(2 * BLOCK))[:BLOCK]  # what the range's length says, gzip-encoded
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        handler.send_response(206)
+        handler.send_header("Content-Range", f"bytes 0-{BLOCK - 1}/{len(BLOB)}")
+        handler.send_header("Content-Encoding", "gzip")
+        handler.send_header("Content-Length", str(len(encoded)))
+        handler.end_headers()
+        handler.wfile.write(encoded)
+
+    server.script.append(answer)
+    assert fetch(ConnectionPool(5), location(server.url), 0, 1) == [encoded]

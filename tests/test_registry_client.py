@@ -4,6 +4,7 @@ HTTP servers; everything else in the suite talks to real Distribution."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -152,3 +153,133 @@ async def test_authorization_is_not_sent_over_a_downgrade_to_plain_http():
             assert b"".join([chunk async for chunk in response.aiter_raw()]) == BLOB[:100]
     assert seen[1].headers["authorization"].startswith("Basic ")
     assert seen[2].url.scheme == "http" and "authorization" not in seen[2].headers
+
+
+async def test_credentials_go_only_to_the_registrys_origin_and_a_401_elsewhere_is_a_refusal():
+    """An upload location on another origin (storage, as a redirect target is) gets neither
+    the bearer token nor the password, and its 401 naming itself as realm is a refusal: no
+    token is fetched from it. The registry's own realm on another host is fine (Docker Hub's
+    token service is): the rule is about who asks."""
+    import httpx
+
+    from modelfs.registry.ranges import LocationRejected
+    seen: list[httpx.Request] = []
+
+    def unread(status: int, headers: dict[str, str], body: bytes = b"") -> httpx.Response:
+        return httpx.Response(status, headers=headers, stream=httpx.ByteStream(body))  # as from the network
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        host = request.url.host
+        if host == "auth.registry.test":  # the registry's token service, named by the registry
+            return unread(200, {}, b'{"token": "registry-token"}')
+        if host == "storage.test" and request.url.path == "/token":
+            return unread(200, {}, b'{"token": "storage-token"}')
+        if host == "storage.test":
+            return unread(401, {"WWW-Authenticate": 'Bearer realm="https://storage.test/token"'})
+        if request.headers.get("authorization") != "Bearer registry-token":
+            return unread(401, {"WWW-Authenticate": 'Bearer realm="https://auth.registry.test/token"'})
+        return unread(202, {"Location": "https://storage.test/upload/1?state=x"})
+
+    async with RegistryClient("registry.test", transport=httpx.MockTransport(answer)) as client:
+        client.use_credential(Credential("alice", "s3cret-pass"))
+        with pytest.raises(RegistryError) as refused:
+            await client.upload_blob("org/model", DIGEST, 3, lambda: b"abc")
+    token_fetch = next(r for r in seen if r.url.host == "auth.registry.test")
+    assert token_fetch.headers["authorization"].startswith("Basic ")
+    elsewhere = [r for r in seen if r.url.host == "storage.test"]
+    assert elsewhere and all("authorization" not in r.headers for r in elsewhere)
+    assert [r.url.path for r in elsewhere] == ["/upload/1"]  # no token fetch from storage's realm
+    assert isinstance(refused.value, LocationRejected)
+    assert str(refused.value) == ("storage.test, where registry.test sent the request for upload of "
+                                  f"{DIGEST}, refused it (HTTP 401)")
+
+
+def _trickling_server() -> tuple[object, str]:
+    """A registry whose token service (on its own origin) answers its headers a byte every
+    0.2 s, for 10 s at most: no read timeout ever trips."""
+    import socket
+    import time
+
+    server = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{server.getsockname()[1]}"
+
+    def serve(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):  # the client hung up: it gave up, as it should
+            request = conn.recv(65536).decode("latin-1")
+            if " /token" in request.split("\r\n", 1)[0]:
+                head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+                deadline = time.monotonic() + 10
+                for i in range(len(head)):
+                    if time.monotonic() > deadline:
+                        return
+                    conn.sendall(head[i:i + 1])
+                    time.sleep(0.2)
+                conn.sendall(b'{"token": "t"} ')
+                return
+            conn.sendall(f'HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm="http://{address}/token"\r\n'
+                         "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server, address
+
+
+async def test_a_trickling_token_fetch_is_given_up_at_the_requests_deadline():
+    """The deadline is over the whole request, the token fetch behind its 401 included: a
+    token service answering a byte at a time cannot hold the caller past it."""
+    import trio
+
+    from modelfs.errors import UnavailableError
+    from modelfs.registry import single_attempt
+    server, address = _trickling_server()
+    try:
+        async with RegistryClient(address, plain_http=True, retry=RetryPolicy(deadline=1.0)) as client:
+            started = trio.current_time()
+            with trio.fail_after(6), single_attempt(), pytest.raises(UnavailableError, match="within 1s"):
+                await client.locate_blob("org/model", DIGEST)
+            assert trio.current_time() - started < 2.5
+    finally:
+        server.close()  # type: ignore[attr-defined]
+
+
+async def test_an_encoded_answer_is_inflated_within_the_cap_and_a_blob_is_never_inflated():
+    """We ask for identity; a server that gzips anyway gets its manifest inflated, never past
+    the cap (a bomb is refused after 8 MiB of output, not held whole), an encoding we do not
+    decode is refused, and a blob body stays the raw bytes that came (they fail the digest)."""
+    import gzip
+
+    import httpx
+
+    from modelfs.errors import IntegrityError
+    manifest = b'{"schemaVersion": 2}'
+    bomb = gzip.compress(bytes(64 << 20), compresslevel=1)
+    answers = {"/v2/org/model/manifests/small": (gzip.compress(manifest), "gzip"),
+               "/v2/org/model/manifests/bomb": (bomb, "gzip"),
+               "/v2/org/model/manifests/brotli": (b"\x0b\x02\x80{}\x03", "br"),
+               f"/v2/org/model/blobs/{DIGEST}": (gzip.compress(BLOB), "gzip")}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body, encoding = answers[request.url.path]
+        return httpx.Response(200, stream=httpx.ByteStream(body),  # unread, as from the network
+                              headers={"Content-Encoding": encoding, "Content-Type": "application/json"})
+
+    async with RegistryClient("registry.test", transport=httpx.MockTransport(answer)) as client:
+        data, _, digest = await client.get_manifest("org/model", "small")
+        assert data == manifest and digest == "sha256:" + __import__("hashlib").sha256(manifest).hexdigest()
+        with pytest.raises(RegistryError, match=r"^registry.test sent over 8388608 bytes \(inflated from gzip\) in "
+                                                r"answer to GET /v2/org/model/manifests/bomb; refusing it$"):
+            await client.get_manifest("org/model", "bomb")
+        with pytest.raises(RegistryError, match=r"as 'br', which modelfs does not decode"):
+            await client.get_manifest("org/model", "brotli")
+        async with client.stream_blob("org/model", DIGEST) as body:
+            assert b"".join([chunk async for chunk in body.aiter_raw()]) == gzip.compress(BLOB)
+        with pytest.raises(IntegrityError):
+            await client.get_blob("org/model", DIGEST)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError
+from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError, UnavailableError
 from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
@@ -79,15 +79,23 @@ class RangeFetcher:
     async def location(self, digest: str) -> BlobLocation:
         """Where ``digest`` is read now: at first where the client would send the request,
         with no request of its own; after a refusal, what the registry answers to a probe
-        (auth renewed, redirects followed). Reused until it expires or fails."""
+        (auth renewed, redirects followed). Reused until it expires or fails.
+
+        Asked within the mount's timeout: the caller holds a request slot, and a probe (or the
+        token fetch behind it) answered a byte at a time held every slot for as long as the
+        trickle went on, long after the registry healed."""
         found = self._locations.get(digest)
         if found is None or time.monotonic() >= found.expires:
-            if digest in self._refused:
-                with single_attempt():  # the fetch that asked retries, by the one policy
-                    found = await self.client.locate_blob(self.repository, digest)
-                self._refused.discard(digest)
-            else:
-                found = await self.client.blob_location(self.repository, digest)
+            with trio.move_on_after(self.timeout) as deadline:
+                if digest in self._refused:
+                    with single_attempt():  # the fetch that asked retries, by the one policy
+                        found = await self.client.locate_blob(self.repository, digest)
+                    self._refused.discard(digest)
+                else:
+                    found = await self.client.blob_location(self.repository, digest)
+            if deadline.cancelled_caught or found is None:
+                raise UnavailableError(f"{digest}: no answer from the registry on where to read it within "
+                                       f"{self.timeout:g}s")
             self._locations[digest] = found
         return found
 

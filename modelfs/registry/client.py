@@ -1,15 +1,18 @@
 """The OCI distribution API over httpx on trio.
 
 One :class:`RegistryClient` per registry host. It owns an ``httpx.AsyncClient`` (connection
-pool shared by all requests), authenticates lazily from the registry's own challenges,
-follows redirects itself (keeping ``Range``, dropping ``Authorization`` when the host
-changes), and retries connection errors, 5xx and 429 with capped exponential backoff
-(honouring ``Retry-After``). Bodies are streamed both ways: a blob is never held whole.
+pool shared by all requests), authenticates lazily from the registry's own challenges (a 401
+from any other origin is a refusal, :mod:`.origin`), follows redirects itself (keeping
+``Range``, dropping ``Authorization`` once off the registry's origin), and retries connection
+errors, 5xx and 429 with capped exponential backoff (honouring ``Retry-After``), all within one
+deadline per request. Blobs are streamed both ways and never held whole; every other body is
+read whole, bounded after decoding (:mod:`.bounded`).
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hashlib
 import logging
 import random
@@ -36,7 +39,9 @@ from ..errors import (
 )
 from ..spec import MANIFEST_ACCEPT
 from .auth import TokenCache, parse_challenge
-from .ranges import BlobLocation
+from .bounded import read_bounded
+from .origin import Origin
+from .ranges import BlobLocation, LocationRejected
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +117,10 @@ class RetryPolicy:
     attempts: int = 6
     base_delay: float = 0.2
     max_delay: float = 5.0
-    deadline: float = 60.0  # seconds across all attempts of one request
+    # seconds for all of one request: connect, auth (the token fetch), headers, a body read
+    # whole, every retry. A cancel scope, not a socket timeout: a server answering a byte at a
+    # time never trips a read timeout, and held a mount's request slots for as long as it went on.
+    deadline: float = 60.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         if retry_after is not None:
@@ -122,7 +130,6 @@ class RetryPolicy:
 
 
 BRIEF_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.2, deadline=10.0)
-SINGLE_ATTEMPT = RetryPolicy(attempts=1, deadline=0.0)
 _brief = contextvars.ContextVar("modelfs_brief_retries", default=False)
 _single = contextvars.ContextVar("modelfs_single_attempt", default=False)
 
@@ -227,10 +234,14 @@ def _empty_body() -> bytes:
     return b""
 
 
-def _origin(url: str) -> tuple[str, str]:
-    """Scheme and authority: credentials are sent only where the first request went."""
-    parts = urlsplit(url)
-    return parts.scheme.lower(), parts.netloc.lower()
+@contextmanager
+def _deadline(seconds: float, problem: Callable[[], str]) -> Iterator[None]:
+    """Run the block within ``seconds`` in all; past that it is cancelled and the caller gets
+    an :class:`UnavailableError` saying ``problem()``, as for a registry that stopped answering."""
+    with trio.move_on_after(seconds) as scope:
+        yield
+    if scope.cancelled_caught:
+        raise UnavailableError(problem())
 
 
 class RegistryClient:
@@ -241,6 +252,7 @@ class RegistryClient:
         self.registry = registry
         self.host = DOCKER_HUB_API if registry == DOCKER_HUB else registry
         self.base_url = f"{'http' if plain_http else 'https'}://{self.host}"
+        self.origin = Origin.of(self.base_url)  # the only place our credentials go
         self.retry = retry or RetryPolicy()
         self._credentials = credentials
         self._credential: Credential | None = None
@@ -297,6 +309,9 @@ class RegistryClient:
         return None
 
     async def _authenticate(self, response: httpx.Response, scope: str) -> None:
+        """Answer a 401 of the registry's own origin (the caller checked: a 401 from anywhere
+        else is a refusal, never a challenge; see :mod:`.origin`)."""
+        assert self.origin.owns(response.url), "only the registry's own origin may ask for credentials"
         challenge = parse_challenge(response.headers.get("www-authenticate", ""))
         credential = await self._credential_for_host()
         if challenge is None:
@@ -316,10 +331,13 @@ class RegistryClient:
         if params.get("service"):
             query.append(("service", params["service"]))
         query.extend(("scope", s) for s in scope.split(" ") if s)
+        # the realm may be another host (Docker Hub's token service is): the registry's own
+        # origin named it in its 401, so it is where the registry sends us to log in
         headers = {"Authorization": credential.basic} if credential else {}
         try:
             request = self._http.build_request("GET", params["realm"], params=query, headers=headers)
-            response = await self._read_bounded(await self._http.send(request, stream=True), "GET", params["realm"])
+            response = await read_bounded(await self._http.send(request, stream=True), "GET", params["realm"],
+                                          MAX_BODY_BYTES)
         except httpx.TransportError as exc:
             raise UnavailableError(f"cannot reach the token service of {self.registry}: {exc}") from None
         if response.status_code in (401, 403):
@@ -341,9 +359,9 @@ class RegistryClient:
     # -- the request loop -----------------------------------------------------------------
 
     async def _send_once(self, method: str, url: str, headers: dict[str, str], content: ContentFactory | None) -> httpx.Response:
-        """Send one request, following redirects; ``Authorization`` never leaves its host."""
+        """Send one request, following redirects; ``Authorization`` never leaves our origin."""
         assert self._http is not None
-        origin = _origin(url)
+        headers = self.origin.restrict(url, headers)
         for _ in range(6):
             body = content() if content is not None else None
             request = self._http.build_request(method, url, headers=headers, content=body)
@@ -352,25 +370,44 @@ class RegistryClient:
                 return response
             await response.aclose()
             url = urljoin(url, response.headers["location"])
-            if _origin(url) != origin:  # another host, port or scheme (an https -> http downgrade)
-                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            headers = self.origin.restrict(url, headers)  # another host, port or scheme: dropped for good
             if response.status_code == 303:
                 method, content = "GET", None
         raise RegistryError(f"{self.registry}: too many redirects for {method} {url}")
 
+    def _policy(self) -> RetryPolicy:
+        """The retry policy in force here (see :func:`single_attempt`, :func:`brief_retries`)."""
+        if _single.get():
+            return dataclasses.replace(self.retry, attempts=1)
+        return BRIEF_RETRY if _brief.get() else self.retry
+
     async def request(self, method: str, path: str, *, scope: str, headers: dict[str, str] | None = None,
                       content: ContentFactory | None = None, stream: bool = False) -> httpx.Response:
-        """Send with auth, redirects and retries. With ``stream`` the caller must close the response."""
+        """Send with auth, redirects and retries, all within the policy's deadline. With
+        ``stream``, a 2xx answer comes back unread (the caller reads and closes it); any other
+        is read whole (bounded) like every answer without ``stream``.
+
+        An upload (``content``) has no overall deadline: its time grows with its size, and
+        httpx's timeouts bound each step of it."""
         if self._http is None:
             raise RuntimeError("RegistryClient used outside 'async with'")
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        retry = SINGLE_ATTEMPT if _single.get() else BRIEF_RETRY if _brief.get() else self.retry
+        retry = self._policy()
+        if content is not None:
+            return await self._attempts(method, url, path, scope, headers, content, stream, retry)
+        with _deadline(retry.deadline, lambda: f"{self.host} did not answer {method} {urlsplit(path).path} within "
+                                               f"{retry.deadline:g}s (gave up)"):
+            return await self._attempts(method, url, path, scope, headers, content, stream, retry)
+        raise AssertionError("unreachable")
+
+    async def _attempts(self, method: str, url: str, path: str, scope: str, headers: dict[str, str] | None,
+                        content: ContentFactory | None, stream: bool, retry: RetryPolicy) -> httpx.Response:
         deadline = trio.current_time() + retry.deadline
         attempt, authenticated = 0, False
         while True:
             attempt += 1
             send_headers = dict(headers or {})
-            auth = await self._auth_header(scope)
+            auth = self.origin.allow(url, await self._auth_header(scope))
             if auth:
                 send_headers["Authorization"] = auth
             retry_after = None
@@ -384,7 +421,7 @@ class RegistryClient:
                 if not worth_retrying and FAIL_FAST.get():
                     raise UnavailableError(problem) from None
             else:
-                if response.status_code == 401 and not authenticated:
+                if response.status_code == 401 and not authenticated and self.origin.owns(response.url):
                     await response.aclose()
                     self._tokens.drop(scope)
                     await self._authenticate(response, scope)
@@ -399,7 +436,9 @@ class RegistryClient:
                                            "(and plain_http for it in the config)")
                         return answer
                     if response.status_code != 429 and response.status_code < 500:
-                        return response if stream else await self._read_bounded(response, method, path)
+                        if stream and response.status_code < 300:
+                            return response
+                        return await self._read_bounded(response, method, path)
                     response = await self._read_bounded(response, method, path)
                     problem = f"{self.host} answered {response.status_code} {_error_message(response)} to {method} {path}"
                     retry_after = _retry_after(response)
@@ -412,26 +451,19 @@ class RegistryClient:
             log.info("retrying in %.2fs: %s", delay, problem)
             await trio.sleep(delay)
 
-    async def _read_bounded(self, response: httpx.Response, method: str, path: str) -> httpx.Response:
+    @staticmethod
+    async def _read_bounded(response: httpx.Response, method: str, path: str) -> httpx.Response:
         """The whole body of a response that is not a blob (manifest, token, listing, error),
-        refused past MAX_BODY_BYTES: a hostile or broken server cannot make us hold gigabytes."""
-        chunks, total = [], 0
-        try:
-            async for chunk in BlobBody(response, what=f"the answer to {method} {path}").aiter_raw():
-                total += len(chunk)
-                if total > MAX_BODY_BYTES:
-                    raise RegistryError(f"{response.url.netloc.decode()} sent over {MAX_BODY_BYTES} bytes in answer to "
-                                        f"{method} {urlsplit(path).path}; refusing it")
-                chunks.append(chunk)
-        finally:
-            await response.aclose()
-        whole = httpx.Response(response.status_code, headers=response.headers, content=b"".join(chunks),
-                               request=response.request)
-        whole.read()
-        return whole
+        refused past MAX_BODY_BYTES, after decoding too (:func:`.bounded.read_bounded`)."""
+        return await read_bounded(response, method, path, MAX_BODY_BYTES)
 
     def _raise_for(self, response: httpx.Response, what: str) -> None:
         code = response.status_code
+        if code in (401, 403) and not self.origin.owns(response.url):
+            # storage or a CDN a redirect led to: that location refuses (an expired presigned
+            # URL, or one that asks for credentials it must never get from us)
+            raise LocationRejected(f"{response.url.netloc.decode()}, where {self.registry} sent the request for {what}, "
+                                   f"refused it (HTTP {code})")
         if code == 401:
             raise AuthenticationError(f"authentication to {self.registry} failed for {what}: run `modelfs login {self.registry}`")
         if code == 403:
@@ -455,7 +487,7 @@ class RegistryClient:
         """Prove the credentials work: /v2/ with basic auth, or a token for a pull scope."""
         scope = self.scope(repository) if repository else "registry:catalog:*"
         response = await self.request("GET", "/v2/", scope=scope)
-        if response.status_code == 401:
+        if response.status_code == 401 and self.origin.owns(response.url):
             raise AuthenticationError(f"{self.registry} rejected the credentials")
         if response.status_code != 200:
             self._raise_for(response, "the API root /v2/")
@@ -477,14 +509,17 @@ class RegistryClient:
 
     async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
         """Fetch a small blob whole (config, index) and verify its digest; bytes that do not
-        match (corrupted on the way) are fetched again, twice at most."""
-        for attempt in range(3):
-            try:
-                return await self._get_blob_once(repository, digest, max_size)
-            except (IntegrityError, ConnectionLostError) as exc:
-                if attempt == 2:
-                    raise
-                log.warning("%s; fetching it again", exc)
+        match (corrupted on the way) are fetched again, twice at most. All of it within the
+        policy's deadline: its body is read whole, and a trickle must not hold the caller."""
+        seconds = self._policy().deadline
+        with _deadline(seconds, lambda: f"{self.host} did not send blob {digest} within {seconds:g}s (gave up)"):
+            for attempt in range(3):
+                try:
+                    return await self._get_blob_once(repository, digest, max_size)
+                except (IntegrityError, ConnectionLostError) as exc:
+                    if attempt == 2:
+                        raise
+                    log.warning("%s; fetching it again", exc)
         raise AssertionError("unreachable")
 
     async def _get_blob_once(self, repository: str, digest: str, max_size: int) -> bytes:
@@ -514,8 +549,7 @@ class RegistryClient:
             if response.status_code == 416:
                 raise RegistryError(f"{self.registry}: range {start}-{end} is outside blob {digest}")
             if response.status_code not in (200, 206):
-                self._raise_for(await self._read_bounded(response, "GET", f"/v2/{repository}/blobs/{digest}"),
-                                f"blob {digest} in {repository}")
+                self._raise_for(response, f"blob {digest} in {repository}")  # read whole by request()
             if ranged and response.status_code == 206:
                 expected = f"bytes {start}-"
                 if not response.headers.get("content-range", "").startswith(expected):
@@ -538,14 +572,15 @@ class RegistryClient:
         refused comes back for :meth:`locate_blob`."""
         path = f"/v2/{repository}/blobs/{digest}"
         authorization = await self._auth_header(self.scope(repository))
-        return BlobLocation(self.base_url + path, authorization, self.host, time.monotonic() + LOCATION_TTL)
+        return BlobLocation(self.base_url + path, authorization, self.host, time.monotonic() + LOCATION_TTL,
+                            owner=self.origin)
 
     def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
-        """The location a redirect of ``location`` points to: ``Authorization`` only if it
-        stays on the same origin (scheme, host and port: an https -> http downgrade drops it)."""
-        same_origin = _origin(url) == _origin(location.url)
-        return BlobLocation(url, location.authorization if same_origin else None, location.source,
-                            time.monotonic() + REDIRECT_TTL, redirected=True)
+        """The location a redirect of ``location`` points to: ``Authorization`` only while the
+        chain stays on the origin it belongs to (scheme, host and port: an https -> http
+        downgrade drops it), and gone for good once it left."""
+        return BlobLocation(url, location.owner.allow(url, location.authorization), location.source,
+                            time.monotonic() + REDIRECT_TTL, redirected=True, owner=location.owner)
 
     async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
         """Where worker threads read ranges of a blob, asked of the registry: the URL a GET
@@ -557,14 +592,14 @@ class RegistryClient:
                                       stream=True)
         try:
             if response.status_code not in (200, 206):
-                self._raise_for(await self._read_bounded(response, "GET", path), f"blob {digest} in {repository}")
+                self._raise_for(response, f"blob {digest} in {repository}")  # read whole by request()
             url = str(response.url)
-            authorization = response.request.headers.get("authorization")
+            authorization = self.origin.allow(url, response.request.headers.get("authorization"))
         finally:
             await response.aclose()
         redirected = url != self.base_url + path
         ttl = REDIRECT_TTL if redirected else LOCATION_TTL
-        return BlobLocation(url, authorization, self.host, time.monotonic() + ttl, redirected)
+        return BlobLocation(url, authorization, self.host, time.monotonic() + ttl, redirected, owner=self.origin)
 
     async def blob_size(self, repository: str, digest: str) -> int | None:
         """HEAD a blob: its size, or None when the registry does not have it."""

@@ -7,6 +7,10 @@ configuration. A mirror that fails (unreachable, 5xx, refused) is skipped for a 
 of being retried on every request. A mirror that answers "not found" is healthy — a
 pull-through cache lacks whatever it was never asked for, such as the block-index tag — so
 only that request moves on to the next source. Writes never go to mirrors.
+
+Each mirror is a :class:`RegistryClient` of its own origin (:mod:`.origin`): the credentials
+it may get are those stored for the mirror's own host, never the registry's, and a 401 it
+sends that those cannot answer is its refusal, which moves the read on to the next source.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ the GIL released), and that buffer is what gets hashed, written to the cache and
 
 Where to send the request comes from the control plane as a :class:`BlobLocation`: the URL
 after redirects (a CDN or presigned storage URL as real registries use), with
-``Authorization`` only when that URL is on the registry's own origin. A location the server
-no longer honours (a token or presigned URL that expired) raises :class:`LocationRejected`,
-and the control plane resolves a fresh one. A transfer can be aborted from another thread
+``Authorization`` sent only when that URL is on the origin the credential belongs to (the
+rule of :mod:`.origin`, applied again here, where the request leaves). A location the server
+no longer honours (a token or presigned URL that expired, storage that asks for credentials)
+raises :class:`LocationRejected`, and the control plane resolves a fresh one. A transfer can be aborted from another thread
 (a stalled server, an unmount): its socket is shut down, so the blocked read returns at once.
 """
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import ConnectionLostError, IntegrityError, RegistryError
+from .origin import Origin
 
 IDLE_PER_ORIGIN = 16  # kept-alive connections per origin: one per worker is plenty
 
@@ -37,10 +39,11 @@ class BlobLocation:
     """Where the bytes of one blob can be read right now."""
 
     url: str
-    authorization: str | None  # sent only to the origin that asked for it
+    authorization: str | None  # sent only to ``owner``
     source: str  # host that answered for the registry (a mirror, or the registry itself)
     expires: float  # time.monotonic() after which the control plane resolves it again
     redirected: bool = False
+    owner: Origin = field(kw_only=True)  # the origin ``authorization`` belongs to: the registry's, or a mirror's
 
 
 class LocationRejected(RegistryError):
@@ -193,8 +196,9 @@ def read_range(pool: ConnectionPool, location: BlobLocation, start: int, lengths
     port = parts.port or (443 if scheme == "https" else 80)
     end = start + sum(lengths)
     headers = {"Range": f"bytes={start}-{end - 1}", "Accept-Encoding": "identity", "User-Agent": "modelfs/0.1"}
-    if location.authorization:
-        headers["Authorization"] = location.authorization
+    authorization = location.owner.allow(location.url, location.authorization)
+    if authorization:
+        headers["Authorization"] = authorization
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     response, conn = _send(pool, location, scheme, host, port, target, headers, transfer, what)
     reusable = False
