@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from modelfs.credentials import Credential
-from modelfs.errors import RegistryError
+from modelfs.errors import AuthenticationError, RegistryError
 from modelfs.registry import RegistryClient, RetryPolicy, brief_retries
 
 BLOB = bytes(range(256)) * 64
@@ -193,6 +193,22 @@ async def test_credentials_go_only_to_the_registrys_origin_and_a_401_elsewhere_i
     assert isinstance(refused.value, LocationRejected)
     assert str(refused.value) == ("storage.test, where registry.test sent the request for upload of "
                                   f"{DIGEST}, refused it (HTTP 401)")
+
+
+async def test_a_tls_registry_naming_a_plain_http_realm_never_gets_the_password_in_clear():
+    import httpx
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(401, headers={"WWW-Authenticate": 'Bearer realm="http://auth.registry.test/token"'},
+                              stream=httpx.ByteStream(b""))
+
+    async with RegistryClient("registry.test", transport=httpx.MockTransport(answer)) as client:
+        client.use_credential(Credential("alice", "s3cret-pass"))
+        with pytest.raises(AuthenticationError, match="without TLS .*refusing to send the credentials there in clear"):
+            await client.get_manifest("org/model", "v1")
+    assert [r.url.host for r in seen] == ["registry.test"]
 
 
 def _trickling_server() -> tuple[object, str]:

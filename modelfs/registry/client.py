@@ -332,7 +332,12 @@ class RegistryClient:
             query.append(("service", params["service"]))
         query.extend(("scope", s) for s in scope.split(" ") if s)
         # the realm may be another host (Docker Hub's token service is): the registry's own
-        # origin named it in its 401, so it is where the registry sends us to log in
+        # origin named it in its 401, so it is where the registry sends us to log in; but a
+        # registry reached over TLS never gets the password sent in clear by naming http://
+        realm = httpx.URL(params["realm"])
+        if credential is not None and self.origin.scheme == "https" and realm.scheme != "https":
+            raise AuthenticationError(f"{self.registry} names a token service without TLS ({realm.scheme}://{realm.host}); "
+                                      "refusing to send the credentials there in clear")
         headers = {"Authorization": credential.basic} if credential else {}
         try:
             request = self._http.build_request("GET", params["realm"], params=query, headers=headers)
