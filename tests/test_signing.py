@@ -1,0 +1,195 @@
+"""Signatures checked before the first byte is served: real model-signing (OMS) signatures,
+modelfs's own cosign-compatible bundles, the legacy .sig tag, keyless Sigstore bundles from
+public test vectors, against the real registry fixture and real FUSE mounts."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Cli, daemon_pid, push_artifact
+from proxy import CountingProxy
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+model_signing = pytest.importorskip("model_signing")
+from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
+
+VECTORS = Path(__file__).parent / "data" / "sigstore"
+MODELFILE = "NAME signed\nCONFIG config.json\nMODEL *.safetensors\nDOC tokenizer.json\nDOC model.sig\n"
+BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+
+
+def _write_key(directory: Path, name: str, key) -> tuple[Path, Path]:
+    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def _model_dir(root: Path, name: str, weight: bytes) -> Path:
+    directory = root / name
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"model": name}))
+    (directory / "tokenizer.json").write_text('{"vocab": ["a", "b"]}')
+    (directory / "model.safetensors").write_bytes(weight)
+    (directory / "Modelfile").write_text(MODELFILE)
+    return directory
+
+
+def _oms_sign(directory: Path, private: Path) -> None:
+    """model_signing's own API, as `model_signing sign key` does (Modelfile excluded: it is the build's)."""
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=str(private)).set_hashing_config(
+        model_signing.hashing.Config().set_ignored_paths(paths=["Modelfile"], ignore_git_paths=True)
+    ).sign(directory, directory / "model.sig")
+
+
+def _push(cli: Cli, registry, directory: Path, repository: str) -> str:
+    ref = f"{registry.address}/{repository}:v1"
+    cli.run("build", "-t", ref, "-f", str(directory / "Modelfile"), str(directory))
+    cli.run("push", "--plain-http", ref)
+    return ref
+
+
+class World:
+    """Keys, and models signed (or not) in every way the tests need, built and pushed once."""
+
+    def __init__(self, root: Path, registry) -> None:
+        self.root, self.registry = root, registry
+        self.cli = Cli(root / "home")
+        self.release, self.release_pub = _write_key(root, "release", ec.generate_private_key(ec.SECP256R1()))
+        self.other, self.other_pub = _write_key(root, "other", ec.generate_private_key(ec.SECP256R1()))
+        self.edkey, self.edkey_pub = _write_key(root, "ed", ed25519.Ed25519PrivateKey.generate())
+        a = _model_dir(root, "a", os.urandom(300_000))
+        _oms_sign(a, self.release)
+        self.a_dir = a
+        self.a = _push(self.cli, registry, a, "sign/a")
+        swapped = _model_dir(root, "swapped", os.urandom(300_000))  # same names, a new weight, A's signature
+        shutil.copy(a / "model.sig", swapped / "model.sig")
+        for name in ("config.json", "tokenizer.json"):
+            shutil.copy(a / name, swapped / name)
+        self.swapped = _push(self.cli, registry, swapped, "sign/swapped")
+        b = _model_dir(root, "b", os.urandom(200_000))  # another model carrying A's signature
+        shutil.copy(a / "model.sig", b / "model.sig")
+        self.b = _push(self.cli, registry, b, "sign/b")
+        c = _model_dir(root, "c", os.urandom(100_000))  # unsigned: no model.sig
+        (c / "Modelfile").write_text(MODELFILE.replace("DOC model.sig\n", ""))
+        self.c_dir = c
+        self.c = _push(self.cli, registry, c, "sign/c")
+
+    def digest(self, ref: str) -> str:
+        repository, tag = ref.split("/", 1)[1].rsplit(":", 1)
+        response = httpx.head(f"http://{self.registry.address}/v2/{repository}/manifests/{tag}",
+                              headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        return response.headers["docker-content-digest"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, registry) -> World:
+    return World(tmp_path_factory.mktemp("signing"), registry)
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("modelfs: error:")]
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_oms_signed_model_mounts_pulls_and_extracts_under_enforce(world, mounts, tmp_path):
+    """Signed with the real model-signing package, built by modelfs with model.sig in the
+    Modelfile: verify names the signer, and mount, pull and extract serve it with the key."""
+    key = ("--key", str(world.release_pub))
+    out = world.cli.run("verify", "--plain-http", *key, world.a).stdout
+    assert "ok   model.sig in the artifact: OMS model signature by key" in out and "all 3 files" in out, out
+    target = mounts.mount(world.a, *key, cli=world.cli)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert (target / name).read_bytes() == (world.a_dir / name).read_bytes()
+    world.cli.run("pull", "--plain-http", *key, world.a)
+    world.cli.run("extract", "--plain-http", *key, world.a, "-o", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (world.a_dir / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["other key", "swapped weight", "A's signature on B", "unsigned"])
+def test_refused_under_enforce_with_one_line_naming_the_signature(world, mounts, tmp_path, case):
+    """Nothing is served or kept: mount, pull and extract all refuse, in one line saying which
+    signature failed and why, and no blob reaches the cache."""
+    ref, key, expected = {
+        "other key": (world.a, world.other_pub, "model.sig in the artifact (Sigstore bundle): signed by a key"),
+        "swapped weight": (world.swapped, world.release_pub, "model.safetensors: signed sha256:"),
+        "A's signature on B": (world.b, world.release_pub, "model.safetensors: signed sha256:"),
+        "unsigned": (world.c, world.release_pub, "no signature found"),
+    }[case]
+    cli = Cli(tmp_path / "home")
+    line = _one_line_error(mounts.refused(ref, "--key", str(key), cli=cli))
+    assert expected in line and "is not signed as the policy requires" in line, line
+    for command in (["pull"], ["extract", "-o", str(tmp_path / "out")]):
+        assert expected in _one_line_error(cli.run(*command, "--plain-http", "--key", str(key), ref, check=False))
+    assert not [p for p in (cli.cache_dir / "blobs").rglob("*") if p.is_file()], "a refused model leaves no blob"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_sign_then_verify_round_trip_and_the_bundle_is_cosigns(world):
+    """`modelfs sign` attaches a v0.3 bundle as a referrer (the fallback tag on Distribution
+    2.8); `modelfs verify` accepts it with the public key and refuses another key. The bundle
+    is parsed by sigstore's own models and its DSSE signature checked independently."""
+    from sigstore_models.bundle.v1 import Bundle
+    ref = world.c.replace("sign/c", "sign/c2")
+    world.cli.run("tag", world.c, ref)
+    world.cli.run("push", "--plain-http", ref)
+    out = world.cli.run("sign", "--plain-http", ref, "--key", str(world.edkey)).stdout
+    assert "Signed" in out and "Ed25519" in out
+    verified = world.cli.run("verify", "--plain-http", "--key", str(world.edkey_pub), ref).stdout
+    assert "ok   referrer sha256:" in verified and "cosign signature by key" in verified, verified
+    line = _one_line_error(world.cli.run("verify", "--plain-http", "--key", str(world.other_pub), ref, check=False))
+    assert "signed by a key" in line and "not a signer the policy names" in line
+    digest = world.digest(ref)
+    index = httpx.get(f"http://{world.registry.address}/v2/sign/c2/manifests/{digest.replace(':', '-')}",
+                      headers={"Accept": "application/vnd.oci.image.index.v1+json"}).json()
+    entry = next(m for m in index["manifests"] if m["artifactType"] == BUNDLE_TYPE)
+    referrer = httpx.get(f"http://{world.registry.address}/v2/sign/c2/manifests/{entry['digest']}",
+                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    assert referrer["subject"]["digest"] == digest and referrer["layers"][0]["mediaType"] == BUNDLE_TYPE
+    raw = httpx.get(f"http://{world.registry.address}/v2/sign/c2/blobs/{referrer['layers'][0]['digest']}").content
+    bundle = Bundle.from_json(raw)
+    envelope = bundle.dsse_envelope
+    statement = json.loads(envelope.payload)
+    assert statement["predicateType"] == "https://sigstore.dev/cosign/sign/v1"
+    assert "sha256:" + statement["subject"][0]["digest"]["sha256"] == digest
+    pae = b"DSSEv1 %d %s %d %s" % (len(envelope.payload_type), envelope.payload_type.encode(), len(envelope.payload),
+                                   envelope.payload)
+    public = serialization.load_pem_public_key(world.edkey_pub.read_bytes())
+    public.verify(envelope.signatures[0].sig, pae)  # raises if it does not match
+
+
+def test_keyless_vectors_verify_offline_against_their_trusted_root():
+    """Real keyless bundles (Fulcio certificates, Rekor proofs) from PyPI packages' test data,
+    checked offline against the trusted roots that came with sigstore: the right identity
+    passes, a wrong identity or issuer fails, a changed payload fails."""
+    from modelfs.signing.bundle import Identity, parse, verify_keyless
+    prod = VECTORS / "pypi_attestation_models-0.0.4a2.tar.gz.sigstore"
+    identity = "https://github.com/trailofbits/pypi-attestation-models/.github/workflows/release.yml@refs/tags/v0.0.4a2"
+    issuer = "https://token.actions.githubusercontent.com"
+    root = str(VECTORS / "trusted_root.prod.json")
+    bundle = parse(prod.read_bytes())
+    signed = verify_keyless(bundle, (Identity("someone@example.com", issuer), Identity(identity, issuer)), root, b"")
+    assert signed.signer == f"certificate of {identity} (issuer {issuer})"
+    assert b"pypi_attestation_models-0.0.4a2.tar.gz" in signed.payload
+    for wrong in (Identity(identity.replace("trailofbits", "evil"), issuer), Identity(identity, "https://evil.example")):
+        with pytest.raises(ValueError):
+            verify_keyless(bundle, (wrong,), root, b"")
+    with pytest.raises(ValueError):  # the staging one is not trusted by the production root
+        staging = parse((VECTORS / "rfc8785-0.1.2-py3-none-any.whl.sigstore").read_bytes())
+        verify_keyless(staging, (Identity("william@yossarian.net", "https://github.com/login/oauth"),), root, b"")
+    doc = json.loads(prod.read_bytes())
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(signed.payload.replace(b"0.0.4a2", b"0.0.4a3")).decode()
+    with pytest.raises(ValueError):
+        verify_keyless(parse(json.dumps(doc).encode()), (Identity(identity, issuer),), root, b"")
