@@ -193,3 +193,111 @@ def test_keyless_vectors_verify_offline_against_their_trusted_root():
     doc["dsseEnvelope"]["payload"] = base64.b64encode(signed.payload.replace(b"0.0.4a2", b"0.0.4a3")).decode()
     with pytest.raises(ValueError):
         verify_keyless(parse(json.dumps(doc).encode()), (Identity(identity, issuer),), root, b"")
+
+
+def _put_blob(registry, repository: str, data: bytes) -> dict:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    upload = httpx.post(f"http://{registry.address}/v2/{repository}/blobs/uploads/")
+    location = httpx.URL(f"http://{registry.address}").join(upload.headers["location"])
+    httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
+    return {"digest": digest, "size": len(data)}
+
+
+def _put_manifest(registry, repository: str, tag: str, doc: dict, media_type: str) -> dict:
+    data = json.dumps(doc).encode()
+    httpx.put(f"http://{registry.address}/v2/{repository}/manifests/{tag}", content=data,
+              headers={"Content-Type": media_type}).raise_for_status()
+    return {"mediaType": media_type, "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def _attach(registry, repository: str, subject: str, blobs: list[tuple[bytes, str]]) -> None:
+    """Referrers of ``subject``, each (blob, artifact type), listed in the fallback tag (Distribution 2.8)."""
+    empty = {"mediaType": "application/vnd.oci.empty.v1+json", **_put_blob(registry, repository, b"{}")}
+    entries = []
+    for number, (data, kind) in enumerate(blobs):
+        doc = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "artifactType": kind,
+               "config": empty, "layers": [{"mediaType": kind, **_put_blob(registry, repository, data)}],
+               "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": subject, "size": 1},
+               "annotations": {"n": str(number)}}
+        entries.append({**_put_manifest(registry, repository, f"r{number}", doc, doc["mediaType"]), "artifactType": kind})
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}
+    _put_manifest(registry, repository, subject.replace(":", "-"), index, index["mediaType"])
+
+
+def _legacy_sig(world, repository: str, signed_digest: str) -> None:
+    """cosign's legacy `sha256-<hex>.sig` tag on ``repository``'s model, its payload naming ``signed_digest``."""
+    from modelfs.signing.keys import load_private
+    subject = world.digest(f"{world.registry.address}/{repository}:v1")
+    payload = json.dumps({"critical": {"identity": {"docker-reference": repository},
+                                       "image": {"docker-manifest-digest": signed_digest},
+                                       "type": "cosign container image signature"}, "optional": None}).encode()
+    signature = base64.b64encode(load_private(str(world.release)).sign(payload)).decode()
+    layer = {"mediaType": "application/vnd.dev.cosign.simplesigning.v1+json",
+             **_put_blob(world.registry, repository, payload),
+             "annotations": {"dev.cosignproject.cosign/signature": signature}}
+    config = {"mediaType": "application/vnd.oci.image.config.v1+json", **_put_blob(world.registry, repository, b"{}")}
+    _put_manifest(world.registry, repository, subject.replace(":", "-") + ".sig",
+                  {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config,
+                   "layers": [layer]}, "application/vnd.oci.image.manifest.v1+json")
+
+
+def test_legacy_sig_tag_is_read_and_one_pointing_elsewhere_refused(world):
+    for name, target in (("sign/legacy-ok", None), ("sign/legacy-replay", world.digest(world.a))):
+        ref = f"{world.registry.address}/{name}:v1"
+        world.cli.run("tag", world.c, ref)
+        world.cli.run("push", "--plain-http", ref)
+        _legacy_sig(world, name, target or world.digest(ref))
+    out = world.cli.run("verify", "--plain-http", "--key", str(world.release_pub),
+                        f"{world.registry.address}/sign/legacy-ok:v1").stdout
+    assert "ok   .sig tag, signature 1: cosign legacy signature by key" in out, out
+    line = _one_line_error(world.cli.run("verify", "--plain-http", "--key", str(world.release_pub),
+                                         f"{world.registry.address}/sign/legacy-replay:v1", check=False))
+    assert f".sig tag, signature 1 (cosign legacy signature): signs {world.digest(world.a)[:19]}…, not this" in line
+
+
+def test_hostile_signatures_each_refused_naming_which_and_why(world):
+    """A referrer that is not a signature, a bundle nested too deep, one too big, a notation
+    signature (not read), a real keyless bundle of something else (a replay): each is one
+    FAIL line with its reason, and the model is refused."""
+    ref = f"{world.registry.address}/sign/hostile:v1"
+    world.cli.run("tag", world.c, ref)
+    world.cli.run("push", "--plain-http", ref)
+    deep = b'{"mediaType":"application/vnd.dev.sigstore.bundle.v0.3+json","x":' + b"[" * 100 + b"]" * 100 + b"}"
+    _attach(world.registry, "sign/hostile", world.digest(ref), [
+        (b'{"hello": "not a bundle"}', BUNDLE_TYPE), (deep, BUNDLE_TYPE), (b" " * (17 << 20), BUNDLE_TYPE),
+        (b"{}", "application/vnd.cncf.notary.signature"),
+        ((VECTORS / "pypi_attestation_models-0.0.4a2.tar.gz.sigstore").read_bytes(), BUNDLE_TYPE),
+        (b"{}", "application/vnd.example.sbom")])
+    identity = "https://github.com/trailofbits/pypi-attestation-models/.github/workflows/release.yml@refs/tags/v0.0.4a2"
+    result = world.cli.run("verify", "--plain-http", "--key", str(world.release_pub), "--certificate-identity", identity,
+                           "--certificate-oidc-issuer", "https://token.actions.githubusercontent.com",
+                           "--trusted-root", str(VECTORS / "trusted_root.prod.json"), ref, check=False)
+    _one_line_error(result)
+    fails = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("FAIL")]
+    assert len(fails) == 5, result.stdout  # the SBOM referrer is no signature and is not listed
+    expected = ["is not a Sigstore bundle", "nests deeper than 32 levels", "larger than 16777216 bytes",
+                "Notary Project (notation) signature: modelfs does not read these",
+                "an attestation of type 'https://docs.pypi.org/attestations/publish/v1', not a signature"]
+    for reason in expected:
+        assert any(reason in line for line in fails), (reason, fails)
+    assert any("by certificate of " + identity in line for line in fails), "the keyless signer was verified first"
+
+
+def test_warn_serves_and_says_so_everywhere(world, mounts):
+    """Under warn an unsigned model mounts, and the terminal, the daemon's log, `status` and
+    the host metrics say it is unsigned."""
+    target = mounts.base / "warn"
+    target.mkdir(parents=True)
+    mounted = world.cli.run("mount", "--plain-http", "--signatures", "warn", "--key", str(world.release_pub), world.c,
+                            str(target))
+    mounts.active.append(target)
+    assert "warning: signatures = warn: NOT signed as the policy requires: no signature found" in mounted.stderr
+    assert daemon_pid(mounted.stdout) > 0
+    assert (target / "config.json").read_bytes() == (world.c_dir / "config.json").read_bytes()
+    status = world.cli.run("status").stdout
+    assert f"{target}:" in status and "UNSIGNED: NOT signed as the policy requires: no signature found" in status
+    metrics = world.cli.run("metrics").stdout
+    assert any(line.startswith("modelfs_mount_signatures_met{") and str(target) in line and line.endswith(" 0")
+               for line in metrics.splitlines()), metrics
+    log = (world.cli.cache_dir / "logs" / (str(target).strip("/").replace("/", "-") + ".log")).read_text()
+    assert "signatures = warn: serving" in log

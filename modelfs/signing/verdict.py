@@ -55,7 +55,8 @@ class Finding:
             covered = "the manifest digest" if self.coverage.covers_manifest else \
                 f"all {self.coverage.files_signed} files, each digest equal to its layer's"
             return f"ok   {self.where}: {self.what} by {self.signer}, covering {covered}"
-        return f"FAIL {self.where}: {self.what}: {self.reason}"
+        by = f" by {self.signer}" if self.signer else ""
+        return f"FAIL {self.where}: {self.what}{by}: {self.reason}"
 
 
 @dataclass(frozen=True)
