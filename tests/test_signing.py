@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -301,3 +302,105 @@ def test_warn_serves_and_says_so_everywhere(world, mounts):
                for line in metrics.splitlines()), metrics
     log = (world.cli.cache_dir / "logs" / (str(target).strip("/").replace("/", "-") + ".log")).read_text()
     assert "signatures = warn: serving" in log
+
+
+def test_lazy_under_enforce_reads_no_weight_to_verify_and_one_mib_to_read_one(world, mounts, tmp_path):
+    """A 256 MiB weight signed by model-signing (OMS files, sha256) and its manifest by
+    `modelfs sign`: verify plus mount plus reading its first MiB fetch under 32 MiB, counted at
+    the registry. Verifying the OMS statement alone reads no weight byte at all. (256 MiB of
+    zeros: sparse, fast to make, and as costly to fetch as any other bytes.)"""
+    directory = tmp_path / "big"
+    directory.mkdir()
+    (directory / "config.json").write_text('{"big": true}')
+    with open(directory / "model.safetensors", "wb") as handle:
+        handle.truncate(256 << 20)
+    (directory / "Modelfile").write_text("NAME big\nCONFIG config.json\nMODEL model.safetensors\nDOC model.sig\n")
+    _oms_sign(directory, world.release)
+    ref = _push(world.cli, world.registry, directory, "sign/big")
+    proxy = CountingProxy(world.registry.port)
+    try:
+        via_proxy = ref.replace(world.registry.address, proxy.address)
+        key = ("--key", str(world.release_pub))
+        verified = world.cli.run("verify", "--plain-http", *key, via_proxy).stdout
+        assert "OMS model signature by key" in verified
+        assert proxy.downstream_bytes < 1 << 20, proxy.downstream_bytes  # no weight byte: only manifest and model.sig
+        world.cli.run("sign", "--plain-http", ref, "--key", str(world.release))
+        proxy.reset()
+        cli = Cli(tmp_path / "home")
+        cli.run("verify", "--plain-http", *key, via_proxy)
+        target = mounts.mount(via_proxy, *key, "--prefetch", "none", cli=cli)
+        with open(target / "model.safetensors", "rb") as handle:
+            assert handle.read(1 << 20) == bytes(1 << 20)
+        assert proxy.downstream_bytes < 32 << 20, proxy.downstream_bytes
+    finally:
+        proxy.close()
+
+
+def test_file_only_signature_never_vouches_for_the_block_index():
+    """Under enforce, a verdict resting on an OMS statement (each layer's digest, not the
+    manifest) drops the manifest's block index: a re-pushed manifest could name a forged
+    index for the same signed layers. A signature of the manifest keeps it; an index
+    attached as a referrer is covered by no signature and is dropped."""
+    from modelfs.mount.blockindex import BlockIndex, TrustedIndex
+    from modelfs.signing import Policy, gate_index
+    from modelfs.signing.statement import Coverage
+    from modelfs.signing.verdict import Finding, Verdict
+    named, attached = TrustedIndex(BlockIndex(1 << 20, {}), vouched=True), TrustedIndex(BlockIndex(1 << 20, {}), False)
+    files = Finding("model.sig", "OMS model signature", "key k", Coverage(files_signed=3))
+    manifest = Finding("referrer", "cosign signature", "key k", Coverage(covers_manifest=True))
+    for mode, finding, index, kept in (("enforce", files, named, False), ("enforce", manifest, named, True),
+                                       ("enforce", manifest, attached, False), ("warn", files, named, True)):
+        verdict = Verdict("ref", Policy(mode), [finding])
+        assert verdict.met
+        assert (gate_index(verdict, index) is index) is kept, (mode, finding.what, index.vouched)
+
+
+def test_offline_remount_needs_no_network_and_a_changed_policy_checks_again(world, mounts, tmp_path):
+    """The verdict is recorded with the model: a remount while the registry cannot be reached
+    checks the recorded signature again (no network); another policy (one more key) has no
+    verdict to reuse and is refused offline."""
+    proxy = CountingProxy(world.registry.port)
+    cli = Cli(tmp_path / "home")
+    via_proxy = world.a.replace(world.registry.address, proxy.address)
+    key = ("--key", str(world.release_pub))
+    try:
+        mounts.umount(mounts.mount(via_proxy, *key, cli=cli))
+    finally:
+        proxy._server.shutdown(socket.SHUT_RDWR)  # wakes its accept(): the port refuses from now on
+        proxy.close()
+    target = mounts.base / "offline"
+    target.mkdir()
+    result = cli.run("mount", "--plain-http", *key, via_proxy, str(target))
+    mounts.active.append(target)
+    assert "warning: offline" in result.stderr
+    assert (target / "config.json").read_bytes() == (world.a_dir / "config.json").read_bytes()
+    refused = mounts.refused(via_proxy, *key, "--key", str(world.other_pub), cli=cli)
+    assert "cannot check its signatures: the registry cannot be reached and no verdict was recorded for this policy" \
+        in _one_line_error(refused)
+
+
+def test_csi_publish_under_the_node_policy(world, tmp_path):
+    """The node's config names the policy for a registry scope: a signed model is published,
+    an unsigned one refused with PERMISSION_DENIED naming why, and a pod cannot turn it off."""
+    import grpc
+    from csi_plugin import Plugin
+    config = tmp_path / "config.toml"
+    config.write_text(f'[trust."{world.registry.address}/sign"]\nsignatures = "enforce"\n'
+                      f'key = ["{world.release_pub}"]\n')
+    plugin = Plugin(tmp_path / "node", dict(world.cli.env, MODELFS_CONFIG=str(config)))
+    plugin.start()
+    try:
+        target = plugin.target()
+        plugin.client.publish("vol-signed", target, {"reference": world.a, "plain_http": "true"})
+        assert (target / "config.json").read_bytes() == (world.a_dir / "config.json").read_bytes()
+        for attributes, code, message in (
+                ({"reference": world.c, "plain_http": "true"}, grpc.StatusCode.PERMISSION_DENIED,
+                 "is not signed as the policy requires"),
+                ({"reference": world.c, "plain_http": "true", "signatures": "off"}, grpc.StatusCode.INVALID_ARGUMENT,
+                 "unknown key 'signatures'")):
+            with pytest.raises(grpc.RpcError) as refused:
+                plugin.client.publish("vol-unsigned", plugin.target("other"), attributes)
+            assert refused.value.code() == code and message in refused.value.details(), refused.value.details()
+        plugin.client.unpublish("vol-signed", target)
+    finally:
+        plugin.cleanup()
