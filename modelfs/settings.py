@@ -113,17 +113,17 @@ def parse_path(value: Any, where: str) -> str:
     return value
 
 
-def parse_paths(value: Any, where: str) -> tuple[str, ...]:
+def parse_paths(value: Any, where: str) -> list[str]:
     """One path, or a list of them (a repeated flag or fstab option gives one at a time)."""
     items = value if isinstance(value, list) else [value]
-    return tuple(parse_path(item, where) for item in items)
+    return [parse_path(item, where) for item in items]
 
 
-def parse_texts(value: Any, where: str) -> tuple[str, ...]:
+def parse_texts(value: Any, where: str) -> list[str]:
     items = value if isinstance(value, list) else [value]
     if not items or not all(isinstance(item, str) and item.strip() for item in items):
         raise ConfigError(f"{where} must be a non-empty string or a list of them")
-    return tuple(item.strip() for item in items)
+    return [item.strip() for item in items]
 
 
 def parse_text(value: Any, where: str) -> str:
@@ -236,7 +236,7 @@ def add_flags(parser: Any, common: bool, command: str | None = None) -> None:
         if setting.switch:
             parser.add_argument(setting.flag, action="store_true", default=None, help=setting.help)
         elif setting.repeat:
-            parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help, action="append",
+            parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help, action="extend",
                                 type=_flag_parser(setting))
         else:
             parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help,

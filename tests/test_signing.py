@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Cli, daemon_pid, push_artifact
+from conftest import Cli, daemon_pid
 from proxy import CountingProxy
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -404,3 +404,52 @@ def test_csi_publish_under_the_node_policy(world, tmp_path):
         plugin.client.unpublish("vol-signed", target)
     finally:
         plugin.cleanup()
+
+
+def test_policy_per_repository_scope_flags_first_and_clear_mistakes(tmp_path):
+    """[trust."registry/repository"]: the longest scope containing the reference wins, cut at a
+    '/'; a flag wins over it; giving a key means enforce; mistakes are one line each."""
+    from modelfs.config import load
+    from modelfs.reference import parse
+    from modelfs.settings import ConfigError
+    from modelfs.signing import build
+    _, release = _write_key(tmp_path, "release", ec.generate_private_key(ec.SECP384R1()))
+    _, team = _write_key(tmp_path, "team", ed25519.Ed25519PrivateKey.generate())
+    path = tmp_path / "config.toml"
+    path.write_text(f'signatures = "warn"\nkey = ["{team}"]\n'
+                    f'[trust."reg.example"]\nsignatures = "enforce"\nkey = "{release}"\n'
+                    f'[trust."reg.example/org/llama"]\nsignatures = "off"\n')
+    config = load([str(path)])
+    policy = build({}, config, parse("reg.example/org/llama-2:v1"))  # not org/llama: the cut is at '/'
+    assert (policy.mode, policy.scope, [k.algorithm for k in policy.keys]) == ("enforce", "reg.example", ["ECDSA P-384"])
+    assert build({}, config, parse("reg.example/org/llama/8b:v1")).mode == "off"
+    assert build({}, config, parse("other.example/x:v1")).mode == "warn"
+    flagged = build({"signatures": "enforce", "key": [str(team), str(release)]}, config, parse("reg.example/org/llama:v1"))
+    assert (flagged.mode, len(flagged.keys)) == ("enforce", 2)
+    assert build({"key": [str(team)]}, load([]), parse("r.example/m:v1")).mode == "enforce"
+    assert flagged.fingerprint() != policy.fingerprint()
+    for given, message in (({"signatures": "enforce"}, "needs a key or a certificate identity"),
+                           ({"certificate_identity": ["ci@example.com"]}, "needs --certificate-oidc-issuer"),
+                           ({"certificate_identity": ["ci@example.com"], "certificate_oidc_issuer": "https://i.example"},
+                            "give --trusted-root FILE"),
+                           ({"key": [str(tmp_path / "missing.pub")]}, "cannot read key"),
+                           ({"key": [str(tmp_path / "release.pem")]}, "not a PEM public key")):
+        with pytest.raises(ConfigError, match=message):
+            build(given, load([]), parse("r.example/m:v1"))
+    path.write_text('[trust."reg.example"]\nkeys = []\n')
+    with pytest.raises(ConfigError, match="unknown key 'keys'"):
+        load([str(path)])
+
+
+def test_bounded_reading_of_hostile_documents():
+    from modelfs.signing.bounded import Malformed, load
+    from modelfs.signing.bundle import parse
+    with pytest.raises(Malformed, match="nests deeper than 32"):
+        load(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}", "bundle")
+    with pytest.raises(Malformed, match="over the 16,777,216-byte limit"):
+        load(b" " * ((16 << 20) + 1), "bundle")
+    bundle = {"mediaType": BUNDLE_TYPE, "verificationMaterial": {"publicKey": {"hint": "x"}},
+              "dsseEnvelope": {"payload": "e30=", "payloadType": "application/vnd.in-toto+json",
+                               "signatures": [{"sig": "AA=="}, {"sig": "AA=="}]}}
+    with pytest.raises(Malformed, match="exactly one signature"):
+        parse(json.dumps(bundle).encode())

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..reference import Reference
-from ..settings import BY_NAME, ConfigError
+from ..settings import ConfigError
 from .bundle import Identity
 from .keys import SIGNING_EXTRA, PublicKey, crypto, load_public
 
@@ -108,8 +108,6 @@ def build(flags: Mapping[str, Any], config: Any, reference: Reference, verifying
 
 def _value(name: str, given: Any, scoped: Mapping[str, Any], config: Any) -> Any:
     if given is not None and given != []:
-        if BY_NAME[name].repeat:  # a repeated flag: a list of tuples
-            return tuple(item for group in given for item in (group if isinstance(group, tuple) else (group,)))
         return given
     if scoped.get(name) is not None:
         return scoped[name]
