@@ -242,7 +242,9 @@ def _legacy_sig(world, repository: str, signed_digest: str) -> None:
                    "layers": [layer]}, "application/vnd.oci.image.manifest.v1+json")
 
 
-def test_legacy_sig_tag_is_read_and_one_pointing_elsewhere_refused(world):
+def test_legacy_sig_tag_is_read_and_one_pointing_elsewhere_refused(world, tmp_path):
+    """Both repositories hold model C's manifest; each its own .sig tag. (A fresh cache for the
+    second check: the first's recorded verdict is about the same digest, rightly reused.)"""
     for name, target in (("sign/legacy-ok", None), ("sign/legacy-replay", world.digest(world.a))):
         ref = f"{world.registry.address}/{name}:v1"
         world.cli.run("tag", world.c, ref)
@@ -251,8 +253,8 @@ def test_legacy_sig_tag_is_read_and_one_pointing_elsewhere_refused(world):
     out = world.cli.run("verify", "--plain-http", "--key", str(world.release_pub),
                         f"{world.registry.address}/sign/legacy-ok:v1").stdout
     assert "ok   .sig tag, signature 1: cosign legacy signature by key" in out, out
-    line = _one_line_error(world.cli.run("verify", "--plain-http", "--key", str(world.release_pub),
-                                         f"{world.registry.address}/sign/legacy-replay:v1", check=False))
+    line = _one_line_error(Cli(tmp_path / "home").run("verify", "--plain-http", "--key", str(world.release_pub),
+                                                      f"{world.registry.address}/sign/legacy-replay:v1", check=False))
     assert f".sig tag, signature 1 (cosign legacy signature): signs {world.digest(world.a)[:19]}…, not this" in line
 
 
@@ -284,23 +286,24 @@ def test_hostile_signatures_each_refused_naming_which_and_why(world):
     assert any("by certificate of " + identity in line for line in fails), "the keyless signer was verified first"
 
 
-def test_warn_serves_and_says_so_everywhere(world, mounts):
+def test_warn_serves_and_says_so_everywhere(world, mounts, tmp_path):
     """Under warn an unsigned model mounts, and the terminal, the daemon's log, `status` and
     the host metrics say it is unsigned."""
+    cli = Cli(tmp_path / "home")  # model C's digest is signed in other tests' repositories, recorded in theirs
     target = mounts.base / "warn"
     target.mkdir(parents=True)
-    mounted = world.cli.run("mount", "--plain-http", "--signatures", "warn", "--key", str(world.release_pub), world.c,
+    mounted = cli.run("mount", "--plain-http", "--signatures", "warn", "--key", str(world.release_pub), world.c,
                             str(target))
     mounts.active.append(target)
     assert "warning: signatures = warn: NOT signed as the policy requires: no signature found" in mounted.stderr
     assert daemon_pid(mounted.stdout) > 0
     assert (target / "config.json").read_bytes() == (world.c_dir / "config.json").read_bytes()
-    status = world.cli.run("status").stdout
+    status = cli.run("status").stdout
     assert f"{target}:" in status and "UNSIGNED: NOT signed as the policy requires: no signature found" in status
-    metrics = world.cli.run("metrics").stdout
+    metrics = cli.run("metrics").stdout
     assert any(line.startswith("modelfs_mount_signatures_met{") and str(target) in line and line.endswith(" 0")
                for line in metrics.splitlines()), metrics
-    log = (world.cli.cache_dir / "logs" / (str(target).strip("/").replace("/", "-") + ".log")).read_text()
+    log = (cli.cache_dir / "logs" / (str(target).strip("/").replace("/", "-") + ".log")).read_text()
     assert "signatures = warn: serving" in log
 
 
