@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import trio
 
-from . import __version__, settings
+from . import __version__, settings, signing
 from .artifact.build import build
 from .artifact.extract import extract
 from .artifact.layout import Store, default_store_dir
@@ -40,6 +40,7 @@ from .errors import (
     MountError,
     NotAModelError,
     NotFoundError,
+    SignatureError,
     TLSError,
     UnavailableError,
     UnsafePathError,
@@ -57,7 +58,7 @@ from .mount.table import active_mounts, umount
 from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
-from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record
+from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
 from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
@@ -90,6 +91,12 @@ def _client(args: argparse.Namespace, reference: Reference | str, write: bool = 
     return open_client(registry, plain_http=_setting(args, "plain_http", registry),
                        ca_file=_setting(args, "ca_file", registry),
                        mirrors=None if write else args.config.registry(registry).mirrors)
+
+
+def _trust(args: argparse.Namespace, reference: Reference, verifying: bool = False) -> signing.Policy:
+    """The signature policy for ``reference``: flags, then the config's [trust."..."] scope, then its top level."""
+    given = {name: getattr(args, name, None) for name in signing.policy.NAMES}
+    return signing.build(given, args.config, reference, verifying)
 
 
 class _Progress:
@@ -214,7 +221,8 @@ def label_column(rows: list[tuple[str, str]]) -> list[str]:
 async def cmd_inspect(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference) as client:
-        model, offline = await fetch_or_cached(client, _existing_cache(args), reference)
+        model, offline = await fetch_or_cached(client, _existing_cache(args), reference,
+                                               trust=_trust(args, reference).listing())
     _warn_offline(offline)
     doc = describe(model)
     if args.json:
@@ -231,6 +239,8 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"Layers ({len(model.manifest.layers)}, {sum(layer.size for layer in model.manifest.layers) / 1e6:,.1f} MB):")
     for layer in model.manifest.layers:
         print(f"  {layer.digest[7:19]}  {layer.size:>14,}  {layer.media_type.rsplit('.model.', 1)[-1]:<22} {layer.filepath or ''}")
+    if model.verdict is not None:
+        print("Signatures:", *(f"  {line}" for line in signing.listing(model.verdict)), sep="\n")
     return 0
 
 
@@ -238,7 +248,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     cache = BlockCache(args.cache_dir)
     async with _client(args, reference) as client:
-        model, offline = await fetch_or_cached(client, cache, reference)
+        model, offline = await fetch_or_cached(client, cache, reference, trust=_trust(args, reference))
         if offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
             if not held_whole(cache, model):
                 raise UnavailableError(f"{offline}; not every blob of it is in the cache, so it cannot be pulled "
@@ -247,7 +257,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             print(f"Pulled {model.reference} into {args.cache_dir} (already complete there)")
             return 0
         await check_layer_sizes(client, model)
-        index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
+        index = await trusted_index(client, model)
         total = sum(layer.size for layer in model.manifest.layers)
         progress = _Progress(total, f"pull {reference}")
         async with trio.open_nursery() as nursery:
@@ -362,10 +372,40 @@ async def cmd_extract(args: argparse.Namespace) -> int:
         raise ModelfsError(f"--output {args.output} is a file; name a directory (it is created if missing)")
     cache = _existing_cache(args)
     async with _client(args, reference) as client:
-        model, offline = await fetch_or_cached(client, cache, reference)
+        model, offline = await fetch_or_cached(client, cache, reference, trust=_trust(args, reference))
         _warn_offline(offline)
         result = await extract(client, model, args.output, cache)
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
+    return 0
+
+
+async def cmd_verify(args: argparse.Namespace) -> int:
+    """Who signed what, and whether that meets the policy (exit 1 when not); nothing is fetched
+    but the manifest, the config and the signatures."""
+    reference = parse(args.reference)
+    policy = _trust(args, reference, verifying=True)
+    async with _client(args, reference) as client:
+        model, offline = await fetch_or_cached(client, _existing_cache(args), reference, trust=policy.listing())
+    _warn_offline(offline)
+    verdict = model.verdict
+    print(f"{model.reference}:", *(f"  {line}" for line in signing.listing(verdict)), sep="\n")
+    if not verdict.met:
+        raise SignatureError(verdict.refusal())
+    print(f"Verified {model.reference}: {verdict.summary()}")
+    return 0
+
+
+async def cmd_sign(args: argparse.Namespace) -> int:
+    from .signing.keys import load_private
+    from .signing.sign import sign
+
+    reference = parse(args.reference)
+    password = sys.stdin.readline().rstrip("\n").encode() if args.password_stdin else None
+    key = load_private(args.key, password)
+    async with _client(args, reference, write=True) as client:
+        model = await fetch_model(client, reference)
+        result = await sign(client, model, key)
+    print(f"Signed {model.reference} with {key.public().describe()}: referrer {result.referrer}")
     return 0
 
 
@@ -376,7 +416,7 @@ def _mount_options(args: argparse.Namespace) -> MountOptions:
               if s.name in MountOptions.__dataclass_fields__}
     values["cache_dir"] = args.cache_dir
     return MountOptions(reference=str(reference), mountpoint=args.mountpoint,
-                        mirrors=args.config.registry(reference.registry).mirrors, **values)
+                        mirrors=args.config.registry(reference.registry).mirrors, trust=_trust(args, reference), **values)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -396,6 +436,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.readline().decode().strip()
+        while message.startswith("NOTE "):  # a warning the daemon wants shown here (an unsigned model under warn)
+            print(f"warning: {message.removeprefix('NOTE ')}", file=sys.stderr)
+            message = pipe.readline().decode().strip()
     if message == "READY" or message.startswith("READY OFFLINE "):
         print(f"Mounted {args.reference} at {args.mountpoint} (pid {pid}, log {log_path})")
         if message.startswith("READY OFFLINE "):
@@ -576,11 +619,25 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", parents=[common], help="show a model's manifest and config")
     p.add_argument("reference")
     p.add_argument("--json", action="store_true")
+    settings.add_flags(p, common=False, command="inspect")
     p.set_defaults(handler=cmd_inspect, directories={"cache_dir": READ})
 
     p = sub.add_parser("pull", parents=[common], help="download a model into the block cache")
     p.add_argument("reference")
+    settings.add_flags(p, common=False, command="pull")
     p.set_defaults(handler=cmd_pull, directories={"cache_dir": WRITE})
+
+    p = sub.add_parser("verify", parents=[common], help="check a model's signatures against a policy (exit 1 if unmet)")
+    p.add_argument("reference")
+    settings.add_flags(p, common=False, command="verify")
+    p.set_defaults(handler=cmd_verify, directories={"cache_dir": READ})
+
+    p = sub.add_parser("sign", parents=[common], help="sign a model's manifest digest and attach the signature "
+                                                      "(cosign-compatible)")
+    p.add_argument("reference")
+    p.add_argument("--key", required=True, metavar="PRIVATE.pem", help="private key (PEM: ECDSA, Ed25519 or RSA)")
+    p.add_argument("--password-stdin", action="store_true", help="read the key's password from standard input")
+    p.set_defaults(handler=cmd_sign)
 
     p = sub.add_parser("index", help="block indexes: what makes lazy reads verifiable")
     index_sub = p.add_subparsers(dest="index_command", required=True)
@@ -605,6 +662,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", parents=[common], help="write a model's files to a directory")
     p.add_argument("reference")
     p.add_argument("-o", "--output", required=True)
+    settings.add_flags(p, common=False, command="extract")
     p.set_defaults(handler=cmd_extract, directories={"cache_dir": READ})
 
     p = sub.add_parser("mount", parents=[common], help="mount a model (files fetched on demand)")
@@ -731,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
 # every few seconds for ever; an unreachable registry exits 1 and is restarted.
 PERMANENT_FAILURE = 78  # EX_CONFIG
 PERMANENT_ERRORS = (InvalidReferenceError, AuthenticationError, NotAModelError, ManifestError, NotFoundError, TLSError,
-                    ConfigError, UnsafePathError)
+                    ConfigError, UnsafePathError, SignatureError)
 
 
 def _report_errors(run: Callable[[], int], permanent_status: int = 1) -> int:

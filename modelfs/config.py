@@ -14,6 +14,10 @@
     mirrors = ["mirror.local:5000", "http://127.0.0.1:65001"]   # tried in order, then upstream
     verify = "lazy"                  # for this registry only
 
+    [trust."registry.example.com/org"]   # signature policy for org/* (the longest scope wins)
+    signatures = "enforce"
+    key = ["/etc/modelfs/keys/release.pub"]
+
 Which keys exist, and what each takes, comes from the one table of settings
 (:mod:`modelfs.settings`), as the flags and fstab options do. Unknown keys are an error
 naming the key and the file: a typo must not silently change behaviour on a fleet.
@@ -30,6 +34,7 @@ from .settings import (
     BY_NAME,
     REGISTRY_KEYS,
     TOP_LEVEL_KEYS,
+    TRUST_KEYS,
     VERIFY_MODES,
     ConfigError,
     parse_mode,
@@ -71,6 +76,7 @@ class Config:
     values: dict[str, Any] = field(default_factory=dict)
     registries: dict[str, RegistryConfig] = field(default_factory=dict)
     sources: list[str] = field(default_factory=list)
+    trust: dict[str, dict[str, Any]] = field(default_factory=dict)  # scope -> signature settings
 
     def registry(self, host: str) -> RegistryConfig:
         return self.registries.get(host, RegistryConfig())
@@ -104,8 +110,11 @@ def _apply(config: Config, doc: dict[str, Any], path: str) -> None:
                 _apply_registry(config.registries.setdefault(host, RegistryConfig()), settings,
                                 f"{path}: registries.{host!r}")
             continue
+        if key == "trust":
+            _apply_trust(config, value, path)
+            continue
         if key not in TOP_LEVEL_KEYS:
-            known = ", ".join(sorted(TOP_LEVEL_KEYS | {"registries"}))
+            known = ", ".join(sorted(TOP_LEVEL_KEYS | {"registries", "trust"}))
             raise ConfigError(f"{path}: unknown key {key!r} (known: {known})")
         config.values[key] = BY_NAME[key].parse(value, f"{path}: {key}")
 
@@ -122,6 +131,22 @@ def _apply_registry(registry: RegistryConfig, settings: Any, where: str) -> None
             registry.mirrors = [_mirror(item, f"{where}.mirrors") for item in value]
         else:
             registry.values[key] = BY_NAME[key].parse(value, f"{where}.{key}")
+
+
+def _apply_trust(config: Config, value: Any, path: str) -> None:
+    """``[trust."registry/repository"]`` tables: a signature policy per registry or repository prefix."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise ConfigError(f"{path}: trust must be a table of \"registry[/repository]\" tables")
+    for scope, settings in value.items():
+        where = f"{path}: trust.{scope!r}"
+        if not scope or "://" in scope or scope != scope.strip("/"):
+            raise ConfigError(f"{where}: a scope is a registry host, optionally with a repository path (no scheme, "
+                              "no slash at either end)")
+        table = config.trust.setdefault(scope, {})
+        for key, item in settings.items():
+            if key not in TRUST_KEYS:
+                raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(TRUST_KEYS))})")
+            table[key] = BY_NAME[key].parse(item, f"{where}.{key}")
 
 
 def load(paths: list[str] | None = None) -> Config:

@@ -63,6 +63,10 @@ class TLSError(RegistryError):
     """TLS verification failed."""
 
 
+class SignatureError(ModelfsError):
+    """The publisher's signatures do not meet the signature policy (see modelfs/signing/)."""
+
+
 class CacheError(ModelfsError):
     """The local block cache cannot be used (full disk, permissions, corruption)."""
 

@@ -6,10 +6,12 @@ import base64
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import trio
 
+from . import signing
 from .errors import ManifestError, NotAModelError, UnavailableError
 from .mount import blockindex
 from .mount.blockindex import ANNOTATION
@@ -37,6 +39,7 @@ class Model:
     manifest_bytes: bytes
     config: ModelConfig
     config_bytes: bytes
+    verdict: Any = None  # signing.Verdict under a signature policy (see fetch_or_cached)
 
 
 def _pick_from_index(data: bytes, reference: Reference) -> str:
@@ -78,7 +81,7 @@ def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
     """The block index recorded with ``model``, if its manifest names it and it matches."""
     doc = cache.recorded_model(str(model.reference.without_digest()), model.reference.digest)
     named = model.manifest.annotations.get(ANNOTATION)
-    if not doc or not named or not doc.get("index"):
+    if not doc or not named or not doc.get("index") or not signing.index_allowed(model.verdict, vouched=True):
         return None
     data = base64.b64decode(doc["index"])
     return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
@@ -118,15 +121,27 @@ def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float]
     return model, float(doc.get("recorded", 0))
 
 
-async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference
-                          ) -> tuple[Model, str | None]:
+async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference, *,
+                          trust: signing.Policy) -> tuple[Model, str | None]:
     """The model from the registry, or, while the registry cannot be reached, as recorded in
     the cache at the last pull or mount (checked against its digests). The second value says
     why, when it is the cached copy; every command that only reads takes this one path.
 
+    Its signatures are checked here under ``trust`` (the signature policy; every caller must
+    name one, ``signing.OFF`` included), before anything of it is served or kept: a model
+    that does not meet an ``enforce`` policy raises SignatureError. The verdict rides along
+    on the model.
+
     With a recorded copy to fall back on, a registry that refuses connections or a host name
     that does not resolve is taken at its word at once (no minute of retries before a mount
     during an outage serves what it has); slow or failing answers are still retried."""
+    model, offline = await _fetch_or_cached(client, cache, reference)
+    verdict = await signing.check(client, cache.root if cache is not None else None, model, trust, offline is not None)
+    return replace(model, verdict=verdict), offline
+
+
+async def _fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference
+                           ) -> tuple[Model, str | None]:
     recorded = cache is not None and cache.recorded_model(str(reference.without_digest()), reference.digest) is not None
     token = FAIL_FAST.set(True) if recorded else None
     try:
@@ -141,6 +156,12 @@ async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, refe
     finally:
         if token is not None:
             FAIL_FAST.reset(token)
+
+
+async def trusted_index(client: RegistryReader, model: Model) -> blockindex.TrustedIndex | None:
+    """The block index reads of ``model`` may be checked against, under its signature verdict."""
+    index = await blockindex.trusted(client, model.reference.repository, model.manifest, model.reference.digest or "")
+    return signing.gate_index(model.verdict, index)
 
 
 async def check_layer_sizes(client: RegistryReader, model: Model) -> None:

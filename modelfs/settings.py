@@ -17,6 +17,8 @@ from typing import Any
 from .errors import ModelfsError
 
 VERIFY_MODES = ("full", "lazy")
+SIGNATURE_MODES = ("enforce", "warn", "off")
+SIGNED_COMMANDS = ("verify", "pull", "extract", "inspect")  # besides mount: they take the signature settings too
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 256
 MAX_ID = 4294967294  # uid_t and gid_t are 32 bits, and 4294967295 is (uid_t) -1: "no id" to chown(2)
@@ -152,6 +154,25 @@ def parse_path(value: Any, where: str) -> str:
     return value
 
 
+def parse_paths(value: Any, where: str) -> list[str]:
+    """One path, or a list of them (a repeated flag or fstab option gives one at a time)."""
+    items = value if isinstance(value, list) else [value]
+    return [parse_path(item, where) for item in items]
+
+
+def parse_texts(value: Any, where: str) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(item, str) and item.strip() for item in items):
+        raise ConfigError(f"{where} must be a non-empty string or a list of them")
+    return [item.strip() for item in items]
+
+
+def parse_text(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where} must be a non-empty string")
+    return value.strip()
+
+
 def parse_bool(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -181,6 +202,9 @@ class Setting:
     common: bool = False  # a flag of every command, not only of ``mount``
     top_level: bool = True  # a config.toml key at the top level
     per_registry: bool = False  # also a key of ``[registries."host"]``, which wins for that host
+    repeat: bool = False  # a flag (and fstab option) that may be given more than once
+    commands: tuple[str, ...] = ()  # other commands that take this (non-common) flag besides mount
+    trust_scope: bool = False  # also a key of ``[trust."registry/repository"]`` (modelfs/signing/policy.py)
 
     @property
     def flag(self) -> str:
@@ -222,22 +246,39 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dir_mode", parse_mode, None, "permissions of every directory, octal (default 0555)", "MODE"),
     Setting("log_max_size", parse_size, 10 << 20, "rotate the background daemon's log at this size, keeping 2 old ones",
             "SIZE"),
+    Setting("signatures", choice(*SIGNATURE_MODES), None,
+            "enforce: serve nothing unless a signature by a listed key or identity covers the model; warn: serve and "
+            "say so (default: enforce when a key or identity is given, else off)", "MODE", commands=SIGNED_COMMANDS,
+            trust_scope=True),
+    Setting("key", parse_paths, None, "public key (PEM) that must have signed the model; repeatable, any one will do",
+            "PUBLIC.pem", repeat=True, commands=SIGNED_COMMANDS, trust_scope=True),
+    Setting("certificate_identity", parse_texts, None, "keyless signer that will do (certificate e-mail or CI workflow "
+            "URI); repeatable", "IDENTITY", repeat=True, commands=SIGNED_COMMANDS, trust_scope=True),
+    Setting("certificate_oidc_issuer", parse_text, None, "OIDC issuer that vouched for those identities", "URL",
+            commands=SIGNED_COMMANDS, trust_scope=True),
+    Setting("trusted_root", parse_path, None, "Sigstore trusted root (JSON) to check keyless signatures against, offline",
+            "FILE", commands=SIGNED_COMMANDS, trust_scope=True),
 )
 
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 BY_OPTION = {setting.fstab: setting for setting in SETTINGS}
 TOP_LEVEL_KEYS = {setting.name for setting in SETTINGS if setting.top_level}
 REGISTRY_KEYS = {setting.name for setting in SETTINGS if setting.per_registry} | {"mirrors"}
+TRUST_KEYS = {setting.name for setting in SETTINGS if setting.trust_scope}
 
 
-def add_flags(parser: Any, common: bool) -> None:
-    """The flags of the settings of one kind (common to every command, or the mount's own).
-    Their default is None: the config file and the table's default are applied later."""
+def add_flags(parser: Any, common: bool, command: str | None = None) -> None:
+    """The flags of the settings of one kind (common to every command, or the mount's own;
+    with ``command``, those of the mount's that this command takes too). Their default is
+    None: the config file and the table's default are applied later."""
     for setting in SETTINGS:
-        if setting.common != common:
+        if setting.common != common or (command is not None and command not in setting.commands):
             continue
         if setting.switch:
             parser.add_argument(setting.flag, action="store_true", default=None, help=setting.help)
+        elif setting.repeat:
+            parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help, action="extend",
+                                type=_flag_parser(setting))
         else:
             parser.add_argument(setting.flag, metavar=setting.metavar, help=setting.help,
                                 type=_flag_parser(setting))
@@ -293,7 +334,8 @@ def markdown_table() -> str:
     for s in SETTINGS:
         flag = s.flag if s.switch else f"{s.flag} {s.metavar}"
         fstab = s.fstab if s.switch else f"{s.fstab}=..."
-        where = [w for w, on in (("top level", s.top_level), ('`[registries."host"]`', s.per_registry)) if on]
+        where = [w for w, on in (("top level", s.top_level), ('`[registries."host"]`', s.per_registry),
+                                 ('`[trust."host/repo"]`', s.trust_scope)) if on]
         rows.append(f"| `{flag}` | `{fstab}` | {', '.join(where) or '-'} | {_shown(s)} | {s.help} |")
     return "\n".join(rows) + "\n"
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything modelfs and its tests need on a fresh Debian machine (run as root):
-# system packages (FUSE 3, CNCF Distribution) and a virtualenv at .venv with modelfs[test].
+# system packages (FUSE 3, CNCF Distribution) and a virtualenv at .venv with modelfs[test]
+# (which brings modelfs[signing]: signature checks are tested too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -35,6 +35,11 @@ SAMPLES = {
     "file_mode": ("0440", 0o440, "0999"),
     "dir_mode": ("550", 0o550, "rwx"),
     "log_max_size": ("1M", 1 << 20, "big"),
+    "signatures": ("warn", "warn", "sometimes"),
+    "key": ("/etc/modelfs/release.pub", ["/etc/modelfs/release.pub"], None),
+    "certificate_identity": ("ci@example.com", ["ci@example.com"], None),
+    "certificate_oidc_issuer": ("https://issuer.example", "https://issuer.example", None),
+    "trusted_root": ("/etc/modelfs/trusted_root.json", "/etc/modelfs/trusted_root.json", None),
 }
 
 

@@ -109,13 +109,21 @@ async def start(spec: VolumeSpec, cache_dir: str, credentials_dir: str) -> Start
 
 
 async def _read_line(pipe: trio.lowlevel.FdStream) -> str:
+    """The daemon's answer; ``NOTE ...`` lines before it (warnings) are logged."""
     data = b""
-    while not data.endswith(b"\n"):
-        chunk = await pipe.receive_some(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data.decode(errors="replace").strip()
+    while True:
+        while not data.endswith(b"\n"):
+            chunk = await pipe.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+        lines = data.decode(errors="replace").splitlines()
+        for note in (line for line in lines if line.startswith("NOTE ")):
+            log.warning("%s", note.removeprefix("NOTE "))
+        answer = [line for line in lines if not line.startswith("NOTE ")]
+        if answer or not data.endswith(b"\n"):
+            return (answer[0] if answer else "").strip()
+        data = b""
 
 
 async def _abandon(process: trio.Process, target: str) -> None:

@@ -29,6 +29,7 @@ from ..errors import (
     NotAModelError,
     NotFoundError,
     RegistryError,
+    SignatureError,
     TLSError,
     UnsafePathError,
 )
@@ -53,6 +54,9 @@ class RequestFailed(ModelfsError):
 
 # The gRPC code kubelet gets for each kind of failure, most specific first.
 STATUS_CODES: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], grpc.StatusCode], ...] = (
+    # the node's signature policy refuses the model: final for kubelet (not an "in progress" code), and the
+    # message names the signature and why
+    (SignatureError, grpc.StatusCode.PERMISSION_DENIED),
     (AuthenticationError, grpc.StatusCode.PERMISSION_DENIED),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     ((InvalidVolume, InvalidReferenceError, NotAModelError, ManifestError, UnsafePathError, ConfigError),

@@ -129,25 +129,30 @@ def fallback_tag(digest: str) -> str:
     return digest.replace(":", "-")
 
 
-def referrer_manifest(subject: Descriptor, index_blob: Descriptor, empty: Descriptor) -> Manifest:
-    return Manifest(OCI_MANIFEST, empty, [index_blob], ARTIFACT_TYPE, {}, subject)
+def referrer_manifest(subject: Descriptor, index_blob: Descriptor, empty: Descriptor, artifact_type: str = ARTIFACT_TYPE,
+                      annotations: dict[str, str] | None = None) -> Manifest:
+    return Manifest(OCI_MANIFEST, empty, [index_blob], artifact_type, dict(annotations or {}), subject)
 
 
-async def attach(client, repository: str, subject: Descriptor, index_bytes: bytes) -> str:
-    """Push the index as a referrer of ``subject``; returns the referrer manifest digest."""
+async def attach(client, repository: str, subject: Descriptor, index_bytes: bytes, artifact_type: str = ARTIFACT_TYPE,
+                 annotations: dict[str, str] | None = None, replaces: tuple[str, ...] = ARTIFACT_TYPES) -> str:
+    """Push ``index_bytes`` (the block index, or another blob of ``artifact_type``, like a
+    signature bundle) as a referrer of ``subject``; returns the referrer manifest digest. In
+    the fallback tag's index, entries of the ``replaces`` types give way to it."""
     blobs = {}
-    for data, media_type in ((EMPTY, EMPTY_MEDIA_TYPE), (index_bytes, ARTIFACT_TYPE)):
+    for data, media_type in ((EMPTY, EMPTY_MEDIA_TYPE), (index_bytes, artifact_type)):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if await client.blob_size(repository, digest) is None:
             await client.upload_blob(repository, digest, len(data), lambda d=data: d)
         blobs[media_type] = Descriptor(media_type, digest, len(data))
-    manifest = referrer_manifest(subject, blobs[ARTIFACT_TYPE], blobs[EMPTY_MEDIA_TYPE])
+    manifest = referrer_manifest(subject, blobs[artifact_type], blobs[EMPTY_MEDIA_TYPE], artifact_type, annotations)
     data = manifest.to_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     await client.put_manifest(repository, digest, data, OCI_MANIFEST)
     if await client.referrers(repository, subject.digest) is None:
         await _extend_fallback_index(client, repository, subject.digest,
-                                     Descriptor(OCI_MANIFEST, digest, len(data), artifact_type=ARTIFACT_TYPE))
+                                     Descriptor(OCI_MANIFEST, digest, len(data), dict(annotations or {}),
+                                                artifact_type=artifact_type), replaces)
     return digest
 
 
@@ -195,14 +200,16 @@ async def attach_for_model(client, model, block_size: int = 1 << 20) -> AttachRe
     return AttachResult(digest, len(hashes), sum(layer.size for layer in layers.values()))
 
 
-async def _extend_fallback_index(client, repository: str, subject_digest: str, entry: Descriptor) -> None:
+async def _extend_fallback_index(client, repository: str, subject_digest: str, entry: Descriptor,
+                                 replaces: tuple[str, ...] = ARTIFACT_TYPES) -> None:
     tag = fallback_tag(subject_digest)
     try:
         existing, _, _ = await client.get_manifest(repository, tag)
         doc = load_json(existing, "referrers index")
     except NotFoundError:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    manifests = [m for m in doc.get("manifests", []) if m.get("artifactType") not in ARTIFACT_TYPES]
+    manifests = [m for m in doc.get("manifests", []) if m.get("artifactType") not in replaces
+                 and m.get("digest") != entry.digest]
     manifests.append(entry.to_json())
     doc["manifests"] = manifests
     await client.put_manifest(repository, tag, json.dumps(doc, separators=(",", ":")).encode(), OCI_INDEX)
@@ -239,16 +246,24 @@ async def fetch(client, repository: str, subject_digest: str) -> BlockIndex | No
         return await _fetch(client, repository, subject_digest)
 
 
+async def referrer_entries(client, repository: str, subject_digest: str) -> list[dict]:
+    """The descriptors of every referrer of ``subject_digest``: from the referrers API, or on
+    registries without it from the fallback tag (empty when there is neither)."""
+    listing = await client.referrers(repository, subject_digest)
+    if listing is None:
+        try:
+            listing, _, _ = await client.get_manifest(repository, fallback_tag(subject_digest))
+        except NotFoundError:
+            return []
+    doc = load_json(listing, "referrers index")
+    manifests = doc.get("manifests", []) if isinstance(doc, dict) else []
+    return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) else []
+
+
 async def _fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
     try:
-        listing = await client.referrers(repository, subject_digest)
-        if listing is None:
-            try:
-                listing, _, _ = await client.get_manifest(repository, fallback_tag(subject_digest))
-            except NotFoundError:
-                return None
-        doc = load_json(listing, "referrers index")
-        entries = [m for m in doc.get("manifests", []) if isinstance(m, dict) and m.get("artifactType") in ARTIFACT_TYPES]
+        entries = [m for m in await referrer_entries(client, repository, subject_digest)
+                   if m.get("artifactType") in ARTIFACT_TYPES]
         if not entries:
             return None
         referrer = parse_descriptor(entries[-1], "block index referrer")

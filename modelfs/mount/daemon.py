@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 import pyfuse3
 import trio
 
+from .. import signing
 from ..errors import MountError, ready_failure, user_error
 from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
-from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index
+from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
 from . import blockindex, status, table
 from .blockindex import TrustedIndex
 from .cache import BlockCache
@@ -60,6 +61,7 @@ class MountOptions:
     file_mode: int | None = None  # see fs.Permissions
     dir_mode: int | None = None
     allow_nonempty: bool = False
+    trust: signing.Policy = signing.OFF  # the signature policy (modelfs/signing/)
 
 
 def sd_notify(message: str) -> None:
@@ -74,6 +76,15 @@ def sd_notify(message: str) -> None:
             sock.sendall(message.encode())
         except OSError as exc:
             log.warning("cannot notify systemd: %s", exc)
+
+
+def report_note(ready_fd: int | None, message: str) -> None:
+    """A warning for the waiting parent to show before it learns how the mount went (``NOTE ...``)."""
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, ("NOTE " + message.replace("\n", " ") + "\n").encode("utf-8", "backslashreplace"))
+        except OSError:
+            pass
 
 
 def report(ready_fd: int | None, message: str) -> None:
@@ -196,21 +207,21 @@ async def _watch_signals() -> None:
             return
 
 
-async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference: Reference
-                            ) -> tuple[Model, TrustedIndex | None, str | None]:
+async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference: Reference,
+                            trust: signing.Policy = signing.OFF) -> tuple[Model, TrustedIndex | None, str | None]:
     """The model to serve and its block index. A GPU host rebooting while its registry is
     down still mounts a model it has cached: the manifest and config recorded at the last
     mount or pull are used (checked against their digests), cached blocks are served, and
     missing ones are fetched once the registry answers again. The third value says why, when
     the mount is offline like that."""
-    model, offline = await fetch_or_cached(client, cache, reference)
+    model, offline = await fetch_or_cached(client, cache, reference, trust=trust)
     if offline is not None:
         offline += "; blocks not in the cache fail until the registry answers"
         log.warning("%s", offline)
         data = recorded_index(cache, model)
         return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None, offline
     await check_layer_sizes(client, model)
-    index = await blockindex.trusted(client, reference.repository, model.manifest, model.reference.digest or "")
+    index = await trusted_index(client, model)
     if index is None:
         log.info("block index: none; each blob is served once it has been checked whole against its digest")
     else:
@@ -231,7 +242,9 @@ async def serve(options: MountOptions) -> None:
     try:
         async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
                                mirrors=options.mirrors) as client:
-            model, index, offline = await resolve_for_mount(client, cache, reference)
+            model, index, offline = await resolve_for_mount(client, cache, reference, options.trust)
+            if model.verdict is not None and not model.verdict.met:
+                report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(cache, client, reference.repository, nursery,
                                   FetchPolicy(timeout=options.timeout, verify=options.verify, workers=options.workers), index=index)
@@ -291,7 +304,8 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
                 offline=offline, bytes_total=sum(r.size for r in readers),
                 bytes_local=sum(r.entry.cached_bytes() for r in readers), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
-                bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time())
+                bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
+                **status.signature_fields(model.verdict))
 
         nursery.start_soon(status.keep_writing, collect, sd_notify)
         nursery.start_soon(announce_ready, mountpoint, options, offline)

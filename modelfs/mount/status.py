@@ -52,6 +52,8 @@ class MountStatus:
     workers: int
     started: float
     updated: float
+    signatures: str | None = None  # the signature verdict in one line, under a signature policy
+    signatures_met: int | None = None  # 1 when the policy was met, 0 when served anyway (warn)
 
     def progress_line(self) -> str:
         """One line for systemd's STATUS= and the text of ``modelfs status``."""
@@ -61,7 +63,16 @@ class MountStatus:
             line += f", {self.integrity_errors} integrity errors, {self.read_errors} read errors"
         if self.offline:
             line += ", OFFLINE: serving the cached copy"
+        if self.signatures_met == 0:
+            line += f", UNSIGNED: {self.signatures}"
         return line
+
+
+def signature_fields(verdict: Any) -> dict[str, Any]:
+    """The status fields of a signature verdict (modelfs/signing/), none without a policy."""
+    if verdict is None:
+        return {}
+    return {"signatures": verdict.summary(), "signatures_met": int(verdict.met)}
 
 
 def write(status: MountStatus, path: str | None = None) -> None:
