@@ -799,14 +799,15 @@ class BlockCache:
         with self._open_lock:  # entries open their files from worker threads too
             self._open[entry.digest] = entry
             self._open.move_to_end(entry.digest)
-            for digest in list(self._open):
-                if len(self._open) <= self.max_open:
+            excess = len(self._open) - self.max_open
+            closed: list[str] = []
+            for digest, other in self._open.items():  # the oldest first, only as far as needed: a
+                if len(closed) >= excess:  # copy of all 4,096 per open cost 3 s per 20,000 blobs
                     break
-                other = self._open[digest]
-                if other is entry:
-                    continue
-                if not other.is_open or other.release():
-                    del self._open[digest]
+                if other is not entry and (not other.is_open or other.release()):
+                    closed.append(digest)
+            for digest in closed:
+                del self._open[digest]
 
     def release_replaced(self) -> int:
         """Close the files of blobs evicted or cleared by another process (``cache prune``,
