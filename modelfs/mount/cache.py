@@ -15,6 +15,9 @@ on disk is trusted because a flag says so:
   a map entry whose length is wrong all fail the check; the block is dropped and fetched
   again. This is why block writes need no fsync: a block that did not reach the disk cannot
   pass. (Mountpoint for S3 checks its cache blocks with CRC32C for the same reason.)
+  A block read and checked stays in memory, in one bounded window for the process
+  (:mod:`.window`), under the version it was read as: the next small read of it (a tar
+  header, a 4 KiB page) costs a lookup, not another 1 MiB read back, check and decompression.
 - **Trust is recorded per block**, never per blob: ``WHOLE`` means the block was part of the
   blob when its sha256 matched the digest (set only on blocks whose checksum is the one that
   was hashed); ``INDEXED`` means its index hash was computed on arrival and is kept in the entry,
@@ -51,6 +54,7 @@ import lz4.block
 import xxhash
 
 from ..errors import CacheError
+from .window import BlockWindow, shared_window
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +161,9 @@ class BlobEntry:
     exclude threads sharing one file description."""
 
     def __init__(self, directory: str, digest: str, size: int, block_size: int,
-                 on_open: Callable[[BlobEntry], None] | None = None) -> None:
+                 on_open: Callable[[BlobEntry], None] | None = None, window: BlockWindow | None = None) -> None:
         self.digest, self.size = digest, size
+        self._window = window if window is not None else shared_window()
         hexpart = digest.split(":", 1)[1]
         self.data_path = os.path.join(directory, f"{hexpart}.data")
         self.map_path = os.path.join(directory, f"{hexpart}.map")
@@ -204,7 +209,10 @@ class BlobEntry:
                 self._close_fds()
                 raise CacheError(f"cannot set up the cache map for {self.digest} in {os.path.dirname(self.map_path)}: "
                                  f"{exc.strerror}") from None
-        self._inode = (os.fstat(self._map_fd).st_ino, os.fstat(self._data_fd).st_ino)
+        inode = (os.fstat(self._map_fd).st_ino, os.fstat(self._data_fd).st_ino)
+        if inode != self._inode:  # other files (replaced, evicted): no copy of the old ones is served
+            self._window.drop(self.data_path)
+        self._inode = inode
         self._checked_at = time.monotonic()
         if self._on_open is not None:
             self._on_open(self)
@@ -392,13 +400,34 @@ class BlobEntry:
 
     def read_block(self, index: int) -> bytes:
         """The block's bytes, checked against the checksum stored with them; a block that does
-        not check out raises :class:`BlockDamaged` (the caller drops it and fetches again)."""
-        return self.read_checked(index)[0]
+        not check out raises :class:`BlockDamaged` (the caller drops it and fetches again).
+
+        For readers: a block read back stays in the window (see the module docstring), and
+        is served from there while the map still names the same files, length and checksum
+        (looked at on disk again once ``RECHECK_SECONDS`` have passed since last time)."""
+        entry = self.entry(index)  # the files rechecked on schedule; refreshed from disk if absent here
+        held = self._window.get(self.data_path, index, self._version(entry)) if entry.present else None
+        if held is not None and (self._window.fresh(held, RECHECK_SECONDS) or self._window.confirm(
+                self.data_path, index, held, self._version(self._refresh_entry(index)))):
+            return held.data
+        data, version, _ = self._read_back(index)
+        self._window.put(self.data_path, index, version, data)
+        return data
+
+    def _version(self, entry: Entry) -> tuple[int, int, int, int]:
+        """What a copy in the window is valid for: these files, this stored length and checksum."""
+        return (*self._inode, entry.length, entry.check)
 
     def read_checked(self, index: int) -> tuple[bytes, int]:
         """The block's bytes and the checksum they matched: what a caller that records trust
         for these very bytes (``adopt``, ``mark_whole``) must pass on, since the entry may be
-        replaced by another process the moment after."""
+        replaced by another process the moment after. Always read back from disk (a pass over
+        the whole blob, ``scrub``), and not kept: a scan must not push out what readers use."""
+        data, _, check = self._read_back(index)
+        return data, check
+
+    def _read_back(self, index: int) -> tuple[bytes, tuple[int, int, int, int], int]:
+        """Read the block from disk and check it: (bytes, the version they were read as, checksum)."""
         self.entry(index)  # refreshed from disk if absent here
         try:
             with self._mutex:
@@ -406,6 +435,7 @@ class BlobEntry:
                 entry = self.entry_at(index)  # of the files we now hold (another process may have replaced them)
                 if not entry.present:
                     raise CacheError(f"block {index} of {self.digest} is not cached")
+                version = self._version(entry)
                 data = os.pread(self._data_fd, entry.length, index * self.block_size)
         except OSError as exc:
             raise BlockDamaged(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
@@ -419,7 +449,7 @@ class BlobEntry:
         if len(data) != self.block_length(index):
             raise BlockDamaged(f"cached block {index} of {self.digest} has {len(data)} bytes, expected "
                                f"{self.block_length(index)}")
-        return data, entry.check
+        return data, version, entry.check
 
     def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None) -> int | None:
         """Store a block: data first, then its map entry. ``index_hash``: the block's hash,
@@ -474,11 +504,14 @@ class BlobEntry:
 
     def forget(self, index: int) -> None:
         """Drop a block that does not read back, so it is fetched again."""
+        self._window.drop(self.data_path, index)
         try:
             with self._writing():
                 self._put_entry(index, Entry(0, 0, 0, bytes(32)))
         except OSError as exc:
             raise CacheError(f"cannot update the cache map for {self.digest}: {exc.strerror}") from None
+        finally:
+            self._window.drop(self.data_path, index)  # a reader may have put it back meanwhile
 
     def adopt(self, index: int, index_hash: bytes, check: int) -> None:
         """Record that a block already stored (with checksum ``check``) matched the block index."""
@@ -583,13 +616,14 @@ class BlobEntry:
         return False
 
     def scrub(self) -> int:
-        """Read every present block back; drop those that fail their check. Returns how many."""
+        """Read every present block back from disk (not from the window); drop those that fail
+        their check. Returns how many."""
         dropped = 0
         for index in range(self.nblocks):
             if not self.has(index):
                 continue
             try:
-                self.read_block(index)
+                self.read_checked(index)
             except BlockDamaged as exc:
                 log.warning("%s; dropping it", exc)
                 self.forget(index)
@@ -599,6 +633,7 @@ class BlobEntry:
     def clear(self) -> None:
         """Drop every block by putting fresh, empty files in place; whoever holds the old ones
         keeps reading consistent bytes until it notices (see the module docstring)."""
+        self._window.drop(self.data_path)
         try:
             with self._mutex:
                 self._replace_files()
@@ -636,9 +671,9 @@ class VolatileEntry(BlobEntry):
     stored, and blocks checked on arrival are served from memory. A blob that can only be
     checked whole cannot be served this way; its reads fail with the reason."""
 
-    def __init__(self, digest: str, size: int, block_size: int, reason: str) -> None:
+    def __init__(self, digest: str, size: int, block_size: int, reason: str, window: BlockWindow | None = None) -> None:
         self.reason = reason
-        super().__init__(os.devnull, digest, size, block_size)
+        super().__init__(os.devnull, digest, size, block_size, window=window)
 
     def _open(self) -> None:
         self._checked_at = time.monotonic()
@@ -766,9 +801,11 @@ def _open_file_budget() -> int:
 
 
 class BlockCache:
-    def __init__(self, root: str, block_size: int = DEFAULT_BLOCK_SIZE, max_open: int | None = None) -> None:
+    def __init__(self, root: str, block_size: int = DEFAULT_BLOCK_SIZE, max_open: int | None = None,
+                 window: BlockWindow | None = None) -> None:
         self.root = root
         self.block_size = block_size
+        self.window = window if window is not None else shared_window()  # one byte bound per process
         self._dir = os.path.join(root, "blobs", "sha256")
         if os.path.exists(root) and not os.path.isdir(root):
             raise CacheError(f"cache directory {root} is not a directory (use --cache-dir)")
@@ -785,11 +822,11 @@ class BlockCache:
         found = self._entries.get(digest)
         if found is None:
             try:
-                found = BlobEntry(self._dir, digest, size, self.block_size, self._opened)
+                found = BlobEntry(self._dir, digest, size, self.block_size, self._opened, self.window)
                 touch(found.map_path)
             except CacheError as exc:
                 log.error("%s; serving %s from memory, without caching it", exc, digest)
-                found = VolatileEntry(digest, size, self.block_size, str(exc))
+                found = VolatileEntry(digest, size, self.block_size, str(exc), self.window)
             self._entries[digest] = found
         return found
 
@@ -807,14 +844,15 @@ class BlockCache:
         with self._open_lock:  # entries open their files from worker threads too
             self._open[entry.digest] = entry
             self._open.move_to_end(entry.digest)
-            for digest in list(self._open):
-                if len(self._open) <= self.max_open:
+            excess = len(self._open) - self.max_open
+            closed: list[str] = []
+            for digest, other in self._open.items():  # the oldest first, only as far as needed: a
+                if len(closed) >= excess:  # copy of all 4,096 per open cost 3 s per 20,000 blobs
                     break
-                other = self._open[digest]
-                if other is entry:
-                    continue
-                if not other.is_open or other.release():
-                    del self._open[digest]
+                if other is not entry and (not other.is_open or other.release()):
+                    closed.append(digest)
+            for digest in closed:
+                del self._open[digest]
 
     def release_replaced(self) -> int:
         """Close the files of blobs evicted or cleared by another process (``cache prune``,
@@ -833,6 +871,7 @@ class BlockCache:
         """Free a blob's disk space: its files are removed. A process holding them (this one
         or another) keeps valid bytes and notices within RECHECK_SECONDS, then reopens."""
         hexpart = digest.split(":", 1)[1]
+        self.window.drop(os.path.join(self._dir, hexpart + ".data"))
         for suffix in (".map", ".data", ".claims"):
             try:
                 os.unlink(os.path.join(self._dir, hexpart + suffix))

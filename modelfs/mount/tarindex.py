@@ -84,14 +84,29 @@ class TarSource(Protocol):
     async def skip_to(self, offset: int) -> None: ...
 
 
+# Headers are read in aligned chunks of this size: the headers of small members that share
+# one cost one read of the blob, not one each (a layer of 100,000 small files has 100,000 to
+# 300,000 header reads otherwise, each a trip through the reader). Aligned, a chunk never
+# reaches into a block of the blob the unchunked read would not have touched (the cache's
+# 1 MiB blocks are a multiple of it).
+CHUNK = 64 << 10
+
+
 class RangeSource:
     """Random access: headers are read, member data is skipped without any I/O."""
 
-    def __init__(self, read_at: ReadAt) -> None:
-        self.read_at, self.offset = read_at, 0
+    def __init__(self, read_at: ReadAt, chunk: int = CHUNK) -> None:
+        self.read_at, self.offset, self.chunk = read_at, 0, chunk
+        self._held, self._held_at = b"", 0  # the last chunk read, and where it starts in the blob
 
     async def read(self, size: int) -> bytes:
-        data = await self.read_at(self.offset, size)
+        end = self.offset + size
+        if not (self._held_at <= self.offset and end <= self._held_at + len(self._held)):
+            start = self.offset - self.offset % self.chunk
+            self._held = await self.read_at(start, -(-end // self.chunk) * self.chunk - start)
+            self._held_at = start
+        at = self.offset - self._held_at
+        data = self._held[at:at + size]
         self.offset += len(data)
         return data
 
