@@ -30,7 +30,7 @@ from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import aligned_buffer
-from .claims import PEER_WAIT_SECONDS, PeerClaims
+from .claims import PeerClaims, peer_wait
 from .readahead import RequestSizer, plan_runs
 
 if TYPE_CHECKING:
@@ -349,13 +349,14 @@ class RangeSource:
 
 class _RunClaims:
     """The claims of one run on blocks other processes may be fetching (see claims.py): a
-    peer is waited on for PEER_WAIT_SECONDS in all per run, then ignored. Without a claims
-    file (it cannot be opened) the run fetches regardless."""
+    peer is waited on for :func:`~.claims.peer_wait` of the mount's timeout in all per run,
+    then ignored. Without a claims file (it cannot be opened) the run fetches regardless."""
 
     def __init__(self, reader: BlobReader) -> None:
         self.digest = reader.digest
         self.claims: PeerClaims | None = None
         self.patience: float | None = None  # when waiting on peers ends
+        self.wait = peer_wait(reader.fetcher.policy.timeout)
         try:
             self.claims = PeerClaims(reader.entry.claims_path)
         except OSError as exc:
@@ -369,11 +370,11 @@ class _RunClaims:
         if stop >= start:
             return stop
         if self.patience is None:
-            self.patience = trio.current_time() + PEER_WAIT_SECONDS
+            self.patience = trio.current_time() + self.wait
         if await self.claims.wait_for_peer(start, self.patience):
             return None
         log.info("another process has held block %d of %s for over %gs; fetching the rest of this run anyway",
-                 start, self.digest, PEER_WAIT_SECONDS)
+                 start, self.digest, self.wait)
         self.close()
         return last
 
