@@ -156,9 +156,12 @@ class Fetcher:
         for callback in self.on_dropped:
             self.spawn(callback, digest)
 
-    def wrong_bytes(self, what: str) -> None:
-        """Count bytes that failed their check, and stop reading through mirrors for a while."""
+    def wrong_bytes(self, what: str, fetched: bool = True) -> None:
+        """Count bytes that failed their check; ``fetched`` ones (not read back from the
+        cache) also stop reading through mirrors for a while."""
         self.stats.integrity_errors += 1
+        if not fetched:
+            return
         suspect = getattr(self.client, "suspect", None)
         if suspect is not None:
             suspect(what)

@@ -244,7 +244,7 @@ class RangeSource:
             index_hash = check_block(reader, index, data, token)
             write_error = None
             try:
-                entry.write_block(index, data, index_hash)
+                reader.store(index, data, index_hash)
             except CacheError as exc:
                 write_error = exc
             call_soon(token, reader.deliver, index, data, write_error, for_reader)
@@ -290,7 +290,7 @@ class RangeSource:
             index = position[0]
             hasher.update(data)
             try:
-                check = reader.store_unverified(index, data)
+                check = reader.store(index, data)
                 if check is not None:
                     checks[index] = check
             except CacheError as exc:

@@ -217,14 +217,13 @@ class LayerStream:
 
     def _keep(self, path: str, reader: BlobReader, index: int, data: bytes) -> None:
         try:
-            check = reader.store_unverified(index, data)
+            check = reader.store(index, data)
             if check is not None:
                 self._checks[path][index] = check
         except CacheError as exc:
             self.fetcher.cache_write_failed(exc)
-        if reader.lazy:
-            self.fetcher.recent.put(reader.digest, index, data)
-            reader.arrived(index, len(data), False)
+        if reader.trust.serves_unchecked:
+            reader.deliver(index, data, fetched=False)
         reader.tick()
 
     async def collect(self) -> list[Member]:
