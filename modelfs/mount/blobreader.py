@@ -14,6 +14,10 @@ What a reader may see is decided per blob, once, by what vouches for its bytes: 
 - **lazy** (``--verify lazy``, opt-in, only for blobs without a trusted index): served
   unverified, then checked whole once complete.
 
+Bytes that are dropped (a blob that fails its digest, a stream that fails, a damaged or
+foreign block) leave by one path, :meth:`BlobReader.drop`: from the cache, from memory and,
+if any were served, from the kernel's page cache of every file they were served as.
+
 Where blocks come from is not the reader's business: a :class:`BlockSource` gets them (range
 requests on worker threads, :mod:`.rangefetch`; or the stream of a compressed layer,
 :mod:`.stream`) and hands them back through :meth:`BlobReader.deliver` and the pass calls.
@@ -72,6 +76,7 @@ class BlobReader:
         self.fetcher, self.entry, self.source = fetcher, entry, source
         self.stats = fetcher.stats
         self.trust = Trust.decide(expected, block_hash or ALGORITHMS["sha256"], fetcher.index_vouched, fetcher.lazy)
+        self._served = False  # bytes went to a reader (the kernel may hold them) since the last drop
         self.block_size = entry.block_size
         self.readahead = ReadAhead(entry.block_size, entry.nblocks, fetcher.policy.readahead_max)
         self._inflight: dict[int, trio.Event] = {}
@@ -155,6 +160,7 @@ class BlobReader:
         else:
             raise FetchError(f"blocks {first}-{last} of {self.digest} could not be kept long enough to serve them")
         start = offset - first * bs
+        self._served = True
         if len(parts) == 1:
             block = parts[0]
             return block if start == 0 and size == len(block) else memoryview(block)[start:start + size]
@@ -176,10 +182,32 @@ class BlobReader:
         """A cached block did not read back: drop it, so it is fetched again."""
         self.stats.damaged_blocks += 1
         log.warning("%s; fetching it again", exc)
-        try:
-            self.entry.forget(index)
-        except CacheError as forget_error:
-            log.error("%s", forget_error)
+        self.drop([index])
+
+    def drop(self, blocks: Iterable[int] | None = None, evicted: bool = False) -> None:
+        """The one way bytes of this blob leave (``blocks``, or all of it): from the cache
+        (replaced files for the whole blob, so another process holding the old ones notices),
+        from memory, and, if this reader served any bytes since the last drop, from the
+        kernel's pages of every file they were served as (raw, tar member or file of a
+        compressed layer alike: the FUSE layer maps this reader's key back to its inodes).
+
+        ``evicted``: the cache already removed the files to free space; nothing was found
+        wrong, so what the kernel holds is as right as it was and stays (it would otherwise
+        be fetched again from the registry, the cache limit being about disk, not memory)."""
+        which = None if blocks is None else list(blocks)
+        if not evicted:
+            try:
+                if which is None:
+                    self.entry.clear()
+                else:
+                    for index in which:
+                        self.entry.forget(index)
+            except CacheError as exc:
+                log.error("%s", exc)
+        self.fetcher.recent.drop(self.digest, which)
+        if self._served and not evicted:
+            self._served = False
+            self.fetcher.pages_stale(self.digest)
 
     # -- waiting --------------------------------------------------------------------------
 
@@ -344,10 +372,7 @@ class BlobReader:
             return
         self.fetcher.wrong_bytes(f"cached block {index} of {self.digest}", fetched=False)
         log.warning("%s; fetching it again", exc)
-        try:
-            self.entry.forget(index)
-        except CacheError as forget_error:
-            log.error("%s", forget_error)
+        self.drop([index])
 
     def wrong_block(self, index: int) -> None:
         self.fetcher.wrong_bytes(f"block {index} of {self.digest}")
@@ -404,8 +429,7 @@ class BlobReader:
         """The blob does not match its digest: drop every byte of it, wherever it is held."""
         self.fetcher.wrong_bytes(f"blob {self.digest}")
         log.error("blob %s does not match its digest; dropped it from the cache", self.digest)
-        self.entry.clear()
-        self.fetcher.dropped(self.digest)
+        self.drop()
 
     # -- checking a complete blob ---------------------------------------------------------
 
@@ -431,14 +455,28 @@ class BlobReader:
         """For ``pull``: read every cached block back (dropping damaged ones), fetch what is
         missing, and check the blob; True once every block is on disk and vouched for."""
         for _ in range(3):
-            dropped = await trio.to_thread.run_sync(self.entry.scrub)
-            self.stats.damaged_blocks += dropped
+            for index, exc in await trio.to_thread.run_sync(self._read_back):
+                self.damaged(index, exc)
             missing = [i for i in range(self.entry.nblocks) if not self.servable(i)]
             if missing:
                 await self.ensure(missing, foreground=False)
             if self.entry.complete and await self.verified():
                 return True
         return False
+
+    def _read_back(self) -> list[tuple[int, BlockDamaged]]:
+        """Every cached block read back against its checksum (on a worker thread): those
+        that fail, for :meth:`damaged` to drop on the loop."""
+        failed = []
+        for index in range(self.entry.nblocks):
+            if self.entry.has(index):
+                try:
+                    self.entry.read_block(index)
+                except BlockDamaged as exc:
+                    failed.append((index, exc))
+                except CacheError:
+                    continue  # gone meanwhile
+        return failed
 
     async def _verify(self) -> None:
         try:

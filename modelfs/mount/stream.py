@@ -213,7 +213,7 @@ class LayerStream:
             reader.begin_pass()
             self._checks[path] = {}
             if not reader.entry.verified:
-                reader.entry.clear()
+                reader.drop()
 
     def _keep(self, path: str, reader: BlobReader, index: int, data: bytes) -> None:
         try:
@@ -294,14 +294,11 @@ class LayerStream:
             raise
 
     def _drop_unverified(self) -> None:
-        """Blocks derived from a stream that did not check out are never kept."""
+        """Blocks derived from a stream that did not check out are never kept, and those
+        served (``--verify lazy``) leave the kernel's pages too (:meth:`BlobReader.drop`)."""
         for reader in self.targets.values():
             if not reader.entry.verified:
-                try:
-                    reader.entry.clear()
-                except CacheError as exc:
-                    log.error("%s", exc)
-                self.fetcher.recent.drop(reader.digest)
+                reader.drop()
 
     async def _copy(self, source: StreamSource, member: Member) -> None:
         reader = self.target(member.path, member.size) if self._collect else self.targets.get(member.path)
