@@ -540,7 +540,7 @@ def test_a_block_another_process_stored_meanwhile_is_replaced_and_the_index_kept
     cli.run("build", "-t", ref, str(context))
     cli.run("push", "--plain-http", ref)
     blob = "sha256:" + hashlib.sha256(weights).hexdigest()
-    faulty.only, faulty.stall_seconds, faulty.faults = blob, 1.5, ["stall"]
+    faulty.only, faulty.stall_seconds, faulty.faults = blob, 1.0, ["stall"]
     target = mounts.mount(ref.replace(registry.address, faulty.address), "--prefetch", "none")
     got: list[bytes] = []
     reading = threading.Thread(target=lambda: got.append(read_direct(target / "w.bin")))
@@ -556,7 +556,7 @@ def test_a_block_another_process_stored_meanwhile_is_replaced_and_the_index_kept
     cache.close()
     reading.join(30)
     assert got == [weights]
-    time.sleep(1.0)  # the completed blob's check (if any) runs after the read returned
+    time.sleep(0.5)  # the completed blob's check (if any) runs just after the read returned
     log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
     assert " ERROR " not in log, log
     assert _integrity_errors(cli, target, 0) == 0
