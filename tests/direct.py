@@ -1,9 +1,6 @@
-"""Reads that the kernel cannot retry behind our back: O_DIRECT, into page-aligned buffers.
-
-A buffered read whose page failed is retried by the kernel at once, which can hide an EIO
-(the retry may succeed) or turn one failure into two; tests that must see what one read of
-the mount answered use these.
-"""
+"""Reading a mounted file with O_DIRECT: every byte comes from the daemon, none from the
+kernel's page cache (which would hide a wrong byte served earlier, or retry a page whose
+read failed and so hide an EIO, or turn one failure into two)."""
 
 from __future__ import annotations
 
@@ -11,26 +8,30 @@ import mmap
 import os
 from pathlib import Path
 
-CHUNK = 1 << 20
+_CHUNK = 1 << 20
 
 
-def read_direct(path: Path | str) -> bytes | int:
-    """The whole file read with O_DIRECT, or the errno the read failed with."""
-    buffer = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
-    out = bytearray()
+def read_direct(path: Path | str, offset: int = 0, size: int | None = None) -> bytes:
+    """Bytes [offset, offset + size) of ``path`` (to its end without ``size``), read with
+    O_DIRECT into page-aligned buffers."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as exc:
-        return exc.errno or -1
-    try:
-        while True:
-            try:
-                got = os.readv(fd, [buffer])
-            except OSError as exc:
-                return exc.errno or -1
-            if not got:
-                return bytes(out)
-            out += buffer[:got]
+        end = os.fstat(fd).st_size if size is None else offset + size
+        out = bytearray()
+        with mmap.mmap(-1, _CHUNK) as buffer:
+            while offset + len(out) < end:
+                got = os.preadv(fd, [buffer], offset + len(out))
+                if got <= 0:
+                    break
+                out += buffer[:min(got, end - offset - len(out))]
+        return bytes(out)
     finally:
         os.close(fd)
-        buffer.close()
+
+
+def read_direct_or_errno(path: Path | str) -> bytes | int:
+    """The whole file read with O_DIRECT, or the errno the read failed with."""
+    try:
+        return read_direct(path)
+    except OSError as exc:
+        return exc.errno or -1

@@ -15,6 +15,7 @@ import json
 import os
 import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -478,3 +479,86 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
             break
         time.sleep(0.1)
     assert "attached at the registry" in log and "does not match the block index" in log
+
+
+@pytest.fixture(scope="module")
+def shared_blob(registry, session_cli, tmp_path_factory):
+    """One weights blob in two repositories: ``pinned`` (its manifest names a block index,
+    annotation dev.modelfs.block-index) and ``plain`` (none, as modctl pushes it)."""
+    context = tmp_path_factory.mktemp("shared")
+    files = make_context(context)
+    pinned, plain = f"{registry.address}/shared/pinned:v1", f"{registry.address}/shared/plain:v1"
+    session_cli.run("build", "-t", pinned, str(context))
+    session_cli.run("push", "--plain-http", pinned)
+    session_cli.run("build", "--no-block-index", "-t", plain, str(context))
+    session_cli.run("push", "--plain-http", plain)
+    return pinned, plain, files
+
+
+def _integrity_errors(cli, target: Path, at_least: int, seconds: float = 5.0) -> int:
+    """The mount's integrity error count from `modelfs status` (the daemon writes it each second)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
+        if found["integrity_errors"] >= at_least or time.monotonic() > deadline:
+            return found["integrity_errors"]
+        time.sleep(0.2)
+
+
+def test_lazy_mount_of_a_pinned_blob_checks_a_block_a_lazy_mount_elsewhere_stored(shared_blob, faulty, mounts, registry,
+                                                                                 cli):
+    """--verify lazy relaxes only blobs without a trusted index: a block that a lazy mount of
+    the unindexed repository stored unverified (a byte flipped on the way) is matched against
+    the pinned repository's index before a lazy mount of it serves the block."""
+    from direct import read_direct
+    pinned, plain, files = shared_blob
+    weights = files["w.bin"]
+    faulty.only = "sha256:" + hashlib.sha256(weights).hexdigest()
+    faulty.faults = ["flip"]
+    lazy = mounts.mount(plain.replace(registry.address, faulty.address), "--prefetch", "none", "--verify", "lazy")
+    # block 2 alone (a read far from the start: no read-ahead), one range, its middle byte flipped
+    assert read_direct(lazy / "w.bin", 2 * MiB, MiB) != weights[2 * MiB:3 * MiB]  # the risk lazy takes
+    mounts.umount(lazy)
+    assert faulty.injected["flip"] == 1
+    target = mounts.mount(pinned, "--prefetch", "none", "--verify", "lazy")
+    assert read_direct(target / "w.bin") == weights
+    assert _integrity_errors(cli, target, 1) == 1  # the cached block that failed the index
+
+
+def test_a_block_another_process_stored_meanwhile_is_replaced_and_the_index_kept(registry, cli, mounts, faulty, tmp_path):
+    """'Theirs stays': while a pinned mount fetches a block, another process (a lazy mount, a
+    killed pull: here the test) stores a wrong copy of it unverified. The mount replaces it
+    with the block it checked instead of keeping it, so no whole-blob check fails over a
+    foreign copy, and the mount neither logs an error nor distrusts its own correct index."""
+    from direct import read_direct
+    context = tmp_path / "ctx"
+    context.mkdir()
+    weights = os.urandom(600_000)  # one block: one range request
+    (context / "w.bin").write_bytes(weights)
+    (context / "Modelfile").write_text("MODEL w.bin\n")
+    ref = f"{registry.address}/theirs/model:v1"
+    cli.run("build", "-t", ref, str(context))
+    cli.run("push", "--plain-http", ref)
+    blob = "sha256:" + hashlib.sha256(weights).hexdigest()
+    faulty.only, faulty.stall_seconds, faulty.faults = blob, 1.0, ["stall"]
+    target = mounts.mount(ref.replace(registry.address, faulty.address), "--prefetch", "none")
+    got: list[bytes] = []
+    reading = threading.Thread(target=lambda: got.append(read_direct(target / "w.bin")))
+    reading.start()
+    deadline = time.monotonic() + 20
+    while not faulty.injected["stall"]:  # the mount's range request is on its way
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    wrong = bytearray(weights)
+    wrong[1000] ^= 0x01
+    cache = BlockCache(str(cli.cache_dir))
+    assert cache.entry(blob, len(weights)).write_block(0, bytes(wrong)) is not None  # stored unverified
+    cache.close()
+    reading.join(30)
+    assert got == [weights]
+    time.sleep(0.5)  # the completed blob's check (if any) runs just after the read returned
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert " ERROR " not in log, log
+    assert _integrity_errors(cli, target, 0) == 0
+    entry = BlockCache(str(cli.cache_dir)).entry(blob, len(weights))
+    assert entry.read_block(0) == weights and entry.entry_at(0).checked  # ours, checked against the index

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Cli
-from direct import read_direct
+from direct import read_direct_or_errno as read_direct
 from proxy import CountingProxy
 
 MiB = 1 << 20

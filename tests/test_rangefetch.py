@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -151,3 +154,39 @@ def test_presigned_redirects_are_followed_and_renewed_when_they_expire(basic_reg
     log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
     assert "asking the registry where to read it again" in log
     assert [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line] == []  # expiry is routine
+
+
+def test_a_peer_is_waited_on_for_a_quarter_of_the_timeout_at_most_five_seconds():
+    from modelfs.mount.claims import PEER_WAIT_SECONDS, peer_wait
+    assert peer_wait(2) == 0.5
+    assert peer_wait(120) == PEER_WAIT_SECONDS == 5.0
+    assert peer_wait(0) == 0.0
+
+
+def test_a_frozen_peer_holding_claims_is_waited_on_for_less_than_a_short_timeout(pushed, cli, mounts):
+    """Another process claimed the blocks (an OFD lock on the blob's .claims file) and froze.
+    With --timeout 2, under the 5 s a peer is waited on at most, the read still succeeds: the
+    peer is waited on for a share of the timeout, then the blocks are fetched anyway."""
+    from direct import read_direct
+    ref, digest, data = pushed
+    claims = cli.cache_dir / "blobs" / "sha256" / f"{digest.split(':')[1]}.claims"
+    claims.parent.mkdir(parents=True)
+    peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, signal
+        from modelfs.mount.claims import PeerClaims
+        claims = PeerClaims({str(claims)!r})
+        assert claims.take(0, 31) == 31
+        print("held", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)  # frozen, its claims held
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "held"
+        target = mounts.mount(ref, "--prefetch", "none", "--verify", "lazy", "--timeout", "2")
+        started = time.monotonic()
+        assert read_direct(target / "w.bin", 0, 65536) == data[:65536]
+        assert time.monotonic() - started < 2
+    finally:
+        peer.kill()
+        peer.wait()
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    assert "another process has held block 0" in log and "for over 0.5s" in log, log

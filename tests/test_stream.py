@@ -6,10 +6,19 @@ frames) and what they should not (cut short, corrupt).
 """
 
 import gzip
+import hashlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import datetime
 
 import pytest
 from conftest import make_tar
+from faults import FaultProxy, _read_head
 
 from modelfs import zstd
 from modelfs.errors import ManifestError
@@ -107,3 +116,105 @@ def test_no_step_of_a_compression_bomb_outputs_more_than_the_window(packing, com
         steps.append(len(out))
     assert sum(steps) == size and decompressor.finished
     assert max(steps) <= _WINDOW
+
+
+class PausedFlipProxy(FaultProxy):
+    """``flip`` (one byte in the middle of a blob's body) on a link that stalls for a moment
+    near the end of the body: a lazy reader is served the flipped byte well before the layer
+    ends and fails its check."""
+
+    pause_at, pause = 0.8, 1.0
+
+    def _forward(self, client: socket.socket, request: bytes, method: str, fault: str | None) -> bool:
+        if fault != "pausedflip":
+            return super()._forward(client, request, method, fault)
+        with socket.create_connection(self.upstream) as upstream:
+            upstream.sendall(request)
+            reader = upstream.makefile("rb")
+            head = _read_head(reader)
+            if head is None:
+                return False
+            length = next(int(line.split(":", 1)[1]) for line in head.decode("latin-1").split("\r\n")[1:]
+                          if line.lower().startswith("content-length:"))
+            client.sendall(head.replace(b"Connection: close\r\n", b""))
+            body = bytearray(reader.read(length))
+            body[len(body) // 2] ^= 0x01
+            split = int(len(body) * self.pause_at)
+            client.sendall(body[:split])
+            time.sleep(self.pause)
+            client.sendall(body[split:])
+            return True
+
+
+# A process that maps a file of the mount and keeps its first ``size`` bytes locked in
+# memory, as an inference server does with its weights, saying whether they are right.
+MAPPING_READER = textwrap.dedent("""
+    import ctypes, hashlib, mmap, os, sys, time
+    path, size, expected, seconds = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    fd = os.open(path, os.O_RDONLY)
+    address = libc.mmap(None, os.fstat(fd).st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(size))
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        started = time.time()
+        right = hashlib.sha256(ctypes.string_at(address, size)).hexdigest() == expected
+        print("right" if right else "wrong", started, flush=True)
+        time.sleep(0.02)
+""")
+
+
+def _log_time(line: str) -> float:
+    """The wall-clock time of a daemon log line."""
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+@pytest.mark.parametrize("packing", ["tar+gzip", "tar+zstd"])
+def test_a_lazy_compressed_layer_that_fails_its_check_leaves_no_wrong_page_mapped(packing, registry, cli, mounts,
+                                                                                   tmp_path):
+    """--verify lazy serves a compressed layer's files as they are unpacked; when the layer
+    then fails its check (a byte flipped on the way), the bytes served go from the kernel's
+    pages too, through the one drop path, so a process that mapped and locked the file sees
+    the right bytes (or EIO) within moments, not the flipped byte for ever."""
+    context = tmp_path / "ctx"
+    context.mkdir()
+    weights = os.urandom(3 << 20)
+    (context / "w.bin").write_bytes(weights)
+    (context / "Modelfile").write_text("MODEL w.bin\n")
+    ref = f"{registry.address}/lazy-pages/{packing.replace('+', '-')}:v1"
+    cli.run("build", "-t", ref, "--packing", packing, str(context))
+    cli.run("push", "--plain-http", ref)
+    layer = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]["layers"][0]["digest"]
+    proxy = PausedFlipProxy(registry.port)
+    try:
+        proxy.only, proxy.faults = layer, ["pausedflip"]
+        target = mounts.mount(ref.replace(registry.address, proxy.address), "--prefetch", "none", "--verify", "lazy",
+                              "--timeout", "10", "--log-level", "info")
+        head = 2 << 20  # the first two blocks: the flipped byte, 1.5 MiB in, is served before the pause
+        reader = subprocess.Popen([sys.executable, "-c", MAPPING_READER, str(target / "w.bin"), str(head),
+                                   hashlib.sha256(weights[:head]).hexdigest(), "8"], stdout=subprocess.PIPE, text=True)
+        seen: list[tuple[str, float]] = []
+        failed_at = None
+        deadline = time.monotonic() + 20
+        assert reader.stdout is not None
+        for line in reader.stdout:
+            word, at = line.split()
+            seen.append((word, float(at)))
+            if failed_at is None:
+                log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+                failure = next((x for x in log.splitlines() if "retry 1 in" in x), None)
+                failed_at = _log_time(failure) if failure else None
+            if failed_at is not None and float(at) > failed_at + 2.2 or time.monotonic() > deadline:
+                break
+        reader.kill()
+        reader.wait()
+    finally:
+        proxy.close()
+    assert proxy.injected["pausedflip"] == 1
+    assert failed_at is not None, "the layer did not fail its check"
+    assert any(word == "wrong" and at < failed_at for word, at in seen)  # lazily served before the check
+    late = [at - failed_at for word, at in seen if word == "wrong" and at > failed_at + 2.0]
+    assert not late, f"the mapping still showed the flipped byte {max(late):.1f}s after the layer failed its check"
+    assert seen[-1][0] == "right"

@@ -1,17 +1,22 @@
 """Waiting for blocks and serving them: one :class:`BlobReader` per blob (or per file of a
 compressed layer), on the trio loop that answers FUSE.
 
-What a reader may see is decided per blob by what vouches for its bytes (README,
-"Integrity"):
+What a reader may see is decided per blob, once, by what vouches for its bytes: its
+:class:`~.trust.Trust` (README, "Integrity"), which every path here consults:
 
 - **index mode** (a block index the mount trusts): each block is matched against the index
-  before it is served or cached; a block already cached but not yet matched is hashed from
-  disk and adopted, or dropped.
+  before it is served or cached, whatever ``--verify`` says; a block already cached but not
+  matched under this index (stored by a lazy mount, a killed pull) is hashed from disk and
+  adopted, or dropped.
 - **whole mode** (no trusted index, the default): the blob is read once, in order, hashed
   whole, and no byte of it is served until the hash matches its digest. Readers wait for
   that (their deadline moves with the pass's progress).
-- **lazy** (``--verify lazy``, opt-in): blobs without an index are served unverified, then
-  checked whole once complete.
+- **lazy** (``--verify lazy``, opt-in, only for blobs without a trusted index): served
+  unverified, then checked whole once complete.
+
+Bytes that are dropped (a blob that fails its digest, a stream that fails, a damaged or
+foreign block) leave by one path, :meth:`BlobReader.drop`: from the cache, from memory and,
+if any were served, from the kernel's page cache of every file they were served as.
 
 Where blocks come from is not the reader's business: a :class:`BlockSource` gets them (range
 requests on worker threads, :mod:`.rangefetch`; or the stream of a compressed layer,
@@ -27,6 +32,7 @@ Every block read back from the cache is checked against its stored checksum
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
@@ -37,6 +43,7 @@ from ..errors import CacheError, FetchError, IntegrityError
 from .blockindex import ALGORITHMS
 from .cache import BlobEntry, BlockDamaged
 from .readahead import ReadAhead
+from .trust import Mode, Trust
 
 if TYPE_CHECKING:
     from .fetcher import Fetcher
@@ -68,8 +75,8 @@ class BlobReader:
                  block_hash: Callable[[Block], bytes] | None = None) -> None:
         self.fetcher, self.entry, self.source = fetcher, entry, source
         self.stats = fetcher.stats
-        self.expected = expected  # hash per block, from a block index the mount trusts
-        self.block_hash = block_hash or ALGORITHMS["sha256"]  # the index's algorithm
+        self.trust = Trust.decide(expected, block_hash or ALGORITHMS["sha256"], fetcher.index_vouched, fetcher.lazy)
+        self._served = False  # bytes went to a reader (the kernel may hold them) since the last drop
         self.block_size = entry.block_size
         self.readahead = ReadAhead(entry.block_size, entry.nblocks, fetcher.policy.readahead_max)
         self._inflight: dict[int, trio.Event] = {}
@@ -94,13 +101,14 @@ class BlobReader:
         return self.entry.size
 
     @property
-    def lazy(self) -> bool:
-        return self.fetcher.lazy
+    def expected(self) -> list[bytes] | None:
+        """Hash per block, from the block index this reader trusts (None: no index)."""
+        return self.trust.expected
 
     @property
     def whole_mode(self) -> bool:
         """No trusted index and not lazy: bytes are served only once the blob checked whole."""
-        return self.expected is None and not self.lazy
+        return self.trust.mode is Mode.WHOLE
 
     @property
     def busy(self) -> bool:
@@ -113,9 +121,7 @@ class BlobReader:
             return True
         if index in self._inflight:
             return False  # being fetched: not worth a look at the disk map
-        if self.lazy:
-            return self.entry.has(index)
-        return self.entry.trusted(index, self.expected[index] if self.expected else None)
+        return self.trust.accepts(self.entry, index)
 
     def _block(self, index: int) -> Block:
         data = self.fetcher.recent.get(self.entry.digest, index)
@@ -154,6 +160,7 @@ class BlobReader:
         else:
             raise FetchError(f"blocks {first}-{last} of {self.digest} could not be kept long enough to serve them")
         start = offset - first * bs
+        self._served = True
         if len(parts) == 1:
             block = parts[0]
             return block if start == 0 and size == len(block) else memoryview(block)[start:start + size]
@@ -175,10 +182,32 @@ class BlobReader:
         """A cached block did not read back: drop it, so it is fetched again."""
         self.stats.damaged_blocks += 1
         log.warning("%s; fetching it again", exc)
-        try:
-            self.entry.forget(index)
-        except CacheError as forget_error:
-            log.error("%s", forget_error)
+        self.drop([index])
+
+    def drop(self, blocks: Iterable[int] | None = None, evicted: bool = False) -> None:
+        """The one way bytes of this blob leave (``blocks``, or all of it): from the cache
+        (replaced files for the whole blob, so another process holding the old ones notices),
+        from memory, and, if this reader served any bytes since the last drop, from the
+        kernel's pages of every file they were served as (raw, tar member or file of a
+        compressed layer alike: the FUSE layer maps this reader's key back to its inodes).
+
+        ``evicted``: the cache already removed the files to free space; nothing was found
+        wrong, so what the kernel holds is as right as it was and stays (it would otherwise
+        be fetched again from the registry, the cache limit being about disk, not memory)."""
+        which = None if blocks is None else list(blocks)
+        if not evicted:
+            try:
+                if which is None:
+                    self.entry.clear()
+                else:
+                    for index in which:
+                        self.entry.forget(index)
+            except CacheError as exc:
+                log.error("%s", exc)
+        self.fetcher.recent.drop(self.digest, which)
+        if self._served and not evicted:
+            self._served = False
+            self.fetcher.pages_stale(self.digest)
 
     # -- waiting --------------------------------------------------------------------------
 
@@ -258,13 +287,21 @@ class BlobReader:
         self.stats.inflight_blocks += len(claimed)
         return claimed
 
-    def deliver(self, index: int, data: Block, write_error: CacheError | None = None, for_reader: bool = True) -> None:
-        """A checked block (or a lazy one) is here, and was written to the cache (or could
-        not be: ``write_error``). Held in memory for a reader that wants it soon, or that
-        the cache could not give it."""
+    def deliver(self, index: int, data: Block, write_error: CacheError | None = None, for_reader: bool = True,
+                fetched: bool = True) -> None:
+        """A block that this reader's trust lets readers see now is here (matched against the
+        index; or unchecked, where the trust serves blobs lazily), and was written to the
+        cache (or could not be: ``write_error``). Held in memory for a reader that wants it
+        soon, or that the cache could not give it. ``fetched``: count its bytes as fetched
+        (a compressed layer's stream counts its own)."""
+        if not self.trust.per_block:  # the index was found wrong while this block was on its way
+            self.fail([index], IntegrityError(f"block {index} of {self.digest} is served only once its blob is "
+                                              "checked whole"))
+            self.fetcher.buffers.give_back(data)
+            return
         if write_error is not None:
             self.fetcher.cache_write_failed(write_error)
-        self.arrived(index, len(data), True)
+        self.arrived(index, len(data), fetched)
         if for_reader or write_error is not None:
             self.fetcher.recent.put(self.entry.digest, index, data)
         else:
@@ -298,41 +335,73 @@ class BlobReader:
         return index in self._inflight
 
     def settle_present(self, index: int) -> bool:
-        """Whether block ``index`` needs no fetch: servable, or cached unmatched and adopted
-        now (hashed from disk against the index)."""
+        """Whether block ``index`` needs no fetch: servable, or cached without this reader's
+        trust (stored by another process: a lazy mount, a killed pull) and adopted now,
+        hashed from disk against the index; one that does not match is dropped."""
         if not self.servable(index):
-            if self.expected is None or not self.entry.has(index):
+            if self.trust.mode is not Mode.INDEX or not self.entry.has(index):
                 return False
-            try:
-                data, check = self.entry.read_checked(index)
-            except CacheError as exc:
-                self.damaged(index, exc)
+            verdict = self._match_cached(index)
+            if verdict is not True:
+                if isinstance(verdict, BaseException):
+                    self._foreign_block_wrong(index, verdict)
                 return False
-            if self.block_hash(data) != self.expected[index]:
-                log.warning("cached block %d of %s does not match the block index; fetching it again", index, self.digest)
-                self.entry.forget(index)
-                return False
-            self.entry.adopt(index, self.expected[index], check)
         self.arrived(index, 0, False)
         return True
+
+    def _match_cached(self, index: int) -> bool | BaseException:
+        """Hash a cached block against the index and adopt it if it matches (may run on a
+        worker thread). True: adopted; False: not cached any more; the error otherwise (it
+        did not read back, or it does not match)."""
+        try:
+            data, check = self.entry.read_checked(index)
+        except BlockDamaged as exc:
+            return exc
+        except CacheError:
+            return False
+        index_hash = self.trust.index_hash(data)
+        if index_hash is None or not self.trust.matches(index, index_hash):
+            return IntegrityError(f"cached block {index} of {self.digest} does not match the block index")
+        self.entry.adopt(index, index_hash, check)
+        return True
+
+    def _foreign_block_wrong(self, index: int, exc: BaseException) -> None:
+        """A cached block failed this reader's trust: counted, dropped, fetched again."""
+        if isinstance(exc, BlockDamaged):
+            self.damaged(index, exc)
+            return
+        self.fetcher.wrong_bytes(f"cached block {index} of {self.digest}", fetched=False)
+        log.warning("%s; fetching it again", exc)
+        self.drop([index])
 
     def wrong_block(self, index: int) -> None:
         self.fetcher.wrong_bytes(f"block {index} of {self.digest}")
 
-    def store_unverified(self, index: int, data: Block) -> int | None:
-        """Store a block of a blob still being checked (on a worker thread). If another
-        process stored it meanwhile, theirs is used only if equal. Returns its checksum."""
-        check = self.entry.write_block(index, data)
+    def store(self, index: int, data: Block, index_hash: bytes | None = None) -> int | None:
+        """Store a block that passed this reader's trust (``index_hash``: it matched the
+        index) or that this reader hashes as part of the blob; returns the stored checksum.
+        Runs on worker threads.
+
+        Another process may have stored the block meanwhile, under a trust of its own (a
+        lazy mount, a pass still checking the blob): theirs is kept only if its bytes equal
+        ours, and then adopted under our index; otherwise it is replaced by ours. So what is
+        on disk under a block this reader delivered is what it checked: a whole-blob check
+        over the disk copy cannot fail on another process's bytes (and blame a correct
+        index). A block being fetched is served to nobody here, so theirs was never served
+        by this reader."""
+        check = self.entry.write_block(index, data, index_hash)
         if check is not None:
             return check
         try:
             theirs, check = self.entry.read_checked(index)
             if theirs == data:
+                if index_hash is not None:
+                    self.entry.adopt(index, index_hash, check)
                 return check
         except CacheError:
             pass
         self.entry.forget(index)
-        return self.entry.write_block(index, data)
+        return self.entry.write_block(index, data, index_hash)
 
     # passes over the whole blob
 
@@ -360,21 +429,16 @@ class BlobReader:
         """The blob does not match its digest: drop every byte of it, wherever it is held."""
         self.fetcher.wrong_bytes(f"blob {self.digest}")
         log.error("blob %s does not match its digest; dropped it from the cache", self.digest)
-        self.entry.clear()
-        self.fetcher.dropped(self.digest)
+        self.drop()
 
     # -- checking a complete blob ---------------------------------------------------------
-
-    def _index_covers_all(self) -> bool:
-        return (self.expected is not None and self.fetcher.index_vouched
-                and all(self.entry.trusted(i, self.expected[i]) for i in range(self.entry.nblocks)))
 
     def _maybe_verify(self) -> None:
         """A complete blob not yet checked whole is hashed once, unless a block index the
         manifest vouches for matched every block, or its source checks it."""
         if self._verifying or self.pass_running or self.source.checks_whole or not self.entry.complete:
             return
-        if self.entry.verified or self._index_covers_all():
+        if self.entry.verified or self.trust.covers(self.entry):
             return
         self._verifying = True
         self._verify_done = trio.Event()
@@ -385,14 +449,14 @@ class BlobReader:
         self._maybe_verify()
         if self._verifying:
             await self._verify_done.wait()
-        return self.entry.complete and (self.entry.verified or self._index_covers_all())
+        return self.entry.complete and (self.entry.verified or self.trust.covers(self.entry))
 
     async def settle(self) -> bool:
         """For ``pull``: read every cached block back (dropping damaged ones), fetch what is
         missing, and check the blob; True once every block is on disk and vouched for."""
         for _ in range(3):
-            dropped = await trio.to_thread.run_sync(self.entry.scrub)
-            self.stats.damaged_blocks += dropped
+            for index, exc in await trio.to_thread.run_sync(self._read_back):
+                self.damaged(index, exc)
             missing = [i for i in range(self.entry.nblocks) if not self.servable(i)]
             if missing:
                 await self.ensure(missing, foreground=False)
@@ -400,16 +464,36 @@ class BlobReader:
                 return True
         return False
 
+    def _read_back(self) -> list[tuple[int, BlockDamaged]]:
+        """Every cached block read back against its checksum (on a worker thread): those
+        that fail, for :meth:`damaged` to drop on the loop."""
+        failed = []
+        for index in range(self.entry.nblocks):
+            if self.entry.has(index):
+                try:
+                    self.entry.read_block(index)
+                except BlockDamaged as exc:
+                    failed.append((index, exc))
+                except CacheError:
+                    continue  # gone meanwhile
+        return failed
+
     async def _verify(self) -> None:
         try:
-            matches, checks = await trio.to_thread.run_sync(self.entry.digest_matches)
+            if self.trust.mode is Mode.INDEX and not await self._settle_against_index():
+                return  # a block was dropped: fetched again when read, then checked anew
+            if self.trust.covers(self.entry):
+                return
+            matches, checks = await trio.to_thread.run_sync(self._hash_whole)
+            if matches is None:
+                return
             if matches:
                 await trio.to_thread.run_sync(self.entry.mark_whole, checks)
             else:
-                if self.expected is not None:
+                if self.trust.mode is Mode.INDEX:  # every block matched it: the index is wrong
                     log.error("the block index of %s vouched for blocks of a blob that does not match its digest; "
                               "no longer trusting it for this blob", self.digest)
-                    self.expected = None
+                    self.trust = self.trust.without_index()
                 self.digest_mismatch()
         except CacheError as exc:
             log.error("could not verify %s: %s", self.digest, exc)
@@ -418,6 +502,38 @@ class BlobReader:
         finally:
             self._verifying = False
             self._verify_done.set()
+
+    async def _settle_against_index(self) -> bool:
+        """Before the blob is hashed whole (or instead, with a vouched index): every cached
+        block this reader's index has not matched yet (another process stored it, under its
+        own trust) is hashed against the index and adopted, or dropped. True if every block
+        is now matched; only then can a failing whole-blob hash blame the index."""
+        pending = [i for i in range(self.entry.nblocks) if not self.trust.accepts(self.entry, i)]
+        verdicts = await trio.to_thread.run_sync(lambda: [(i, self._match_cached(i)) for i in pending])
+        settled = True
+        for index, verdict in verdicts:
+            if verdict is not True:
+                settled = False
+                if isinstance(verdict, BaseException):
+                    self._foreign_block_wrong(index, verdict)
+        return settled
+
+    def _hash_whole(self) -> tuple[bool | None, dict[int, int]]:
+        """Hash the blob from disk (on a worker thread): whether it matches its digest, with
+        each block's checksum for ``mark_whole``; None if a block did not read back (dropped,
+        so it is fetched again, and the blob checked once complete again)."""
+        hasher = hashlib.sha256()
+        checks: dict[int, int] = {}
+        for index in range(self.entry.nblocks):
+            try:
+                data, checks[index] = self.entry.read_checked(index)
+            except BlockDamaged as exc:
+                trio.from_thread.run_sync(self.damaged, index, exc)
+                return None, checks
+            except CacheError:
+                return None, checks
+            hasher.update(data)
+        return "sha256:" + hasher.hexdigest() == self.digest, checks
 
     def cached_fraction(self) -> float:
         """Held locally: on disk, or checked in memory."""
@@ -444,10 +560,11 @@ def _logged(function: Callable[..., object], args: tuple[object, ...]) -> None:
 def check_block(reader: BlobReader, index: int, data: Block, token: trio.lowlevel.TrioToken) -> bytes | None:
     """The block's index hash, after it matched the index (None without an index). Runs on
     worker threads; a mismatch is counted on the loop and raised (nobody sees the bytes)."""
-    if reader.expected is None:
+    trust = reader.trust
+    digest = trust.index_hash(data)
+    if digest is None:
         return None
-    digest = reader.block_hash(data)
-    if digest != reader.expected[index]:
+    if not trust.matches(index, digest):
         call_soon(token, reader.wrong_block, index)
         raise IntegrityError(f"block {index} of {reader.digest} does not match the block index")
     return digest

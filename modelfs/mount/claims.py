@@ -9,8 +9,9 @@ for the lock to go, then looks in the cache again, where the block has usually a
 
 Such locks belong to the open file, so they die with the process that held them: a crashed
 daemon never leaves a claim behind. A peer that holds one too long (frozen, or on a link
-slower than ours) is waited on for at most ``PEER_WAIT_SECONDS``; the block is then fetched
-anyway: a duplicate fetch, never a stuck read. Nothing here decides what is served: a block
+slower than ours) is waited on for at most :func:`peer_wait` (a share of the mount's
+``--timeout``, at most ``PEER_WAIT_SECONDS``); the block is then fetched anyway: a
+duplicate fetch, never a stuck read. Nothing here decides what is served: a block
 a peer stored is served only once it passes the checks any cached block passes.
 """
 
@@ -24,15 +25,22 @@ import struct
 import trio
 
 PEER_WAIT_SECONDS = 5.0
+PEER_WAIT_SHARE = 0.25
 POLL_SECONDS = 0.02
 
-
-def peer_wait_seconds(timeout: float) -> float:
-    """How long a peer that makes no progress is waited on: at most PEER_WAIT_SECONDS, and a
-    quarter of the mount's read timeout, so a read that waited on a frozen peer still has
-    three quarters of its timeout to fetch the block itself (``--timeout 2``: 0.5 s)."""
-    return min(PEER_WAIT_SECONDS, timeout / 4)
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid (0 for OFD locks)
+
+
+def peer_wait(timeout: float) -> float:
+    """How long a fetch waits on a peer's claim, given the read's ``timeout``: a quarter of
+    it, at most ``PEER_WAIT_SECONDS``. The wait comes out of the budget of the read that
+    needs the block, which gets EIO past ``timeout``; when the peer is frozen, our own range
+    request (where to read, a connection, the first block) must still fit in what is left,
+    and three quarters leave it nearly the whole budget. A quarter still waits out a healthy
+    peer: it lets go of its claims when its range request ends, and requests are sized to
+    take about half a second (``RequestSizer.target_seconds``), as long as a quarter of a
+    2 s timeout. With the default 120 s the cap applies, as before."""
+    return max(0.0, min(PEER_WAIT_SECONDS, timeout * PEER_WAIT_SHARE))
 
 
 class PeerClaims:

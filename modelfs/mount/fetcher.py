@@ -86,9 +86,14 @@ class RecentBlocks:
     def indexes(self, digest: str) -> list[int]:
         return [index for (held, index) in self._blocks if held == digest]
 
-    def drop(self, digest: str) -> None:
-        for key in [k for k in self._blocks if k[0] == digest]:
-            self._recycle(self._blocks.pop(key))
+    def drop(self, digest: str, blocks: list[int] | None = None) -> None:
+        """Let go of ``blocks`` of a blob (all of them: None). Called by
+        :meth:`BlobReader.drop`, the one path by which bytes leave."""
+        keys = [k for k in self._blocks if k[0] == digest] if blocks is None else [(digest, i) for i in blocks]
+        for key in keys:
+            held = self._blocks.pop(key, None)
+            if held is not None:
+                self._recycle(held)
 
 
 class Fetcher:
@@ -110,7 +115,8 @@ class Fetcher:
         self._readers: dict[str, BlobReader] = {}
         self._idle = trio.Event()
         self._idle.set()
-        self.on_dropped: list[Callable[[str], Awaitable[None]]] = []  # told when a blob's bytes were wrong
+        # told when bytes served of a blob (or of a file of a compressed layer: its derived key) were dropped
+        self.on_dropped: list[Callable[[str], Awaitable[None]]] = []
 
     @property
     def lazy(self) -> bool:
@@ -146,19 +152,26 @@ class Fetcher:
         return {digest for digest, reader in self._readers.items() if reader.busy}
 
     def forget(self, digest: str) -> None:
-        """Drop in-memory blocks of an evicted blob so reads go back to the registry."""
-        self.recent.drop(digest)
+        """The cache evicted a blob: drop its in-memory blocks too, so reads go back to the
+        registry (through the reader's one drop path when there is one)."""
+        reader = self._readers.get(digest)
+        if reader is not None:
+            reader.drop(evicted=True)
+        else:
+            self.recent.drop(digest)
 
-    def dropped(self, digest: str) -> None:
-        """A blob's bytes were wrong and are gone from the cache: from memory too, and tell
-        whoever serves them (the FUSE layer drops the kernel's pages)."""
-        self.recent.drop(digest)
+    def pages_stale(self, key: str) -> None:
+        """Bytes a reader served were dropped (only :meth:`BlobReader.drop` calls this): tell
+        whoever serves them, so the FUSE layer drops the kernel's pages of those files."""
         for callback in self.on_dropped:
-            self.spawn(callback, digest)
+            self.spawn(callback, key)
 
-    def wrong_bytes(self, what: str) -> None:
-        """Count bytes that failed their check, and stop reading through mirrors for a while."""
+    def wrong_bytes(self, what: str, fetched: bool = True) -> None:
+        """Count bytes that failed their check; ``fetched`` ones (not read back from the
+        cache) also stop reading through mirrors for a while."""
         self.stats.integrity_errors += 1
+        if not fetched:
+            return
         suspect = getattr(self.client, "suspect", None)
         if suspect is not None:
             suspect(what)

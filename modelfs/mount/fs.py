@@ -104,15 +104,29 @@ class ModelFS(pyfuse3.Operations):
         self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
         self.permissions = permissions or Permissions(os.getuid(), os.getgid())
         self.stats = fetcher.stats
+        self._inodes: dict[str, list[Node]] | None = None  # reader key -> the files it serves
         fetcher.on_dropped.append(self.forget_pages)
 
-    async def forget_pages(self, digest: str) -> None:
-        """A blob turned out wrong: make the kernel drop its cached pages of every file in it."""
-        for node in self.tree.files():
-            if node.reader is not None and node.reader.digest == digest:
-                try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
-                except OSError as exc:
+    def files_of(self, key: str) -> list[Node]:
+        """The files whose bytes a reader serves, by its key: a raw layer's digest (one
+        file), a tar layer's (each member), or the derived key of a file of a compressed
+        layer (``stream.derived_key``). The tree never changes once mounted."""
+        if self._inodes is None:
+            self._inodes = {}
+            for node in self.tree.files():
+                if node.reader is not None:
+                    self._inodes.setdefault(node.reader.digest, []).append(node)
+        return self._inodes.get(key, [])
+
+    async def forget_pages(self, key: str) -> None:
+        """Bytes served of the reader ``key`` were dropped (``BlobReader.drop``, the one path):
+        make the kernel drop its cached pages of every file they were served as, so a mapping
+        faults and reads again (correct bytes, or EIO), whatever the layer's packing."""
+        for node in self.files_of(key):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:  # ENOENT: never looked up, so the kernel holds none of its pages
                     log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(node), exc)
 
     def _node(self, inode: int) -> Node:

@@ -30,7 +30,7 @@ from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import REPLACED_ROUNDS, FilesReplaced, aligned_buffer
-from .claims import PEER_WAIT_SECONDS, PeerClaims
+from .claims import PeerClaims, peer_wait
 from .readahead import RequestSizer, plan_runs
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ class RangeSource:
             index_hash = check_block(reader, index, data, token)
             write_error = None
             try:
-                entry.write_block(index, data, index_hash)
+                reader.store(index, data, index_hash)
             except CacheError as exc:
                 write_error = exc
             call_soon(token, reader.deliver, index, data, write_error, for_reader)
@@ -309,7 +309,7 @@ class RangeSource:
             index = position[0]
             hasher.update(data)
             try:
-                check = reader.store_unverified(index, data)
+                check = reader.store(index, data)
                 if check is not None:
                     checks[index] = check
             except CacheError as exc:
@@ -369,13 +369,14 @@ class RangeSource:
 
 class _RunClaims:
     """The claims of one run on blocks other processes may be fetching (see claims.py): a
-    peer is waited on for PEER_WAIT_SECONDS in all per run, then ignored. Without a claims
-    file (it cannot be opened) the run fetches regardless."""
+    peer is waited on for :func:`~.claims.peer_wait` of the mount's timeout in all per run,
+    then ignored. Without a claims file (it cannot be opened) the run fetches regardless."""
 
     def __init__(self, reader: BlobReader) -> None:
         self.digest = reader.digest
         self.claims: PeerClaims | None = None
         self.patience: float | None = None  # when waiting on peers ends
+        self.wait = peer_wait(reader.fetcher.policy.timeout)
         try:
             self.claims = PeerClaims(reader.entry.claims_path)
         except OSError as exc:
@@ -389,11 +390,11 @@ class _RunClaims:
         if stop >= start:
             return stop
         if self.patience is None:
-            self.patience = trio.current_time() + PEER_WAIT_SECONDS
+            self.patience = trio.current_time() + self.wait
         if await self.claims.wait_for_peer(start, self.patience):
             return None
         log.info("another process has held block %d of %s for over %gs; fetching the rest of this run anyway",
-                 start, self.digest, PEER_WAIT_SECONDS)
+                 start, self.digest, self.wait)
         self.close()
         return last
 

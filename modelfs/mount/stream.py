@@ -25,7 +25,7 @@ from ..spec import Descriptor, Packing
 from ..zstd import ZstdDecompressor, ZstdError
 from .blobreader import BlobReader
 from .cache import REPLACED_ROUNDS, FilesReplaced
-from .claims import POLL_SECONDS, PeerClaims, peer_wait_seconds
+from .claims import POLL_SECONDS, PeerClaims, peer_wait
 from .fetcher import Fetcher
 from .tarindex import REGULAR, Member, iter_members
 
@@ -187,7 +187,7 @@ class LayerStream:
     - **Other processes** (two mounts of one model): the process streaming a layer holds a
       claim on it (:class:`_LayerClaim`); another waits while that stream makes progress, then
       finds the files checked in the cache. No pass clears what another may be filling: a
-      block already stored is kept if equal to ours (``store_unverified``).
+      block already stored is kept if equal to ours (:meth:`BlobReader.store`).
     - **Files replaced under the check** (``cache prune``): the pass starts again, bounded by
       ``REPLACED_ROUNDS``, without failing the readers waiting for it.
     """
@@ -237,14 +237,13 @@ class LayerStream:
         try:
             if path not in self._files:
                 self._files[path] = reader.entry.files_id()
-            check = reader.store_unverified(index, data)
+            check = reader.store(index, data)
             if check is not None:
                 self._checks[path][index] = check
         except CacheError as exc:
             self.fetcher.cache_write_failed(exc)
-        if reader.lazy:
-            self.fetcher.recent.put(reader.digest, index, data)
-            reader.arrived(index, len(data), False)
+        if reader.trust.serves_unchecked:
+            reader.deliver(index, data, fetched=False)
         reader.tick()
 
     async def collect(self) -> list[Member]:
@@ -296,7 +295,7 @@ class LayerStream:
             return None
         if path not in self._seen:
             return ManifestError(f"{self.where}: the layer holds no file {path!r} of {reader.size} bytes")
-        if reader.lazy:
+        if reader.trust.serves_unchecked:
             return None
         if len(self._checks[path]) < reader.entry.nblocks:
             return CacheError(f"{self.where}: the cache could not keep every block of {path!r} (is its disk full?); "
@@ -317,7 +316,7 @@ class LayerStream:
         """Wait while another process streams this layer and stores blocks; True once every
         file is checked in the cache (nothing to fetch here). False when it stored nothing
         for a while (frozen, or slower than we would be) or let go with files unchecked."""
-        patience = peer_wait_seconds(self.fetcher.policy.timeout)
+        patience = peer_wait(self.fetcher.policy.timeout)
         stored, last = -1, trio.current_time()
         while claim.peer_holds():
             now_stored = await trio.to_thread.run_sync(self._reload_targets)
@@ -348,7 +347,7 @@ class LayerStream:
         """Progress seen in the cache: a lazy reader gets the blocks that are there, a reader
         waiting for the whole layer a later deadline."""
         for reader in self.targets.values():
-            if reader.lazy:
+            if reader.trust.serves_unchecked:
                 for index in range(reader.entry.nblocks):
                     if reader.in_flight(index) and reader.entry.entry_at(index).present:
                         reader.arrived(index, 0, False)
@@ -373,7 +372,7 @@ class LayerStream:
                 self.fetcher.wrong_bytes(f"layer {self.layer.digest}")
                 self._drop_unverified()
                 if self._from_cache is not None:  # cannot be, checked as it was: never read it again
-                    self._from_cache.entry.clear()
+                    self._from_cache.drop()
                 raise IntegrityError(f"{self.where}: blob does not match its digest; its files were dropped from the cache")
             for path, reader in self.targets.items():
                 reader.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
@@ -433,14 +432,11 @@ class LayerStream:
             yield chunk
 
     def _drop_unverified(self) -> None:
-        """Blocks derived from a stream that did not check out are never kept."""
+        """Blocks derived from a stream that did not check out are never kept, and those
+        served (``--verify lazy``) leave the kernel's pages too (:meth:`BlobReader.drop`)."""
         for reader in self.targets.values():
             if not reader.entry.verified:
-                try:
-                    reader.entry.clear()
-                except CacheError as exc:
-                    log.error("%s", exc)
-                self.fetcher.recent.drop(reader.digest)
+                reader.drop()
 
     async def _copy(self, source: StreamSource, member: Member) -> None:
         reader = self.target(member.path, member.size) if self._collect else self.targets.get(member.path)
