@@ -27,3 +27,78 @@ def test_review_extract_second_model_symlink_through_first_models_link_escapes(c
     resolved = os.path.realpath(out / "c")
     assert result.returncode == 1 or resolved.startswith(str(out) + os.sep), \
         f"extract left {out}/c resolving to {resolved} (outside --output); stderr: {result.stderr}"
+
+
+def _pax_header(records: bytes) -> bytes:
+    """One PAX extended header ('x') holding ``records``, padded to 512 bytes."""
+    import tarfile as _tarfile
+    info = _tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = _tarfile.XHDTYPE, len(records)
+    return info.tobuf(format=_tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n"
+    length = len(body) + 1
+    while len(str(length)) + len(body) != length:
+        length += 1
+    return f"{length}{body}".encode()
+
+
+def _member(name: str, data: bytes) -> bytes:
+    import tarfile as _tarfile
+    info = _tarfile.TarInfo(name)
+    info.size = len(data)
+    return info.tobuf(format=_tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def test_review_extract_many_pax_headers_in_a_row_is_one_line(cli, registry, tmp_path):
+    """Item 13, one step beside: not a deep path but 3,000 PAX headers before one member.
+    Python's tarfile reads each next header recursively (RecursionError); the mount's own tar
+    reader is iterative and serves the layer, so extract must either unpack it too or say one line."""
+    tar = b"".join(_pax_header(_pax_record(f"k{i}", "v")) for i in range(3000)) + _member("w.bin", b"x") + b"\0" * 1024
+    ref = push_artifact(registry.address, "review/paxchain", [(tar, WEIGHT_TAR, {})])
+    out = tmp_path / "out"
+    result = cli.run("extract", "--plain-http", ref, "--output", str(out), check=False)
+    assert "Traceback" not in result.stderr and "RecursionError" not in result.stderr, result.stderr[-600:]
+    assert result.returncode == 0 or len(result.stderr.strip().splitlines()) == 1, result.stderr[-600:]
+
+
+def test_review_stream_pax_records_accumulate_without_bound():
+    """A tar+gzip layer of consecutive PAX headers, each one record with a new key and a
+    1 MiB value, before any member: the mount's tar reader keeps every record in `pending`
+    (only a member clears it; MAX_MEMBERS does not count extended headers). 64 headers are
+    ~64 KiB of gzip and hold 64 MiB in the daemon; 2 MB of gzip would hold 2 GB."""
+    import gzip
+    import tracemalloc
+
+    import trio
+
+    from modelfs.errors import ModelfsError
+    from modelfs.mount.stream import StreamSource
+    from modelfs.mount.tarindex import iter_members
+    from modelfs.spec import Packing
+
+    value = "A" * ((1 << 20) - 64)
+    tar = b"".join(_pax_header(_pax_record(f"k{i}", value)) for i in range(64)) + _member("w.bin", b"x") + b"\0" * 1024
+    blob = gzip.compress(tar, 9)
+    assert len(blob) < 1 << 20
+
+    async def chunks():
+        for at in range(0, len(blob), 1 << 16):
+            yield blob[at:at + (1 << 16)]
+
+    async def walk():
+        source = StreamSource(chunks(), Packing.TAR_GZIP, "layer 0")
+        try:
+            return [member.path async for member in iter_members(source, "layer 0")]
+        except ModelfsError:
+            return None
+
+    tracemalloc.start()
+    try:
+        trio.run(walk)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 24 << 20, f"walking {len(blob):,} bytes of gzip held {peak / (1 << 20):.0f} MiB at peak"
