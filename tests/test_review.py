@@ -102,3 +102,38 @@ def test_review_stream_pax_records_accumulate_without_bound():
     finally:
         tracemalloc.stop()
     assert peak < 24 << 20, f"walking {len(blob):,} bytes of gzip held {peak / (1 << 20):.0f} MiB at peak"
+
+
+def test_review_signature_candidates_held_in_memory_without_a_total_bound():
+    """Issue 24's gather, one step beside the per-bundle cap: a manifest may list the same
+    16 MiB blob as `model.sig` any number of times (the tree check that refuses duplicate
+    paths runs after the signature check), and each copy is fetched and held at once. 40
+    layers hold 640 MiB; a 8 MiB manifest lists tens of thousands."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from modelfs.errors import NotFoundError
+    from modelfs.signing.bounded import MAX_BUNDLE_BYTES
+    from modelfs.signing.evidence import gather
+
+    class Client:
+        fetched = 0
+
+        async def get_blob(self, repository, digest, max_size):
+            Client.fetched += max_size
+            return b"\0" * 16  # the bytes a hostile registry would send: up to max_size each, held at once
+
+        async def referrers(self, repository, digest):
+            return None
+
+        async def get_manifest(self, repository, target):
+            raise NotFoundError("none")
+
+    layers = [SimpleNamespace(filepath="model.sig", digest="sha256:" + "1" * 64) for _ in range(40)]
+    model = SimpleNamespace(manifest=SimpleNamespace(layers=layers),
+                            reference=SimpleNamespace(repository="r", digest="sha256:" + "2" * 64))
+    found = trio.run(gather, Client(), model)
+    assert len(found) == 40
+    assert Client.fetched <= 4 * MAX_BUNDLE_BYTES, \
+        f"gather may hold {Client.fetched / (1 << 20):.0f} MiB of signature candidates at once"
