@@ -27,6 +27,9 @@ def test_review_extract_second_model_symlink_through_first_models_link_escapes(c
     resolved = os.path.realpath(out / "c")
     assert result.returncode == 1 or resolved.startswith(str(out) + os.sep), \
         f"extract left {out}/c resolving to {resolved} (outside --output); stderr: {result.stderr}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "symlink 'c' -> 'a/b/d/../../secret' leaves --output" in lines[0], result.stderr
+    assert not os.path.lexists(out / "c")
 
 
 def _pax_header(records: bytes) -> bytes:
