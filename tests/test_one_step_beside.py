@@ -8,7 +8,7 @@ from conftest import make_tar, push_artifact
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 
 
-def test_review_extract_second_model_symlink_through_first_models_link_escapes(cli, registry, tmp_path):
+def test_extract_second_model_symlink_through_first_models_link_escapes(cli, registry, tmp_path):
     """Item 5, one step beside: the tree check sees one model, but --output is merged into.
     Model A holds `a/b/d -> ..` (inside: it is `a`). Model B holds `c -> a/b/d/../../secret`,
     lexically `a/secret` in B's own tree (B has no link a/b/d); extracted into the same --output
@@ -55,7 +55,7 @@ def _member(name: str, data: bytes) -> bytes:
     return info.tobuf(format=_tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
 
 
-def test_review_extract_many_pax_headers_in_a_row_is_one_line(cli, registry, tmp_path):
+def test_extract_many_pax_headers_in_a_row_is_one_line(cli, registry, tmp_path):
     """Item 13, one step beside: not a deep path but 3,000 PAX headers before one member.
     Python's tarfile reads each next header recursively (RecursionError); the mount's own tar
     reader is iterative and serves the layer, so extract must either unpack it too or say one line."""
@@ -67,7 +67,7 @@ def test_review_extract_many_pax_headers_in_a_row_is_one_line(cli, registry, tmp
     assert result.returncode == 0 or len(result.stderr.strip().splitlines()) == 1, result.stderr[-600:]
 
 
-def test_review_stream_pax_records_accumulate_without_bound():
+def test_stream_pax_records_accumulate_without_bound():
     """A tar+gzip layer of consecutive PAX headers, each one record with a new key and a
     1 MiB value, before any member: the mount's tar reader keeps every record in `pending`
     (only a member clears it; MAX_MEMBERS does not count extended headers). 64 headers are
@@ -107,7 +107,7 @@ def test_review_stream_pax_records_accumulate_without_bound():
     assert peak < 24 << 20, f"walking {len(blob):,} bytes of gzip held {peak / (1 << 20):.0f} MiB at peak"
 
 
-def test_review_signature_candidates_held_in_memory_without_a_total_bound():
+def test_signature_candidates_held_in_memory_without_a_total_bound():
     """Issue 24's gather, one step beside the per-bundle cap: a manifest may list the same
     16 MiB blob as `model.sig` any number of times (the tree check that refuses duplicate
     paths runs after the signature check), and each copy is fetched and held at once. 40
