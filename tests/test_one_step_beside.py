@@ -1,4 +1,5 @@
-"""Hostile review of issue 21's fixes, one step beside each (a failing test is a finding)."""
+"""One step beside this round's fixes: an extract merging into what --output holds, PAX
+headers in a row and piled up, signature candidates of one model held together."""
 
 import os
 import tarfile
@@ -8,7 +9,7 @@ from conftest import make_tar, push_artifact
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 
 
-def test_extract_second_model_symlink_through_first_models_link_escapes(cli, registry, tmp_path):
+def test_a_symlink_through_a_link_already_in_output_is_refused(cli, registry, tmp_path):
     """Item 5, one step beside: the tree check sees one model, but --output is merged into.
     Model A holds `a/b/d -> ..` (inside: it is `a`). Model B holds `c -> a/b/d/../../secret`,
     lexically `a/secret` in B's own tree (B has no link a/b/d); extracted into the same --output
