@@ -126,6 +126,10 @@ class TreeCheck:
     def where(self, path: str) -> str:
         return self._entries[path].where
 
+    def symlinks(self) -> dict[str, str]:
+        """The model's symlinks, path -> target."""
+        return dict(self._links)
+
     def children(self) -> dict[str, list[str]]:
         """Each directory's entries by name ("" is the root), for walking the tree without recursion."""
         out: dict[str, list[str]] = {"": []}

@@ -131,6 +131,8 @@ def _unpack(staging: Staging, blob: str, packing: Packing, check: TreeCheck, whe
         raise ManifestError(f"{where}: corrupt compressed stream: {exc}") from None
     except tarfile.TarError as exc:
         raise ManifestError(f"{where}: cannot unpack: {exc}") from None
+    except RecursionError:  # tarfile reads the header after each PAX header recursively
+        raise ManifestError(f"{where}: cannot unpack: too many tar extended headers in a row") from None
 
 
 def _stage_member(staging: Staging, tar: tarfile.TarFile, info: tarfile.TarInfo, path: str, kind: str, link: str) -> None:

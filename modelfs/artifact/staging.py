@@ -20,11 +20,12 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import BinaryIO
 
 from ..errors import ModelfsError, UnsafePathError
+from ..paths import link_chain_escape
 from ..tree_check import DIRECTORY, TreeCheck
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -222,9 +223,22 @@ class Staging:
         moves; then new entries are renamed in (a new directory whole), and a file of the
         model replaces a file or symlink of the same name (extracting again), never
         writing through it."""
+        self._check_links_with_output(check)
         children = check.children()
         self._merge(check, children, move=False)
         self._merge(check, children, move=True)
+
+    def _check_links_with_output(self, check: TreeCheck) -> None:
+        """Refuse a model symlink whose chain leaves ``--output`` once the links ``--output``
+        already holds are followed too (an earlier extract's, or the user's): the tree check
+        sees one model, and a chain may pass through a link the model does not have."""
+        links = _LinksWithOutput(check.symlinks(), self.out_fd)
+        for path, link in check.symlinks().items():
+            escape = link_chain_escape(path, links)
+            if escape is not None:
+                through = "; ".join(f"{hop!r} -> {links[hop]!r}" for hop in escape[0]) or "no other link"
+                raise UnsafePathError(f"{check.where(path)}: symlink {path!r} -> {link!r} leaves --output {self.output} "
+                                      f"through links already there ({through}); nothing written")
 
     def _merge(self, check: TreeCheck, children: dict[str, list[str]], move: bool) -> None:
         """Walk the model's directories that ``--output`` already has, one descriptor per
@@ -278,6 +292,35 @@ class Staging:
             remove_tree(self.out_fd, self.name)
         finally:
             os.close(self.out_fd)
+
+
+class _LinksWithOutput(Mapping[str, str]):
+    """The symlinks a path resolves through once the model is in ``--output``: the model's
+    own where it has the path, else what ``--output`` already holds there (read without
+    following any link: every directory above it is opened with ``O_NOFOLLOW``)."""
+
+    def __init__(self, model: dict[str, str], out_fd: int) -> None:
+        self.model, self.out_fd = model, out_fd
+
+    def __getitem__(self, path: str) -> str:
+        if path in self.model:
+            return self.model[path]
+        parent, _, name = path.rpartition("/")
+        cursor = Cursor(self.out_fd)
+        try:
+            for part in parent.split("/") if parent else ():
+                cursor.down(part)
+            return os.readlink(name, dir_fd=cursor.fd)
+        except OSError:  # missing, not a directory on the way, or not a link: nothing to follow
+            raise KeyError(path) from None
+        finally:
+            cursor.close()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.model)
+
+    def __len__(self) -> int:
+        return len(self.model)
 
 
 @contextmanager

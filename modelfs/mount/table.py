@@ -187,7 +187,7 @@ def umount(mountpoint: str, timeout: float = UMOUNT_SECONDS, detach_busy: bool =
     wants the target gone): then the mount is detached lazily, and its daemon serves the open
     files until they close, then exits."""
     found = at(mountpoint)
-    if found is None or not found.is_fuse:
+    if found is None or not found.is_modelfs:  # another FUSE filesystem is not ours to unmount
         raise MountError(f"{mountpoint} is not a modelfs mount")
     point = found.point  # resolved: umount(8) and fusermount3 get the path the kernel knows
     root = os.geteuid() == 0

@@ -126,7 +126,7 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
     """Yield each member before its data; the consumer may read the data from ``source``."""
     seen: set[str] = set()
     pending: dict[str, str] = {}
-    count = 0
+    count = extended = 0  # members, and bytes of extended headers since the last member
     while True:
         header = await source.read(BLOCK)
         if not header or header == bytes(BLOCK):
@@ -138,8 +138,9 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
         typeflag = header[156:157]
         size = _octal(header[124:136], "size", where)
         if typeflag in (b"x", b"g", b"L", b"K"):
-            if size > 1 << 20:
-                raise ManifestError(f"{where}: tar extended header of {size} bytes refused")
+            extended += size  # records add up until a member clears them: bound them together
+            if size > 1 << 20 or extended > 1 << 20:
+                raise ManifestError(f"{where}: tar extended headers of {max(size, extended)} bytes before one member refused")
             payload = await source.read(size)
             if typeflag == b"x":
                 pending.update(_pax(payload, where))
@@ -147,7 +148,7 @@ async def iter_members(source: TarSource, where: str, blob_size: int | None = No
                 pending["path" if typeflag == b"L" else "linkpath"] = _string(payload)
             await source.skip_to(source.offset - len(payload) + _padded(size))
             continue
-        count += 1
+        count, extended = count + 1, 0
         if count > max_members:
             raise ManifestError(f"{where}: over {max_members:,} tar members; refusing the layer")
         name = _string(header[0:100])

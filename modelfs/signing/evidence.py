@@ -54,20 +54,49 @@ def _short(digest: str) -> str:
     return digest[:19] + "…"
 
 
+# What all the candidates of one model may hold at once: each is capped at MAX_BUNDLE_BYTES, and
+# a hostile manifest could list one 16 MiB blob as model.sig thousands of times, or push 32
+# referrers of 16 MiB each (512 MiB). Four bundles' worth is room for every real signer.
+MAX_CANDIDATE_BYTES = 4 * MAX_BUNDLE_BYTES
+
+
+class _Budget:
+    """The bytes the candidates of one ``gather`` may still take, fetched under that cap."""
+
+    def __init__(self, total: int = MAX_CANDIDATE_BYTES) -> None:
+        self.left = total
+
+    async def fetch(self, kind: str, where: str, client: Any, repository: str, digest: str) -> Evidence:
+        if self.left <= 0:
+            return Evidence("unread", where, note=f"past the {MAX_CANDIDATE_BYTES >> 20} MiB all signatures of a "
+                                                  "model may take; not read")
+        found = await _fetched(kind, where, client.get_blob(repository, digest, max_size=min(MAX_BUNDLE_BYTES, self.left)))
+        self.left -= len(found.data)
+        return found
+
+
 async def gather(client: Any, model: Any) -> list[Evidence]:
-    """Every signature candidate of ``model``. A registry that cannot be reached raises
-    (UnavailableError); one candidate that cannot be fetched is an ``unread`` entry saying why."""
+    """Every signature candidate of ``model``, within one byte budget for all of them
+    (``MAX_CANDIDATE_BYTES``), each blob fetched once. A registry that cannot be reached
+    raises (UnavailableError); one candidate that cannot be fetched is an ``unread`` entry
+    saying why."""
     repository, digest = model.reference.repository, model.reference.digest or ""
     upstream = getattr(client, "upstream", client)
+    budget = _Budget()
     found: list[Evidence] = []
+    seen: set[str] = set()
     for layer in model.manifest.layers:
         if _normal(layer.filepath or "") == SIGNATURE_FILE:
-            found.append(await _fetched("bundle", f"{SIGNATURE_FILE} in the artifact",
-                                        client.get_blob(repository, layer.digest, max_size=MAX_BUNDLE_BYTES)))
+            where = f"{SIGNATURE_FILE} in the artifact"
+            if layer.digest in seen:
+                found.append(Evidence("unread", where, note="the same blob named again; read once"))
+                continue
+            seen.add(layer.digest)
+            found.append(await budget.fetch("bundle", where, client, repository, layer.digest))
     entries = await blockindex.referrer_entries(upstream, repository, digest)
     signatures = [e for e in entries if e.get("artifactType") in MEDIA_TYPES or e.get("artifactType") in NOT_READ]
     for entry in signatures[:MAX_REFERRERS]:
-        found.append(await _referrer(upstream, repository, digest, entry))
+        found.append(await _referrer(upstream, repository, digest, entry, budget))
     if len(signatures) > MAX_REFERRERS:
         found.append(Evidence("unread", f"{len(signatures) - MAX_REFERRERS} more signature referrers",
                               note=f"only the first {MAX_REFERRERS} are read"))
@@ -84,7 +113,7 @@ async def _fetched(kind: str, where: str, fetch: Any, annotations: dict[str, str
         return Evidence("unread", where, note=f"cannot be fetched: {exc}")
 
 
-async def _referrer(client: Any, repository: str, subject: str, entry: dict[str, Any]) -> Evidence:
+async def _referrer(client: Any, repository: str, subject: str, entry: dict[str, Any], budget: _Budget) -> Evidence:
     where = f"referrer {_short(str(entry.get('digest')))}"
     kind = entry.get("artifactType")
     if kind in NOT_READ:
@@ -102,7 +131,7 @@ async def _referrer(client: Any, repository: str, subject: str, entry: dict[str,
     layers = [layer for layer in manifest.layers if layer.media_type in MEDIA_TYPES]
     if len(layers) != 1:
         return Evidence("unread", where, note="a referrer marked as a Sigstore bundle that holds no bundle")
-    return await _fetched("bundle", where, client.get_blob(repository, layers[0].digest, max_size=MAX_BUNDLE_BYTES))
+    return await budget.fetch("bundle", where, client, repository, layers[0].digest)
 
 
 async def _legacy(client: Any, repository: str, digest: str) -> list[Evidence]:
