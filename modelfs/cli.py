@@ -47,6 +47,7 @@ from .errors import (
     parse_ready_failure,
     user_error,
 )
+from .formats.spec import OCI_MANIFEST, Packing
 from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
 from .mount import blockindex
 from .mount import status as mount_status
@@ -59,7 +60,6 @@ from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
-from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
 

@@ -13,13 +13,7 @@ import trio
 
 from . import signing
 from .errors import ManifestError, NotAModelError, UnavailableError
-from .mount import blockindex
-from .mount.blockindex import ANNOTATION
-from .mount.cache import BlockCache
-from .reference import Reference
-from .registry import RegistryReader
-from .registry.client import FAIL_FAST
-from .spec import (
+from .formats.spec import (
     ARTIFACT_TYPE,
     LEGACY_ARTIFACT_TYPE,
     Manifest,
@@ -30,6 +24,12 @@ from .spec import (
     parse_manifest,
     require_model,
 )
+from .mount import blockindex
+from .mount.blockindex import ANNOTATION
+from .mount.cache import BlockCache
+from .reference import Reference
+from .registry import RegistryReader
+from .registry.client import FAIL_FAST
 
 
 @dataclass(frozen=True)

@@ -98,9 +98,9 @@ class HostileMirror:
 
     def attach_forged_index(self, repository: str, manifest_digest: str, forged: dict[str, bytes]) -> None:
         """Attach, at the registry behind the mirror, an index matching the forged bytes."""
+        from modelfs.formats.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
         from modelfs.mount import blockindex
         from modelfs.registry import RegistryClient
-        from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
         hashes = {digest: [hashlib.sha256(data[i:i + (1 << 20)]).hexdigest() for i in range(0, len(data), 1 << 20)]
                   for digest, data in forged.items()}
 

@@ -8,11 +8,11 @@ import pytest
 import trio
 
 from modelfs.errors import ManifestError, UnsafePathError
-from modelfs.mount.tarindex import DIRECTORY, REGULAR
+from modelfs.formats.spec import OCI_MANIFEST, Descriptor, Manifest, ModelConfig
+from modelfs.formats.tarindex import DIRECTORY, REGULAR
 from modelfs.mount.tree import ROOT_INODE, Tree, build_tree
 from modelfs.reference import parse
 from modelfs.resolve import Model
-from modelfs.spec import OCI_MANIFEST, Descriptor, Manifest, ModelConfig
 
 DIGEST = "sha256:" + "ef" * 32
 RAW = "application/vnd.cncf.model.weight.v1.raw"

@@ -444,9 +444,9 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
     each block is checked against them and a flipped one is fetched again."""
     import trio
 
+    from modelfs.formats.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
     from modelfs.mount import blockindex
     from modelfs.registry import RegistryClient
-    from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
     files = make_context(tmp_path / "ctx")
     ref = f"{registry.address}/v1index/model:v1"
     cli.run("build", "--no-block-index", "-t", ref, str(tmp_path / "ctx"))

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ..formats.spec import Descriptor, parse_manifest
 from ..mount import blockindex
 from ..reference import Reference, parse
 from ..registry import RegistryClient
-from ..spec import Descriptor, parse_manifest
 from .layout import Store
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import blake3
 
 from ..errors import IntegrityError, ManifestError, ModelfsError, NotFoundError
-from ..registry import RegistryReader, brief_retries
-from ..spec import (
+from ..formats.spec import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
@@ -41,6 +40,7 @@ from ..spec import (
     parse_descriptor,
     parse_manifest,
 )
+from ..registry import RegistryReader, brief_retries
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import pyfuse3
 import trio
 
 from ..errors import ModelfsError
+from ..formats.tree_check import DIRECTORY, SYMLINK
 from .fetcher import Fetcher
 from .stats import ReadTimer
-from .tarindex import DIRECTORY, SYMLINK
 from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)

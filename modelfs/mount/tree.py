@@ -1,11 +1,11 @@
 """Layers to a file tree: every file knows (blob, offset, size), every path is safe.
 
 - raw layers: the blob is the file, named by ``org.cncf.model.filepath``;
-- tar layers: members located by reading headers only (:mod:`modelfs.mount.tarindex`);
+- tar layers: members located by reading headers only (:mod:`modelfs.formats.tarindex`);
 - tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
   member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.stream`).
 
-Every path, link and conflict across layers is decided by :class:`modelfs.tree_check.TreeCheck`,
+Every path, link and conflict across layers is decided by :class:`modelfs.formats.tree_check.TreeCheck`,
 which ``extract`` uses too, before the mount serves anything.
 
 Listing and stat are answered from this tree, never from the registry.
@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from ..errors import ManifestError
-from ..paths import clean_member_path
+from ..formats.paths import clean_member_path
+from ..formats.spec import Descriptor, Packing, classify_layer
+from ..formats.tarindex import Member, index_tar
+from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
 from ..resolve import Model
-from ..spec import Descriptor, Packing, classify_layer
-from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
 from .fetcher import BlobReader, Fetcher
 from .stream import LayerStream
-from .tarindex import Member, index_tar
 
 log = logging.getLogger(__name__)
 

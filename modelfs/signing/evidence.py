@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelfsError, NotFoundError, UnavailableError
+from ..formats.spec import parse_descriptor, parse_manifest
 from ..mount import blockindex
-from ..spec import parse_descriptor, parse_manifest
 from . import simplesigning
 from .bounded import MAX_BUNDLE_BYTES, MAX_PAYLOAD_BYTES
 from .bundle import MEDIA_TYPES

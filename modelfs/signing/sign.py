@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..formats.spec import OCI_MANIFEST, Descriptor
 from ..mount import blockindex
-from ..spec import OCI_MANIFEST, Descriptor
 from .bundle import IN_TOTO, MEDIA_TYPES, pae
 from .keys import PrivateKey
 from .statement import COSIGN_SIGN
