@@ -48,8 +48,8 @@ from .errors import (
     user_error,
 )
 from .formats.spec import OCI_MANIFEST, Packing
+from .index import attach_for_model
 from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
-from .mount import blockindex
 from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, run_foreground
@@ -284,7 +284,7 @@ async def cmd_index_attach(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference, write=True) as client:
         model = await fetch_model(client, reference)
-        result = await blockindex.attach_for_model(client, model)
+        result = await attach_for_model(client, model)
     print(f"Attached a block index to {model.reference} ({result.blobs} blobs, {result.bytes / 1e6:,.1f} MB hashed): "
           f"{result.digest}")
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ..errors import ModelfsError
+from ..formats import blockindex
 from ..formats.spec import (
     ANNOTATION_FILE_METADATA,
     ANNOTATION_FILEPATH,
@@ -31,7 +32,6 @@ from ..formats.spec import (
     layer_media_type,
 )
 from ..formats.zstd import ZstdFile
-from ..mount import blockindex
 from ..mount.cache import DEFAULT_BLOCK_SIZE
 from . import modelfile as mf
 from .layout import Store

@@ -22,12 +22,13 @@ import trio
 
 from .. import signing
 from ..errors import MountError, ready_failure, user_error
+from ..formats import blockindex
+from ..formats.blockindex import TrustedIndex
 from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
-from . import blockindex, status, table
-from .blockindex import TrustedIndex
+from . import status, table
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS, Permissions

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ModelfsError, NotFoundError, UnavailableError
 from ..formats.spec import parse_descriptor, parse_manifest
-from ..mount import blockindex
+from ..index import referrer_entries
 from . import simplesigning
 from .bounded import MAX_BUNDLE_BYTES, MAX_PAYLOAD_BYTES
 from .bundle import MEDIA_TYPES
@@ -64,7 +64,7 @@ async def gather(client: Any, model: Any) -> list[Evidence]:
         if _normal(layer.filepath or "") == SIGNATURE_FILE:
             found.append(await _fetched("bundle", f"{SIGNATURE_FILE} in the artifact",
                                         client.get_blob(repository, layer.digest, max_size=MAX_BUNDLE_BYTES)))
-    entries = await blockindex.referrer_entries(upstream, repository, digest)
+    entries = await referrer_entries(upstream, repository, digest)
     signatures = [e for e in entries if e.get("artifactType") in MEDIA_TYPES or e.get("artifactType") in NOT_READ]
     for entry in signatures[:MAX_REFERRERS]:
         found.append(await _referrer(upstream, repository, digest, entry))
