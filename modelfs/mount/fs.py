@@ -1,4 +1,5 @@
-"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher.
+"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher. A file's reader is
+bound when it is first opened (:mod:`.binding`); the tree itself holds none.
 
 Content is immutable (a manifest digest never changes), so the kernel may keep entries,
 attributes and pages as long as it likes: long timeouts and ``keep_cache``. Writes are
@@ -22,7 +23,8 @@ import trio
 
 from ..errors import ModelfsError
 from ..formats.tree_check import DIRECTORY, SYMLINK
-from .fetcher import Fetcher
+from .binding import FileReaders
+from .fetcher import BlobReader
 from .stats import ReadTimer
 from .tree import ROOT_INODE, Node, Tree
 
@@ -99,21 +101,31 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, fetcher: Fetcher, model_name: str, permissions: Permissions | None = None) -> None:
+    def __init__(self, tree: Tree, readers: FileReaders, model_name: str, permissions: Permissions | None = None) -> None:
         super().__init__()
-        self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
+        self.tree, self.readers, self.model_name = tree, readers, model_name
+        self.fetcher = readers.fetcher
         self.permissions = permissions or Permissions(os.getuid(), os.getgid())
-        self.stats = fetcher.stats
-        fetcher.on_dropped.append(self.forget_pages)
+        self.stats = self.fetcher.stats
+        self._bound: dict[int, BlobReader] = {}  # inode -> its reader, from the file's first use
+        self.fetcher.on_dropped.append(self.forget_pages)
+
+    def _reader(self, node: Node) -> BlobReader:
+        """The reader of a file (``node.layer`` set), bound at its first use."""
+        reader = self._bound.get(node.inode)
+        if reader is None:
+            reader = self._bound[node.inode] = self.readers.reader(node)
+        return reader
 
     async def forget_pages(self, digest: str) -> None:
-        """A blob turned out wrong: make the kernel drop its cached pages of every file in it."""
-        for node in self.tree.files():
-            if node.reader is not None and node.reader.digest == digest:
+        """A blob turned out wrong: make the kernel drop its cached pages of every file in it.
+        Only a file that was opened can have pages, and opening one binds its reader."""
+        for inode, reader in list(self._bound.items()):
+            if reader.digest == digest:
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
                 except OSError as exc:
-                    log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(node), exc)
+                    log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(self.tree.nodes[inode]), exc)
 
     def _node(self, inode: int) -> Node:
         try:
@@ -194,18 +206,20 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if node.layer is not None:
+            self._reader(node)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         node = self._node(fh)
-        if node.reader is None or off >= node.size:
+        if node.layer is None or off >= node.size:
             return b""
         size = min(size, node.size - off)
         self.stats.reads += 1
         try:
             with ReadTimer(self.stats.read_latency):
-                data = await node.reader.read_view(node.offset + off, size)
+                data = await self._reader(node).read_view(node.offset + off, size)
             self.stats.bytes_served += len(data)
             return data
         except ModelfsError as exc:
@@ -236,18 +250,18 @@ class ModelFS(pyfuse3.Operations):
         if name == XATTR_MODEL:
             return _encoded(self.model_name)
         if node.inode == ROOT_INODE and name == XATTR_CACHED:
-            readers = self.tree.readers()
+            readers = self.readers.every(self.tree)
             total = sum(r.size for r in readers)
             cached = sum(r.cached_fraction() * r.size for r in readers)
             return f"{cached / total if total else 1.0:.4f}".encode()
-        if node.reader is None:
+        if node.layer is None:
             return None
-        if name == XATTR_DIGEST and node.layer is not None:
-            return _encoded(node.layer.digest)
-        if name == XATTR_MEDIA_TYPE and node.layer is not None:
-            return _encoded(node.layer.media_type)
+        if name == XATTR_DIGEST:
+            return _encoded(node.layer.descriptor.digest)
+        if name == XATTR_MEDIA_TYPE:
+            return _encoded(node.layer.descriptor.media_type)
         if name == XATTR_CACHED:
-            return f"{node.reader.cached_fraction():.4f}".encode()
+            return f"{self._reader(node).cached_fraction():.4f}".encode()
         return None
 
     @_guarded
