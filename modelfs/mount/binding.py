@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..formats.spec import Descriptor
 from ..formats.tarindex import Member, ReadAt
 from .fetcher import BlobReader, Fetcher
-from .stream import LayerStream
+from .stream import LayerStream, derived_key
 from .tree import Layer, Node, Tree
 
 
@@ -38,12 +38,18 @@ class FileReaders:
 
     def reader(self, node: Node) -> BlobReader:
         """The reader that serves ``node``'s bytes (a file: ``node.layer`` is set), read at
-        ``node.offset``."""
-        layer = node.layer
-        assert layer is not None, f"{node.name!r} is not a file"
+        ``node.offset``; made at the first call for its blob or member, the same one after."""
+        layer = _layer_of(node)
         if layer.streamed:
             return self._stream(layer).target(node.member, node.size)
         return self.fetcher.reader(layer.descriptor.digest, layer.descriptor.size)
+
+    @staticmethod
+    def key(node: Node) -> str:
+        """The key (``BlobReader.digest``) of the reader that serves ``node``, without binding
+        it: the blob's digest, or the derived key of a member of a compressed layer."""
+        layer = _layer_of(node)
+        return derived_key(layer.descriptor.digest, node.member) if layer.streamed else layer.descriptor.digest
 
     def every(self, tree: Tree) -> list[BlobReader]:
         """One reader per distinct run of bytes in ``tree`` (what prefetch and the status count)."""
@@ -55,3 +61,8 @@ class FileReaders:
         if stream is None:
             stream = self._streams[key] = LayerStream(self.fetcher, layer.descriptor, layer.packing, layer.where)
         return stream
+
+
+def _layer_of(node: Node) -> Layer:
+    assert node.layer is not None, f"{node.name!r} is not a file"
+    return node.layer

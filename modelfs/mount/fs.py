@@ -1,5 +1,5 @@
-"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher. A file's reader is
-bound when it is first opened (:mod:`.binding`); the tree itself holds none.
+"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher. The tree holds no
+reader: a file's is looked up through :class:`.binding.FileReaders`, bound at first use.
 
 Content is immutable (a manifest digest never changes), so the kernel may keep entries,
 attributes and pages as long as it likes: long timeouts and ``keep_cache``. Writes are
@@ -24,7 +24,6 @@ import trio
 from ..errors import ModelfsError
 from ..formats.tree_check import DIRECTORY, SYMLINK
 from .binding import FileReaders
-from .fetcher import BlobReader
 from .stats import ReadTimer
 from .tree import ROOT_INODE, Node, Tree
 
@@ -107,25 +106,17 @@ class ModelFS(pyfuse3.Operations):
         self.fetcher = readers.fetcher
         self.permissions = permissions or Permissions(os.getuid(), os.getgid())
         self.stats = self.fetcher.stats
-        self._bound: dict[int, BlobReader] = {}  # inode -> its reader, from the file's first use
         self.fetcher.on_dropped.append(self.forget_pages)
 
-    def _reader(self, node: Node) -> BlobReader:
-        """The reader of a file (``node.layer`` set), bound at its first use."""
-        reader = self._bound.get(node.inode)
-        if reader is None:
-            reader = self._bound[node.inode] = self.readers.reader(node)
-        return reader
-
     async def forget_pages(self, digest: str) -> None:
-        """A blob turned out wrong: make the kernel drop its cached pages of every file in it.
-        Only a file that was opened can have pages, and opening one binds its reader."""
-        for inode, reader in list(self._bound.items()):
-            if reader.digest == digest:
+        """A blob turned out wrong: make the kernel drop its cached pages of every file in it
+        (found by the key of the reader that serves each file, without binding any)."""
+        for node in self.tree.files():
+            if node.layer is not None and self.readers.key(node) == digest:
                 try:
-                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, node.inode, False)
                 except OSError as exc:
-                    log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(self.tree.nodes[inode]), exc)
+                    log.warning("cannot invalidate kernel cache of %s: %s", self.path_of(node), exc)
 
     def _node(self, inode: int) -> Node:
         try:
@@ -207,7 +198,7 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.layer is not None:
-            self._reader(node)
+            self.readers.reader(node)  # bound here, at its first open
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_guarded
@@ -219,7 +210,7 @@ class ModelFS(pyfuse3.Operations):
         self.stats.reads += 1
         try:
             with ReadTimer(self.stats.read_latency):
-                data = await self._reader(node).read_view(node.offset + off, size)
+                data = await self.readers.reader(node).read_view(node.offset + off, size)
             self.stats.bytes_served += len(data)
             return data
         except ModelfsError as exc:
@@ -261,7 +252,7 @@ class ModelFS(pyfuse3.Operations):
         if name == XATTR_MEDIA_TYPE:
             return _encoded(node.layer.descriptor.media_type)
         if name == XATTR_CACHED:
-            return f"{self._reader(node).cached_fraction():.4f}".encode()
+            return f"{self.readers.reader(node).cached_fraction():.4f}".encode()
         return None
 
     @_guarded
