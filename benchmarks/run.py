@@ -124,7 +124,7 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
 
     # the floor under any verified read: the block index's hash of every block, in memory
     # (BLAKE3 since index v2; sha256, for indexes of earlier pushes, beside it)
-    from modelfs.mount.blockindex import ALGORITHMS
+    from modelfs.formats.blockindex import ALGORITHMS
     block = os.urandom(MiB)
     hash_s = timed(lambda: [ALGORITHMS["blake3"](block) for _ in range(size // MiB)])
     bench.record("BLAKE3 of every block in memory vs curl", hash_s, curl_s, "curl of the blob", "report")

@@ -47,8 +47,9 @@ from .errors import (
     parse_ready_failure,
     user_error,
 )
+from .formats.spec import OCI_MANIFEST, Packing
+from .index import attach_for_model
 from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
-from .mount import blockindex
 from .mount import status as mount_status
 from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, run_foreground
@@ -59,7 +60,6 @@ from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
-from .spec import OCI_MANIFEST, Packing
 
 log = logging.getLogger("modelfs")
 
@@ -284,7 +284,7 @@ async def cmd_index_attach(args: argparse.Namespace) -> int:
     reference = parse(args.reference)
     async with _client(args, reference, write=True) as client:
         model = await fetch_model(client, reference)
-        result = await blockindex.attach_for_model(client, model)
+        result = await attach_for_model(client, model)
     print(f"Attached a block index to {model.reference} ({result.blobs} blobs, {result.bytes / 1e6:,.1f} MB hashed): "
           f"{result.digest}")
     return 0

@@ -13,13 +13,9 @@ import trio
 
 from . import signing
 from .errors import ManifestError, NotAModelError, UnavailableError
-from .mount import blockindex
-from .mount.blockindex import ANNOTATION
-from .mount.cache import BlockCache
-from .reference import Reference
-from .registry import RegistryReader
-from .registry.client import FAIL_FAST
-from .spec import (
+from .formats import blockindex
+from .formats.blockindex import ANNOTATION, TrustedIndex
+from .formats.spec import (
     ARTIFACT_TYPE,
     LEGACY_ARTIFACT_TYPE,
     Manifest,
@@ -30,6 +26,11 @@ from .spec import (
     parse_manifest,
     require_model,
 )
+from .index import trusted
+from .mount.cache import BlockCache
+from .reference import Reference
+from .registry import RegistryReader
+from .registry.client import FAIL_FAST
 
 
 @dataclass(frozen=True)
@@ -158,9 +159,9 @@ async def _fetch_or_cached(client: RegistryReader, cache: BlockCache | None, ref
             FAIL_FAST.reset(token)
 
 
-async def trusted_index(client: RegistryReader, model: Model) -> blockindex.TrustedIndex | None:
+async def trusted_index(client: RegistryReader, model: Model) -> TrustedIndex | None:
     """The block index reads of ``model`` may be checked against, under its signature verdict."""
-    index = await blockindex.trusted(client, model.reference.repository, model.manifest, model.reference.digest or "")
+    index = await trusted(client, model.reference.repository, model.manifest, model.reference.digest or "")
     return signing.gate_index(model.verdict, index)
 
 

@@ -98,9 +98,10 @@ class HostileMirror:
 
     def attach_forged_index(self, repository: str, manifest_digest: str, forged: dict[str, bytes]) -> None:
         """Attach, at the registry behind the mirror, an index matching the forged bytes."""
-        from modelfs.mount import blockindex
+        from modelfs.formats import blockindex
+        from modelfs.formats.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
+        from modelfs.index import attach as attach_referrer
         from modelfs.registry import RegistryClient
-        from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
         hashes = {digest: [hashlib.sha256(data[i:i + (1 << 20)]).hexdigest() for i in range(0, len(data), 1 << 20)]
                   for digest, data in forged.items()}
 
@@ -110,6 +111,6 @@ class HostileMirror:
         async def attach() -> None:
             subject = Descriptor(OCI_MANIFEST, manifest_digest, len(manifest), artifact_type=ARTIFACT_TYPE)
             async with RegistryClient(self.upstream.removeprefix("http://"), plain_http=True) as client:
-                await blockindex.attach(client, repository, subject, blockindex.encode(1 << 20, hashes))
+                await attach_referrer(client, repository, subject, blockindex.encode(1 << 20, hashes))
 
         trio.run(attach)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from modelfs.errors import ManifestError
-from modelfs.mount.blockindex import decode, encode, fallback_tag, hash_blocks
+from modelfs.formats.blockindex import decode, encode, fallback_tag, hash_blocks
 
 DIGEST = "sha256:" + "cd" * 32
 
@@ -35,7 +35,7 @@ def test_version_2_names_its_algorithm_and_version_1_is_sha256():
 
 
 def hash_of(data: bytes, algorithm: str) -> str:
-    from modelfs.mount.blockindex import ALGORITHMS
+    from modelfs.formats.blockindex import ALGORITHMS
     return ALGORITHMS[algorithm](data).hex()
 
 

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 from conftest import make_tar, push_artifact
 
-from modelfs import zstd
+from modelfs.formats import zstd
 
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
 WEIGHT_TGZ = "application/vnd.cncf.model.weight.v1.tar+gzip"

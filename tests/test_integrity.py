@@ -445,9 +445,10 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
     each block is checked against them and a flipped one is fetched again."""
     import trio
 
-    from modelfs.mount import blockindex
+    from modelfs.formats import blockindex
+    from modelfs.formats.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
+    from modelfs.index import attach
     from modelfs.registry import RegistryClient
-    from modelfs.spec import ARTIFACT_TYPE, OCI_MANIFEST, Descriptor
     files = make_context(tmp_path / "ctx")
     ref = f"{registry.address}/v1index/model:v1"
     cli.run("build", "--no-block-index", "-t", ref, str(tmp_path / "ctx"))
@@ -460,7 +461,7 @@ def test_an_index_of_sha256_hashes_from_earlier_pushes_still_checks_every_block(
         manifest = json.dumps(inspected["manifest"], separators=(",", ":")).encode()
         subject = Descriptor(OCI_MANIFEST, inspected["digest"], len(manifest), artifact_type=ARTIFACT_TYPE)
         async with RegistryClient(registry.address, plain_http=True) as client:
-            await blockindex.attach(client, "v1index/model", subject, blockindex.encode(MiB, hashes, "sha256"))
+            await attach(client, "v1index/model", subject, blockindex.encode(MiB, hashes, "sha256"))
 
     trio.run(attach_v1)
     faulty.only = _weights_layer(cli, ref)

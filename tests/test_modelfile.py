@@ -2,7 +2,7 @@ import pytest
 
 from modelfs.artifact.modelfile import parse, resolve
 from modelfs.errors import ModelfileError
-from modelfs.spec import Kind
+from modelfs.formats.spec import Kind
 
 
 def test_parse_commands_comments_and_case():

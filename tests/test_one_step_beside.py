@@ -79,9 +79,9 @@ def test_stream_pax_records_accumulate_without_bound():
     import trio
 
     from modelfs.errors import ModelfsError
+    from modelfs.formats.spec import Packing
+    from modelfs.formats.tarindex import iter_members
     from modelfs.mount.stream import StreamSource
-    from modelfs.mount.tarindex import iter_members
-    from modelfs.spec import Packing
 
     value = "A" * ((1 << 20) - 64)
     tar = b"".join(_pax_header(_pax_record(f"k{i}", value)) for i in range(64)) + _member("w.bin", b"x") + b"\0" * 1024

@@ -3,7 +3,7 @@
 import pytest
 
 from modelfs.errors import UnsafePathError
-from modelfs.paths import clean_member_path, link_target_inside
+from modelfs.formats.paths import clean_member_path, link_target_inside
 
 
 @pytest.mark.parametrize("path, clean", [
@@ -57,7 +57,7 @@ def test_symlink_targets_must_stay_in_the_tree(member, link, inside):
     ({"a/l": "/abs"}, "a/l", False),
 ])
 def test_symlink_chains_are_resolved_as_the_kernel_would(links, member, inside):
-    from modelfs.paths import link_chain_inside
+    from modelfs.formats.paths import link_chain_inside
     assert link_chain_inside(member, links) is inside
 
 

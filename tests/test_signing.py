@@ -346,7 +346,7 @@ def test_file_only_signature_never_vouches_for_the_block_index():
     manifest) drops the manifest's block index: a re-pushed manifest could name a forged
     index for the same signed layers. A signature of the manifest keeps it; an index
     attached as a referrer is covered by no signature and is dropped."""
-    from modelfs.mount.blockindex import BlockIndex, TrustedIndex
+    from modelfs.formats.blockindex import BlockIndex, TrustedIndex
     from modelfs.signing import Policy, gate_index
     from modelfs.signing.statement import Coverage
     from modelfs.signing.verdict import Finding, Verdict

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from modelfs.errors import ManifestError, NotAModelError
-from modelfs.spec import (
+from modelfs.formats.spec import (
     ARTIFACT_TYPE,
     CONFIG_MEDIA_TYPE,
     OCI_INDEX,

@@ -20,11 +20,11 @@ import pytest
 from conftest import make_tar
 from faults import FaultProxy, _read_head
 
-from modelfs import zstd
 from modelfs.errors import ManifestError
+from modelfs.formats import zstd
+from modelfs.formats.spec import Packing
+from modelfs.formats.tarindex import iter_members
 from modelfs.mount.stream import _WINDOW, StreamSource, _Decompressor
-from modelfs.mount.tarindex import iter_members
-from modelfs.spec import Packing
 
 FILES = {"a.txt": b"hello", "b/c.bin": bytes(range(256)) * 9, "weights.bin": os.urandom(3 << 20)}
 TAR = make_tar([(path, data, {}) for path, data in FILES.items()])

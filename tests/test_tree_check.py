@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tar, push_artifact
 
-from modelfs import zstd
 from modelfs.errors import UnsafePathError
+from modelfs.formats import zstd
 
 WEIGHT_RAW = "application/vnd.cncf.model.weight.v1.raw"
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
@@ -197,7 +197,7 @@ def test_a_path_1500_directories_deep_is_extracted_and_mounted(cli, registry, mo
 
 
 def test_the_check_names_both_layers_and_walks_without_recursion():
-    from modelfs.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck  # new: the old code had none
+    from modelfs.formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck  # new: the old code had none
     check = TreeCheck()
     check.add("w.bin", REGULAR, "layer 0 (w)")
     check.add("a/b/p", SYMLINK, "layer 1 (t), member 'a/b/p'", "layer 1 (t)", "..")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from modelfs.mount.blockindex import ALGORITHMS
+from modelfs.formats.blockindex import ALGORITHMS
 from modelfs.mount.cache import BlockCache
 from modelfs.mount.trust import Mode, Trust
 

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from ..errors import ModelfsError
-from ..mount import blockindex
-from ..mount.cache import DEFAULT_BLOCK_SIZE
-from ..spec import (
+from ..formats import blockindex
+from ..formats.spec import (
     ANNOTATION_FILE_METADATA,
     ANNOTATION_FILEPATH,
     ARTIFACT_TYPE,
@@ -32,7 +31,8 @@ from ..spec import (
     Packing,
     layer_media_type,
 )
-from ..zstd import ZstdFile
+from ..formats.zstd import ZstdFile
+from ..mount.cache import DEFAULT_BLOCK_SIZE
 from . import modelfile as mf
 from .layout import Store
 

@@ -3,7 +3,7 @@
 Each blob is streamed to a file in a staging directory inside ``--output`` while being
 hashed; only a blob whose sha256 matches its digest becomes a file (raw) or is unpacked
 (tar), into the staging directory (:mod:`modelfs.artifact.staging`). Every path goes through
-the tree check the mount uses (:class:`modelfs.tree_check.TreeCheck`), across all layers,
+the tree check the mount uses (:class:`modelfs.formats.tree_check.TreeCheck`), across all layers,
 and nothing moves into ``--output`` before the whole tree passed it. Blobs the cache already
 holds whole and verified are read from it instead of the network.
 """
@@ -23,13 +23,13 @@ from typing import BinaryIO
 import trio
 
 from ..errors import CacheError, IntegrityError, ManifestError, UnsafePathError
+from ..formats.paths import clean_member_path
+from ..formats.spec import Descriptor, Packing, classify_layer
+from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
+from ..formats.zstd import ZstdError, ZstdFile
 from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
-from ..paths import clean_member_path
 from ..registry import RegistryReader
 from ..resolve import Model
-from ..spec import Descriptor, Packing, classify_layer
-from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
-from ..zstd import ZstdError, ZstdFile
 from .staging import Staging, writing
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..errors import IntegrityError, NotFoundError
-from ..spec import OCI_MANIFEST
+from ..formats.spec import OCI_MANIFEST
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 4 * 1024 * 1024

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 
 from ..errors import ModelfileError
-from ..spec import Kind
+from ..formats.spec import Kind
 
 METADATA_COMMANDS = ("NAME", "ARCH", "FAMILY", "FORMAT", "PARAMSIZE", "PRECISION", "QUANTIZATION")
 FILE_COMMANDS: dict[str, Kind] = {

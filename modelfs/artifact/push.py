@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..mount import blockindex
+from ..formats import blockindex
+from ..formats.spec import Descriptor, parse_manifest
+from ..index import attach
 from ..reference import Reference, parse
 from ..registry import RegistryClient
-from ..spec import Descriptor, parse_manifest
 from .layout import Store
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,5 @@ async def push(client: RegistryClient, store: Store, reference: Reference, sourc
     if block_index and named_index in unique:
         # also a referrer: generic tools see it, and registry garbage collection keeps the blob
         subject = Descriptor(manifest.media_type, stored.digest, len(data), artifact_type=manifest.artifact_type)
-        result.block_index = await blockindex.attach(client, reference.repository, subject,
-                                                     store.read_blob(named_index))
+        result.block_index = await attach(client, reference.repository, subject, store.read_blob(named_index))
     return result

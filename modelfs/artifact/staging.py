@@ -2,7 +2,7 @@
 
 Everything is unpacked into a fresh staging directory inside ``--output`` (same filesystem, so
 moving into place is a rename) and moved into place only once every layer has unpacked and
-the whole tree passed :class:`modelfs.tree_check.TreeCheck`: a model refused at its last layer
+the whole tree passed :class:`modelfs.formats.tree_check.TreeCheck`: a model refused at its last layer
 leaves ``--output`` as it was. Staging rather than listing the members first keeps
 ``extract`` one pass over a compressed layer: its member list is known only once it has been
 decompressed, and decompressing twice costs a second pass of CPU over the whole model.
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from typing import BinaryIO
 
 from ..errors import ModelfsError, UnsafePathError
-from ..paths import link_chain_escape
-from ..tree_check import DIRECTORY, TreeCheck
+from ..formats.paths import link_chain_escape
+from ..formats.tree_check import DIRECTORY, TreeCheck
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC

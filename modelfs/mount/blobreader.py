@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..errors import CacheError, FetchError, IntegrityError
-from .blockindex import ALGORITHMS
+from ..formats.blockindex import ALGORITHMS
 from .cache import BlobEntry, BlockDamaged
 from .readahead import ReadAhead
 from .trust import Mode, Trust

@@ -22,12 +22,14 @@ import trio
 
 from .. import signing
 from ..errors import MountError, ready_failure, user_error
+from ..formats import blockindex
+from ..formats.blockindex import TrustedIndex
 from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
-from . import blockindex, status, table
-from .blockindex import TrustedIndex
+from . import status, table
+from .binding import FileReaders
 from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS, Permissions
@@ -151,8 +153,7 @@ def prefetch_plan(readers: list[BlobReader], cache_limit: int) -> list[BlobReade
     return plan
 
 
-async def _prefetch(fetcher: Fetcher, tree: Tree, cache_limit: int) -> None:
-    everything = tree.readers()
+async def _prefetch(fetcher: Fetcher, everything: list[BlobReader], cache_limit: int) -> None:
     readers = prefetch_plan(everything, cache_limit)
     if len(readers) < len(everything):
         log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
@@ -253,13 +254,14 @@ async def serve(options: MountOptions) -> None:
                 if options.verify == "lazy":
                     log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                                 "they are checked; a corrupt range can reach readers until its blob completes")
-                tree = await build_tree(model, fetcher)
+                readers = FileReaders(fetcher)
+                tree = await build_tree(model, readers)
                 record(cache, model, index.data if index else b"")
                 permissions = Permissions(os.getuid() if options.uid is None else options.uid,
                                           os.getgid() if options.gid is None else options.gid,
                                           options.file_mode, options.dir_mode, options.allow_other)
-                ops = ModelFS(tree, fetcher, str(model.reference), permissions)
-                await _serve_mount(nursery, ops, fetcher, cache, tree, options, model, offline)
+                ops = ModelFS(tree, readers, str(model.reference), permissions)
+                await _serve_mount(nursery, ops, readers, cache, tree, options, model, offline)
             c = fetcher.stats
             log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
                      "%d block buffers, used %d more times", mountpoint, c.reads, c.read_errors, c.bytes_fetched,
@@ -272,9 +274,10 @@ async def serve(options: MountOptions) -> None:
         cache.close()
 
 
-async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, cache: BlockCache, tree: Tree,
+async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
                        options: MountOptions, model: Model, offline: str | None) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
+    fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
     fuse_options = {"fsname=" + str(parse(options.reference)), "subtype=modelfs", "ro", "default_permissions", "noatime"}
     if options.allow_other:
@@ -288,7 +291,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
         nursery.start_soon(_watch_signals)
         nursery.start_soon(release_replaced_files, cache)
         if options.prefetch == "all":
-            nursery.start_soon(_prefetch, fetcher, tree, options.cache_max_size)
+            nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.cache_max_size)
         if options.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
         if options.metrics:
@@ -297,12 +300,12 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, fetcher: Fetcher, ca
         started = time.time()
 
         def collect() -> status.MountStatus:
-            readers = tree.readers()
+            every = readers.every(tree)
             c = fetcher.stats
             return status.MountStatus(
                 pid=os.getpid(), mountpoint=mountpoint, reference=options.reference, digest=model.reference.digest or "",
-                offline=offline, bytes_total=sum(r.size for r in readers),
-                bytes_local=sum(r.entry.cached_bytes() for r in readers), reads=c.reads, read_errors=c.read_errors,
+                offline=offline, bytes_total=sum(r.size for r in every),
+                bytes_local=sum(r.entry.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
                 **status.signature_fields(model.verdict))

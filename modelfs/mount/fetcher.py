@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import trio
 
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
+from ..formats.blockindex import TrustedIndex
 from ..registry import RegistryReader, RetryPolicy
 from .blobreader import BlobReader, Block
-from .blockindex import TrustedIndex
 from .buffers import BlockBuffers
 from .cache import BlockCache
 from .rangefetch import RangeFetcher, RangeSource, available_cores

@@ -1,4 +1,5 @@
-"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher.
+"""The FUSE layer: thin pyfuse3 handlers over the tree and the fetcher. The tree holds no
+reader: a file's is looked up through :class:`.binding.FileReaders`, bound at first use.
 
 Content is immutable (a manifest digest never changes), so the kernel may keep entries,
 attributes and pages as long as it likes: long timeouts and ``keep_cache``. Writes are
@@ -21,9 +22,9 @@ import pyfuse3
 import trio
 
 from ..errors import ModelfsError
-from .fetcher import Fetcher
+from ..formats.tree_check import DIRECTORY, SYMLINK
+from .binding import FileReaders
 from .stats import ReadTimer
-from .tarindex import DIRECTORY, SYMLINK
 from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -99,13 +100,14 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, fetcher: Fetcher, model_name: str, permissions: Permissions | None = None) -> None:
+    def __init__(self, tree: Tree, readers: FileReaders, model_name: str, permissions: Permissions | None = None) -> None:
         super().__init__()
-        self.tree, self.fetcher, self.model_name = tree, fetcher, model_name
+        self.tree, self.readers, self.model_name = tree, readers, model_name
+        self.fetcher = readers.fetcher
         self.permissions = permissions or Permissions(os.getuid(), os.getgid())
-        self.stats = fetcher.stats
+        self.stats = self.fetcher.stats
         self._inodes: dict[str, list[Node]] | None = None  # reader key -> the files it serves
-        fetcher.on_dropped.append(self.forget_pages)
+        self.fetcher.on_dropped.append(self.forget_pages)
 
     def files_of(self, key: str) -> list[Node]:
         """The files whose bytes a reader serves, by its key: a raw layer's digest (one
@@ -114,8 +116,8 @@ class ModelFS(pyfuse3.Operations):
         if self._inodes is None:
             self._inodes = {}
             for node in self.tree.files():
-                if node.reader is not None:
-                    self._inodes.setdefault(node.reader.digest, []).append(node)
+                if node.layer is not None:
+                    self._inodes.setdefault(self.readers.key(node), []).append(node)
         return self._inodes.get(key, [])
 
     async def forget_pages(self, key: str) -> None:
@@ -208,18 +210,20 @@ class ModelFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
+        if node.layer is not None:
+            self.readers.reader(node)  # bound here, at its first open
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_guarded
     async def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:  # type: ignore[override]
         node = self._node(fh)
-        if node.reader is None or off >= node.size:
+        if node.layer is None or off >= node.size:
             return b""
         size = min(size, node.size - off)
         self.stats.reads += 1
         try:
             with ReadTimer(self.stats.read_latency):
-                data = await node.reader.read_view(node.offset + off, size)
+                data = await self.readers.reader(node).read_view(node.offset + off, size)
             self.stats.bytes_served += len(data)
             return data
         except ModelfsError as exc:
@@ -250,18 +254,18 @@ class ModelFS(pyfuse3.Operations):
         if name == XATTR_MODEL:
             return _encoded(self.model_name)
         if node.inode == ROOT_INODE and name == XATTR_CACHED:
-            readers = self.tree.readers()
+            readers = self.readers.every(self.tree)
             total = sum(r.size for r in readers)
             cached = sum(r.cached_fraction() * r.size for r in readers)
             return f"{cached / total if total else 1.0:.4f}".encode()
-        if node.reader is None:
+        if node.layer is None:
             return None
-        if name == XATTR_DIGEST and node.layer is not None:
-            return _encoded(node.layer.digest)
-        if name == XATTR_MEDIA_TYPE and node.layer is not None:
-            return _encoded(node.layer.media_type)
+        if name == XATTR_DIGEST:
+            return _encoded(node.layer.descriptor.digest)
+        if name == XATTR_MEDIA_TYPE:
+            return _encoded(node.layer.descriptor.media_type)
         if name == XATTR_CACHED:
-            return f"{node.reader.cached_fraction():.4f}".encode()
+            return f"{self.readers.reader(node).cached_fraction():.4f}".encode()
         return None
 
     @_guarded

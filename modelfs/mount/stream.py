@@ -20,14 +20,14 @@ from contextlib import asynccontextmanager
 import trio
 
 from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
+from ..formats.spec import Descriptor, Packing
+from ..formats.tarindex import REGULAR, Member, iter_members
+from ..formats.zstd import ZstdDecompressor, ZstdError
 from ..registry import single_attempt
-from ..spec import Descriptor, Packing
-from ..zstd import ZstdDecompressor, ZstdError
 from .blobreader import BlobReader
 from .cache import REPLACED_ROUNDS, FilesReplaced
 from .claims import POLL_SECONDS, PeerClaims, peer_wait
 from .fetcher import Fetcher
-from .tarindex import REGULAR, Member, iter_members
 
 log = logging.getLogger(__name__)
 

@@ -1,36 +1,52 @@
-"""Layers to a file tree: every file knows (blob, offset, size), every path is safe.
+"""Layers to a file tree: a pure listing. Every file says what bytes it is, every path is safe.
 
 - raw layers: the blob is the file, named by ``org.cncf.model.filepath``;
-- tar layers: members located by reading headers only (:mod:`modelfs.mount.tarindex`);
-- tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
-  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.stream`).
+- tar layers: members located by reading headers only (:mod:`modelfs.formats.tarindex`), each
+  file ``size`` bytes at ``offset`` of the layer's blob;
+- tar+gzip / tar+zstd layers: no random access, so a file is a member of the layer, unpacked
+  (the data path streams the blob once, :mod:`modelfs.mount.stream`).
 
-Every path, link and conflict across layers is decided by :class:`modelfs.tree_check.TreeCheck`,
+Every path, link and conflict across layers is decided by :class:`modelfs.formats.tree_check.TreeCheck`,
 which ``extract`` uses too, before the mount serves anything.
 
-Listing and stat are answered from this tree, never from the registry.
+The tree holds no reader: building it reads only what listing needs, through
+:class:`LayerReads` (a tar's headers, a compressed layer's member list), and the data path
+binds a reader to a file when it is first used (:mod:`modelfs.mount.binding`). Listing and
+stat are answered from this tree, never from the registry.
 """
 
 from __future__ import annotations
 
 import logging
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 from ..errors import ManifestError
-from ..paths import clean_member_path
+from ..formats.paths import clean_member_path
+from ..formats.spec import Descriptor, Packing, classify_layer
+from ..formats.tarindex import Member, ReadAt, index_tar
+from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
 from ..resolve import Model
-from ..spec import Descriptor, Packing, classify_layer
-from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
-from .fetcher import BlobReader, Fetcher
-from .stream import LayerStream
-from .tarindex import Member, index_tar
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer as its files refer to it (one per layer, shared by all of its files)."""
+
+    descriptor: Descriptor
+    packing: Packing
+    where: str  # how messages name it: "layer 3 (model.safetensors)"
+
+    @property
+    def streamed(self) -> bool:
+        """Compressed: no random access, its files are members unpacked from one stream."""
+        return self.packing in (Packing.TAR_GZIP, Packing.TAR_ZSTD)
 
 
 @dataclass
@@ -41,9 +57,11 @@ class Node:
     mode: int
     mtime_ns: int
     size: int = 0
-    reader: BlobReader | None = None
+    # a file's bytes: ``size`` bytes at ``offset`` of the blob of ``layer`` or, in a streamed
+    # layer, of its member ``member`` unpacked (None for directories and symlinks)
+    layer: Layer | None = None
     offset: int = 0
-    layer: Descriptor | None = None
+    member: str = ""
     link: str = ""
     children: dict[str, int] = field(default_factory=dict)
     parent: int = ROOT_INODE
@@ -67,6 +85,7 @@ class Tree:
         self.check = TreeCheck()
         self.mtime_ns = mtime_ns
         self.max_nodes = max_nodes
+        self._distinct: list[Node] | None = None  # distinct_files(), until a file is added
 
     def _new_inode(self, where: str) -> int:
         """The next inode number; a hostile tar of millions of empty members stops here, not at OOM."""
@@ -102,17 +121,36 @@ class Tree:
         node = Node(self._new_inode(where), name, parent=parent.inode, **attrs)  # type: ignore[arg-type]
         self.nodes[node.inode] = node
         parent.children[name] = node.inode
+        self._distinct = None
         return node
 
     def files(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == REGULAR]
 
-    def readers(self) -> list[BlobReader]:
-        seen: dict[str, BlobReader] = {}
-        for node in self.files():
-            if node.reader is not None:
-                seen.setdefault(node.reader.digest, node.reader)
-        return list(seen.values())
+    def distinct_files(self) -> list[Node]:
+        """One file per distinct run of bytes the data path reads: a blob (raw and plain tar
+        layers, however many files it holds) or a member of a streamed layer (hard links share
+        it), in tree order. Asked every second for the status: kept once the tree is built."""
+        if self._distinct is None:
+            seen: dict[tuple[str, str], Node] = {}
+            for node in self.files():
+                if node.layer is not None:
+                    seen.setdefault((node.layer.descriptor.digest, node.member), node)
+            self._distinct = list(seen.values())
+        return self._distinct
+
+
+class LayerReads(Protocol):
+    """What building the tree reads of the layers; the data path implements it
+    (:class:`modelfs.mount.binding.FileReaders`), the tree binds nothing."""
+
+    def read_at(self, layer: Descriptor) -> ReadAt:
+        """Range reads of a layer's blob (a plain tar's headers)."""
+        ...
+
+    async def unpack_members(self, layer: Layer) -> list[Member]:
+        """The members of a streamed layer, which only streaming it can tell."""
+        ...
 
 
 def _metadata_mode(layer: Descriptor) -> tuple[int, int | None]:
@@ -128,7 +166,7 @@ def _metadata_mode(layer: Descriptor) -> tuple[int, int | None]:
     return (stat.S_IMODE(mode) & 0o777 if isinstance(mode, int) else 0o644), mtime_ns
 
 
-async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
+async def build_tree(model: Model, layers: LayerReads) -> Tree:
     created = model.config.descriptor.get("createdAt")
     mtime_ns = 0
     if isinstance(created, str):
@@ -152,22 +190,18 @@ async def build_tree(model: Model, fetcher: Fetcher) -> Tree:
                 raise ManifestError(f"{where}: raw layer has no org.cncf.model.filepath annotation")
             path = clean_member_path(layer.filepath, where)
             tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=meta_mtime or mtime_ns, size=layer.size,
-                     reader=fetcher.reader(layer.digest, layer.size), offset=0, layer=layer)
+                     layer=Layer(layer, packing, where), offset=0)
         elif packing is Packing.TAR:
-            reader = fetcher.reader(layer.digest, layer.size)
-            members = await index_tar(reader.read, layer.size, where)
-            def locate(member: Member, reader: BlobReader = reader) -> tuple[BlobReader, int]:
-                return reader, member.offset
-
-            _add_members(tree, members, layer, where, locate)
+            members = await index_tar(layers.read_at(layer), layer.size, where)
+            _add_members(tree, members, Layer(layer, packing, where))
         else:
-            await _add_compressed(tree, fetcher, layer, packing, where, mode, meta_mtime or mtime_ns)
+            await _add_compressed(tree, layers, Layer(layer, packing, where), mode, meta_mtime or mtime_ns)
     tree.check.finish()
     return tree
 
 
-def _add_members(tree: Tree, members: list[Member], layer: Descriptor, where: str,
-                 locate: Callable[[Member], tuple[BlobReader, int]]) -> None:
+def _add_members(tree: Tree, members: list[Member], layer: Layer) -> None:
+    where = layer.where
     by_path: dict[str, Member] = {}  # this layer's regular files, the only things a hard link may name
     for member in members:
         member_where = f"{where}, member {member.path!r}"
@@ -180,23 +214,20 @@ def _add_members(tree: Tree, members: list[Member], layer: Descriptor, where: st
                        link=member.link)
             continue
         source = by_path[member.link] if member.kind == HARDLINK else member
-        reader, offset = locate(source)
         tree.place(member.path, member_where, kind=REGULAR, mode=source.mode or 0o644,
-                   mtime_ns=seconds_to_ns(member.mtime), size=source.size, reader=reader, offset=offset, layer=layer)
+                   mtime_ns=seconds_to_ns(member.mtime), size=source.size, layer=layer,
+                   offset=0 if layer.streamed else source.offset, member=source.path if layer.streamed else "")
         by_path[member.path] = source
 
 
-async def _add_compressed(tree: Tree, fetcher: Fetcher, layer: Descriptor, packing: Packing, where: str,
-                          mode: int, mtime_ns: int) -> None:
+async def _add_compressed(tree: Tree, layers: LayerReads, layer: Layer, mode: int, mtime_ns: int) -> None:
     """modctl's one-file layers are listed from their annotations and streamed on first read;
     others are streamed now, since only their contents say which files they hold."""
-    stream = LayerStream(fetcher, layer, packing, where)
-    meta = layer.file_metadata or {}
+    descriptor, where = layer.descriptor, layer.where
+    meta = descriptor.file_metadata or {}
     size = meta.get("size")
-    if layer.filepath and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0"):
-        path = clean_member_path(layer.filepath, where)
-        tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=mtime_ns, size=size,
-                 reader=stream.target(path, size), offset=0, layer=layer)
+    if descriptor.filepath and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0"):
+        path = clean_member_path(descriptor.filepath, where)
+        tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=mtime_ns, size=size, layer=layer, member=path)
         return
-    members = await stream.collect()
-    _add_members(tree, members, layer, where, lambda m: (stream.targets[m.path], 0))
+    _add_members(tree, await layers.unpack_members(layer), layer)

@@ -37,7 +37,7 @@ from ..errors import (
     TLSError,
     UnavailableError,
 )
-from ..spec import MANIFEST_ACCEPT
+from ..formats.spec import MANIFEST_ACCEPT
 from .auth import TokenCache, parse_challenge
 from .bounded import read_bounded
 from .origin import Origin

@@ -21,7 +21,7 @@ from .policy import OFF, Policy, build
 from .verdict import Verdict, judge, listing, record, recorded
 
 if TYPE_CHECKING:
-    from ..mount.blockindex import TrustedIndex
+    from ..formats.blockindex import TrustedIndex
 
 __all__ = ["OFF", "Policy", "Verdict", "build", "check", "gate_index", "index_allowed", "listing"]
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ModelfsError, NotFoundError, UnavailableError
-from ..mount import blockindex
-from ..spec import parse_descriptor, parse_manifest
+from ..formats.spec import parse_descriptor, parse_manifest
+from ..index import referrer_entries
 from . import simplesigning
 from .bounded import MAX_BUNDLE_BYTES, MAX_PAYLOAD_BYTES
 from .bundle import MEDIA_TYPES
@@ -93,7 +93,7 @@ async def gather(client: Any, model: Any) -> list[Evidence]:
                 continue
             seen.add(layer.digest)
             found.append(await budget.fetch("bundle", where, client, repository, layer.digest))
-    entries = await blockindex.referrer_entries(upstream, repository, digest)
+    entries = await referrer_entries(upstream, repository, digest)
     signatures = [e for e in entries if e.get("artifactType") in MEDIA_TYPES or e.get("artifactType") in NOT_READ]
     for entry in signatures[:MAX_REFERRERS]:
         found.append(await _referrer(upstream, repository, digest, entry, budget))

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..mount import blockindex
-from ..spec import OCI_MANIFEST, Descriptor
+from ..formats.spec import OCI_MANIFEST, Descriptor
+from ..index import attach
 from .bundle import IN_TOTO, MEDIA_TYPES, pae
 from .keys import PrivateKey
 from .statement import COSIGN_SIGN
@@ -52,6 +52,6 @@ async def sign(client: Any, model: Any, key: PrivateKey) -> SignResult:
                          artifact_type=model.manifest.artifact_type)
     annotations = {"dev.sigstore.bundle.content": "dsse-envelope", "dev.sigstore.bundle.predicateType": COSIGN_SIGN,
                    "org.opencontainers.image.created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    referrer = await blockindex.attach(client, model.reference.repository, subject, bundle, BUNDLE_MEDIA_TYPE,
+    referrer = await attach(client, model.reference.repository, subject, bundle, BUNDLE_MEDIA_TYPE,
                                        annotations, replaces=())
     return SignResult(referrer, bundle)

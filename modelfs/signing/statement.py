@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..spec import Manifest, Packing, classify_layer
+from ..formats.spec import Manifest, Packing, classify_layer
 from .bounded import MAX_RESOURCES, Malformed
 
 STATEMENT_TYPES = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1")

@@ -3,7 +3,7 @@
 A weight file packed as a tar layer is one 512-byte header (plus PAX/GNU long-name records)
 followed by the data, so a member's (offset, size) inside the blob is learnt from a couple
 of small range reads, and the mount serves the data with a plain offset. Every member is
-vetted here (:func:`modelfs.tree_check.vet`); the whole tree is checked by the mount's tree.
+vetted here (:func:`modelfs.formats.tree_check.vet`); the whole tree is checked by the mount's tree.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import ManifestError, UnsafePathError
-from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, vet
+from .tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, vet
 
 BLOCK = 512
 MAX_MEMBERS = 1_000_000  # a real layer has thousands; millions of empty members are an attack on memory

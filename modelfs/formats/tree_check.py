@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UnsafePathError
+from ..errors import UnsafePathError
 from .paths import clean_member_path, link_chain_escape, link_target_inside
 from .spec import Descriptor
 

@@ -1,6 +1,6 @@
 """Path safety: every path that comes from an artifact is hostile until proven otherwise.
 
-Used by :mod:`modelfs.tree_check`, through which the mount's file tree and ``extract`` both
+Used by :mod:`modelfs.formats.tree_check`, through which the mount's file tree and ``extract`` both
 pass, so both refuse the same things.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Mapping
 
-from .errors import UnsafePathError
+from ..errors import UnsafePathError
 
 MAX_NAME_BYTES = 255  # NAME_MAX and PATH_MAX of Linux: longer ones cannot be created or served
 MAX_PATH_BYTES = 4096

@@ -1,0 +1,68 @@
+"""Files to readers: the data path's side of the tree (:mod:`.tree`).
+
+The tree is a pure listing: each file says what bytes it is. This module reads what building
+it needs (a plain tar's headers by range, a compressed layer's member list by streaming it)
+and binds a reader to a file when the file is first used: opened, read, prefetched, or asked
+how much of it is cached. :meth:`FileReaders.reader` is the one place that decides which
+reader serves a file; the FUSE layer and the daemon's prefetch and status all go through it.
+
+A compressed layer has one :class:`~.stream.LayerStream` for all its files, kept here from
+the listing on: the stream that listed a layer already made a target for each member, and a
+file bound later gets that target.
+"""
+
+from __future__ import annotations
+
+from ..formats.spec import Descriptor
+from ..formats.tarindex import Member, ReadAt
+from .fetcher import BlobReader, Fetcher
+from .stream import LayerStream, derived_key
+from .tree import Layer, Node, Tree
+
+
+class FileReaders:
+    """The readers of one mount's files, made on first use (the fetcher keeps one reader per
+    blob; a layer stream one target per member)."""
+
+    def __init__(self, fetcher: Fetcher) -> None:
+        self.fetcher = fetcher
+        self._streams: dict[tuple[str, str], LayerStream] = {}  # by layer digest and packing
+
+    def read_at(self, layer: Descriptor) -> ReadAt:
+        """Range reads of a layer's blob, through its reader (a plain tar's headers)."""
+        return self.fetcher.reader(layer.digest, layer.size).read
+
+    async def unpack_members(self, layer: Layer) -> list[Member]:
+        """Stream a compressed layer now, keeping each member it holds (see :meth:`LayerStream.collect`)."""
+        return await self._stream(layer).collect()
+
+    def reader(self, node: Node) -> BlobReader:
+        """The reader that serves ``node``'s bytes (a file: ``node.layer`` is set), read at
+        ``node.offset``; made at the first call for its blob or member, the same one after."""
+        layer = _layer_of(node)
+        if layer.streamed:
+            return self._stream(layer).target(node.member, node.size)
+        return self.fetcher.reader(layer.descriptor.digest, layer.descriptor.size)
+
+    @staticmethod
+    def key(node: Node) -> str:
+        """The key (``BlobReader.digest``) of the reader that serves ``node``, without binding
+        it: the blob's digest, or the derived key of a member of a compressed layer."""
+        layer = _layer_of(node)
+        return derived_key(layer.descriptor.digest, node.member) if layer.streamed else layer.descriptor.digest
+
+    def every(self, tree: Tree) -> list[BlobReader]:
+        """One reader per distinct run of bytes in ``tree`` (what prefetch and the status count)."""
+        return [self.reader(node) for node in tree.distinct_files()]
+
+    def _stream(self, layer: Layer) -> LayerStream:
+        key = (layer.descriptor.digest, layer.packing.value)
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = LayerStream(self.fetcher, layer.descriptor, layer.packing, layer.where)
+        return stream
+
+
+def _layer_of(node: Node) -> Layer:
+    assert node.layer is not None, f"{node.name!r} is not a file"
+    return node.layer
