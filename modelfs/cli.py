@@ -50,7 +50,6 @@ from .errors import (
 from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
 from .mount import blockindex
 from .mount import status as mount_status
-from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, run_foreground
 from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
@@ -60,6 +59,7 @@ from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
 from .spec import OCI_MANIFEST, Packing
+from .storage.cache import BlockCache, default_cache_dir
 
 log = logging.getLogger("modelfs")
 

@@ -15,7 +15,6 @@ from . import signing
 from .errors import ManifestError, NotAModelError, UnavailableError
 from .mount import blockindex
 from .mount.blockindex import ANNOTATION
-from .mount.cache import BlockCache
 from .reference import Reference
 from .registry import RegistryReader
 from .registry.client import FAIL_FAST
@@ -30,6 +29,7 @@ from .spec import (
     parse_manifest,
     require_model,
 )
+from .storage.cache import BlockCache
 
 
 @dataclass(frozen=True)

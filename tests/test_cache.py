@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
+from modelfs.storage.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
 
 MiB = 1 << 20
 
@@ -208,7 +208,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
     import errno
     import fcntl
 
-    from modelfs.mount import cache as cache_module
+    from modelfs.storage import cache as cache_module
     real_open, real_pwrite = os.open, os.pwrite
 
     def direct(fd: int) -> bool:
@@ -226,7 +226,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pwrite", pwrite)
-    caplog.set_level("INFO", logger="modelfs.mount.cache")
+    caplog.set_level("INFO", logger="modelfs.storage.cache")
     cache = BlockCache(str(tmp_path))
     blocks = [os.urandom(MiB) for _ in range(3)]
     entry = cache.entry(_blob(*blocks), 3 * MiB)

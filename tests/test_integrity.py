@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import daemon_alive
 
-from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, BlockCache
+from modelfs.storage.cache import _ENTRY, _HEADER_SIZE, BlockCache
 
 MiB = 1 << 20
 PACKINGS = ["raw", "tar", "tar+gzip"]

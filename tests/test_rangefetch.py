@@ -15,9 +15,9 @@ from storage import PresigningFront
 
 from modelfs.errors import FetchError
 from modelfs.mount import rangefetch
-from modelfs.mount.cache import BlockCache
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.registry import RegistryClient, RetryPolicy
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import make_tar, push_artifact
 
 from modelfs.errors import ManifestError, UnsafePathError
-from modelfs.mount.cache import BlockCache
 from modelfs.mount.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 
 from ..errors import ModelfsError
 from ..mount import blockindex
-from ..mount.cache import DEFAULT_BLOCK_SIZE
 from ..spec import (
     ANNOTATION_FILE_METADATA,
     ANNOTATION_FILEPATH,
@@ -32,6 +31,7 @@ from ..spec import (
     Packing,
     layer_media_type,
 )
+from ..storage.cache import DEFAULT_BLOCK_SIZE
 from ..zstd import ZstdFile
 from . import modelfile as mf
 from .layout import Store

@@ -23,11 +23,11 @@ from typing import BinaryIO
 import trio
 
 from ..errors import CacheError, IntegrityError, ManifestError, UnsafePathError
-from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
 from ..paths import clean_member_path
 from ..registry import RegistryReader
 from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
+from ..storage.cache import BlobEntry, BlockCache, BlockDamaged
 from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
 from ..zstd import ZstdError, ZstdFile
 from .staging import Staging, writing

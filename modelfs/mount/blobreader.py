@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..errors import CacheError, FetchError, IntegrityError
+from ..storage.cache import BlobEntry, BlockDamaged
 from .blockindex import ALGORITHMS
-from .cache import BlobEntry, BlockDamaged
 from .readahead import ReadAhead
 
 if TYPE_CHECKING:

@@ -26,9 +26,9 @@ from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
+from ..storage.cache import BlockCache
 from . import blockindex, status, table
 from .blockindex import TrustedIndex
-from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS, Permissions
 from .metrics import render, serve_metrics

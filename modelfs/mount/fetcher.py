@@ -27,10 +27,10 @@ import trio
 
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
 from ..registry import RegistryReader, RetryPolicy
+from ..storage.cache import BlockCache
 from .blobreader import BlobReader, Block
 from .blockindex import TrustedIndex
 from .buffers import BlockBuffers
-from .cache import BlockCache
 from .rangefetch import RangeFetcher, RangeSource, available_cores
 from .stats import Stats
 

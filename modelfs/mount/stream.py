@@ -22,10 +22,10 @@ import trio
 from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
 from ..registry import single_attempt
 from ..spec import Descriptor, Packing
+from ..storage.cache import REPLACED_ROUNDS, FilesReplaced
+from ..storage.claims import POLL_SECONDS, PeerClaims, peer_wait_seconds
 from ..zstd import ZstdDecompressor, ZstdError
 from .blobreader import BlobReader
-from .cache import REPLACED_ROUNDS, FilesReplaced
-from .claims import POLL_SECONDS, PeerClaims, peer_wait_seconds
 from .fetcher import Fetcher
 from .tarindex import REGULAR, Member, iter_members
 
