@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-from modelfs.storage.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
+from modelfs.storage.cache import RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
+from modelfs.storage.mapformat import ENTRY as _ENTRY
+from modelfs.storage.mapformat import HEADER_SIZE as _HEADER_SIZE
 
 MiB = 1 << 20
 

@@ -43,29 +43,38 @@ import hashlib
 import json
 import logging
 import os
-import struct
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import lz4.block
-import xxhash
-
 from ..errors import CacheError
+from .mapformat import (
+    ABSENT,
+    EMPTY_ENTRY,
+    ENTRY,
+    HEADER_SIZE,
+    INDEXED,
+    POLICY_LZ4,
+    POLICY_UNDECIDED,
+    PRESENT,
+    WHOLE,
+    BlockMap,
+    Entry,
+    Header,
+    Undecodable,
+    checksum,
+    decode_block,
+    encode_block,
+    entry_offset,
+    usage,
+)
 from .window import BlockWindow, shared_window
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 1 << 20
-_MAGIC = b"MFSMAP02"
-_HEADER = struct.Struct("<8sIQII")  # magic, block_size, blob_size, nblocks, lz4 policy
-_HEADER_SIZE = 64
-_ENTRY = struct.Struct("<IIQ32s")  # stored length, flags, xxh3-64 of the stored bytes, index hash
-PRESENT, LZ4, INDEXED, WHOLE = 1, 2, 4, 8
-_POLICY_UNDECIDED, _POLICY_LZ4, _POLICY_RAW = 0, 1, 2
-_LZ4_WORTH_IT = 0.85
 RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob's files" may get
 # Full raw blocks are written with O_DIRECT where the filesystem takes it. The kernel already
 # keeps the mounted files' pages (FUSE page cache); a second copy of the same bytes in the
@@ -74,7 +83,6 @@ RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob'
 # with O_DIRECT, 0.11 s. A filesystem that refuses it (tmpfs, some FUSE) gets buffered writes.
 DIRECT_ALIGNMENT = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_EMPTY_ENTRY = bytes(_ENTRY.size)
 
 
 def default_cache_dir() -> str:
@@ -82,12 +90,6 @@ def default_cache_dir() -> str:
         return "/var/cache/modelfs"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "modelfs")
-
-
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    """What each stored block is checked against when read back: xxh3-64 (0.02 s/GiB here,
-    against 0.5 s for zlib's crc32), guarding against bit rot and torn writes, not attackers."""
-    return xxhash.xxh3_64_intdigest(data)
 
 
 class BlockDamaged(CacheError):
@@ -115,23 +117,6 @@ class BlobStats:
     verified: bool
 
 
-@dataclass(frozen=True)
-class Entry:
-    length: int
-    flags: int
-    check: int
-    index_hash: bytes
-
-    @property
-    def present(self) -> bool:
-        return bool(self.flags & PRESENT)
-
-    @property
-    def checked(self) -> bool:
-        """Present and checked: whole with its blob, or against a block index."""
-        return self.present and bool(self.flags & (WHOLE | INDEXED))
-
-
 def aligned_buffer(size: int) -> memoryview:
     """A writable buffer of ``size`` bytes at a page-aligned address: a block received into
     it can be written to the cache with O_DIRECT, and served, with no copy."""
@@ -150,10 +135,6 @@ def is_aligned(buffer: bytes | bytearray | memoryview) -> bool:
     return _address(buffer) % DIRECT_ALIGNMENT == 0
 
 
-def _decode_entry(raw: bytes | bytearray, at: int = 0) -> Entry:
-    return Entry(*_ENTRY.unpack_from(raw, at))
-
-
 class BlobEntry:
     """One blob's cached blocks. Methods are synchronous and short. Block writes may run in
     a worker thread (so a slow disk never stalls the event loop); every use of the files
@@ -169,17 +150,13 @@ class BlobEntry:
         self.map_path = os.path.join(directory, f"{hexpart}.map")
         self.claims_path = os.path.join(directory, f"{hexpart}.claims")  # see claims.py
         self.block_size = block_size
-        self.nblocks = -(-size // block_size)
+        self._map = BlockMap(Header.of(size, block_size))
+        self.nblocks = self._map.nblocks
         self._mutex = threading.RLock()
-        self._count_lock = threading.Lock()
         self._map_fd = self._data_fd = self._direct_fd = -1
         self._direct_ok = bool(_O_DIRECT)  # until the filesystem refuses it
         self._inode = (0, 0)
         self._checked_at = 0.0
-        self._policy = _POLICY_UNDECIDED
-        self._raw = bytearray(self.nblocks * _ENTRY.size)
-        self._present = 0
-        self._scan_from = 0  # blocks before this are known present (see ``complete``)
         self._on_open = on_open  # the cache's count of open files
         with self._mutex:
             self._open()
@@ -298,12 +275,12 @@ class BlobEntry:
                 self._current(force=True)
                 if self._map_fd < 0:
                     return
-                raw = os.pread(self._map_fd, self.nblocks * _ENTRY.size, _HEADER_SIZE)
+                raw = os.pread(self._map_fd, self.nblocks * ENTRY.size, HEADER_SIZE)
         except OSError as exc:
             raise CacheError(f"cannot read the cache map of {self.digest}: {exc.strerror}") from None
-        raw = raw.ljust(self.nblocks * _ENTRY.size, b"\0")
+        raw = raw.ljust(self.nblocks * ENTRY.size, b"\0")
         for index in range(self.nblocks):
-            self._set_raw(index, raw[index * _ENTRY.size:(index + 1) * _ENTRY.size])
+            self._map.set(index, raw[index * ENTRY.size:(index + 1) * ENTRY.size])
 
     def _flock(self) -> _Flock:
         return _Flock(self._map_fd, self._mutex)
@@ -313,69 +290,39 @@ class BlobEntry:
 
     def _load_or_init(self) -> bool:
         """Load the map; a new (empty) one is set up here. False: it holds something else."""
-        header = os.pread(self._map_fd, _HEADER_SIZE, 0)
+        header = os.pread(self._map_fd, HEADER_SIZE, 0)
         if header:
-            if len(header) < _HEADER.size:
+            found = Header.decode(header)
+            if found is None or not found.same_blob(self._map.header()):
                 return False
-            magic, bs, size, nblocks, policy = _HEADER.unpack_from(header)
-            if not (magic == _MAGIC and bs == self.block_size and size == self.size and nblocks == self.nblocks):
-                return False
-            raw = os.pread(self._map_fd, nblocks * _ENTRY.size, _HEADER_SIZE)
-            self._policy = policy
-            self._raw = bytearray(raw.ljust(nblocks * _ENTRY.size, b"\0"))
-            self._recount()
+            self._map.load(found.policy, os.pread(self._map_fd, found.nblocks * ENTRY.size, HEADER_SIZE))
             return True
-        self._policy = _POLICY_UNDECIDED
-        self._raw = bytearray(self.nblocks * _ENTRY.size)
-        self._recount()
-        os.pwrite(self._map_fd, self._header(), 0)
-        os.pwrite(self._map_fd, bytes(self._raw), _HEADER_SIZE)
+        self._map.load(POLICY_UNDECIDED)
+        os.pwrite(self._map_fd, self._map.header().encode(), 0)
+        os.pwrite(self._map_fd, self._map.entries(), HEADER_SIZE)
         return True
 
-    def _recount(self) -> None:
-        with self._count_lock:
-            self._present = sum(1 for i in range(self.nblocks) if self._raw[i * _ENTRY.size + 4] & PRESENT)
-            self._scan_from = 0
-
-    def _header(self) -> bytes:
-        return _HEADER.pack(_MAGIC, self.block_size, self.size, self.nblocks, self._policy).ljust(_HEADER_SIZE, b"\0")
-
-    def _entry_offset(self, index: int) -> int:
-        return _HEADER_SIZE + index * _ENTRY.size
-
     def entry_at(self, index: int) -> Entry:
-        return _decode_entry(self._raw, index * _ENTRY.size)
+        return self._map.get(index)
 
     def _refresh_entry(self, index: int) -> Entry:
         """Re-read one entry from disk (another process may have stored the block)."""
         with self._mutex:
             self._current()
-            raw = os.pread(self._map_fd, _ENTRY.size, self._entry_offset(index))
-        raw = raw if len(raw) == _ENTRY.size else _EMPTY_ENTRY
-        self._set_raw(index, raw)
-        return _decode_entry(raw)
-
-    def _set_raw(self, index: int, raw: bytes) -> None:
-        """The event loop refreshes entries while a worker thread may be storing one; a lock
-        of its own keeps the present count exact."""
-        at = index * _ENTRY.size
-        with self._count_lock:
-            was = bool(self._raw[at + 4] & PRESENT)
-            now = bool(raw[4] & PRESENT)
-            self._raw[at:at + _ENTRY.size] = raw
-            self._present += now - was
-            if was and not now:
-                self._scan_from = min(self._scan_from, index)
+            raw = os.pread(self._map_fd, ENTRY.size, entry_offset(index))
+        raw = raw if len(raw) == ENTRY.size else EMPTY_ENTRY
+        self._map.set(index, raw)
+        return Entry.decode(raw)
 
     def _put_entry(self, index: int, entry: Entry) -> None:
-        raw = _ENTRY.pack(entry.length, entry.flags, entry.check, entry.index_hash)
-        os.pwrite(self._map_fd, raw, self._entry_offset(index))
-        self._set_raw(index, raw)
+        raw = entry.encode()
+        os.pwrite(self._map_fd, raw, entry_offset(index))
+        self._map.set(index, raw)
 
     # -- blocks ---------------------------------------------------------------------------
 
     def block_length(self, index: int) -> int:
-        return min(self.block_size, self.size - index * self.block_size)
+        return self._map.header().block_length(index)
 
     def entry(self, index: int) -> Entry:
         """The block's entry, re-read from disk when ours says absent (and all of ours
@@ -441,11 +388,10 @@ class BlobEntry:
             raise BlockDamaged(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
         if len(data) != entry.length or checksum(data) != entry.check:
             raise BlockDamaged(f"cached block {index} of {self.digest} is damaged (does not match its checksum)")
-        if entry.flags & LZ4:
-            try:
-                data = lz4.block.decompress(data, uncompressed_size=self.block_length(index))
-            except lz4.block.LZ4BlockError:
-                raise BlockDamaged(f"cached block {index} of {self.digest} does not decompress") from None
+        try:
+            data = decode_block(data, entry.flags, self.block_length(index))
+        except Undecodable:
+            raise BlockDamaged(f"cached block {index} of {self.digest} does not decompress") from None
         if len(data) != self.block_length(index):
             raise BlockDamaged(f"cached block {index} of {self.digest} has {len(data)} bytes, expected "
                                f"{self.block_length(index)}")
@@ -507,7 +453,7 @@ class BlobEntry:
         self._window.drop(self.data_path, index)
         try:
             with self._writing():
-                self._put_entry(index, Entry(0, 0, 0, bytes(32)))
+                self._put_entry(index, ABSENT)
         except OSError as exc:
             raise CacheError(f"cannot update the cache map for {self.digest}: {exc.strerror}") from None
         finally:
@@ -534,16 +480,12 @@ class BlobEntry:
         return upgraded
 
     def _encode(self, data: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, int]:
-        if self._policy == _POLICY_RAW:
-            return data, 0
-        packed = lz4.block.compress(data, store_size=False)
-        if self._policy == _POLICY_UNDECIDED:
-            self._policy = _POLICY_LZ4 if len(packed) < _LZ4_WORTH_IT * len(data) else _POLICY_RAW
-            os.pwrite(self._map_fd, self._header(), 0)
-            log.debug("cache policy for %s: %s", self.digest, "lz4" if self._policy == _POLICY_LZ4 else "raw")
-        if len(packed) < len(data):
-            return packed, LZ4
-        return data, 0
+        encoded = encode_block(data, self._map.policy)
+        if encoded.policy != self._map.policy:
+            self._map.policy = encoded.policy
+            os.pwrite(self._map_fd, self._map.header().encode(), 0)
+            log.debug("cache policy for %s: %s", self.digest, "lz4" if encoded.policy == POLICY_LZ4 else "raw")
+        return encoded.payload, encoded.flags
 
     # -- whole blob -----------------------------------------------------------------------
 
@@ -551,17 +493,13 @@ class BlobEntry:
     def complete(self) -> bool:
         """Cheap on every call: the count says so, or blocks another process stored are
         found by scanning on from the first block not known present."""
-        if self._present >= self.nblocks:
-            return True
-        while self._scan_from < self.nblocks and self.has(self._scan_from):
-            self._scan_from += 1
-        return self._scan_from >= self.nblocks
+        return self._map.complete(self.has)
 
     @property
     def complete_here(self) -> bool:
         """Every block is present as far as this process knows (no look at the disk: for a
         check after each stored block; :attr:`complete` also finds other processes' blocks)."""
-        return self._present >= self.nblocks
+        return self._map.present >= self.nblocks
 
     @property
     def verified(self) -> bool:
@@ -570,14 +508,10 @@ class BlobEntry:
 
     def cached_bytes(self) -> int:
         """Bytes present, from the count of present blocks (cheap: status asks every second)."""
-        if not self._present:
-            return 0
-        last = self.nblocks - 1
-        short = self.block_size - self.block_length(last) if self.entry_at(last).present else 0
-        return self._present * self.block_size - short
+        return self._map.cached_bytes()
 
     def stored_bytes(self) -> int:
-        return sum(self.entry_at(i).length for i in range(self.nblocks))
+        return self._map.stored_bytes()
 
     def blocks_with_checks(self) -> Iterator[tuple[int, bytes, int]]:
         """(index, bytes, stored checksum) of every block, each checked as it is read."""
@@ -651,9 +585,9 @@ class BlobEntry:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 if header:
-                    os.pwrite(fd, _HEADER.pack(_MAGIC, self.block_size, self.size, self.nblocks,
-                                               _POLICY_UNDECIDED).ljust(_HEADER_SIZE, b"\0"), 0)
-                    os.ftruncate(fd, _HEADER_SIZE + self.nblocks * _ENTRY.size)
+                    fresh = Header.of(self.size, self.block_size)
+                    os.pwrite(fd, fresh.encode(), 0)
+                    os.ftruncate(fd, fresh.map_size)
             finally:
                 os.close(fd)
             os.replace(tmp, path)
@@ -773,17 +707,12 @@ def _read_header(map_path: str) -> tuple[int, int, bool]:
     """(blob size, cached bytes, every block checked: whole or against a block index) from a
     map file, read only. For ``cache stats``; mounts decide trust block by block."""
     with open(map_path, "rb") as handle:
-        header = handle.read(_HEADER_SIZE)
-        if len(header) < _HEADER.size:
+        header = Header.decode(handle.read(HEADER_SIZE))
+        if header is None or not header.block_size:
             raise OSError("not a modelfs map")
-        magic, bs, size, nblocks, _policy = _HEADER.unpack_from(header)
-        if magic != _MAGIC or not bs:
-            raise OSError("not a modelfs map")
-        raw = handle.read(nblocks * _ENTRY.size)
-    entries = [_decode_entry(raw, i * _ENTRY.size) for i in range(len(raw) // _ENTRY.size)]
-    cached = sum(min(bs, size - i * bs) for i, e in enumerate(entries) if e.present)
-    verified = len(entries) == nblocks and all(e.checked for e in entries)
-    return size, cached, verified
+        raw = handle.read(header.nblocks * ENTRY.size)
+    cached, verified = usage(header, raw)
+    return header.size, cached, verified
 
 
 def _open_file_budget() -> int:
