@@ -12,9 +12,11 @@ import time
 
 import pytest
 
-from modelfs.storage.cache import RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
+from modelfs.storage.cache import BlockCache
+from modelfs.storage.direct import aligned_buffer
 from modelfs.storage.mapformat import ENTRY as _ENTRY
 from modelfs.storage.mapformat import HEADER_SIZE as _HEADER_SIZE
+from modelfs.storage.store import RECHECK_SECONDS, BlockDamaged
 
 MiB = 1 << 20
 
@@ -210,14 +212,14 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
     import errno
     import fcntl
 
-    from modelfs.storage import cache as cache_module
+    from modelfs.storage import direct as cache_module
     real_open, real_pwrite = os.open, os.pwrite
 
     def direct(fd: int) -> bool:
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & cache_module._O_DIRECT)
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & cache_module.O_DIRECT)
 
     def open_(path, flags, *args):
-        if flags & cache_module._O_DIRECT and refused_at == "open":
+        if flags & cache_module.O_DIRECT and refused_at == "open":
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
@@ -228,7 +230,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pwrite", pwrite)
-    caplog.set_level("INFO", logger="modelfs.storage.cache")
+    caplog.set_level("INFO", logger="modelfs.storage.direct")
     cache = BlockCache(str(tmp_path))
     blocks = [os.urandom(MiB) for _ in range(3)]
     entry = cache.entry(_blob(*blocks), 3 * MiB)

@@ -24,7 +24,7 @@ from modelfs.registry.ranges import (
     TransferAborted,
     read_range,
 )
-from modelfs.storage.cache import DIRECT_ALIGNMENT, aligned_buffer
+from modelfs.storage.direct import DIRECT_ALIGNMENT, aligned_buffer
 
 BLOB = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB
 BLOCK = 16 * 1024

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from modelfs.errors import CacheError
-from modelfs.storage.cache import RECHECK_SECONDS, BlockCache, BlockDamaged
+from modelfs.storage.cache import BlockCache
+from modelfs.storage.store import RECHECK_SECONDS, BlockDamaged
 from modelfs.storage.window import OVERHEAD_BYTES, BlockWindow
 
 MiB = 1 << 20

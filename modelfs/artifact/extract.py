@@ -27,7 +27,9 @@ from ..paths import clean_member_path
 from ..registry import RegistryReader
 from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
-from ..storage.cache import BlobEntry, BlockCache, BlockDamaged
+from ..storage.cache import BlockCache
+from ..storage.entry import BlobEntry
+from ..storage.store import BlockDamaged
 from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
 from ..zstd import ZstdError, ZstdFile
 from .staging import Staging, writing

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..errors import CacheError, FetchError, IntegrityError
-from ..storage.cache import BlobEntry, BlockDamaged
+from ..storage.entry import BlobEntry
+from ..storage.store import BlockDamaged
 from .blockindex import ALGORITHMS
 from .readahead import ReadAhead
 

@@ -28,8 +28,9 @@ import trio
 from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError, UnavailableError
 from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
-from ..storage.cache import REPLACED_ROUNDS, FilesReplaced, aligned_buffer
 from ..storage.claims import PEER_WAIT_SECONDS, PeerClaims
+from ..storage.direct import aligned_buffer
+from ..storage.store import REPLACED_ROUNDS, FilesReplaced
 from .blobreader import BlobReader, call_soon, check_block
 from .readahead import RequestSizer, plan_runs
 

@@ -22,8 +22,8 @@ import trio
 from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
 from ..registry import single_attempt
 from ..spec import Descriptor, Packing
-from ..storage.cache import REPLACED_ROUNDS, FilesReplaced
 from ..storage.claims import POLL_SECONDS, PeerClaims, peer_wait_seconds
+from ..storage.store import REPLACED_ROUNDS, FilesReplaced
 from ..zstd import ZstdDecompressor, ZstdError
 from .blobreader import BlobReader
 from .fetcher import Fetcher

@@ -1,88 +1,41 @@
-"""The persistent block cache, shared by every mount and by ``pull``: self-checking.
-
-Layout under the cache root, content-addressed so any process that needs blob D finds it::
+"""The persistent block cache, shared by every mount and by ``pull``: one directory, every
+blob's files content-addressed in it so any process that needs blob D finds them::
 
     blobs/sha256/<hex>.data   sparse file: block i lives at offset i * block_size
-    blobs/sha256/<hex>.map    header + one 48-byte entry per block
+    blobs/sha256/<hex>.map    header + one 48-byte entry per block (mapformat.py)
     blobs/sha256/<hex>.claims empty: locks on it say which blocks a process is fetching (claims.py)
+    models/<hex>.json         what makes up each model pulled or mounted (records.py)
 
-A map entry holds the block's stored length, flags, an xxh3-64 checksum of the stored bytes
-and, for a block matched against a block index on arrival, that block's index hash. Nothing
-on disk is trusted because a flag says so:
-
-- **Every block read back is checked** against its checksum before anyone sees it. A flipped
-  byte, a hole left by a power cut (the map entry landed, the data did not), a torn write or
-  a map entry whose length is wrong all fail the check; the block is dropped and fetched
-  again. This is why block writes need no fsync: a block that did not reach the disk cannot
-  pass. (Mountpoint for S3 checks its cache blocks with CRC32C for the same reason.)
-  A block read and checked stays in memory, in one bounded window for the process
-  (:mod:`.window`), under the version it was read as: the next small read of it (a tar
-  header, a 4 KiB page) costs a lookup, not another 1 MiB read back, check and decompression.
-- **Trust is recorded per block**, never per blob: ``WHOLE`` means the block was part of the
-  blob when its sha256 matched the digest (set only on blocks whose checksum is the one that
-  was hashed); ``INDEXED`` means its index hash was computed on arrival and is kept in the entry,
-  so a mount trusts it only if *its own* trusted index has the same hash for that block. A
-  block with neither flag was stored unverified (``--verify lazy``, or bytes of a blob still
-  being checked whole) and is served by default to no one.
-- **Files are replaced, never emptied in place.** Clearing or evicting a blob renames fresh
-  files over the old ones (or unlinks them); another process that holds the old files keeps
-  reading valid bytes and notices the new inode within ``RECHECK_SECONDS`` (always before a
-  write), then reopens. Writers of one blob serialise on an ``flock`` of its current map.
-
-Whether a blob's blocks are lz4-compressed is decided once per blob from its first written
-block (weights do not compress, tokenizers do), so incompressible data never pays.
+:class:`BlockCache` hands out one :class:`~.entry.BlobEntry` per blob, over its files
+(:mod:`.disk`) or, when they cannot be set up, over no disk at all (:mod:`.memory`); keeps the
+number of open files within a budget; and says what each blob costs on disk, for ``cache
+stats`` and eviction. Eviction removes files rather than emptying them, so another process
+reading a blob keeps valid bytes (see :mod:`.files`).
 """
 
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import CacheError
-from .mapformat import (
-    ABSENT,
-    EMPTY_ENTRY,
-    ENTRY,
-    HEADER_SIZE,
-    INDEXED,
-    POLICY_LZ4,
-    POLICY_UNDECIDED,
-    PRESENT,
-    WHOLE,
-    BlockMap,
-    Entry,
-    Header,
-    Undecodable,
-    checksum,
-    decode_block,
-    encode_block,
-    entry_offset,
-    usage,
-)
+from .disk import DiskStore
+from .entry import BlobEntry, VolatileEntry
+from .files import BlobFiles
+from .mapformat import ENTRY, HEADER_SIZE, Header, usage
+from .store import BlobPaths
 from .window import BlockWindow, shared_window
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 1 << 20
-RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob's files" may get
-# Full raw blocks are written with O_DIRECT where the filesystem takes it. The kernel already
-# keeps the mounted files' pages (FUSE page cache); a second copy of the same bytes in the
-# page cache of the cache file costs a memcpy per byte and memory. Measured on the build
-# machine: 1 GiB buffered, 0.3-1.1 CPU-s (a copy into new page-cache pages, then writeback);
-# with O_DIRECT, 0.11 s. A filesystem that refuses it (tmpfs, some FUSE) gets buffered writes.
-DIRECT_ALIGNMENT = 4096
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 def default_cache_dir() -> str:
@@ -90,600 +43,6 @@ def default_cache_dir() -> str:
         return "/var/cache/modelfs"
     base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     return os.path.join(base, "modelfs")
-
-
-class BlockDamaged(CacheError):
-    """A cached block does not read back as it was stored; it is dropped and fetched again."""
-
-
-class FilesReplaced(CacheError):
-    """The files of a blob being checked whole were replaced by another process meanwhile
-    (``cache prune``, another mount's eviction): what the check stored is gone, so it starts
-    again instead of failing the reads waiting for it."""
-
-
-# Times a whole-blob check starts again because its files were replaced under it: one prune
-# costs one more pass; files replaced again and again mean something keeps clearing them.
-REPLACED_ROUNDS = 3
-
-
-@dataclass(frozen=True)
-class BlobStats:
-    digest: str
-    size: int
-    cached_bytes: int
-    stored_bytes: int
-    complete: bool
-    verified: bool
-
-
-def aligned_buffer(size: int) -> memoryview:
-    """A writable buffer of ``size`` bytes at a page-aligned address: a block received into
-    it can be written to the cache with O_DIRECT, and served, with no copy."""
-    backing = bytearray(size + DIRECT_ALIGNMENT)
-    skip = -_address(backing) % DIRECT_ALIGNMENT
-    return memoryview(backing)[skip:skip + size]
-
-
-def _address(buffer: bytearray | memoryview) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-
-
-def is_aligned(buffer: bytes | bytearray | memoryview) -> bool:
-    if isinstance(buffer, bytes) or (isinstance(buffer, memoryview) and buffer.readonly) or not len(buffer):
-        return False  # read-only buffers: not ours to hand to the disk directly
-    return _address(buffer) % DIRECT_ALIGNMENT == 0
-
-
-class BlobEntry:
-    """One blob's cached blocks. Methods are synchronous and short. Block writes may run in
-    a worker thread (so a slow disk never stalls the event loop); every use of the files
-    holds an in-process lock, and every change also the map's ``flock``, which alone would not
-    exclude threads sharing one file description."""
-
-    def __init__(self, directory: str, digest: str, size: int, block_size: int,
-                 on_open: Callable[[BlobEntry], None] | None = None, window: BlockWindow | None = None) -> None:
-        self.digest, self.size = digest, size
-        self._window = window if window is not None else shared_window()
-        hexpart = digest.split(":", 1)[1]
-        self.data_path = os.path.join(directory, f"{hexpart}.data")
-        self.map_path = os.path.join(directory, f"{hexpart}.map")
-        self.claims_path = os.path.join(directory, f"{hexpart}.claims")  # see claims.py
-        self.block_size = block_size
-        self._map = BlockMap(Header.of(size, block_size))
-        self.nblocks = self._map.nblocks
-        self._mutex = threading.RLock()
-        self._map_fd = self._data_fd = self._direct_fd = -1
-        self._direct_ok = bool(_O_DIRECT)  # until the filesystem refuses it
-        self._inode = (0, 0)
-        self._checked_at = 0.0
-        self._on_open = on_open  # the cache's count of open files
-        with self._mutex:
-            self._open()
-
-    # -- files ----------------------------------------------------------------------------
-
-    def _open(self) -> None:
-        """Open the current files (creating them if absent) and load the map."""
-        for _ in range(2):
-            try:
-                self._map_fd = os.open(self.map_path, os.O_RDWR | os.O_CREAT, 0o644)
-                self._data_fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                self._close_fds()
-                raise CacheError(f"cannot open cache files for {self.digest} in {os.path.dirname(self.map_path)}: "
-                                 f"{exc.strerror}") from None
-            try:
-                with self._flock():
-                    loaded = self._load_or_init()
-                if loaded:
-                    break
-                # a map of another format or blob: replaced, never emptied under another reader
-                log.warning("cache map for %s is unreadable, stale or of another format; starting it afresh", self.digest)
-                self._close_fds()
-                self._replace_files()
-            except OSError as exc:
-                self._close_fds()
-                raise CacheError(f"cannot set up the cache map for {self.digest} in {os.path.dirname(self.map_path)}: "
-                                 f"{exc.strerror}") from None
-        inode = (os.fstat(self._map_fd).st_ino, os.fstat(self._data_fd).st_ino)
-        if inode != self._inode:  # other files (replaced, evicted): no copy of the old ones is served
-            self._window.drop(self.data_path)
-        self._inode = inode
-        self._checked_at = time.monotonic()
-        if self._on_open is not None:
-            self._on_open(self)
-
-    def _close_fds(self) -> None:
-        for fd in (self._map_fd, self._data_fd, self._direct_fd):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._map_fd = self._data_fd = self._direct_fd = -1
-
-    def _direct_descriptor(self) -> int:
-        """The data file opened for O_DIRECT writes (mutex held), next to the buffered one."""
-        if self._direct_fd < 0:
-            try:
-                self._direct_fd = os.open(self.data_path, os.O_WRONLY | _O_DIRECT)
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                log.info("cache filesystem refuses O_DIRECT (%s); writing %s through the page cache", exc.strerror,
-                         self.digest)
-                self._direct_ok = False
-                return self._data_fd
-            if os.fstat(self._direct_fd).st_ino != os.fstat(self._data_fd).st_ino:  # replaced since we opened
-                os.close(self._direct_fd)
-                self._direct_fd = -1
-                return self._data_fd
-        return self._direct_fd
-
-    def _replaced(self) -> bool:
-        """Whether the paths no longer name the files we hold (cleared or evicted elsewhere)."""
-        try:
-            return (os.stat(self.map_path).st_ino, os.stat(self.data_path).st_ino) != self._inode
-        except FileNotFoundError:
-            return True
-
-    def _current(self, force: bool = False) -> None:
-        """Make sure we use the blob's current files. Called with the mutex held."""
-        if self._map_fd < 0:
-            self._open()
-            return
-        now = time.monotonic()
-        if not force and now - self._checked_at < RECHECK_SECONDS:
-            return
-        self._checked_at = now
-        if self._replaced():
-            log.debug("cache files of %s were replaced by another process; reopening", self.digest)
-            self._close_fds()
-            self._open()
-
-    def release(self) -> bool:
-        """Close the files (they are reopened on next use); False if a thread is using them."""
-        if not self._mutex.acquire(blocking=False):
-            return False
-        try:
-            self._close_fds()
-            return True
-        finally:
-            self._mutex.release()
-
-    @property
-    def is_open(self) -> bool:
-        return self._map_fd >= 0
-
-    def files_id(self) -> tuple[int, int]:
-        """Which files hold the blob now (their inodes): a check over the whole blob compares
-        this before and after, since blocks it stored are gone once another process replaced
-        the files (``cache prune``, another mount's eviction, a digest mismatch elsewhere)."""
-        try:
-            with self._mutex:
-                self._current(force=True)
-                return self._inode
-        except OSError as exc:
-            raise CacheError(f"cannot open cache files for {self.digest}: {exc.strerror}") from None
-
-    def reload(self) -> None:
-        """Re-read every map entry from disk: blocks and trust another process recorded, also
-        on blocks this process already saw present (``entry`` re-reads only absent ones)."""
-        try:
-            with self._mutex:
-                self._current(force=True)
-                if self._map_fd < 0:
-                    return
-                raw = os.pread(self._map_fd, self.nblocks * ENTRY.size, HEADER_SIZE)
-        except OSError as exc:
-            raise CacheError(f"cannot read the cache map of {self.digest}: {exc.strerror}") from None
-        raw = raw.ljust(self.nblocks * ENTRY.size, b"\0")
-        for index in range(self.nblocks):
-            self._map.set(index, raw[index * ENTRY.size:(index + 1) * ENTRY.size])
-
-    def _flock(self) -> _Flock:
-        return _Flock(self._map_fd, self._mutex)
-
-    def _writing(self) -> _WriteLock:
-        return _WriteLock(self)
-
-    def _load_or_init(self) -> bool:
-        """Load the map; a new (empty) one is set up here. False: it holds something else."""
-        header = os.pread(self._map_fd, HEADER_SIZE, 0)
-        if header:
-            found = Header.decode(header)
-            if found is None or not found.same_blob(self._map.header()):
-                return False
-            self._map.load(found.policy, os.pread(self._map_fd, found.nblocks * ENTRY.size, HEADER_SIZE))
-            return True
-        self._map.load(POLICY_UNDECIDED)
-        os.pwrite(self._map_fd, self._map.header().encode(), 0)
-        os.pwrite(self._map_fd, self._map.entries(), HEADER_SIZE)
-        return True
-
-    def entry_at(self, index: int) -> Entry:
-        return self._map.get(index)
-
-    def _refresh_entry(self, index: int) -> Entry:
-        """Re-read one entry from disk (another process may have stored the block)."""
-        with self._mutex:
-            self._current()
-            raw = os.pread(self._map_fd, ENTRY.size, entry_offset(index))
-        raw = raw if len(raw) == ENTRY.size else EMPTY_ENTRY
-        self._map.set(index, raw)
-        return Entry.decode(raw)
-
-    def _put_entry(self, index: int, entry: Entry) -> None:
-        raw = entry.encode()
-        os.pwrite(self._map_fd, raw, entry_offset(index))
-        self._map.set(index, raw)
-
-    # -- blocks ---------------------------------------------------------------------------
-
-    def block_length(self, index: int) -> int:
-        return self._map.header().block_length(index)
-
-    def entry(self, index: int) -> Entry:
-        """The block's entry, re-read from disk when ours says absent (and all of ours
-        dropped once the blob's files were replaced by another process)."""
-        if self._map_fd < 0 or time.monotonic() - self._checked_at >= RECHECK_SECONDS:
-            with self._mutex:
-                self._current()
-        found = self.entry_at(index)
-        return found if found.present else self._refresh_entry(index)
-
-    def has(self, index: int) -> bool:
-        return self.entry(index).present
-
-    def trusted(self, index: int, expected: bytes | None) -> bool:
-        """Present and vouched for: checked whole with its blob, or matched on arrival against
-        the same block hash the caller trusts."""
-        entry = self.entry(index)
-        if not entry.present:
-            return False
-        return bool(entry.flags & WHOLE) or (expected is not None and bool(entry.flags & INDEXED)
-                                             and entry.index_hash == expected)
-
-    def read_block(self, index: int) -> bytes:
-        """The block's bytes, checked against the checksum stored with them; a block that does
-        not check out raises :class:`BlockDamaged` (the caller drops it and fetches again).
-
-        For readers: a block read back stays in the window (see the module docstring), and
-        is served from there while the map still names the same files, length and checksum
-        (looked at on disk again once ``RECHECK_SECONDS`` have passed since last time)."""
-        entry = self.entry(index)  # the files rechecked on schedule; refreshed from disk if absent here
-        held = self._window.get(self.data_path, index, self._version(entry)) if entry.present else None
-        if held is not None and (self._window.fresh(held, RECHECK_SECONDS) or self._window.confirm(
-                self.data_path, index, held, self._version(self._refresh_entry(index)))):
-            return held.data
-        data, version, _ = self._read_back(index)
-        self._window.put(self.data_path, index, version, data)
-        return data
-
-    def _version(self, entry: Entry) -> tuple[int, int, int, int]:
-        """What a copy in the window is valid for: these files, this stored length and checksum."""
-        return (*self._inode, entry.length, entry.check)
-
-    def read_checked(self, index: int) -> tuple[bytes, int]:
-        """The block's bytes and the checksum they matched: what a caller that records trust
-        for these very bytes (``adopt``, ``mark_whole``) must pass on, since the entry may be
-        replaced by another process the moment after. Always read back from disk (a pass over
-        the whole blob, ``scrub``), and not kept: a scan must not push out what readers use."""
-        data, _, check = self._read_back(index)
-        return data, check
-
-    def _read_back(self, index: int) -> tuple[bytes, tuple[int, int, int, int], int]:
-        """Read the block from disk and check it: (bytes, the version they were read as, checksum)."""
-        self.entry(index)  # refreshed from disk if absent here
-        try:
-            with self._mutex:
-                self._current()
-                entry = self.entry_at(index)  # of the files we now hold (another process may have replaced them)
-                if not entry.present:
-                    raise CacheError(f"block {index} of {self.digest} is not cached")
-                version = self._version(entry)
-                data = os.pread(self._data_fd, entry.length, index * self.block_size)
-        except OSError as exc:
-            raise BlockDamaged(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
-        if len(data) != entry.length or checksum(data) != entry.check:
-            raise BlockDamaged(f"cached block {index} of {self.digest} is damaged (does not match its checksum)")
-        try:
-            data = decode_block(data, entry.flags, self.block_length(index))
-        except Undecodable:
-            raise BlockDamaged(f"cached block {index} of {self.digest} does not decompress") from None
-        if len(data) != self.block_length(index):
-            raise BlockDamaged(f"cached block {index} of {self.digest} has {len(data)} bytes, expected "
-                               f"{self.block_length(index)}")
-        return data, version, entry.check
-
-    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None) -> int | None:
-        """Store a block: data first, then its map entry. ``index_hash``: the block's hash,
-        matched by the caller against a block index (trust "checked whole" is only ever added
-        afterwards, by :meth:`mark_whole`). Returns the stored checksum, or None if the block was already there
-        (another process stored it meanwhile; its copy stays, with the trust it has).
-
-        The data is written without the locks held, on a descriptor of its own (the entry may
-        close or reopen its files meanwhile), so workers storing other blocks of the blob, or
-        other processes, do not wait for this disk write. Two writers of the same block that
-        race both write its slot; the map entry that lands first stays, and if its checksum
-        does not fit the bytes that landed last, the block fails its check when read and is
-        fetched again: a rare race costs a fetch, never a wrong byte."""
-        if len(data) != self.block_length(index):
-            raise CacheError(f"block {index} of {self.digest} has {len(data)} bytes, expected {self.block_length(index)}")
-        offset = index * self.block_size
-        try:
-            for _ in range(3):
-                with self._writing():
-                    if self._refresh_entry(index).present:
-                        return None
-                    payload, flags = self._encode(data)
-                    direct = self._direct_ok and len(payload) % DIRECT_ALIGNMENT == 0 and is_aligned(payload)
-                    fd = os.dup(self._direct_descriptor() if direct else self._data_fd)
-                    files = self._inode
-                try:
-                    check = checksum(payload)  # while the bytes are still in the CPU's cache
-                    written = os.pwrite(fd, payload, offset)
-                except OSError as exc:
-                    if not direct or exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
-                        raise
-                    log.info("cache filesystem refuses O_DIRECT (%s); writing %s through the page cache",
-                             exc.strerror, self.digest)
-                    self._direct_ok = False
-                    continue
-                finally:
-                    os.close(fd)
-                if written != len(payload):  # a nearly full disk takes what fits and says so only here
-                    raise CacheError(f"cannot write to the cache for {self.digest}: No space left on device "
-                                     f"(wrote {written} of {len(payload)} bytes of block {index})")
-                with self._writing():
-                    if self._inode != files:
-                        continue  # the files were replaced while we wrote: into the current ones
-                    if self._refresh_entry(index).present:
-                        return None
-                    flags |= PRESENT | (INDEXED if index_hash is not None else 0)
-                    self._put_entry(index, Entry(len(payload), flags, check, index_hash or bytes(32)))
-                    return check
-            raise CacheError(f"cache files of {self.digest} keep being replaced; giving up on block {index}")
-        except OSError as exc:
-            raise CacheError(f"cannot write to the cache for {self.digest}: {exc.strerror}") from None
-
-    def forget(self, index: int) -> None:
-        """Drop a block that does not read back, so it is fetched again."""
-        self._window.drop(self.data_path, index)
-        try:
-            with self._writing():
-                self._put_entry(index, ABSENT)
-        except OSError as exc:
-            raise CacheError(f"cannot update the cache map for {self.digest}: {exc.strerror}") from None
-        finally:
-            self._window.drop(self.data_path, index)  # a reader may have put it back meanwhile
-
-    def adopt(self, index: int, index_hash: bytes, check: int) -> None:
-        """Record that a block already stored (with checksum ``check``) matched the block index."""
-        self._upgrade({index: check}, INDEXED, index_hash)
-
-    def _upgrade(self, checks: dict[int, int], flag: int, index_hash: bytes | None = None) -> int:
-        """Add ``flag`` to the entries still holding the bytes that were checked (same
-        checksum): a block replaced meanwhile by another process keeps its own trust."""
-        upgraded = 0
-        try:
-            with self._writing():
-                for index, check in checks.items():
-                    entry = self._refresh_entry(index)
-                    if entry.present and entry.check == check:
-                        self._put_entry(index, Entry(entry.length, entry.flags | flag, check,
-                                                     index_hash if index_hash is not None else entry.index_hash))
-                        upgraded += 1
-        except OSError as exc:
-            raise CacheError(f"cannot update the cache map for {self.digest}: {exc.strerror}") from None
-        return upgraded
-
-    def _encode(self, data: bytes | bytearray | memoryview) -> tuple[bytes | bytearray | memoryview, int]:
-        encoded = encode_block(data, self._map.policy)
-        if encoded.policy != self._map.policy:
-            self._map.policy = encoded.policy
-            os.pwrite(self._map_fd, self._map.header().encode(), 0)
-            log.debug("cache policy for %s: %s", self.digest, "lz4" if encoded.policy == POLICY_LZ4 else "raw")
-        return encoded.payload, encoded.flags
-
-    # -- whole blob -----------------------------------------------------------------------
-
-    @property
-    def complete(self) -> bool:
-        """Cheap on every call: the count says so, or blocks another process stored are
-        found by scanning on from the first block not known present."""
-        return self._map.complete(self.has)
-
-    @property
-    def complete_here(self) -> bool:
-        """Every block is present as far as this process knows (no look at the disk: for a
-        check after each stored block; :attr:`complete` also finds other processes' blocks)."""
-        return self._map.present >= self.nblocks
-
-    @property
-    def verified(self) -> bool:
-        """Every block is present and was part of the blob when it matched its digest."""
-        return all(self.entry(i).flags & WHOLE for i in range(self.nblocks))
-
-    def cached_bytes(self) -> int:
-        """Bytes present, from the count of present blocks (cheap: status asks every second)."""
-        return self._map.cached_bytes()
-
-    def stored_bytes(self) -> int:
-        return self._map.stored_bytes()
-
-    def blocks_with_checks(self) -> Iterator[tuple[int, bytes, int]]:
-        """(index, bytes, stored checksum) of every block, each checked as it is read."""
-        for index in range(self.nblocks):
-            data, check = self.read_checked(index)
-            yield index, data, check
-
-    def digest_matches(self) -> tuple[bool, dict[int, int]]:
-        """Hash the complete blob (pure reads, so it may run in a worker thread); also returns
-        the checksum of each block hashed, for :meth:`mark_whole`."""
-        hasher = hashlib.sha256()
-        checks = {}
-        for index, block, check in self.blocks_with_checks():
-            hasher.update(block)
-            checks[index] = check
-        return "sha256:" + hasher.hexdigest() == self.digest, checks
-
-    def mark_whole(self, checks: dict[int, int]) -> bool:
-        """The blob matched its digest with these blocks: flush the data, then record it."""
-        try:
-            with self._mutex:
-                self._current()
-                os.fdatasync(self._data_fd)
-        except OSError as exc:
-            raise CacheError(f"cannot flush the cache data of {self.digest}: {exc.strerror}") from None
-        return self._upgrade(checks, WHOLE) == self.nblocks
-
-    def verify(self) -> bool:
-        """Check a complete blob; on mismatch drop it so it is fetched again."""
-        matches, checks = self.digest_matches()
-        if matches and self.mark_whole(checks):
-            return True
-        if not matches:
-            log.error("cached blob %s does not match its digest; dropping it", self.digest)
-            self.clear()
-        return False
-
-    def scrub(self) -> int:
-        """Read every present block back from disk (not from the window); drop those that fail
-        their check. Returns how many."""
-        dropped = 0
-        for index in range(self.nblocks):
-            if not self.has(index):
-                continue
-            try:
-                self.read_checked(index)
-            except BlockDamaged as exc:
-                log.warning("%s; dropping it", exc)
-                self.forget(index)
-                dropped += 1
-        return dropped
-
-    def clear(self) -> None:
-        """Drop every block by putting fresh, empty files in place; whoever holds the old ones
-        keeps reading consistent bytes until it notices (see the module docstring)."""
-        self._window.drop(self.data_path)
-        try:
-            with self._mutex:
-                self._replace_files()
-                self._close_fds()
-                self._open()
-        except OSError as exc:
-            raise CacheError(f"cannot clear the cache of {self.digest}: {exc.strerror}") from None
-
-    def _replace_files(self) -> None:
-        """Rename fresh files over the blob's (the map first: a reader that opens the new map
-        with the old data sees no blocks; one that meets a block of the other pair fails its
-        checksum)."""
-        for path, header in ((self.map_path, True), (self.data_path, False)):
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.new"
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                if header:
-                    fresh = Header.of(self.size, self.block_size)
-                    os.pwrite(fd, fresh.encode(), 0)
-                    os.ftruncate(fd, fresh.map_size)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-
-    def stats(self) -> BlobStats:
-        return BlobStats(self.digest, self.size, self.cached_bytes(), self.stored_bytes(), self.complete, self.verified)
-
-    def close(self) -> None:
-        with self._mutex:
-            self._close_fds()
-
-
-class VolatileEntry(BlobEntry):
-    """A blob whose cache files cannot be set up (a full or read-only cache disk): nothing is
-    stored, and blocks checked on arrival are served from memory. A blob that can only be
-    checked whole cannot be served this way; its reads fail with the reason."""
-
-    def __init__(self, digest: str, size: int, block_size: int, reason: str, window: BlockWindow | None = None) -> None:
-        self.reason = reason
-        super().__init__(os.devnull, digest, size, block_size, window=window)
-
-    def _open(self) -> None:
-        self._checked_at = time.monotonic()
-
-    def _current(self, force: bool = False) -> None:
-        return None
-
-    def _refresh_entry(self, index: int) -> Entry:
-        return self.entry_at(index)
-
-    def write_block(self, index: int, data: bytes | bytearray | memoryview, index_hash: bytes | None = None) -> int | None:
-        raise CacheError(f"the cache cannot store {self.digest}: {self.reason}")
-
-    def forget(self, index: int) -> None:
-        return None
-
-    def _upgrade(self, checks: dict[int, int], flag: int, index_hash: bytes | None = None) -> int:
-        return 0
-
-    def mark_whole(self, checks: dict[int, int]) -> bool:
-        return False
-
-    def clear(self) -> None:
-        return None
-
-
-class _Flock:
-    """Excludes other processes (flock) and other threads of this one (the mutex)."""
-
-    def __init__(self, fd: int, mutex: threading.RLock) -> None:
-        self.fd, self.mutex = fd, mutex
-
-    def __enter__(self) -> None:
-        self.mutex.acquire()
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-        except BaseException:
-            self.mutex.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-        finally:
-            self.mutex.release()
-
-
-class _WriteLock:
-    """The mutex and the flock of the blob's *current* map: after taking the flock the path
-    is checked again, since another process may have replaced the files meanwhile."""
-
-    def __init__(self, entry: BlobEntry) -> None:
-        self.entry = entry
-
-    def __enter__(self) -> None:
-        entry = self.entry
-        entry._mutex.acquire()
-        try:
-            entry._current()
-            for _ in range(100):
-                fcntl.flock(entry._map_fd, fcntl.LOCK_EX)
-                if not entry._replaced():
-                    return
-                fcntl.flock(entry._map_fd, fcntl.LOCK_UN)
-                entry._current(force=True)
-            raise CacheError(f"cache files of {entry.digest} keep being replaced; giving up")
-        except BaseException:
-            entry._mutex.release()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if self.entry._map_fd >= 0:
-                fcntl.flock(self.entry._map_fd, fcntl.LOCK_UN)
-        finally:
-            self.entry._mutex.release()
 
 
 @dataclass(frozen=True)
@@ -743,7 +102,7 @@ class BlockCache:
         except OSError as exc:
             raise CacheError(f"cannot create cache directory {self._dir}: {exc.strerror} (use --cache-dir)") from None
         self._entries: dict[str, BlobEntry] = {}
-        self._open: OrderedDict[str, BlobEntry] = OrderedDict()  # least recently opened first
+        self._open: OrderedDict[str, BlobFiles] = OrderedDict()  # least recently opened first
         self._open_lock = threading.Lock()
         self.max_open = max_open or _open_file_budget()
 
@@ -751,7 +110,8 @@ class BlockCache:
         found = self._entries.get(digest)
         if found is None:
             try:
-                found = BlobEntry(self._dir, digest, size, self.block_size, self._opened, self.window)
+                store = DiskStore(self._dir, digest, size, self.block_size, self.window, self._opened)
+                found = BlobEntry(store, self.window)
                 touch(found.map_path)
             except CacheError as exc:
                 log.error("%s; serving %s from memory, without caching it", exc, digest)
@@ -761,24 +121,24 @@ class BlockCache:
 
     def holds(self, digest: str) -> bool:
         """Whether the cache has files for ``digest`` (without creating them)."""
-        return digest in self._entries or os.path.exists(os.path.join(self._dir, digest.split(":", 1)[1] + ".map"))
+        return digest in self._entries or os.path.exists(BlobPaths.under(self._dir, digest).map)
 
     def claims_path(self, digest: str) -> str:
         """The claims file of ``digest`` (see claims.py), also for blobs held only as derived entries."""
-        return os.path.join(self._dir, digest.split(":", 1)[1] + ".claims")
+        return BlobPaths.under(self._dir, digest).claims
 
-    def _opened(self, entry: BlobEntry) -> None:
+    def _opened(self, files: BlobFiles) -> None:
         """Keep at most ``max_open`` blobs' files open, closing the least recently opened
         (an entry reopens its files on next use)."""
         with self._open_lock:  # entries open their files from worker threads too
-            self._open[entry.digest] = entry
-            self._open.move_to_end(entry.digest)
+            self._open[files.digest] = files
+            self._open.move_to_end(files.digest)
             excess = len(self._open) - self.max_open
             closed: list[str] = []
             for digest, other in self._open.items():  # the oldest first, only as far as needed: a
                 if len(closed) >= excess:  # copy of all 4,096 per open cost 3 s per 20,000 blobs
                     break
-                if other is not entry and (not other.is_open or other.release()):
+                if other is not files and (not other.is_open or other.release()):
                     closed.append(digest)
             for digest in closed:
                 del self._open[digest]
@@ -789,7 +149,7 @@ class BlockCache:
         process's next read of them. Returns how many were let go."""
         released = 0
         for entry in list(self._entries.values()):
-            if entry.is_open and entry._replaced() and entry.release():
+            if entry.is_open and entry.store.replaced() and entry.release():
                 released += 1
         return released
 
@@ -799,17 +159,16 @@ class BlockCache:
     def evict(self, digest: str) -> None:
         """Free a blob's disk space: its files are removed. A process holding them (this one
         or another) keeps valid bytes and notices within RECHECK_SECONDS, then reopens."""
-        hexpart = digest.split(":", 1)[1]
-        self.window.drop(os.path.join(self._dir, hexpart + ".data"))
-        for suffix in (".map", ".data", ".claims"):
+        paths = BlobPaths.under(self._dir, digest)
+        self.window.drop(paths.data)
+        for path in (paths.map, paths.data, paths.claims):
             try:
-                os.unlink(os.path.join(self._dir, hexpart + suffix))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
         entry = self._entries.get(digest)
         if entry is not None:
-            with entry._mutex:
-                entry._close_fds()
+            entry.close()
 
     def usage(self) -> list[BlobUsage]:
         """Every cached blob with its bytes on disk and last use, least recently used first."""
