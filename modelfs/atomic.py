@@ -17,7 +17,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     """Write a whole file so that readers see the old or the new content, never half."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".tmp")  # a leftover is plain to see
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(data)

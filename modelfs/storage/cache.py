@@ -15,13 +15,9 @@ reading a blob keeps valid bytes (see :mod:`.files`).
 
 from __future__ import annotations
 
-import base64
-import errno
-import json
 import logging
 import os
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -30,6 +26,7 @@ from .disk import DiskStore
 from .entry import BlobEntry, VolatileEntry
 from .files import BlobFiles
 from .mapformat import ENTRY, HEADER_SIZE, Header, usage
+from .records import ModelRecords
 from .store import BlobPaths
 from .window import BlockWindow, shared_window
 
@@ -105,6 +102,7 @@ class BlockCache:
         self._open: OrderedDict[str, BlobFiles] = OrderedDict()  # least recently opened first
         self._open_lock = threading.Lock()
         self.max_open = max_open or _open_file_budget()
+        self.records = ModelRecords(root)  # what makes up each model, for stats and offline mounts
 
     def entry(self, digest: str, size: int) -> BlobEntry:
         found = self._entries.get(digest)
@@ -186,65 +184,6 @@ class BlockCache:
             found.append(BlobUsage("sha256:" + hexpart, header[0], header[1], data_stat.st_blocks * 512,
                                    header[2], max(map_stat.st_mtime, data_stat.st_mtime)))
         return sorted(found, key=lambda u: u.last_used)
-
-    def record_model(self, reference: str, digest: str, layers: list[tuple[str, int, str]],
-                     manifest: bytes = b"", media_type: str = "", config: bytes = b"", index: bytes = b"") -> None:
-        """Remember which blobs make up a model (``cache stats``) and, with its manifest and
-        config, enough to mount it again while the registry cannot be reached. A disk too
-        full to take the record costs only that: it is logged, and nothing is left behind."""
-        directory = os.path.join(self.root, "models")
-        doc = {"reference": reference, "digest": digest, "recorded": time.time(),
-               "layers": [{"digest": d, "size": n, "path": p} for d, n, p in layers]}
-        if manifest:
-            doc.update(manifest=base64.b64encode(manifest).decode(), media_type=media_type,
-                       config=base64.b64encode(config).decode())  # bytes exactly: digests are checked on use
-        if index:
-            doc["index"] = base64.b64encode(index).decode()
-        tmp = os.path.join(directory, f".{digest[7:]}.{os.getpid()}.tmp")
-        try:
-            os.makedirs(directory, exist_ok=True)
-            with open(tmp, "w") as handle:
-                json.dump(doc, handle)
-            os.replace(tmp, os.path.join(directory, digest[7:] + ".json"))
-        except OSError as exc:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-                raise CacheError(f"cannot record {reference} in {directory}: {exc.strerror}") from None
-            log.warning("cannot record %s in the cache (%s); an offline mount will not find it", reference, exc.strerror)
-
-    def recorded_model(self, reference: str, digest: str | None = None) -> dict | None:
-        """The newest record of ``reference`` (or of ``digest``) that kept its manifest."""
-        found = [m for m in self.models() if m.get("manifest")
-                 and (m.get("digest") == digest if digest else m.get("reference") == reference)]
-        return max(found, key=lambda m: m.get("recorded", 0), default=None)
-
-    def forget_models(self) -> int:
-        """Delete every model record (``cache prune --all``); returns how many there were."""
-        directory = os.path.join(self.root, "models")
-        count = 0
-        for name in os.listdir(directory) if os.path.isdir(directory) else []:
-            if name.endswith(".json"):
-                try:
-                    os.unlink(os.path.join(directory, name))
-                    count += 1
-                except OSError:
-                    continue
-        return count
-
-    def models(self) -> list[dict]:
-        directory = os.path.join(self.root, "models")
-        out = []
-        for name in sorted(os.listdir(directory)) if os.path.isdir(directory) else []:
-            if name.endswith(".json"):
-                try:
-                    with open(os.path.join(directory, name)) as handle:
-                        out.append(json.load(handle))
-                except (OSError, ValueError):
-                    continue
-        return out
 
     def close(self) -> None:
         for entry in self._entries.values():
