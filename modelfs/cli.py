@@ -59,7 +59,7 @@ from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
 from .spec import OCI_MANIFEST, Packing
-from .storage.cache import BlockCache, default_cache_dir
+from .storage.cache import BlockCache, default_cache_dir, prune
 
 log = logging.getLogger("modelfs")
 
@@ -319,17 +319,9 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     if not args.all and args.keep_size is None:
         raise ModelfsError("cache prune needs --all or --keep-size SIZE")
     cache = BlockCache(args.cache_dir)
-    usage = cache.usage()
-    total = sum(u.disk_bytes for u in usage)
-    keep = 0 if args.all else args.keep_size
-    freed = 0
-    for blob in usage:  # least recently used first
-        if total - freed <= keep:
-            break
-        cache.evict(blob.digest)
-        freed += blob.disk_bytes
+    pruned = prune(cache, 0 if args.all else args.keep_size)  # least recently used first
     forgotten = f"; forgot {cache.records.forget_all()} model records" if args.all else ""
-    print(f"Freed {freed / 1e6:,.1f} MB; {(total - freed) / 1e6:,.1f} MB left in {args.cache_dir}{forgotten}")
+    print(f"Freed {pruned.freed / 1e6:,.1f} MB; {pruned.left / 1e6:,.1f} MB left in {args.cache_dir}{forgotten}")
     return 0
 
 

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..errors import CacheError
@@ -190,3 +191,46 @@ class BlockCache:
             entry.close()
         self._entries.clear()
         self._open.clear()
+
+
+# A mount past its size limit evicts down to 90% of it, not to the limit itself, so that the
+# next blocks fetched do not start another eviction straight away.
+PRUNE_TO = 0.9
+
+
+@dataclass(frozen=True)
+class Pruned:
+    before: int  # bytes on disk before
+    evicted: list[BlobUsage]  # least recently used first
+
+    @property
+    def freed(self) -> int:
+        return sum(blob.disk_bytes for blob in self.evicted)
+
+    @property
+    def left(self) -> int:
+        return self.before - self.freed
+
+
+def prune(cache: BlockCache, keep: int, *, over: int | None = None, pinned: Collection[str] = ()) -> Pruned:
+    """Evict least recently used blobs until at most ``keep`` bytes stay on disk, leaving
+    ``pinned`` ones alone; and only if more than ``over`` bytes are there, when given. The one
+    eviction loop: ``modelfs cache prune`` (keep what was asked) and a mount's size limit (past
+    the limit, down to ``PRUNE_TO`` of it, never a blob a read is waiting on) both run it.
+    Eviction removes files rather than emptying them, so another process reading a blob keeps
+    valid bytes (see :meth:`BlockCache.evict`)."""
+    usage = cache.usage()
+    total = sum(blob.disk_bytes for blob in usage)
+    evicted: list[BlobUsage] = []
+    if over is not None and total <= over:
+        return Pruned(total, evicted)
+    left = total
+    for blob in usage:
+        if left <= keep:
+            break
+        if blob.digest in pinned:
+            continue
+        cache.evict(blob.digest)
+        evicted.append(blob)
+        left -= blob.disk_bytes
+    return Pruned(total, evicted)
