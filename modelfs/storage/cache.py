@@ -87,6 +87,9 @@ def _open_file_budget() -> int:
 
 
 class BlockCache:
+    """One cache directory: an entry per blob asked for, open files within a budget, and
+    what each blob costs on disk. Any number of processes may share the directory."""
+
     def __init__(self, root: str, block_size: int = DEFAULT_BLOCK_SIZE, max_open: int | None = None,
                  window: BlockWindow | None = None) -> None:
         self.root = root
