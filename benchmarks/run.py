@@ -131,7 +131,7 @@ def run_cases(bench: Bench, args: argparse.Namespace) -> None:
     sha_s = timed(lambda: [hashlib.sha256(block).digest() for _ in range(size // MiB)])
     bench.record("sha256 of every block in memory vs curl", sha_s, curl_s, "curl of the blob", "report")
     # what every read back from the cache pays on top: the stored checksum of each block
-    from modelfs.mount.cache import checksum
+    from modelfs.storage.mapformat import checksum
     check_s = timed(lambda: [checksum(block) for _ in range(size // MiB)])
     bench.record("cache read-back check of every block vs curl", check_s, curl_s, "curl of the blob", "report")
 

@@ -51,7 +51,6 @@ from .formats.spec import OCI_MANIFEST, Packing
 from .index import attach_for_model
 from .logfile import LOG_MAX_BYTES, DaemonLog, daemon_log_path
 from .mount import status as mount_status
-from .mount.cache import BlockCache, default_cache_dir
 from .mount.daemon import MountOptions, run_foreground
 from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
@@ -60,6 +59,7 @@ from .reference import Reference, parse
 from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
+from .storage.cache import BlockCache, default_cache_dir, prune
 
 log = logging.getLogger("modelfs")
 
@@ -293,20 +293,19 @@ async def cmd_index_attach(args: argparse.Namespace) -> int:
 def cmd_cache_stats(args: argparse.Namespace) -> int:
     cache = BlockCache(args.cache_dir)
     usage = {u.digest: u for u in cache.usage()}
-    kept_for_offline_mounts = ("manifest", "config", "media_type")
-    models = [{k: v for k, v in m.items() if k not in kept_for_offline_mounts} for m in cache.models()]
+    models = cache.records.all()
     if args.json:
-        print(json.dumps({"cache_dir": args.cache_dir, "models": models,
+        print(json.dumps({"cache_dir": args.cache_dir, "models": [model.summary() for model in models],
                           "blobs": [u.__dict__ for u in usage.values()]}, indent=2))
         return 0
     disk = sum(u.disk_bytes for u in usage.values())
     cached = sum(u.cached_bytes for u in usage.values())
     print(f"Cache {args.cache_dir}: {len(usage)} blobs, {cached / 1e6:,.1f} MB cached, {disk / 1e6:,.1f} MB on disk")
     for model in models:
-        blobs = [usage[layer["digest"]] for layer in model["layers"] if layer["digest"] in usage]
-        size = sum(layer["size"] for layer in model["layers"])
+        blobs = [usage[layer.digest] for layer in model.layers if layer.digest in usage]
+        size = sum(layer.size for layer in model.layers)
         have = sum(b.cached_bytes for b in blobs)
-        print(f"  {model['reference']} ({model['digest'][:19]}): {have / 1e6:,.1f} of {size / 1e6:,.1f} MB cached"
+        print(f"  {model.reference} ({model.digest[:19]}): {have / 1e6:,.1f} of {size / 1e6:,.1f} MB cached"
               f" ({have / size if size else 1:.0%})")
     print(f"  {'blob':<19} {'size':>12} {'cached':>12} {'on disk':>12} {'lz4 saved':>10}  last used")
     for blob in sorted(usage.values(), key=lambda u: -u.last_used):
@@ -320,17 +319,9 @@ def cmd_cache_prune(args: argparse.Namespace) -> int:
     if not args.all and args.keep_size is None:
         raise ModelfsError("cache prune needs --all or --keep-size SIZE")
     cache = BlockCache(args.cache_dir)
-    usage = cache.usage()
-    total = sum(u.disk_bytes for u in usage)
-    keep = 0 if args.all else args.keep_size
-    freed = 0
-    for blob in usage:  # least recently used first
-        if total - freed <= keep:
-            break
-        cache.evict(blob.digest)
-        freed += blob.disk_bytes
-    forgotten = f"; forgot {cache.forget_models()} model records" if args.all else ""
-    print(f"Freed {freed / 1e6:,.1f} MB; {(total - freed) / 1e6:,.1f} MB left in {args.cache_dir}{forgotten}")
+    pruned = prune(cache, 0 if args.all else args.keep_size)  # least recently used first
+    forgotten = f"; forgot {cache.records.forget_all()} model records" if args.all else ""
+    print(f"Freed {pruned.freed / 1e6:,.1f} MB; {pruned.left / 1e6:,.1f} MB left in {args.cache_dir}{forgotten}")
     return 0
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .artifact.layout import atomic_write
+from .atomic import atomic_write
 from .errors import AuthenticationError, ModelfsError
 from .reference import DOCKER_HUB
 

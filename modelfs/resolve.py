@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import time
@@ -27,10 +26,11 @@ from .formats.spec import (
     require_model,
 )
 from .index import trusted
-from .mount.cache import BlockCache
 from .reference import Reference
 from .registry import RegistryReader
 from .registry.client import FAIL_FAST
+from .storage.cache import BlockCache
+from .storage.records import ModelRecord, RecordedLayer
 
 
 @dataclass(frozen=True)
@@ -73,18 +73,18 @@ async def fetch_model(client: RegistryReader, reference: Reference) -> Model:
 def record(cache: BlockCache, model: Model, index_bytes: bytes = b"") -> None:
     """Keep the model's manifest, config and the block index its manifest names beside its
     blocks (see :func:`cached_model`)."""
-    cache.record_model(str(model.reference.without_digest()), model.reference.digest or "",
-                       [(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers],
-                       model.manifest_bytes, model.manifest.media_type, model.config_bytes, index_bytes)
+    layers = tuple(RecordedLayer(layer.digest, layer.size, layer.filepath or "") for layer in model.manifest.layers)
+    cache.records.add(ModelRecord(str(model.reference.without_digest()), model.reference.digest or "", layers, time.time(),
+                                  model.manifest_bytes, model.manifest.media_type, model.config_bytes, index_bytes))
 
 
 def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
     """The block index recorded with ``model``, if its manifest names it and it matches."""
-    doc = cache.recorded_model(str(model.reference.without_digest()), model.reference.digest)
+    recorded = cache.records.newest(str(model.reference.without_digest()), model.reference.digest)
     named = model.manifest.annotations.get(ANNOTATION)
-    if not doc or not named or not doc.get("index") or not signing.index_allowed(model.verdict, vouched=True):
+    if not recorded or not named or not recorded.index or not signing.index_allowed(model.verdict, vouched=True):
         return None
-    data = base64.b64decode(doc["index"])
+    data = recorded.index
     return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
 
 
@@ -107,19 +107,19 @@ def held_whole(cache: BlockCache, model: Model) -> bool:
 def cached_model(cache: BlockCache, reference: Reference) -> tuple[Model, float] | None:
     """The model last recorded for ``reference`` and when, for mounting while the registry
     is unreachable. Manifest and config are checked against their digests before use."""
-    doc = cache.recorded_model(str(reference.without_digest()), reference.digest)
-    if doc is None:
+    recorded = cache.records.newest(str(reference.without_digest()), reference.digest)
+    if recorded is None:
         return None
-    data, config_bytes = base64.b64decode(doc["manifest"]), base64.b64decode(doc["config"])
+    data, config_bytes = recorded.manifest, recorded.config
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    if digest != doc["digest"]:
+    if digest != recorded.digest:
         raise ManifestError(f"the cached manifest of {reference} does not match its digest; mount it once online")
-    manifest = parse_manifest(data, doc.get("media_type") or None)
+    manifest = parse_manifest(data, recorded.media_type or None)
     require_model(manifest, str(reference))
     if "sha256:" + hashlib.sha256(config_bytes).hexdigest() != manifest.config.digest:
         raise ManifestError(f"the cached config of {reference} does not match its digest; mount it once online")
     model = Model(reference.with_digest(digest), manifest, data, parse_config(config_bytes), config_bytes)
-    return model, float(doc.get("recorded", 0))
+    return model, recorded.recorded or 0.0
 
 
 async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference, *,
@@ -143,7 +143,7 @@ async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, refe
 
 async def _fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference
                            ) -> tuple[Model, str | None]:
-    recorded = cache is not None and cache.recorded_model(str(reference.without_digest()), reference.digest) is not None
+    recorded = cache is not None and cache.records.newest(str(reference.without_digest()), reference.digest) is not None
     token = FAIL_FAST.set(True) if recorded else None
     try:
         return await fetch_model(client, reference), None

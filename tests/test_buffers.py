@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 
 from modelfs.mount.buffers import BlockBuffers
-from modelfs.mount.cache import DIRECT_ALIGNMENT
+from modelfs.storage.direct import DIRECT_ALIGNMENT
 
 MiB = 1 << 20
 

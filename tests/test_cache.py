@@ -12,7 +12,11 @@ import time
 
 import pytest
 
-from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, RECHECK_SECONDS, BlockCache, BlockDamaged, aligned_buffer
+from modelfs.storage.cache import BlockCache
+from modelfs.storage.direct import aligned_buffer
+from modelfs.storage.mapformat import ENTRY as _ENTRY
+from modelfs.storage.mapformat import HEADER_SIZE as _HEADER_SIZE
+from modelfs.storage.store import RECHECK_SECONDS, BlockDamaged
 
 MiB = 1 << 20
 
@@ -208,14 +212,14 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
     import errno
     import fcntl
 
-    from modelfs.mount import cache as cache_module
+    from modelfs.storage import direct as cache_module
     real_open, real_pwrite = os.open, os.pwrite
 
     def direct(fd: int) -> bool:
-        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & cache_module._O_DIRECT)
+        return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & cache_module.O_DIRECT)
 
     def open_(path, flags, *args):
-        if flags & cache_module._O_DIRECT and refused_at == "open":
+        if flags & cache_module.O_DIRECT and refused_at == "open":
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
@@ -226,7 +230,7 @@ def test_a_filesystem_refusing_direct_io_gets_buffered_writes(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "open", open_)
     monkeypatch.setattr(os, "pwrite", pwrite)
-    caplog.set_level("INFO", logger="modelfs.mount.cache")
+    caplog.set_level("INFO", logger="modelfs.storage.direct")
     cache = BlockCache(str(tmp_path))
     blocks = [os.urandom(MiB) for _ in range(3)]
     entry = cache.entry(_blob(*blocks), 3 * MiB)
@@ -257,3 +261,25 @@ def test_workers_writing_other_blocks_do_not_wait_for_each_other_and_all_land(tm
         thread.join()
     assert entry.complete and [entry.read_block(i) for i in range(32)] == blocks
     assert all(entry.trusted(i, hashlib.sha256(blocks[i]).digest()) for i in range(32))
+
+
+def test_one_prune_evicts_least_recently_used_first_never_a_pinned_blob(tmp_path):
+    """What ``cache prune`` and a mount's size limit both run (modelfs/storage/cache.py)."""
+    from modelfs.storage.cache import prune
+
+    cache = BlockCache(str(tmp_path))
+    digests = []
+    for age in (300, 200, 100):  # seconds since last use: the first is the least recently used
+        block = os.urandom(MiB)
+        entry = cache.entry(_blob(block), MiB)
+        entry.write_block(0, block)
+        for path in (entry.map_path, entry.data_path):
+            os.utime(path, (time.time() - age, time.time() - age))
+        digests.append(entry.digest)
+    total = sum(u.disk_bytes for u in cache.usage())
+    assert prune(cache, 0, over=total).evicted == []  # a mount's limit not passed: nothing goes
+    first = prune(cache, total - 1)
+    assert [b.digest for b in first.evicted] == digests[:1] and first.left == total - first.freed
+    rest = prune(cache, 0, pinned={digests[1]})
+    assert [b.digest for b in rest.evicted] == digests[2:]
+    assert [u.digest for u in cache.usage()] == digests[1:2]  # only the pinned blob's files are left

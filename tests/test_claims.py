@@ -9,7 +9,7 @@ import textwrap
 
 import trio
 
-from modelfs.mount.claims import PeerClaims
+from modelfs.storage.claims import PeerClaims
 
 
 def test_a_claim_excludes_other_processes_until_released(tmp_path):
@@ -29,7 +29,7 @@ async def test_a_claim_dies_with_its_process(tmp_path):
     path = tmp_path / "blob.claims"
     holder = await trio.lowlevel.open_process([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from modelfs.mount.claims import PeerClaims
+        from modelfs.storage.claims import PeerClaims
         claims = PeerClaims({str(path)!r})
         assert claims.take(0, 3) == 3
         print("held", flush=True)

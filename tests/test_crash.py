@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modelfs.errors import CacheError
-from modelfs.mount.cache import BlockCache
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 

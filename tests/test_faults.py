@@ -157,7 +157,7 @@ def test_a_failing_registry_sees_one_retry_policy_not_the_product_of_two(faulty,
 def test_a_peer_holding_a_claim_too_long_costs_a_duplicate_fetch_not_a_stuck_read(cli, mounts, minilm_ref, minilm_dir):
     """Another process that claimed blocks and froze (here: the test holds the claims) is
     waited on for PEER_WAIT_SECONDS, then the blocks are fetched anyway."""
-    from modelfs.mount.claims import PeerClaims
+    from modelfs.storage.claims import PeerClaims
     manifest = json.loads(cli.run("inspect", "--plain-http", "--json", minilm_ref).stdout)["manifest"]
     weights = next(layer["digest"] for layer in manifest["layers"]
                    if layer["annotations"]["org.cncf.model.filepath"] == "model.safetensors")

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 from conftest import daemon_alive
 
-from modelfs.mount.cache import _ENTRY, _HEADER_SIZE, BlockCache
+from modelfs.storage.cache import BlockCache
+from modelfs.storage.mapformat import ENTRY as _ENTRY
+from modelfs.storage.mapformat import HEADER_SIZE as _HEADER_SIZE
 
 MiB = 1 << 20
 PACKINGS = ["raw", "tar", "tar+gzip"]

@@ -18,9 +18,9 @@ from storage import PresigningFront
 
 from modelfs.errors import FetchError
 from modelfs.mount import rangefetch
-from modelfs.mount.cache import BlockCache
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.registry import RegistryClient, RetryPolicy
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 
@@ -157,7 +157,7 @@ def test_presigned_redirects_are_followed_and_renewed_when_they_expire(basic_reg
 
 
 def test_a_peer_is_waited_on_for_a_quarter_of_the_timeout_at_most_five_seconds():
-    from modelfs.mount.claims import PEER_WAIT_SECONDS, peer_wait
+    from modelfs.storage.claims import PEER_WAIT_SECONDS, peer_wait
     assert peer_wait(2) == 0.5
     assert peer_wait(120) == PEER_WAIT_SECONDS == 5.0
     assert peer_wait(0) == 0.0
@@ -173,7 +173,7 @@ def test_a_frozen_peer_holding_claims_is_waited_on_for_less_than_a_short_timeout
     claims.parent.mkdir(parents=True)
     peer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import os, signal
-        from modelfs.mount.claims import PeerClaims
+        from modelfs.storage.claims import PeerClaims
         claims = PeerClaims({str(claims)!r})
         assert claims.take(0, 31) == 31
         print("held", flush=True)

@@ -13,7 +13,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from modelfs.errors import ConnectionLostError, IntegrityError, RegistryError
-from modelfs.mount.cache import DIRECT_ALIGNMENT, aligned_buffer
 from modelfs.registry.origin import Origin
 from modelfs.registry.ranges import (
     BlobLocation,
@@ -25,6 +24,7 @@ from modelfs.registry.ranges import (
     TransferAborted,
     read_range,
 )
+from modelfs.storage.direct import DIRECT_ALIGNMENT, aligned_buffer
 
 BLOB = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB
 BLOCK = 16 * 1024

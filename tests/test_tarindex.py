@@ -10,7 +10,7 @@ from conftest import make_tar, push_artifact
 
 from modelfs.errors import ManifestError, UnsafePathError
 from modelfs.formats.tarindex import REGULAR, SYMLINK, RangeSource, index_tar, iter_members
-from modelfs.mount.cache import BlockCache
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 
 from modelfs.formats.blockindex import ALGORITHMS
-from modelfs.mount.cache import BlockCache
 from modelfs.mount.trust import Mode, Trust
+from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
 BLAKE3 = ALGORITHMS["blake3"]

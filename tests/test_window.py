@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from modelfs.errors import CacheError
-from modelfs.mount.cache import RECHECK_SECONDS, BlockCache, BlockDamaged
-from modelfs.mount.window import OVERHEAD_BYTES, BlockWindow
+from modelfs.storage.cache import BlockCache
+from modelfs.storage.store import RECHECK_SECONDS, BlockDamaged
+from modelfs.storage.window import OVERHEAD_BYTES, BlockWindow
 
 MiB = 1 << 20
 WEIGHT_TAR = "application/vnd.cncf.model.weight.v1.tar"
@@ -108,7 +109,7 @@ def _flip(path: str, offset: int) -> None:
 
 _OTHER_PROCESS = """
 import sys
-from modelfs.mount.cache import BlockCache
+from modelfs.storage.cache import BlockCache
 root, digest, size, action = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 entry = BlockCache(root).entry(digest, size)
 if action == "clear":  # what a mount does when the blob does not match its digest

@@ -32,7 +32,7 @@ from ..formats.spec import (
     layer_media_type,
 )
 from ..formats.zstd import ZstdFile
-from ..mount.cache import DEFAULT_BLOCK_SIZE
+from ..storage.cache import DEFAULT_BLOCK_SIZE
 from . import modelfile as mf
 from .layout import Store
 

@@ -27,9 +27,11 @@ from ..formats.paths import clean_member_path
 from ..formats.spec import Descriptor, Packing, classify_layer
 from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
 from ..formats.zstd import ZstdError, ZstdFile
-from ..mount.cache import BlobEntry, BlockCache, BlockDamaged
 from ..registry import RegistryReader
 from ..resolve import Model
+from ..storage.cache import BlockCache
+from ..storage.entry import BlobEntry
+from ..storage.store import BlockDamaged
 from .staging import Staging, writing
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from ..atomic import atomic_write
 from ..errors import IntegrityError, NotFoundError
 from ..formats.spec import OCI_MANIFEST
 
@@ -35,24 +36,6 @@ def default_store_dir() -> str:
 class StoredBlob:
     digest: str
     size: int
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Write a whole file so that readers see the old or the new content, never half."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Store:

@@ -19,7 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..artifact.layout import atomic_write
+from ..atomic import atomic_write
 from ..errors import ModelfsError
 from .volume import VolumeSpec, parse_attributes
 

@@ -1,2 +1,3 @@
 """The mount's data path: the file tree from the manifest, the fetcher and its workers, the
-block cache, the FUSE filesystem and the daemon that serves it."""
+FUSE filesystem and the daemon that serves it. The block cache it fills is
+:mod:`modelfs.storage`."""

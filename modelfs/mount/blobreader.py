@@ -41,7 +41,8 @@ import trio
 
 from ..errors import CacheError, FetchError, IntegrityError
 from ..formats.blockindex import ALGORITHMS
-from .cache import BlobEntry, BlockDamaged
+from ..storage.entry import BlobEntry
+from ..storage.store import BlockDamaged
 from .readahead import ReadAhead
 from .trust import Mode, Trust
 

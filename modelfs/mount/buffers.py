@@ -14,7 +14,7 @@ from __future__ import annotations
 import mmap
 import threading
 
-from .cache import aligned_buffer
+from ..storage.direct import aligned_buffer
 
 
 class BlockBuffers:

@@ -28,9 +28,9 @@ from ..reference import Reference, parse
 from ..registry import RegistryReader
 from ..registry.mirrors import open_client
 from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
+from ..storage.cache import PRUNE_TO, BlockCache, prune
 from . import status, table
 from .binding import FileReaders
-from .cache import BlockCache
 from .fetcher import BlobReader, Fetcher, FetchPolicy
 from .fs import ModelFS, Permissions
 from .metrics import render, serve_metrics
@@ -171,22 +171,13 @@ async def _prefetch(fetcher: Fetcher, everything: list[BlobReader], cache_limit:
 
 
 async def enforce_cache_limit(cache: BlockCache, fetcher: Fetcher, limit: int, interval: float = 2.0) -> None:
-    """Keep the cache under ``limit`` bytes on disk by evicting least recently used blobs,
-    never one with a fetch in flight or a read waiting on it."""
+    """Keep the cache under ``limit`` bytes on disk: past it, evict least recently used blobs
+    down to 90% of it, never one with a fetch in flight or a read waiting on it."""
     while True:
-        usage = cache.usage()
-        total = sum(u.disk_bytes for u in usage)
-        if total > limit:
-            pinned = fetcher.pinned()
-            for blob in usage:
-                if total <= limit * 0.9:
-                    break
-                if blob.digest in pinned:
-                    continue
-                cache.evict(blob.digest)
-                fetcher.forget(blob.digest)
-                total -= blob.disk_bytes
-                log.info("evicted %s (%d bytes on disk) to stay under %d", blob.digest, blob.disk_bytes, limit)
+        pruned = prune(cache, int(limit * PRUNE_TO), over=limit, pinned=fetcher.pinned())
+        for blob in pruned.evicted:
+            fetcher.forget(blob.digest)
+            log.info("evicted %s (%d bytes on disk) to stay under %d", blob.digest, blob.disk_bytes, limit)
         await trio.sleep(interval)
 
 

@@ -28,9 +28,9 @@ import trio
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
 from ..formats.blockindex import TrustedIndex
 from ..registry import RegistryReader, RetryPolicy
+from ..storage.cache import BlockCache
 from .blobreader import BlobReader, Block
 from .buffers import BlockBuffers
-from .cache import BlockCache
 from .rangefetch import RangeFetcher, RangeSource, available_cores
 from .stats import Stats
 

@@ -28,9 +28,10 @@ import trio
 from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError, UnavailableError
 from ..registry import RegistryReader, single_attempt
 from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
+from ..storage.claims import PeerClaims, peer_wait
+from ..storage.direct import aligned_buffer
+from ..storage.store import REPLACED_ROUNDS, FilesReplaced
 from .blobreader import BlobReader, call_soon, check_block
-from .cache import REPLACED_ROUNDS, FilesReplaced, aligned_buffer
-from .claims import PeerClaims, peer_wait
 from .readahead import RequestSizer, plan_runs
 
 if TYPE_CHECKING:

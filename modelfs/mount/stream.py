@@ -24,9 +24,9 @@ from ..formats.spec import Descriptor, Packing
 from ..formats.tarindex import REGULAR, Member, iter_members
 from ..formats.zstd import ZstdDecompressor, ZstdError
 from ..registry import single_attempt
+from ..storage.claims import POLL_SECONDS, PeerClaims, peer_wait
+from ..storage.store import REPLACED_ROUNDS, FilesReplaced
 from .blobreader import BlobReader
-from .cache import REPLACED_ROUNDS, FilesReplaced
-from .claims import POLL_SECONDS, PeerClaims, peer_wait
 from .fetcher import Fetcher
 
 log = logging.getLogger(__name__)

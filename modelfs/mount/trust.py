@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .cache import BlobEntry
+    from ..storage.entry import BlobEntry
 
 Block = bytes | bytearray | memoryview
 
