@@ -5,13 +5,17 @@ table is the one the declarations make."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import pytest
 from conftest import REPO_ROOT
 
 from modelfs import cli, settings
+from modelfs.commands.mount import mount_options
 from modelfs.config import load
+from modelfs.dirs import default_cache_dir
+from modelfs.resolved import ResolvedSettings
 from modelfs.settings import SETTINGS, ConfigError
 
 REF = "registry.example/org/model:v1"
@@ -54,10 +58,17 @@ def _config(tmp_path, text: str = ""):
 
 
 def _value(args: argparse.Namespace, name: str, config) -> object:
+    """What the mount gets for ``name``."""
     cli._resolve_settings(args, config)
-    if name in cli.MountOptions.__dataclass_fields__:
-        return getattr(cli._mount_options(args), name)
-    return cli._setting(args, name, "registry.example")
+    return getattr(mount_options(args).settings, name)
+
+
+def test_the_resolved_settings_are_the_declared_ones():
+    """One field per declared setting (and the registry with its mirrors); none with a
+    default of its own to drift from the table."""
+    fields = ResolvedSettings.__dataclass_fields__
+    assert set(fields) == {s.name for s in SETTINGS} | {"registry", "mirrors"}
+    assert not [name for name, f in fields.items() if f.default is not dataclasses.MISSING]
 
 
 def _toml(setting, text) -> str:
@@ -85,7 +96,7 @@ def test_flag_fstab_option_and_config_key_give_the_same_value(setting, tmp_path)
 
     untouched = cli._parser().parse_args(["mount", REF, "/mnt/x"])
     default = _value(untouched, setting.name, _config(tmp_path))
-    assert default == (setting.default if setting.name != "cache_dir" else cli.default_cache_dir())
+    assert default == (setting.default if setting.name != "cache_dir" else default_cache_dir())
 
 
 @pytest.mark.parametrize("setting", [s for s in SETTINGS if SAMPLES[s.name][2] is not None], ids=lambda s: s.name)
