@@ -6,7 +6,7 @@
     prefetch = "all"                 # or "none"
     timeout = 120                    # seconds a read may wait before EIO
     workers = 0                      # threads receiving, checking, storing blocks; 0 = one per core
-    verify = "full"                  # or "lazy": see the README, "Integrity"
+    verify = "full"                  # or "lazy": see doc/INTEGRITY.md
 
     [registries."registry.example.com"]
     plain_http = false

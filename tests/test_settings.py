@@ -1,6 +1,6 @@
 """Every mount setting through every surface: the flag, the fstab option and the config key
-give the mount the same value, refuse the same mistake with the same words, and the README's
-table is the one the declarations make."""
+give the mount the same value and refuse the same mistake with the same words (the tables of
+doc/CONFIGURATION.md are kept equal to the declarations by tests/test_docs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import dataclasses
 import re
 
 import pytest
-from conftest import REPO_ROOT
 
 from modelfs import cli, settings
 from modelfs.commands.mount import mount_options
@@ -127,13 +126,6 @@ def test_unknown_options_and_keys_are_named():
         cli.mount_helper_argv([REF, "/mnt/x", "-o", "colour=blue"])
     with pytest.raises(ConfigError, match="unknown mount option 'timeout'"):  # a value option given no value
         cli.mount_helper_argv([REF, "/mnt/x", "-o", "timeout"])
-
-
-def test_the_readme_table_is_the_one_the_declarations_make():
-    readme = (REPO_ROOT / "README.md").read_text()
-    start = readme.index("<!-- settings table:")
-    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
-    assert table == settings.markdown_table(), "run `python -m modelfs.settings` and paste it into the README"
 
 
 # Text Python's own number parsing takes (str.isdigit, int(), float(), `\d`) but a setting must

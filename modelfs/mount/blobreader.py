@@ -1,8 +1,7 @@
 """Waiting for blocks and serving them: one :class:`BlobReader` per blob (or per file of a
 compressed layer), on the trio loop that answers FUSE.
 
-What a reader may see is decided per blob by what vouches for its bytes (README,
-"Integrity"):
+What a reader may see is decided per blob by what vouches for its bytes (doc/INTEGRITY.md):
 
 - **index mode** (a block index the mount trusts): each block is matched against the index
   before it is served or cached; a block already cached but not yet matched is hashed from

@@ -88,7 +88,7 @@ async def announce_ready(mountpoint: str, options: MountOptions, offline: str | 
 
 
 def raise_read_ahead(st: os.stat_result, kb: int) -> None:
-    """Let the kernel send 1 MiB reads instead of 128 KiB (about 2x throughput: doc/ARCHITECTURE.md, "Threads")."""
+    """Let the kernel send 1 MiB reads instead of 128 KiB (about 2x throughput: doc/BENCHMARKS.md)."""
     path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
     try:
         with open(path, "w") as handle:
