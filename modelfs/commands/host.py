@@ -5,14 +5,24 @@ them). Light: none of the mount's data path is loaded."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
-import trio
-
 from ..mount import status as mount_status
-from ..mount.metrics import render_host, serve_metrics
 from ..mount.table import active_mounts, umount
+
+_STATUS_FIELDS = {field.name for field in dataclasses.fields(mount_status.MountStatus)}
+
+
+def _progress(found: dict[str, Any]) -> str:
+    """The progress line of a status file, read with the fields this version knows: a daemon
+    of another version (an upgrade while mounts run) may write more, or fewer."""
+    try:
+        status = mount_status.MountStatus(**{k: v for k, v in found.items() if k in _STATUS_FIELDS})
+    except TypeError:
+        return "status written by another version of modelfs (see `modelfs status --json`)"
+    return status.progress_line()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -34,14 +44,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "pid" not in mount:
             print(f"{mount['mountpoint']}: {mount['source']} (no status: its daemon is gone or stopped answering)")
             continue
-        line = mount_status.MountStatus(**{k: v for k, v in mount.items() if k not in ("source", "answering")})
         stale = "" if mount["answering"] else ", NOT ANSWERING"
-        print(f"{mount['mountpoint']}: {mount['reference']} ({line.digest[:19]}), pid {line.pid}: "
-              f"{line.progress_line()}{stale}")
+        print(f"{mount['mountpoint']}: {mount.get('reference', mount['source'])} ({str(mount.get('digest'))[:19]}), "
+              f"pid {mount['pid']}: {_progress(mount)}{stale}")
     return 0
 
 
 def _host_metrics() -> str:
+    from ..mount.metrics import render_host  # trio's import: only for metrics, not status or umount
+
     mounts = [mount_status.read(point) or {"mountpoint": point, "answering": False} for point, _ in active_mounts()]
     return render_host(mounts)
 
@@ -49,6 +60,10 @@ def _host_metrics() -> str:
 async def cmd_metrics(args: argparse.Namespace) -> int:
     """The metrics of every modelfs mount of this host, from one place: printed once, or
     served (``--listen``) for Prometheus, instead of one port per mount."""
+    import trio
+
+    from ..mount.metrics import serve_metrics
+
     if args.listen is None:
         print(_host_metrics(), end="")
         return 0

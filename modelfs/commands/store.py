@@ -7,13 +7,14 @@ import json
 import os
 import sys
 
-from ..artifact.build import build
 from ..artifact.layout import Store
 from ..reference import parse
 from ..spec import OCI_MANIFEST, Packing
 
 
 async def cmd_build(args: argparse.Namespace) -> int:
+    from ..artifact.build import build  # hashing and the block index: only build needs them, not ls, rm, tag
+
     reference = parse(args.tag)
     modelfile = args.file or os.path.join(args.context, "Modelfile")
     store = Store(args.store)
