@@ -257,3 +257,22 @@ def test_workers_writing_other_blocks_do_not_wait_for_each_other_and_all_land(tm
         thread.join()
     assert entry.complete and [entry.read_block(i) for i in range(32)] == blocks
     assert all(entry.trusted(i, hashlib.sha256(blocks[i]).digest()) for i in range(32))
+
+
+def test_one_prune_evicts_least_recently_used_first_and_spares_what_it_is_told(tmp_path):
+    """The eviction `cache prune` and a mount's size limit both run: least recently used
+    first, down to what is kept, never a pinned blob, and nothing while under ``over``."""
+    from modelfs.mount.cache import prune
+
+    cache = BlockCache(str(tmp_path))
+    digests = ["sha256:" + f"{n}" * 64 for n in range(1, 5)]
+    for age, digest in enumerate(digests):  # digests[0] is the least recently used
+        cache.entry(digest, MiB).write_block(0, os.urandom(MiB))
+        for suffix in (".map", ".data"):
+            path = os.path.join(str(tmp_path), "blobs", "sha256", digest[7:] + suffix)
+            os.utime(path, (1000 + age, 1000 + age))
+    blob = next(u.disk_bytes for u in cache.usage())
+    assert prune(cache, 0, over=4 * blob).evicted == []  # not over: nothing goes
+    pruned = prune(cache, 2 * blob, pinned={digests[0]})
+    assert [u.digest for u in pruned.evicted] == digests[1:3] and pruned.left == 2 * blob
+    assert {u.digest for u in cache.usage()} == {digests[0], digests[3]}

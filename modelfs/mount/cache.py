@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 
 import lz4.block
@@ -75,13 +75,6 @@ RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob'
 DIRECT_ALIGNMENT = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _EMPTY_ENTRY = bytes(_ENTRY.size)
-
-
-def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/cache/modelfs"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "modelfs")
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -963,3 +956,41 @@ class BlockCache:
             entry.close()
         self._entries.clear()
         self._open.clear()
+
+
+@dataclass(frozen=True)
+class Pruned:
+    before: int  # bytes on disk before
+    evicted: list[BlobUsage]  # least recently used first
+
+    @property
+    def freed(self) -> int:
+        return sum(blob.disk_bytes for blob in self.evicted)
+
+    @property
+    def left(self) -> int:
+        return self.before - self.freed
+
+
+def prune(cache: BlockCache, keep: int, *, over: int | None = None, pinned: Collection[str] = ()) -> Pruned:
+    """Evict least recently used blobs until at most ``keep`` bytes stay on disk, leaving
+    ``pinned`` ones alone; and only if more than ``over`` bytes are there, when given. The one
+    eviction loop: ``modelfs cache prune`` (keep what was asked) and a mount's size limit (past
+    the limit, down to 90% of it, never a blob a read is waiting on) both run it. Eviction
+    replaces files rather than emptying them, so another process reading a blob keeps valid
+    bytes (see :meth:`BlockCache.evict`)."""
+    usage = cache.usage()
+    total = sum(blob.disk_bytes for blob in usage)
+    evicted: list[BlobUsage] = []
+    if over is not None and total <= over:
+        return Pruned(total, evicted)
+    left = total
+    for blob in usage:
+        if left <= keep:
+            break
+        if blob.digest in pinned:
+            continue
+        cache.evict(blob.digest)
+        evicted.append(blob)
+        left -= blob.disk_bytes
+    return Pruned(total, evicted)
