@@ -50,7 +50,7 @@ def sample(pid: int) -> CpuSample:
 
 
 def threads(pid: int) -> dict[str, float]:
-    """CPU seconds per thread name, for the profile in the README."""
+    """CPU seconds per thread name, for the profile in doc/BENCHMARKS.md."""
     by_name: dict[str, float] = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         name = (task / "comm").read_text().strip()

@@ -6,7 +6,7 @@
     prefetch = "all"                 # or "none"
     timeout = 120                    # seconds a read may wait before EIO
     workers = 0                      # threads receiving, checking, storing blocks; 0 = one per core
-    verify = "full"                  # or "lazy": see the README, "Integrity"
+    verify = "full"                  # or "lazy": see doc/INTEGRITY.md
 
     [registries."registry.example.com"]
     plain_http = false
@@ -80,6 +80,13 @@ class Config:
 
     def registry(self, host: str) -> RegistryConfig:
         return self.registries.get(host, RegistryConfig())
+
+    def trust_scope(self, registry: str, repository: str | None = None) -> str | None:
+        """The longest ``[trust."..."]`` scope that contains ``registry/repository`` (cut at a
+        ``/``: ``reg/org/llama`` does not contain ``reg/org/llama-2``), or None."""
+        full = f"{registry}/{repository}" if repository else registry
+        matching = [scope for scope in self.trust if full == scope or full.startswith(scope + "/")]
+        return max(matching, key=len, default=None)
 
     def __getattr__(self, name: str) -> Any:
         if name in TOP_LEVEL_KEYS:

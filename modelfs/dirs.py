@@ -18,6 +18,15 @@ class DirectoryError(ModelfsError):
     """A directory a command needs is not one, or cannot be written."""
 
 
+def default_cache_dir() -> str:
+    """Where the block cache lives unless told (``--cache-dir``, ``MODELFS_CACHE_DIR``, the
+    config's ``cache_dir``): the host's for root, the user's own otherwise."""
+    if os.geteuid() == 0:
+        return "/var/cache/modelfs"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(base, "modelfs")
+
+
 def check_directory(path: str, what: str, flag: str, write: bool) -> None:
     """Refuse ``path`` unless it is a directory (or, for ``write``, can become one) that this
     process can create files in. ``what`` names it for the user ("cache directory") and

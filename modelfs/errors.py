@@ -4,7 +4,7 @@ Every error a user can meet derives from :class:`ModelfsError`; its ``str()`` is
 line that says what happened and what to do, and the CLI prints exactly that (no traceback).
 """
 
-import httpx
+from typing import TYPE_CHECKING
 
 
 class ModelfsError(Exception):
@@ -120,5 +120,14 @@ def parse_ready_failure(line: str) -> ModelfsError:
 
 
 # What a fetch retries: our own errors (each says what went wrong), the OS's, and httpx's
-# (the control plane and compressed-layer streams run on it).
-TRANSIENT: tuple[type[BaseException], ...] = (httpx.HTTPError, ModelfsError, OSError)
+# (the control plane and compressed-layer streams run on it). Made on first use: every
+# command imports this module, and importing httpx for it cost `modelfs --help` about 75 ms.
+if TYPE_CHECKING:
+    TRANSIENT: tuple[type[BaseException], ...]
+else:
+    def __getattr__(name: str) -> object:
+        if name == "TRANSIENT":
+            import httpx
+
+            return (httpx.HTTPError, ModelfsError, OSError)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

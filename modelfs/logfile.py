@@ -14,8 +14,9 @@ import os
 
 from .errors import CacheError
 from .mount.table import file_stem
+from .settings import BY_NAME
 
-LOG_MAX_BYTES = 10 << 20
+LOG_MAX_BYTES = BY_NAME["log_max_size"].default  # --log-max-size, declared once in settings.py
 LOG_BACKUPS = 2
 
 

@@ -192,7 +192,7 @@ def choice(*allowed: str) -> Callable[[Any, str], str]:
 
 @dataclass(frozen=True)
 class Setting:
-    name: str  # the MountOptions field and the config key
+    name: str  # the ResolvedSettings field and the config key
     parse: Callable[[Any, str], Any]
     default: Any
     help: str
@@ -301,14 +301,19 @@ def fstab_flags(option: str) -> list[str]:
     return [setting.flag] if setting.switch else [setting.flag, value]
 
 
-def resolve(name: str, given: Any, config: Any, host: str | None = None) -> Any:
-    """A setting's value: the flag if given, else the config for ``host``, else its top
-    level, else the default."""
+def resolve(name: str, given: Any, config: Any, host: str | None = None, scope: str | None = None) -> Any:
+    """A setting's value: the flag if given, else the config for ``host`` (its
+    ``[registries."host"]`` table, or for a signature setting the ``[trust."..."]`` table
+    ``scope`` names), else its top level, else the default."""
     setting = BY_NAME[name]
-    if given is not None and given is not False:
+    if given is not None and given is not False and given != []:
         return given
     if host is not None and setting.per_registry:
         value = config.registry(host).values.get(name)
+        if value is not None:
+            return value
+    if scope is not None and setting.trust_scope:
+        value = config.trust.get(scope, {}).get(name)
         if value is not None:
             return value
     if setting.top_level and config.values.get(name) is not None:
@@ -328,8 +333,7 @@ def _shown(setting: Setting) -> str:
 
 
 def markdown_table() -> str:
-    """The README's table of mount settings, made from the declarations (a test keeps the
-    README equal to it; ``python -m modelfs.settings`` prints it)."""
+    """The table of every setting: flag, fstab option, config key, default, help."""
     rows = ["| flag | fstab `-o` | config.toml | default | what it does |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         flag = s.flag if s.switch else f"{s.flag} {s.metavar}"
@@ -340,5 +344,30 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":
-    print(markdown_table(), end="")
+def fstab_options() -> str:
+    """Every fstab ``-o`` option, as a mount line takes it."""
+    return ", ".join(f"`{s.fstab}`" if s.switch else f"`{s.fstab}=`" for s in SETTINGS) + "\n"
+
+
+# The parts of doc/CONFIGURATION.md made from the declarations, each between
+# ``<!-- generated: NAME ... -->`` and ``<!-- end: NAME -->``; tests/test_docs.py keeps the
+# document equal to what :func:`fill` makes of it.
+SECTIONS: dict[str, Callable[[], str]] = {"settings-table": markdown_table, "fstab-options": fstab_options}
+_SECTION = re.compile(r"(<!-- generated: (?P<name>[\w-]+)[^\n]*-->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.DOTALL)
+
+
+def fill(text: str) -> str:
+    """``text`` with every generated section made again from the declarations."""
+    return _SECTION.sub(lambda m: m.group(1) + SECTIONS[m.group("name")]() + m.group(4), text)
+
+
+if __name__ == "__main__":  # python -m modelfs.settings [FILE]: rewrite FILE's generated sections, or print the table
+    import sys
+
+    if len(sys.argv) > 1:
+        with open(sys.argv[1]) as handle:
+            current = handle.read()
+        with open(sys.argv[1], "w") as handle:
+            handle.write(fill(current))
+    else:
+        print(markdown_table(), end="")

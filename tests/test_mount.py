@@ -9,6 +9,8 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,10 +266,18 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
 
 def test_unmount_during_prefetch_is_clean(cli, mounts, minilm_ref, minilm_dir):
     """Blocks being written and hashed in worker threads finish before the cache closes."""
+    from modelfs.logfile import daemon_log_path
     for attempt in range(3):
         shutil.rmtree(cli.cache_dir / "blobs", ignore_errors=True)  # so each mount has a prefetch to do
         target = mounts.mount(minilm_ref, name=f"busy{attempt}")  # prefetch all, under way
         mounts.umount(target)
+        # umount returns once the kernel let go; the daemon says "unmounted" a moment later,
+        # once its worker threads finished. Wait for it: the next attempt removes the cache
+        # (under a daemon still finishing, its last opens failed: an ERROR in 1 run of 10)
+        daemon_log = Path(daemon_log_path(str(cli.cache_dir), str(target)))
+        deadline = time.monotonic() + 10
+        while "unmounted " not in daemon_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
     log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
     assert " ERROR " not in log and "Traceback" not in log, log
     assert log.count("unmounted ") == 3

@@ -286,6 +286,26 @@ def test_status_reports_numbers_from_the_daemon_without_touching_the_mount(cli, 
         os.kill(pid, signal.SIGCONT)
 
 
+def test_status_reads_a_status_file_of_another_version(cli, mounts, minilm_ref):
+    """During an upgrade, daemons of the old version keep running while `status` is the new
+    one (and the other way round): a field it does not know, or one missing, still gives one
+    line per mount, never a traceback."""
+    from modelfs.mount.status import status_path
+    target, pid = mounts.mount_daemon(minilm_ref, "--prefetch", "none")
+    path = Path(status_path(str(target)))
+    os.kill(pid, signal.SIGSTOP)  # it stops rewriting its status file
+    try:
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "signatures": "from a later version"}))
+        newer = cli.run("status")
+        assert f"{target}: {minilm_ref} (" in newer.stdout and f"pid {pid}: " in newer.stdout
+        path.write_text(json.dumps({k: v for k, v in doc.items() if k != "handler_errors"}))
+        older = cli.run("status")
+        assert f"pid {pid}: status written by another version of modelfs" in older.stdout
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def test_a_mount_daemon_that_cannot_succeed_exits_with_the_status_systemd_does_not_restart(cli, registry, tmp_path):
     target = tmp_path / "never"
     target.mkdir()

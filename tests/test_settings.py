@@ -1,17 +1,20 @@
 """Every mount setting through every surface: the flag, the fstab option and the config key
-give the mount the same value, refuse the same mistake with the same words, and the README's
-table is the one the declarations make."""
+give the mount the same value and refuse the same mistake with the same words (the tables of
+doc/CONFIGURATION.md are kept equal to the declarations by tests/test_docs.py)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 
 import pytest
-from conftest import REPO_ROOT
 
 from modelfs import cli, settings
+from modelfs.commands.mount import mount_options
 from modelfs.config import load
+from modelfs.dirs import default_cache_dir
+from modelfs.resolved import ResolvedSettings
 from modelfs.settings import SETTINGS, ConfigError
 
 REF = "registry.example/org/model:v1"
@@ -59,10 +62,17 @@ def _config(tmp_path, text: str = ""):
 
 
 def _value(args: argparse.Namespace, name: str, config) -> object:
+    """What the mount gets for ``name``."""
     cli._resolve_settings(args, config)
-    if name in cli.MountOptions.__dataclass_fields__:
-        return getattr(cli._mount_options(args), name)
-    return cli._setting(args, name, "registry.example")
+    return getattr(mount_options(args).settings, name)
+
+
+def test_the_resolved_settings_are_the_declared_ones():
+    """One field per declared setting (and the registry with its mirrors, the repository with
+    the signature policy's scope); none with a default of its own to drift from the table."""
+    fields = ResolvedSettings.__dataclass_fields__
+    assert set(fields) == {s.name for s in SETTINGS} | {"registry", "mirrors", "repository", "trust_scope"}
+    assert not [name for name, f in fields.items() if f.default is not dataclasses.MISSING]
 
 
 def _toml(setting, text) -> str:
@@ -90,7 +100,7 @@ def test_flag_fstab_option_and_config_key_give_the_same_value(setting, tmp_path)
 
     untouched = cli._parser().parse_args(["mount", REF, "/mnt/x"])
     default = _value(untouched, setting.name, _config(tmp_path))
-    assert default == (setting.default if setting.name != "cache_dir" else cli.default_cache_dir())
+    assert default == (setting.default if setting.name != "cache_dir" else default_cache_dir())
 
 
 @pytest.mark.parametrize("setting", [s for s in SETTINGS if SAMPLES[s.name][2] is not None], ids=lambda s: s.name)
@@ -116,18 +126,36 @@ def test_a_flag_wins_over_the_registry_table_which_wins_over_the_top_level(tmp_p
     assert _value(args, "plain_http", config) is False  # the other registry's table does not leak
 
 
+def test_a_flag_wins_over_the_trust_scope_which_wins_over_the_top_level(tmp_path):
+    """The signature settings resolve once with every other setting, for the reference's
+    repository: the longest ``[trust."..."]`` scope containing it (cut at a '/'), then the top
+    level; a flag over both. The policy the commands use is built from that one object."""
+    from modelfs.compose import trust_policy
+    from modelfs.reference import parse
+    config = _config(tmp_path, 'signatures = "warn"\n'
+                               '[trust."registry.example"]\nsignatures = "off"\n'
+                               '[trust."registry.example/org"]\nsignatures = "enforce"\n')
+    scoped = cli._parser().parse_args(["mount", REF, "/mnt/x"])
+    assert _value(scoped, "signatures", config) == "enforce"
+    assert mount_options(scoped).settings.trust_scope == "registry.example/org"
+    sibling = cli._parser().parse_args(["mount", "registry.example/org-2/model:v1", "/mnt/x"])
+    assert _value(sibling, "signatures", config) == "off"  # org-2 is not under org: the registry's scope
+    elsewhere = cli._parser().parse_args(["mount", "other.example/org/model:v1", "/mnt/x"])
+    assert _value(elsewhere, "signatures", config) == "warn"
+    flagged = cli._parser().parse_args(["mount", "--signatures", "off", REF, "/mnt/x"])
+    assert _value(flagged, "signatures", config) == "off"
+    assert trust_policy(mount_options(flagged).settings, parse(REF)).mode == "off"
+    with pytest.raises(ConfigError, match=r'needs a key .* \(config: \[trust."registry.example/org"\]\)'):
+        trust_policy(mount_options(scoped).settings, parse(REF))
+    with pytest.raises(ValueError, match="not registry.example/other"):  # settings of another repository
+        trust_policy(mount_options(scoped).settings, parse("registry.example/other/model:v1"))
+
+
 def test_unknown_options_and_keys_are_named():
     with pytest.raises(ConfigError, match="unknown mount option 'colour=blue'"):
         cli.mount_helper_argv([REF, "/mnt/x", "-o", "colour=blue"])
     with pytest.raises(ConfigError, match="unknown mount option 'timeout'"):  # a value option given no value
         cli.mount_helper_argv([REF, "/mnt/x", "-o", "timeout"])
-
-
-def test_the_readme_table_is_the_one_the_declarations_make():
-    readme = (REPO_ROOT / "README.md").read_text()
-    start = readme.index("<!-- settings table:")
-    table = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
-    assert table == settings.markdown_table(), "run `python -m modelfs.settings` and paste it into the README"
 
 
 # Text Python's own number parsing takes (str.isdigit, int(), float(), `\d`) but a setting must

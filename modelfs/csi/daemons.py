@@ -3,7 +3,7 @@
 Each daemon is a process of its own, in a session of its own, so it outlives the plugin's
 process: a plugin that crashes or is upgraded in place leaves every pod's mount serving. (In a
 container, restarting the plugin's container ends its daemons too; :mod:`.node` then mounts
-every recorded target again, see the README.) The daemon tells the plugin how its start went
+every recorded target again, see doc/KUBERNETES.md.) The daemon tells the plugin how its start went
 on a pipe (``READY`` once a stat through the mount answered, or ``ERROR Kind: message``), as
 ``modelfs mount`` learns it from its forked daemon.
 """

@@ -2,7 +2,7 @@
 compressed layer), on the trio loop that answers FUSE.
 
 What a reader may see is decided per blob, once, by what vouches for its bytes: its
-:class:`~.trust.Trust` (README, "Integrity"), which every path here consults:
+:class:`~.trust.Trust` (doc/INTEGRITY.md), which every path here consults:
 
 - **index mode** (a block index the mount trusts): each block is matched against the index
   before it is served or cached, whatever ``--verify`` says; a block already cached but not

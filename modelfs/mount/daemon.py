@@ -15,23 +15,20 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pyfuse3
 import trio
 
-from .. import signing
+from ..compose import Session, TrustedModel, open_session
 from ..errors import MountError, ready_failure, user_error
-from ..formats import blockindex
-from ..formats.blockindex import TrustedIndex
-from ..reference import Reference, parse
-from ..registry import RegistryReader
-from ..registry.mirrors import open_client
-from ..resolve import Model, check_layer_sizes, fetch_or_cached, record, recorded_index, trusted_index
+from ..reference import parse
+from ..resolve import Model, record
+from ..resolved import ResolvedSettings
 from ..storage.cache import PRUNE_TO, BlockCache, prune
 from . import status, table
 from .binding import FileReaders
-from .fetcher import BlobReader, Fetcher, FetchPolicy
+from .fetcher import BlobReader, Fetcher
 from .fs import ModelFS, Permissions
 from .metrics import render, serve_metrics
 from .rangefetch import available_cores
@@ -42,28 +39,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MountOptions:
+    """What one mount runs with. Every user-facing setting is in ``settings``, resolved from
+    the one table (:mod:`modelfs.settings`) for the reference's registry: this class repeats
+    none of their defaults."""
+
     reference: str
     mountpoint: str
-    cache_dir: str
-    plain_http: bool = False
-    ca_file: str | None = None
-    prefetch: str = "all"
-    allow_other: bool = False
-    timeout: float = 120.0
-    workers: int = 0  # threads doing per-byte work; 0: one per core available
-    read_ahead_kb: int = 4096
-    ready_fd: int | None = None
-    max_tasks: int = 64
-    mirrors: list = field(default_factory=list)
-    cache_max_size: int = 0
-    metrics: str | None = None
-    verify: str = "full"  # or "lazy" (see fetcher.py)
-    uid: int | None = None  # owner shown for every file; None: the mounting user
-    gid: int | None = None
-    file_mode: int | None = None  # see fs.Permissions
-    dir_mode: int | None = None
-    allow_nonempty: bool = False
-    trust: signing.Policy = signing.OFF  # the signature policy (modelfs/signing/)
+    settings: ResolvedSettings
+    ready_fd: int | None = None  # where to report READY or the failure (``modelfs mount`` and the CSI plugin)
+    read_ahead_kb: int = 4096  # the kernel's read-ahead for the mount: 1 MiB reads instead of 128 KiB
+    max_tasks: int = 64  # FUSE requests pyfuse3 serves at once
 
 
 def sd_notify(message: str) -> None:
@@ -113,7 +98,7 @@ async def announce_ready(mountpoint: str, options: MountOptions, offline: str | 
 
 
 def raise_read_ahead(st: os.stat_result, kb: int) -> None:
-    """Let the kernel send 1 MiB reads instead of 128 KiB (DESIGN.md: ~2x throughput)."""
+    """Let the kernel send 1 MiB reads instead of 128 KiB (about 2x throughput: doc/BENCHMARKS.md)."""
     path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
     try:
         with open(path, "w") as handle:
@@ -199,70 +184,51 @@ async def _watch_signals() -> None:
             return
 
 
-async def resolve_for_mount(client: RegistryReader, cache: BlockCache, reference: Reference,
-                            trust: signing.Policy = signing.OFF) -> tuple[Model, TrustedIndex | None, str | None]:
+async def resolve_for_mount(session: Session) -> TrustedModel:
     """The model to serve and its block index. A GPU host rebooting while its registry is
     down still mounts a model it has cached: the manifest and config recorded at the last
     mount or pull are used (checked against their digests), cached blocks are served, and
-    missing ones are fetched once the registry answers again. The third value says why, when
-    the mount is offline like that."""
-    model, offline = await fetch_or_cached(client, cache, reference, trust=trust)
-    if offline is not None:
-        offline += "; blocks not in the cache fail until the registry answers"
-        log.warning("%s", offline)
-        data = recorded_index(cache, model)
-        return model, TrustedIndex(blockindex.decode(data), vouched=True, data=data) if data else None, offline
-    await check_layer_sizes(client, model)
-    index = await trusted_index(client, model)
-    if index is None:
-        log.info("block index: none; each blob is served once it has been checked whole against its digest")
-    else:
-        log.info("block index: %s; every block is checked before it is served",
-                 "named by the manifest" if index.vouched else "attached at the registry (blobs also checked whole)")
-    return model, index, None
+    missing ones are fetched once the registry answers again; ``offline`` says why."""
+    found = await session.resolve()
+    if found.offline is None:
+        return found
+    offline = found.offline + "; blocks not in the cache fail until the registry answers"
+    log.warning("%s", offline)
+    return replace(found, offline=offline)
 
 
 async def serve(options: MountOptions) -> None:
     reference = parse(options.reference)
-    check_mountpoint(options.mountpoint, options.allow_nonempty)  # named as the user gave it
+    check_mountpoint(options.mountpoint, options.settings.allow_nonempty)  # named as the user gave it
     # the path as the mount table will show it: what `status`, `umount` and the files named
     # after a mount point (its status, its log) all key on, however the user reached it
     options = replace(options, mountpoint=table.resolve(options.mountpoint))
-    mountpoint = options.mountpoint
-    cache = BlockCache(options.cache_dir)
-    fetcher: Fetcher | None = None
-    try:
-        async with open_client(reference.registry, plain_http=options.plain_http, ca_file=options.ca_file,
-                               mirrors=options.mirrors) as client:
-            model, index, offline = await resolve_for_mount(client, cache, reference, options.trust)
-            if model.verdict is not None and not model.verdict.met:
-                report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
-            async with trio.open_nursery() as nursery:
-                fetcher = Fetcher(cache, client, reference.repository, nursery,
-                                  FetchPolicy(timeout=options.timeout, verify=options.verify, workers=options.workers), index=index)
-                log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
-                         fetcher.ranges.workers, available_cores())
-                if options.verify == "lazy":
-                    log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
-                                "they are checked; a corrupt range can reach readers until its blob completes")
-                readers = FileReaders(fetcher)
-                tree = await build_tree(model, readers)
-                record(cache, model, index.data if index else b"")
-                permissions = Permissions(os.getuid() if options.uid is None else options.uid,
-                                          os.getgid() if options.gid is None else options.gid,
-                                          options.file_mode, options.dir_mode, options.allow_other)
-                ops = ModelFS(tree, readers, str(model.reference), permissions)
-                await _serve_mount(nursery, ops, readers, cache, tree, options, model, offline)
-            c = fetcher.stats
-            log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
-                     "%d block buffers, used %d more times", mountpoint, c.reads, c.read_errors, c.bytes_fetched,
-                     c.requests, c.retries, fetcher.buffers.created, fetcher.buffers.reused)
-    finally:
-        # only now: every task and worker thread that writes or hashes blocks has finished (a
-        # descriptor closed under a worker thread could be reused by another file meanwhile)
-        if fetcher is not None:
-            fetcher.close()
-        cache.close()
+    settings = options.settings
+    # a daemon waits for its registry (systemd or the CSI plugin started it for the long run)
+    async with open_session(settings, reference, fail_fast=False) as session:
+        found = await resolve_for_mount(session)
+        model, index = found.model, found.index
+        if model.verdict is not None and not model.verdict.met:
+            report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
+        async with trio.open_nursery() as nursery:
+            fetcher = session.fetcher(nursery, index)
+            log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
+                     fetcher.ranges.workers, available_cores())
+            if settings.verify == "lazy":
+                log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
+                            "they are checked; a corrupt range can reach readers until its blob completes")
+            readers = FileReaders(fetcher)
+            tree = await build_tree(model, readers)
+            record(session.cache, model, index.data if index else b"")
+            permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
+                                      os.getgid() if settings.gid is None else settings.gid,
+                                      settings.file_mode, settings.dir_mode, settings.allow_other)
+            ops = ModelFS(tree, readers, str(model.reference), permissions)
+            await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline)
+        c = fetcher.stats
+        log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
+                 "%d block buffers, used %d more times", options.mountpoint, c.reads, c.read_errors, c.bytes_fetched,
+                 c.requests, c.retries, fetcher.buffers.created, fetcher.buffers.reused)
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
@@ -271,7 +237,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
     fuse_options = {"fsname=" + str(parse(options.reference)), "subtype=modelfs", "ro", "default_permissions", "noatime"}
-    if options.allow_other:
+    if options.settings.allow_other:
         fuse_options.add("allow_other")
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
@@ -281,13 +247,13 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
         nursery.start_soon(_watch_signals)
         nursery.start_soon(release_replaced_files, cache)
-        if options.prefetch == "all":
-            nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.cache_max_size)
-        if options.cache_max_size:
-            nursery.start_soon(enforce_cache_limit, cache, fetcher, options.cache_max_size)
-        if options.metrics:
+        if options.settings.prefetch == "all":
+            nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.settings.cache_max_size)
+        if options.settings.cache_max_size:
+            nursery.start_soon(enforce_cache_limit, cache, fetcher, options.settings.cache_max_size)
+        if options.settings.metrics:
             labels = {"mountpoint": mountpoint, "reference": options.reference, "digest": model.reference.digest or ""}
-            await nursery.start(serve_metrics, options.metrics, lambda: render(fetcher.stats, labels))
+            await nursery.start(serve_metrics, options.settings.metrics, lambda: render(fetcher.stats, labels))
         started = time.time()
 
         def collect() -> status.MountStatus:

@@ -1,7 +1,7 @@
 """One mount's (or one ``pull``'s) fetching: the readers of its blobs, what they share, and
 the background prefetch.
 
-The parts (README, "Data plane"):
+The parts (doc/ARCHITECTURE.md, "The data path"):
 
 - :mod:`.blobreader`: one reader per blob, on the loop that answers FUSE: waits for blocks
   and serves them, decides what may be served (index / whole / lazy mode);

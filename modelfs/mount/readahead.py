@@ -3,7 +3,7 @@
 - :class:`ReadAhead` watches one reader's offsets and says which blocks to fetch ahead.
 - :func:`plan_runs` cuts a list of missing blocks into contiguous runs, one range request each.
 - :class:`RequestSizer` adapts the size of runs and how many are in flight to the link:
-  measured here (README, "Data plane"), the registry spends 1.2-1.4 CPU-s serving 64 ranges
+  measured here (doc/ARCHITECTURE.md, "Data plane"), the registry spends 1.2-1.4 CPU-s serving 64 ranges
   of a GiB against 0.55 s for one stream, so a fast link gets few, large ranges (one per
   worker); a link that holds each connection to 50 MB/s gets more, smaller ones in parallel,
   so that the mount still reads several times faster than one stream.

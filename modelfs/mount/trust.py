@@ -2,7 +2,7 @@
 :class:`~.blobreader.BlobReader` consults (what may be served, what a cached block must
 carry, what a fetched block is checked against, whether the blob is hashed whole).
 
-Three modes (README, "Integrity"):
+Three modes (doc/INTEGRITY.md):
 
 - ``INDEX``: a block index the mount trusts names the blob. Every block is matched against
   it before anyone sees it, whoever stored it and whatever ``--verify`` says.

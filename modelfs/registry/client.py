@@ -58,7 +58,7 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 def tune_httpcore() -> None:
     """Raise httpcore's socket read size from 64 KiB to 1 MiB.
 
-    Measured here (DESIGN.md): 0.26-0.51 GB/s with 64 KiB reads, 1.09 GB/s with 1 MiB,
+    Measured here (doc/BENCHMARKS.md): 0.26-0.51 GB/s with 64 KiB reads, 1.09 GB/s with 1 MiB,
     the speed of a bare trio socket. httpcore has no public knob, so set the class attribute.
     """
     try:

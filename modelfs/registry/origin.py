@@ -2,7 +2,7 @@
 
 An origin is a scheme, a host and a port (RFC 6454): an https -> http downgrade on the same
 host is another origin, so is another port. One rule, decided here and applied at every site
-that sends a credential (README, "Data plane"):
+that sends a credential (doc/ARCHITECTURE.md, "Data plane"):
 
 - ``Authorization`` (the user's password, or a bearer token the registry's token service
   issued) is sent only to a URL on the registry's origin: the first request, every hop of a

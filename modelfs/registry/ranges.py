@@ -2,7 +2,7 @@
 
 httpx on trio stays the client for everything that is control (auth, tokens, manifests,
 redirects, small blobs). Blob bytes are the per-byte work of a mount, and measured here
-(README, "Data plane") httpx/h11 copies each byte three times on the thread that also
+(doc/BENCHMARKS.md, "Where a cold GiB goes") httpx/h11 copies each byte three times on the thread that also
 answers FUSE. So a range is read with the standard library's ``http.client`` in a worker
 thread: the body goes by ``readinto`` into the block's own buffer (the socket reads run with
 the GIL released), and that buffer is what gets hashed, written to the cache and served.

@@ -1,10 +1,11 @@
 """The signature policy for one reference: which keys or keyless identities must have signed
 it, and what to do when none did (``enforce``, ``warn``, ``off``).
 
-Each setting comes from, in order: the flag (or fstab option); the config's
-``[trust."registry/repository"]`` table with the longest scope that contains the reference
-(a registry host, or a host and a repository prefix, cut at a ``/``); the config's top level;
-the default. The CSI plugin's mounts read the node's config and nothing else: a pod's
+Each setting comes from, in order (:func:`modelfs.settings.resolve`, the one order of every
+setting): the flag (or fstab option); the config's ``[trust."registry/repository"]`` table
+with the longest scope that contains the reference (a registry host, or a host and a
+repository prefix, cut at a ``/``: :meth:`modelfs.config.Config.trust_scope`); the config's
+top level; the default. The CSI plugin's mounts read the node's config and nothing else: a pod's
 volume attributes cannot name signature settings (modelfs/csi/volume.py).
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..reference import Reference
-from ..settings import ConfigError
+from ..settings import ConfigError, resolve
 from .bundle import Identity
 from .keys import SIGNING_EXTRA, PublicKey, crypto, load_public
 
@@ -65,19 +66,19 @@ class Policy:
 OFF = Policy("off")
 
 
-def scope_for(trust: Mapping[str, Mapping[str, Any]], reference: Reference) -> str | None:
-    """The longest ``[trust."..."]`` scope that contains ``reference``, or None."""
-    full = f"{reference.registry}/{reference.repository}"
-    matching = [scope for scope in trust if full == scope or full.startswith(scope + "/")]
-    return max(matching, key=len, default=None)
-
-
 def build(flags: Mapping[str, Any], config: Any, reference: Reference, verifying: bool = False) -> Policy:
-    """The policy for ``reference`` from the flags given (None when not given) and the config.
-    ``verifying`` (``modelfs verify``): a check that can only pass or fail, never warn."""
-    trust = getattr(config, "trust", {}) or {}
-    scope = scope_for(trust, reference)
-    values = {name: _value(name, flags.get(name), trust.get(scope, {}) if scope else {}, config) for name in NAMES}
+    """The policy for ``reference`` from the flags given (None when not given) and the config,
+    each setting resolved in the one order (:func:`modelfs.settings.resolve`). Commands get
+    theirs from their resolved settings instead (:func:`modelfs.compose.trust_policy`)."""
+    scope = config.trust_scope(reference.registry, reference.repository)
+    values = {name: resolve(name, flags.get(name), config, reference.registry, scope) for name in NAMES}
+    return make(values, reference, scope, verifying)
+
+
+def make(values: Mapping[str, Any], reference: Reference, scope: str | None, verifying: bool = False) -> Policy:
+    """The policy from the five signature settings already resolved for ``reference``
+    (``scope``: the ``[trust."..."]`` table they came from). ``verifying`` (``modelfs
+    verify``): a check that can only pass or fail, never warn."""
     keys = tuple(load_public(path) for path in values["key"] or ())
     identities = _identities(values)
     trusted_root = values["trusted_root"]
@@ -104,14 +105,6 @@ def build(flags: Mapping[str, Any], config: Any, reference: Reference, verifying
         if identities:
             _require_sigstore()
     return Policy(mode, keys, identities, trusted_root, scope or "")
-
-
-def _value(name: str, given: Any, scoped: Mapping[str, Any], config: Any) -> Any:
-    if given is not None and given != []:
-        return given
-    if scoped.get(name) is not None:
-        return scoped[name]
-    return getattr(config, "values", {}).get(name)
 
 
 def _identities(values: Mapping[str, Any]) -> tuple[Identity, ...]:

@@ -9,7 +9,7 @@ loaded tensors paid the same per page. (lz4 of a 1 MiB text block alone costs 0.
 here; a raw block 0.04 ms read and checked from the page cache.)
 
 The window keeps the checked copy. What it may hold, and for how long, is the cache's trust
-chain applied to memory (README, "Integrity"):
+chain applied to memory (doc/INTEGRITY.md):
 
 - only bytes that passed their checksum on the way in (the caller puts nothing else);
 - each copy under the **version** it was read as: the blob's files (their inode pair) and the
