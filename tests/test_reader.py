@@ -22,7 +22,6 @@ import trio
 from trio.testing import MockClock
 
 from modelfs.errors import FetchError
-from modelfs.mount import rangefetch
 from modelfs.mount.blobreader import BlobReader
 from modelfs.mount.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
 from modelfs.mount.cache import BlockCache
@@ -48,14 +47,8 @@ def clock() -> MockClock:
 
 
 @pytest.fixture
-def fake(monkeypatch) -> FakeRegistry:
-    registry = FakeRegistry()
-
-    def read_range(pool, location, start, lengths, sink, transfer, what, new_buffer):
-        registry.read_range(location, start, lengths, sink, transfer, what, new_buffer)
-
-    monkeypatch.setattr(rangefetch, "read_range", read_range)  # where the worker threads read ranges today
-    return registry
+def fake() -> FakeRegistry:
+    return FakeRegistry()
 
 
 def blob(blocks: int = NBLOCKS, tail: int = 123) -> bytes:
@@ -75,7 +68,7 @@ async def data_path(root, fake: FakeRegistry, verify: str = "full", index: Trust
     policy = FetchPolicy(timeout=wait, retry=RetryPolicy(attempts=attempts, base_delay=backoff, max_delay=4 * backoff),
                          workers=2, verify=verify)
     async with trio.open_nursery() as nursery:
-        fetcher = Fetcher(cache, fake, REPOSITORY, nursery, policy, index=index)
+        fetcher = Fetcher(cache, fake, REPOSITORY, nursery, policy, index=index, range_reader=fake)
         try:
             yield fetcher
         finally:

@@ -234,8 +234,7 @@ async def trusted(client: RegistryReader, repository: str, manifest: Manifest, m
             log.warning("the manifest names block index %s but it cannot be used: %s (blobs are served once "
                         "checked whole)", named, exc)
             return None
-    upstream = getattr(client, "upstream", client)  # never a mirror's word for an unvouched index
-    found = await fetch(upstream, repository, manifest_digest)
+    found = await fetch(client.without_mirrors(), repository, manifest_digest)  # never a mirror's word for it
     return TrustedIndex(found, vouched=False) if found is not None else None
 
 

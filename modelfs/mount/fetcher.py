@@ -27,6 +27,8 @@ import trio
 
 from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
 from ..registry import RegistryReader, RetryPolicy
+from ..registry.protocol import RangeReader
+from ..registry.ranges import HttpRanges
 from .blobreader import BlobReader, Block
 from .blockindex import TrustedIndex
 from .buffers import BlockBuffers
@@ -98,7 +100,8 @@ class RecentBlocks:
 
 class Fetcher:
     def __init__(self, cache: BlockCache, client: RegistryReader, repository: str, nursery: trio.Nursery,
-                 policy: FetchPolicy | None = None, index: TrustedIndex | None = None) -> None:
+                 policy: FetchPolicy | None = None, index: TrustedIndex | None = None,
+                 range_reader: RangeReader | None = None) -> None:
         self.cache, self.client, self.repository = cache, client, repository
         self.block_index = index.index if index else None
         self.index_vouched = bool(index and index.vouched)  # named by the manifest: no whole-blob hash needed
@@ -108,8 +111,9 @@ class Fetcher:
         self.recent = RecentBlocks(self.policy.recent_blocks, self.buffers)
         self.foreground_waiting = 0
         self._nursery = nursery
-        self.ranges = RangeFetcher(client, repository, nursery, self.policy.timeout, self.policy.worker_count,
-                                   cache.block_size, self.policy.readahead_max, self.buffers.take)
+        range_reader = range_reader or HttpRanges(self.policy.timeout, client.ca_file)
+        self.ranges = RangeFetcher(client, range_reader, repository, nursery, self.policy.timeout,
+                                   self.policy.worker_count, cache.block_size, self.policy.readahead_max, self.buffers.take)
         self.blobs = RangeSource(self, self.ranges)
         self.stats.workers = self.ranges.workers
         self._readers: dict[str, BlobReader] = {}
@@ -172,9 +176,7 @@ class Fetcher:
         self.stats.integrity_errors += 1
         if not fetched:
             return
-        suspect = getattr(self.client, "suspect", None)
-        if suspect is not None:
-            suspect(what)
+        self.client.suspect(what)
         self.ranges.forget_locations()  # the next attempt asks where to read afresh (not the mirror just benched)
 
     def cache_write_failed(self, exc: CacheError) -> None:

@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import TRANSIENT, CacheError, ConnectionLostError, FetchError, IntegrityError, UnavailableError
-from ..registry import RegistryReader, single_attempt
-from ..registry.ranges import BlobLocation, ConnectionPool, LocationMoved, LocationRejected, RangeRefused, Transfer, read_range
+from ..registry import single_attempt
+from ..registry.protocol import BlobLocator, RangeReader
+from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, RangeRefused, Transfer
 from .blobreader import BlobReader, call_soon, check_block
 from .cache import REPLACED_ROUNDS, FilesReplaced, aligned_buffer
 from .claims import PeerClaims, peer_wait
@@ -55,16 +56,16 @@ class RangeFetcher:
     """The range requests of one mount: blob locations, worker threads, one watchdog over
     the transfers in flight, and the request sizing learned from how they went."""
 
-    def __init__(self, client: RegistryReader, repository: str, nursery: trio.Nursery, timeout: float, workers: int,
-                 block_size: int, window_cap: int, new_buffer: Callable[[int], memoryview] = aligned_buffer) -> None:
-        self.client, self.repository, self.timeout = client, repository, timeout
+    def __init__(self, client: BlobLocator, reader: RangeReader, repository: str, nursery: trio.Nursery, timeout: float,
+                 workers: int, block_size: int, window_cap: int,
+                 new_buffer: Callable[[int], memoryview] = aligned_buffer) -> None:
+        self.client, self.reader, self.repository, self.timeout = client, reader, repository, timeout
         self.workers = max(1, workers)
         self.sizer = RequestSizer(block_size, self.workers, window_cap)
         # threads: a worker waiting on a slow connection costs nothing, so the slow-link
         # parallelism gets a thread per request even past the number of cores
         self.threads = trio.CapacityLimiter(max(self.workers, self.sizer.slow_parallel))
         self.slots = trio.CapacityLimiter(self.sizer.parallel)  # range requests in flight
-        self.pool = ConnectionPool(timeout, getattr(client, "ca_file", None))
         self._nursery = nursery
         self._new_buffer = new_buffer
         self._locations: dict[str, BlobLocation] = {}
@@ -74,7 +75,7 @@ class RangeFetcher:
         self._emptied = trio.Event()
 
     def close(self) -> None:
-        self.pool.close()
+        self.reader.close()
 
     async def location(self, digest: str) -> BlobLocation:
         """Where ``digest`` is read now: at first where the client would send the request,
@@ -108,9 +109,7 @@ class RangeFetcher:
         if isinstance(exc, LocationRejected):
             self._refused.add(digest)
             return
-        failed = getattr(self.client, "location_failed", None)
-        if failed is not None:
-            failed(location, exc)
+        self.client.location_failed(location, exc)
 
     async def fetch(self, digest: str, start: int, lengths: Sequence[int], sink: BlockSink) -> None:
         """Receive bytes ``start`` .. ``start + sum(lengths)`` of ``digest`` block by block into
@@ -126,7 +125,7 @@ class RangeFetcher:
                 self._watching = True
                 self._nursery.start_soon(self._watch)
             try:
-                await trio.to_thread.run_sync(read_range, self.pool, location, start, lengths, sink, transfer, digest,
+                await trio.to_thread.run_sync(self.reader.read_range, location, start, lengths, sink, transfer, digest,
                                               self._new_buffer, limiter=self.threads)
                 break
             except LocationMoved as moved:

@@ -606,6 +606,17 @@ class RegistryClient:
         ttl = REDIRECT_TTL if redirected else LOCATION_TTL
         return BlobLocation(url, authorization, self.host, time.monotonic() + ttl, redirected, owner=self.origin)
 
+    def location_failed(self, location: BlobLocation, exc: Exception) -> None:
+        """A range read from ``location`` failed: nothing to do here (there is no other source
+        to turn to; the fetch that read it retries, and asks where to read afresh)."""
+
+    def suspect(self, what: str) -> None:
+        """Bytes read through this client did not match their digest: nothing to route
+        around (they came from the registry itself; the fetch reads them again)."""
+
+    def without_mirrors(self) -> RegistryClient:
+        return self
+
     async def blob_size(self, repository: str, digest: str) -> int | None:
         """HEAD a blob: its size, or None when the registry does not have it."""
         response = await self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository))

@@ -16,8 +16,9 @@ sends that those cannot answer is its refusal, which moves the read on to the ne
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypeVar
 
 import httpx
 import trio
@@ -28,6 +29,8 @@ from .client import BlobBody, RegistryClient, RetryPolicy
 from .ranges import BlobLocation
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIRROR_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, deadline=10.0)
 PENALTY_SECONDS = 30.0
@@ -66,12 +69,13 @@ class MirroredClient:
         self._down_until[mirror.host] = trio.current_time() + PENALTY_SECONDS
         log.warning("mirror %s failed (%s); using the next source for %.0fs", mirror.host, exc, PENALTY_SECONDS)
 
-    async def _first(self, operation: str, *args: object) -> object:
+    async def _first(self, call: Callable[[RegistryClient], Awaitable[T]]) -> T:
+        """``call`` on the first source that answers: each mirror in turn, then the upstream."""
         for client in self._candidates():
             if client is self.upstream:
-                return await getattr(client, operation)(*args)
+                return await call(client)
             try:
-                return await getattr(client, operation)(*args)
+                return await call(client)
             except NotFoundError as exc:
                 log.debug("mirror %s: %s; asking the next source", client.host, exc)
             except (RegistryError, IntegrityError, httpx.HTTPError) as exc:
@@ -79,19 +83,22 @@ class MirroredClient:
         raise AssertionError("unreachable")
 
     async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]:
-        return await self._first("get_manifest", repository, target)  # type: ignore[return-value]
+        return await self._first(lambda client: client.get_manifest(repository, target))
 
     async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
-        return await self._first("get_blob", repository, digest, max_size)  # type: ignore[return-value]
+        return await self._first(lambda client: client.get_blob(repository, digest, max_size))
 
     async def blob_size(self, repository: str, digest: str) -> int | None:
-        return await self._first("blob_size", repository, digest)  # type: ignore[return-value]
+        return await self._first(lambda client: client.blob_size(repository, digest))
 
     async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
-        return await self._first("locate_blob", repository, digest)  # type: ignore[return-value]
+        return await self._first(lambda client: client.locate_blob(repository, digest))
 
     async def blob_location(self, repository: str, digest: str) -> BlobLocation:
         return await self._candidates()[0].blob_location(repository, digest)
+
+    def without_mirrors(self) -> RegistryClient:
+        return self.upstream
 
     def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
         return self.upstream.moved_location(location, url)
@@ -108,7 +115,7 @@ class MirroredClient:
         return self.upstream.ca_file
 
     async def referrers(self, repository: str, digest: str) -> bytes | None:
-        return await self._first("referrers", repository, digest)  # type: ignore[return-value]
+        return await self._first(lambda client: client.referrers(repository, digest))
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,

@@ -58,7 +58,7 @@ async def gather(client: Any, model: Any) -> list[Evidence]:
     """Every signature candidate of ``model``. A registry that cannot be reached raises
     (UnavailableError); one candidate that cannot be fetched is an ``unread`` entry saying why."""
     repository, digest = model.reference.repository, model.reference.digest or ""
-    upstream = getattr(client, "upstream", client)
+    upstream = client.without_mirrors()  # referrers count only from the registry the reference names
     found: list[Evidence] = []
     for layer in model.manifest.layers:
         if _normal(layer.filepath or "") == SIGNATURE_FILE:

@@ -21,15 +21,14 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import cast
 
 import httpx
 
-from ..errors import ConnectionLostError, NotFoundError, RegistryError
+from ..errors import NotFoundError, RegistryError
 from ..registry.client import BlobBody
 from ..registry.origin import Origin
-from ..registry.protocol import RegistryReader
-from ..registry.ranges import BlobLocation, Transfer, TransferAborted, _read_body
+from ..registry.protocol import RangeReader, RegistryReader
+from ..registry.ranges import BlobLocation, Transfer, TransferAborted, receive_range
 from .faults import Faults
 
 STREAM_CHUNK = 16 << 10  # bytes per chunk of a streamed body
@@ -73,10 +72,10 @@ class FakeResponse:
         self._transfer = transfer
         self._on_sent = on_sent
 
-    def getheader(self, name: str, default: str | None = None) -> str | None:
-        return self._headers.get(name.lower(), default)
+    def getheader(self, name: str) -> str | None:
+        return self._headers.get(name.lower())
 
-    def readinto(self, view: memoryview) -> int:
+    def readinto(self, view: bytearray | memoryview) -> int:
         if self._stall_at is not None and self._at >= self._stall_at:
             self._stall()
         stop = self._end if self._stall_at is None or self._at >= self._stall_at else min(self._end, self._stall_at)
@@ -126,6 +125,8 @@ class FakeRegistry:
     streams: int = 0  # GETs of a whole blob as a stream
     locations: int = 0  # locations handed out without a request
     probes: int = 0  # locations asked of the "registry" (after a refusal)
+    suspected: list[str] = field(default_factory=list)  # what was said to have failed its digest
+    failed_locations: int = 0
     bytes_sent: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -211,32 +212,39 @@ class FakeRegistry:
     def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
         return BlobLocation(url, None, location.source, math.inf, True, owner=location.owner)
 
+    def location_failed(self, location: BlobLocation, exc: Exception) -> None:
+        self.failed_locations += 1
+
+    def suspect(self, what: str) -> None:
+        self.suspected.append(what)
+
+    def without_mirrors(self) -> FakeRegistry:
+        return self
+
     # -- ranged reads (on worker threads) ---------------------------------------------------
 
     def read_range(self, location: BlobLocation, start: int, lengths: Sequence[int],
                    on_block: Callable[[int, memoryview], None], transfer: Transfer, what: str,
-                   new_buffer: Callable[[int], memoryview] = lambda size: memoryview(bytearray(size))) -> None:
+                   new_buffer: Callable[[int], memoryview]) -> None:
         """Bytes [start, start + sum(lengths)) of the blob at ``location``, block by block into
         ``on_block``, as :func:`modelfs.registry.ranges.read_range` hands them over."""
         digest = location.url.rsplit("/", 1)[1]
-        end = start + sum(lengths)
         with self._lock:
-            self.ranges.append(RangeAsked(digest, start, end))
+            self.ranges.append(RangeAsked(digest, start, start + sum(lengths)))
             nth = len(self.ranges)
         answer = self.faults.answer(digest, nth, self._blob(digest), start, lengths)
         response = FakeResponse(answer.status, answer.body, answer.headers, transfer, answer.stall_at, answer.cut_at,
                                 self._sent)
         delivered = self.faults.on_block(digest, nth, on_block)
         try:
-            _read_body(cast(http.client.HTTPResponse, response), start, end, lengths, delivered, transfer, what,
-                       location, new_buffer)
-        except (OSError, http.client.HTTPException) as exc:
-            if transfer.reason is not None:
-                with self._lock:
-                    self.faults.aborted += 1
-                raise TransferAborted(transfer.reason) from None
-            raise ConnectionLostError(f"{what}: connection to {location.source} lost: {exc}") from None
+            receive_range(response, start, lengths, delivered, transfer, what, location, new_buffer)
+        except TransferAborted:
+            with self._lock:
+                self.faults.aborted += 1
+            raise
 
+    def close(self) -> None:
+        """Nothing kept open."""
 
-def _conforms(fake: FakeRegistry) -> RegistryReader:
-    return fake  # the type checker holds the fake to the interface it stands in for
+def _conforms(fake: FakeRegistry) -> tuple[RegistryReader, RangeReader]:
+    return fake, fake  # the type checker holds the fake to the interfaces it stands in for
