@@ -26,7 +26,7 @@ from modelfs.mount.blobreader import BlobReader
 from modelfs.mount.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
 from modelfs.mount.cache import BlockCache
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
-from modelfs.mount.stream import LayerStream
+from modelfs.mount.layerstream import LayerStream
 from modelfs.mount.trust import Mode
 from modelfs.registry import RetryPolicy
 from modelfs.spec import Descriptor, Packing
@@ -96,7 +96,7 @@ def tar_gzip(files: dict[str, bytes]) -> bytes:
 
 def layer_file(fetcher: Fetcher, layer: bytes, path: str, size: int) -> tuple[LayerStream, BlobReader]:
     descriptor = Descriptor("application/vnd.cncf.model.weight.v1.tar+gzip", digest_of(layer), len(layer))
-    stream = LayerStream(fetcher, descriptor, Packing.TAR_GZIP, "layer")
+    stream = fetcher.layer_stream(descriptor, Packing.TAR_GZIP, "layer")
     return stream, stream.target(path, size)
 
 

@@ -3,7 +3,7 @@
 - raw layers: the blob is the file, named by ``org.cncf.model.filepath``;
 - tar layers: members located by reading headers only (:mod:`modelfs.mount.tarindex`);
 - tar+gzip / tar+zstd layers: no random access, so the blob is streamed once and each
-  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.stream`).
+  member lands in a cache entry of its own as it is decompressed (:mod:`modelfs.mount.layerstream`).
 
 Every path, link and conflict across layers is decided by :class:`modelfs.tree_check.TreeCheck`,
 which ``extract`` uses too, before the mount serves anything.
@@ -25,7 +25,6 @@ from ..resolve import Model
 from ..spec import Descriptor, Packing, classify_layer
 from ..tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
 from .fetcher import BlobReader, Fetcher
-from .stream import LayerStream
 from .tarindex import Member, index_tar
 
 log = logging.getLogger(__name__)
@@ -190,7 +189,7 @@ async def _add_compressed(tree: Tree, fetcher: Fetcher, layer: Descriptor, packi
                           mode: int, mtime_ns: int) -> None:
     """modctl's one-file layers are listed from their annotations and streamed on first read;
     others are streamed now, since only their contents say which files they hold."""
-    stream = LayerStream(fetcher, layer, packing, where)
+    stream = fetcher.layer_stream(layer, packing, where)
     meta = layer.file_metadata or {}
     size = meta.get("size")
     if layer.filepath and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0"):

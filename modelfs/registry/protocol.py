@@ -23,7 +23,7 @@ from typing import Protocol
 from .client import BlobBody
 from .ranges import BlobLocation, Transfer
 
-BlockSink = Callable[[int, memoryview], None]  # (position in the range, block), on the worker thread
+OnBlock = Callable[[int, memoryview], None]  # (position in the range, block), on the worker thread
 NewBuffer = Callable[[int], memoryview]  # a buffer of that many bytes for the next block
 
 
@@ -51,7 +51,7 @@ class BlobLocator(Protocol):
 
 
 class RangeReader(Protocol):
-    def read_range(self, location: BlobLocation, start: int, lengths: Sequence[int], on_block: BlockSink,
+    def read_range(self, location: BlobLocation, start: int, lengths: Sequence[int], on_block: OnBlock,
                    transfer: Transfer, what: str, new_buffer: NewBuffer) -> None:
         """Bytes ``start .. start + sum(lengths)`` at ``location``, each block in its own new
         buffer handed to ``on_block`` as soon as it is complete; on a worker thread. Raises on
