@@ -56,7 +56,6 @@ from .mount.fetcher import Fetcher
 from .mount.metrics import render_host, serve_metrics
 from .mount.table import active_mounts, umount
 from .reference import Reference, parse
-from .registry.client import FAIL_FAST
 from .registry.mirrors import open_client
 from .resolve import check_layer_sizes, describe, fetch_model, fetch_or_cached, held_whole, record, trusted_index
 from .spec import OCI_MANIFEST, Packing
@@ -90,7 +89,8 @@ def _client(args: argparse.Namespace, reference: Reference | str, write: bool = 
     registry = reference.registry if isinstance(reference, Reference) else reference
     return open_client(registry, plain_http=_setting(args, "plain_http", registry),
                        ca_file=_setting(args, "ca_file", registry),
-                       mirrors=None if write else args.config.registry(registry).mirrors)
+                       mirrors=None if write else args.config.registry(registry).mirrors,
+                       fail_fast=args.handler is not cmd_mount)  # a mount daemon waits for its registry
 
 
 def _trust(args: argparse.Namespace, reference: Reference, verifying: bool = False) -> signing.Policy:
@@ -770,8 +770,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level or ("info" if daemon else "warning"))
 
     def run() -> int:
-        if args.handler is not cmd_mount:  # a mount daemon waits for its registry; a command says what is wrong
-            FAIL_FAST.set(True)
         _resolve_settings(args)
         _check_directories(args)  # before anything writes there (a mount's log, a pull's blobs)
         if args.log_level is None and args.config.log_level:  # the config's level, now that it is read

@@ -35,8 +35,8 @@ from collections.abc import Iterable
 import trio
 
 from ..errors import CacheError, FetchError
+from ..retry import PASS_WAIT_ROUNDS, SERVE_ROUNDS, SETTLE_ROUNDS
 from .blob import HeldBlob
-from .bounds import PASS_WAIT_ROUNDS, SERVE_ROUNDS, SETTLE_ROUNDS
 from .cache import BlockDamaged
 from .context import FetchContext
 from .flights import BlockFlights

@@ -100,10 +100,6 @@ class FilesReplaced(CacheError):
     again instead of failing the reads waiting for it."""
 
 
-# Times a whole-blob check starts again because its files were replaced under it: one prune
-# costs one more pass; files replaced again and again mean something keeps clearing them.
-REPLACED_ROUNDS = 3
-
 
 @dataclass(frozen=True)
 class BlobStats:

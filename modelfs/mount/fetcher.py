@@ -38,7 +38,7 @@ What every part shares is a :class:`~.context.FetchContext`, built here: the pol
 counters, the block buffers and the blocks in memory, the nursery the fetch tasks run in,
 the one retry loop, the count of readers waiting (prefetch steps aside for them), and two
 hooks: bytes that failed their check (mirrors are left out a while) and bytes served that
-were dropped. Every retry bound is named in :mod:`.bounds`.
+were dropped. Every retry bound is named in :mod:`modelfs.retry`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from ..errors import TRANSIENT, CacheError, FetchError
 from ..registry import RegistryReader
 from ..registry.protocol import RangeReader
 from ..registry.ranges import HttpRanges
+from ..retry import ONE_ATTEMPT
 from ..spec import Descriptor, Packing
 from .blobreader import BlobReader
 from .blockindex import ALGORITHMS, TrustedIndex
@@ -134,7 +135,7 @@ class Fetcher:
             return self.reader(layer.digest, layer.size).sink if self.cache.holds(layer.digest) else None
 
         origin = LayerOrigin(self.cache.entry, self.cache.claims_path(layer.digest), cached,
-                             lambda: self.client.stream_blob(self.repository, layer.digest))
+                             lambda: self.client.stream_blob(self.repository, layer.digest, retry=ONE_ATTEMPT))
         return LayerStream(self.ctx, layer, packing, where, origin)
 
     def pinned(self) -> set[str]:

@@ -21,11 +21,10 @@ from dataclasses import dataclass
 import trio
 
 from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
-from ..registry import single_attempt
 from ..registry.client import BlobBody
+from ..retry import REPLACED_ROUNDS
 from ..spec import Descriptor, Packing
 from .blobreader import BlobReader
-from .bounds import REPLACED_ROUNDS
 from .cache import FilesReplaced
 from .context import FetchContext
 from .layerpeers import LayerClaim, follow_peer
@@ -201,7 +200,7 @@ class LayerStream:
         members: list[Member] = []
         try:
             guard = StallGuard(self.ctx.timeout)
-            with guard.scope, single_attempt():  # _run_logged retries, by the one policy
+            with guard.scope:  # the request is sent once (ONE_ATTEMPT): _run_logged retries, by the one policy
                 async with self._open_layer() as chunks:
                     source = StreamSource(chunks, self.packing, self.where)
                     source.on_progress = guard.fed

@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 import trio
 
 from ..errors import ConnectionLostError, FetchError, UnavailableError
-from ..registry import single_attempt
 from ..registry.protocol import BlobLocator, OnBlock, RangeReader
 from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, RangeRefused, Transfer
-from .bounds import MAX_REDIRECTS
+from ..retry import ONE_ATTEMPT, RANGE_REDIRECTS
 from .cache import aligned_buffer
 from .readahead import RequestSizer
 
@@ -71,8 +70,8 @@ class Transfers:
         if found is None or time.monotonic() >= found.expires:
             with trio.move_on_after(self.timeout) as deadline:
                 if digest in self._refused:
-                    with single_attempt():  # the fetch that asked retries, by the one policy
-                        found = await self.client.locate_blob(self.repository, digest)
+                    # sent once: the fetch that asked retries, by the one policy
+                    found = await self.client.locate_blob(self.repository, digest, retry=ONE_ATTEMPT)
                     self._refused.discard(digest)
                 else:
                     found = await self.client.blob_location(self.repository, digest)
@@ -100,7 +99,7 @@ class Transfers:
         location = await self.location(digest)
         started = time.monotonic()
         reprobed = False
-        for _ in range(MAX_REDIRECTS):
+        for _ in range(RANGE_REDIRECTS):
             transfer = Transfer()
             self._active.add(transfer)
             if not self._watching:
@@ -130,7 +129,7 @@ class Transfers:
                 if not self._active:
                     self._emptied.set()
         else:
-            raise FetchError(f"{digest}: more than {MAX_REDIRECTS} redirects for one range")
+            raise FetchError(f"{digest}: more than {RANGE_REDIRECTS} redirects for one range")
         self.sizer.record(sum(lengths), time.monotonic() - started)
         self.slots.total_tokens = self.sizer.parallel
 

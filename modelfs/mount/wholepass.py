@@ -16,7 +16,7 @@ import logging
 import trio
 
 from ..errors import TRANSIENT, CacheError, IntegrityError
-from .bounds import REPLACED_ROUNDS, WHOLE_ROUNDS
+from ..retry import REPLACED_ROUNDS, WHOLE_ROUNDS
 from .cache import FilesReplaced
 from .context import FetchContext, call_soon
 from .sink import PassSink

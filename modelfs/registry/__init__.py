@@ -1,6 +1,7 @@
 """OCI distribution client on trio + httpx."""
 
-from .client import RegistryClient, RetryPolicy, brief_retries, single_attempt, tune_httpcore
+from ..retry import RetryPolicy
+from .client import RegistryClient, tune_httpcore
 from .protocol import RegistryReader
 
-__all__ = ["RegistryClient", "RegistryReader", "RetryPolicy", "brief_retries", "single_attempt", "tune_httpcore"]
+__all__ = ["RegistryClient", "RegistryReader", "RetryPolicy", "tune_httpcore"]

@@ -11,17 +11,13 @@ read whole, bounded after decoding (:mod:`.bounded`).
 
 from __future__ import annotations
 
-import contextvars
-import dataclasses
 import hashlib
 import logging
-import random
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -37,6 +33,7 @@ from ..errors import (
     TLSError,
     UnavailableError,
 )
+from ..retry import REQUEST_REDIRECTS, SMALL_BLOB_ATTEMPTS, RetryPolicy
 from ..spec import MANIFEST_ACCEPT
 from .auth import TokenCache, parse_challenge
 from .bounded import read_bounded
@@ -52,6 +49,11 @@ READ_SIZE = 1 << 20
 # and that refusal resolves it again too. On the registry's own origin, a refused token does.
 REDIRECT_TTL = 60.0
 LOCATION_TTL = 300.0
+# httpx's timeouts on the control plane: each connect, and each socket read or write, of a
+# request (a whole request is bounded by its RetryPolicy's deadline, a cancel scope: a server
+# answering a byte at a time never trips these).
+CONTROL_TIMEOUT = 30.0
+CONNECT_TIMEOUT = 10.0
 _REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -110,58 +112,6 @@ class BlobBody:
 
 # Distribution caps manifests at 4 MiB; tokens, listings and error bodies are far smaller
 MAX_BODY_BYTES = 8 << 20
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 6
-    base_delay: float = 0.2
-    max_delay: float = 5.0
-    # seconds for all of one request: connect, auth (the token fetch), headers, a body read
-    # whole, every retry. A cancel scope, not a socket timeout: a server answering a byte at a
-    # time never trips a read timeout, and held a mount's request slots for as long as it went on.
-    deadline: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_delay * 4)
-        backoff = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
-        return backoff * (0.5 + random.random() / 2)
-
-
-BRIEF_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.2, deadline=10.0)
-_brief = contextvars.ContextVar("modelfs_brief_retries", default=False)
-_single = contextvars.ContextVar("modelfs_single_attempt", default=False)
-
-
-@contextmanager
-def single_attempt() -> Iterator[None]:
-    """Requests made in this block are sent once: the caller's own loop retries, with the
-    same :class:`RetryPolicy`, so a struggling registry sees one policy's attempts, not the
-    product of two (the fetcher's retries of a range times the client's of each request)."""
-    token = _single.set(True)
-    try:
-        yield
-    finally:
-        _single.reset(token)
-
-
-@contextmanager
-def brief_retries() -> Iterator[None]:
-    """Requests for optional data (the block index) made in this block try twice, not for a
-    minute: the caller copes without the answer, and a mount should not wait on a dead
-    upstream for something a mirror did not have."""
-    token = _brief.set(True)
-    try:
-        yield
-    finally:
-        _brief.reset(token)
-
-
-# A command run by hand (not a mount daemon, which waits for a registry to come back) gives
-# up at once on a registry that refuses connections or a host name that does not resolve:
-# retrying those for a minute only hides the typo.
-FAIL_FAST = contextvars.ContextVar("modelfs_fail_fast", default=False)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -246,7 +196,7 @@ def _deadline(seconds: float, problem: Callable[[], str]) -> Iterator[None]:
 
 class RegistryClient:
     def __init__(self, registry: str, credentials: CredentialStore | None = None, *, plain_http: bool = False,
-                 ca_file: str | None = None, retry: RetryPolicy | None = None, timeout: float = 30.0,
+                 ca_file: str | None = None, retry: RetryPolicy | None = None, timeout: float = CONTROL_TIMEOUT,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         from ..reference import DOCKER_HUB, DOCKER_HUB_API
         self.registry = registry
@@ -261,7 +211,7 @@ class RegistryClient:
         self._tokens = TokenCache()
         self._basic = False
         self.ca_file = ca_file
-        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0), pool=None)
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT), pool=None)
         self._transport = transport
         self._http: httpx.AsyncClient | None = None
 
@@ -367,7 +317,7 @@ class RegistryClient:
         """Send one request, following redirects; ``Authorization`` never leaves our origin."""
         assert self._http is not None
         headers = self.origin.restrict(url, headers)
-        for _ in range(6):
+        for _ in range(REQUEST_REDIRECTS):
             body = content() if content is not None else None
             request = self._http.build_request(method, url, headers=headers, content=body)
             response = await self._http.send(request, stream=True)
@@ -380,24 +330,21 @@ class RegistryClient:
                 method, content = "GET", None
         raise RegistryError(f"{self.registry}: too many redirects for {method} {url}")
 
-    def _policy(self) -> RetryPolicy:
-        """The retry policy in force here (see :func:`single_attempt`, :func:`brief_retries`)."""
-        if _single.get():
-            return dataclasses.replace(self.retry, attempts=1)
-        return BRIEF_RETRY if _brief.get() else self.retry
-
     async def request(self, method: str, path: str, *, scope: str, headers: dict[str, str] | None = None,
-                      content: ContentFactory | None = None, stream: bool = False) -> httpx.Response:
-        """Send with auth, redirects and retries, all within the policy's deadline. With
-        ``stream``, a 2xx answer comes back unread (the caller reads and closes it); any other
-        is read whole (bounded) like every answer without ``stream``.
+                      content: ContentFactory | None = None, stream: bool = False,
+                      retry: RetryPolicy | None = None) -> httpx.Response:
+        """Send with auth, redirects and retries, all within the policy's deadline: the
+        client's own, tightened by ``retry`` where the caller passes one
+        (:meth:`~modelfs.retry.RetryPolicy.within`). With ``stream``, a 2xx answer comes back
+        unread (the caller reads and closes it); any other is read whole (bounded) like every
+        answer without ``stream``.
 
         An upload (``content``) has no overall deadline: its time grows with its size, and
         httpx's timeouts bound each step of it."""
         if self._http is None:
             raise RuntimeError("RegistryClient used outside 'async with'")
         url = path if path.startswith(("http://", "https://")) else self.base_url + path
-        retry = self._policy()
+        retry = self.retry.within(retry)
         if content is not None:
             return await self._attempts(method, url, path, scope, headers, content, stream, retry)
         with _deadline(retry.deadline, lambda: f"{self.host} did not answer {method} {urlsplit(path).path} within "
@@ -423,7 +370,7 @@ class RegistryClient:
                     raise TLSError(f"TLS certificate of {self.host} is not trusted ({exc}); pass --ca-file, "
                                    "or --plain-http if the registry speaks plain HTTP") from None
                 problem, worth_retrying = _transport_problem(exc, self.host)
-                if not worth_retrying and FAIL_FAST.get():
+                if not worth_retrying and retry.fail_fast:
                     raise UnavailableError(problem) from None
             else:
                 if response.status_code == 401 and not authenticated and self.origin.owns(response.url):
@@ -497,10 +444,11 @@ class RegistryClient:
         if response.status_code != 200:
             self._raise_for(response, "the API root /v2/")
 
-    async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]:
+    async def get_manifest(self, repository: str, target: str, retry: RetryPolicy | None = None
+                           ) -> tuple[bytes, str, str]:
         """Fetch a manifest; returns (bytes, media type, digest), the digest checked."""
         response = await self.request("GET", f"/v2/{repository}/manifests/{target}", scope=self.scope(repository),
-                                      headers={"Accept": MANIFEST_ACCEPT})
+                                      headers={"Accept": MANIFEST_ACCEPT}, retry=retry)
         if response.status_code != 200:
             self._raise_for(response, f"manifest {repository}:{target}" if not target.startswith("sha256:") else f"manifest {repository}@{target}")
         data = response.content
@@ -512,24 +460,25 @@ class RegistryClient:
             raise IntegrityError(f"manifest {repository}:{target}: registry claims {claimed}, bytes hash to {digest}")
         return data, response.headers.get("content-type", "").split(";")[0], digest
 
-    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
+    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20,
+                       retry: RetryPolicy | None = None) -> bytes:
         """Fetch a small blob whole (config, index) and verify its digest; bytes that do not
         match (corrupted on the way) are fetched again, twice at most. All of it within the
         policy's deadline: its body is read whole, and a trickle must not hold the caller."""
-        seconds = self._policy().deadline
+        seconds = self.retry.within(retry).deadline
         with _deadline(seconds, lambda: f"{self.host} did not send blob {digest} within {seconds:g}s (gave up)"):
-            for attempt in range(3):
+            for attempt in range(1, SMALL_BLOB_ATTEMPTS + 1):
                 try:
-                    return await self._get_blob_once(repository, digest, max_size)
+                    return await self._get_blob_once(repository, digest, max_size, retry)
                 except (IntegrityError, ConnectionLostError) as exc:
-                    if attempt == 2:
+                    if attempt == SMALL_BLOB_ATTEMPTS:
                         raise
                     log.warning("%s; fetching it again", exc)
         raise AssertionError("unreachable")
 
-    async def _get_blob_once(self, repository: str, digest: str, max_size: int) -> bytes:
+    async def _get_blob_once(self, repository: str, digest: str, max_size: int, retry: RetryPolicy | None) -> bytes:
         chunks, total = [], 0
-        async with self.stream_blob(repository, digest) as response:
+        async with self.stream_blob(repository, digest, retry=retry) as response:
             async for chunk in response.aiter_raw():
                 total += len(chunk)
                 if total > max_size:
@@ -542,14 +491,14 @@ class RegistryClient:
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                          end: int | None = None) -> AsyncIterator[BlobBody]:
+                          end: int | None = None, retry: RetryPolicy | None = None) -> AsyncIterator[BlobBody]:
         """Open a blob (or bytes [start, end)) for streaming; checks the Content-Range."""
         headers = {}
         ranged = start is not None
         if ranged:
             headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         response = await self.request("GET", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository),
-                                      headers=headers, stream=True)
+                                      headers=headers, stream=True, retry=retry)
         try:
             if response.status_code == 416:
                 raise RegistryError(f"{self.registry}: range {start}-{end} is outside blob {digest}")
@@ -587,14 +536,14 @@ class RegistryClient:
         return BlobLocation(url, location.owner.allow(url, location.authorization), location.source,
                             time.monotonic() + REDIRECT_TTL, redirected=True, owner=location.owner)
 
-    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
+    async def locate_blob(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> BlobLocation:
         """Where worker threads read ranges of a blob, asked of the registry: the URL a GET
         ends at after redirects, with ``Authorization`` only if that URL is on our own origin.
         One ranged GET of a single byte, through auth, redirects and retries like any request
         (after a worker was refused: an expired token, a mirror without the blob)."""
         path = f"/v2/{repository}/blobs/{digest}"
         response = await self.request("GET", path, scope=self.scope(repository), headers={"Range": "bytes=0-0"},
-                                      stream=True)
+                                      stream=True, retry=retry)
         try:
             if response.status_code not in (200, 206):
                 self._raise_for(response, f"blob {digest} in {repository}")  # read whole by request()
@@ -617,9 +566,10 @@ class RegistryClient:
     def without_mirrors(self) -> RegistryClient:
         return self
 
-    async def blob_size(self, repository: str, digest: str) -> int | None:
+    async def blob_size(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> int | None:
         """HEAD a blob: its size, or None when the registry does not have it."""
-        response = await self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository))
+        response = await self.request("HEAD", f"/v2/{repository}/blobs/{digest}", scope=self.scope(repository),
+                                      retry=retry)
         if response.status_code == 404:
             return None
         if response.status_code != 200:
@@ -674,10 +624,10 @@ class RegistryClient:
         if response.status_code != 201:
             self._raise_for(response, f"upload of {digest}")
 
-    async def referrers(self, repository: str, digest: str) -> bytes | None:
+    async def referrers(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> bytes | None:
         """The referrers API listing for ``digest``, or None where the registry lacks the API."""
         response = await self.request("GET", f"/v2/{repository}/referrers/{digest}", scope=self.scope(repository),
-                                      headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+                                      headers={"Accept": "application/vnd.oci.image.index.v1+json"}, retry=retry)
         if response.status_code == 200 and "json" in response.headers.get("content-type", ""):
             return response.content
         if response.status_code in (404, 405, 400):

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
+from ..retry import RetryPolicy
 from .client import BlobBody
 from .ranges import BlobLocation, Transfer
 
@@ -35,9 +36,9 @@ class BlobLocator(Protocol):
     async def blob_location(self, repository: str, digest: str) -> BlobLocation:
         """Where ranges of ``digest`` are read first, without a request of its own."""
 
-    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
+    async def locate_blob(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> BlobLocation:
         """Where ranges of ``digest`` are read, asked of the registry (auth renewed, redirects
-        followed); once per attempt: the caller retries."""
+        followed)."""
 
     def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
         """The location a redirect of ``location`` to ``url`` points to."""
@@ -64,16 +65,21 @@ class RangeReader(Protocol):
 class RegistryReader(BlobLocator, Protocol):
     registry: str
 
-    async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]: ...
+    # ``retry``: a tighter policy for this one request than the client's own (fewer attempts, a
+    # shorter deadline, failing fast: :meth:`~modelfs.retry.RetryPolicy.within`), never a looser one
 
-    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes: ...
+    async def get_manifest(self, repository: str, target: str, retry: RetryPolicy | None = None
+                           ) -> tuple[bytes, str, str]: ...
 
-    async def blob_size(self, repository: str, digest: str) -> int | None: ...
+    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20,
+                       retry: RetryPolicy | None = None) -> bytes: ...
 
-    async def referrers(self, repository: str, digest: str) -> bytes | None: ...
+    async def blob_size(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> int | None: ...
 
-    def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                    end: int | None = None) -> AbstractAsyncContextManager[BlobBody]: ...
+    async def referrers(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> bytes | None: ...
+
+    def stream_blob(self, repository: str, digest: str, start: int | None = None, end: int | None = None,
+                    retry: RetryPolicy | None = None) -> AbstractAsyncContextManager[BlobBody]: ...
 
     def without_mirrors(self) -> RegistryReader:
         """The client of the registry the reference names, never a mirror: for what only its

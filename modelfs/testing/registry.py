@@ -29,6 +29,7 @@ from ..registry.client import BlobBody
 from ..registry.origin import Origin
 from ..registry.protocol import RangeReader, RegistryReader
 from ..registry.ranges import BlobLocation, Transfer, TransferAborted, receive_range
+from ..retry import RetryPolicy
 from .faults import Faults
 
 STREAM_CHUNK = 16 << 10  # bytes per chunk of a streamed body
@@ -159,30 +160,32 @@ class FakeRegistry:
 
     # -- the control plane ----------------------------------------------------------------
 
-    async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]:
+    async def get_manifest(self, repository: str, target: str, retry: RetryPolicy | None = None
+                           ) -> tuple[bytes, str, str]:
         try:
             data, media_type = self.manifests[(repository, target)]
         except KeyError:
             raise NotFoundError(f"manifest {repository}:{target} not found on {self.registry}") from None
         return data, media_type, digest_of(data)
 
-    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
+    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20,
+                       retry: RetryPolicy | None = None) -> bytes:
         data = self._blob(digest)
         if len(data) > max_size:
             raise RegistryError(f"blob {digest} is larger than {max_size} bytes; refusing to load it whole")
         self._sent(len(data))
         return data
 
-    async def blob_size(self, repository: str, digest: str) -> int | None:
+    async def blob_size(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> int | None:
         data = self.blobs.get(digest)
         return None if data is None else len(data)
 
-    async def referrers(self, repository: str, digest: str) -> bytes | None:
+    async def referrers(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> bytes | None:
         return None
 
     @asynccontextmanager
-    async def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                          end: int | None = None) -> AsyncIterator[BlobBody]:
+    async def stream_blob(self, repository: str, digest: str, start: int | None = None, end: int | None = None,
+                          retry: RetryPolicy | None = None) -> AsyncIterator[BlobBody]:
         data = self._blob(digest)[start or 0:end]
         with self._lock:
             self.streams += 1
@@ -204,7 +207,7 @@ class FakeRegistry:
         self.locations += 1
         return self._location(repository, digest)
 
-    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
+    async def locate_blob(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> BlobLocation:
         self.probes += 1
         self._blob(digest)
         return self._location(repository, digest)
