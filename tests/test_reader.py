@@ -62,11 +62,13 @@ def index_of(*blobs: bytes, vouched: bool = True) -> TrustedIndex:
 
 @asynccontextmanager
 async def data_path(root, fake: FakeRegistry, verify: str = "full", index: TrustedIndex | None = None,
-                    wait: float = 30.0, attempts: int = 3, backoff: float = 0.5) -> AsyncIterator[Fetcher]:
-    """One mount's data path over the fake, its fetch tasks in a nursery closed at the end."""
+                    wait: float = 30.0, stall: float | None = None, attempts: int = 3, backoff: float = 0.5
+                    ) -> AsyncIterator[Fetcher]:
+    """One mount's data path over the fake, its fetch tasks in a nursery closed at the end
+    (``wait``: the read deadline; ``stall``: the stall window)."""
     cache = BlockCache(str(root), block_size=BS)
-    policy = FetchPolicy(timeout=wait, retry=RetryPolicy(attempts=attempts, base_delay=backoff, max_delay=4 * backoff),
-                         workers=2, verify=verify)
+    policy = FetchPolicy(timeout=wait, stall_timeout=stall, workers=2, verify=verify,
+                         retry=RetryPolicy(attempts=attempts, base_delay=backoff, max_delay=4 * backoff))
     async with trio.open_nursery() as nursery:
         fetcher = Fetcher(cache, fake, REPOSITORY, nursery, policy, index=index, range_reader=fake)
         try:
@@ -231,36 +233,55 @@ async def test_a_range_that_dies_mid_body_resumes_after_its_last_delivered_block
     assert fetcher.stats.retries == 1
 
 
-async def test_a_stalled_range_is_aborted_and_the_blocks_come_by_another(tmp_path, fake):
-    """In real time: the transfers' watchdog reads the monotonic clock."""
+@pytest.mark.parametrize("mode", ["index", "whole"])
+async def test_a_stalled_range_is_aborted_after_the_stall_window_and_the_read_still_succeeds(clock, tmp_path, fake, mode):
+    """The stall window (10 s) below the read deadline (30 s): the watchdog aborts the range
+    that stalled after two blocks, another resumes after them, and the read that waited gets
+    its bytes; all in virtual time."""
     data = blob()
     digest = fake.add_blob(data)
     fake.faults.stall(nth=1, after_blocks=2)
-    async with data_path(tmp_path, fake, index=index_of(data), wait=1.0, backoff=0.05) as fetcher:
+    index = index_of(data) if mode == "index" else None
+    async with data_path(tmp_path, fake, index=index, wait=30, stall=10) as fetcher:
         reader = fetcher.reader(digest, len(data))
-        try:
+        started = trio.current_time()
+        assert await reader.read(0, len(data)) == data
+        assert 10 <= trio.current_time() - started < 30
+    assert fake.faults.aborted == 1
+    assert [asked.start for asked in fake.ranges_of(digest)] == [0, 2 * BS]
+    assert fake.bytes_sent == len(data)
+
+
+async def test_with_one_timeout_for_both_a_stalled_range_fails_the_read_then_is_retried(clock, tmp_path, fake):
+    """``--timeout`` alone is both the read deadline and the stall window, as before they had
+    names: the read that waited fails with EIO; the range is retried and the next read served."""
+    data = blob()
+    digest = fake.add_blob(data)
+    fake.faults.stall(nth=1, after_blocks=2)
+    async with data_path(tmp_path, fake, index=index_of(data), wait=10) as fetcher:
+        reader = fetcher.reader(digest, len(data))
+        with pytest.raises(FetchError, match="timed out after 10s"):
             await reader.read(0, len(data))
-        except FetchError:
-            await trio.sleep(0.6)  # the read's deadline is the stall window: it may pass first
+        await trio.sleep(5)
         assert await reader.read(0, len(data)) == data
     assert fake.faults.aborted == 1
-    assert [asked.start for asked in fake.ranges_of(digest)][:2] == [0, 2 * BS]
 
 
-async def test_a_stalled_compressed_stream_is_given_up_and_streamed_again(clock, tmp_path, fake):
+@pytest.mark.parametrize("stall", [None, 10.0])
+async def test_a_stalled_compressed_stream_is_given_up_and_streamed_again(clock, tmp_path, fake, stall):
     files = {"w.bin": blob(6)}
     layer = tar_gzip(files)
     fake.add_blob(layer)
     fake.faults.stall_stream(nth=1, after=len(layer) // 3)
-    async with data_path(tmp_path, fake, wait=20) as fetcher:
-        started = trio.current_time()
+    async with data_path(tmp_path, fake, wait=20, stall=stall) as fetcher:
         _, reader = layer_file(fetcher, layer, "w.bin", len(files["w.bin"]))
-        try:
-            await reader.read(0, len(files["w.bin"]))
-        except FetchError:
-            await trio.sleep(1)  # the read's deadline is the stall window: it may pass first
+        started = trio.current_time()
+        if stall is None:  # one timeout for both: the reader's deadline passes with the stream's guard
+            with pytest.raises(FetchError, match="no progress"):
+                await reader.read(0, len(files["w.bin"]))
+            await trio.sleep(1)
         assert await reader.read(0, len(files["w.bin"])) == files["w.bin"]
-        assert 20 <= trio.current_time() - started < 40  # virtual seconds: the guard's window, then a retry
+        assert (stall or 20) <= trio.current_time() - started < 40
     assert fake.streams == 2
 
 

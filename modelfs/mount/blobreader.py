@@ -161,10 +161,10 @@ class BlobReader:
             if self.whole_mode:
                 await self.passes.wait(lambda: all(self.servable(i) for i in blocks),
                                        lambda: self.source.schedule(self.sink, blocks),
-                                       self.ctx.timeout, PASS_WAIT_ROUNDS)
+                                       self.ctx.read_deadline, PASS_WAIT_ROUNDS)
             else:
                 self.source.schedule(self.sink, blocks, foreground)
-                await self.flights.wait(blocks, self.servable, foreground, self.ctx.timeout)
+                await self.flights.wait(blocks, self.servable, foreground, self.ctx.read_deadline)
         finally:
             if foreground:
                 self.ctx.gate.foreground(-1)

@@ -105,8 +105,8 @@ class FetchContext:
     index_vouched: bool = False  # the mount's block index is named by the manifest
 
     @property
-    def timeout(self) -> float:
-        return self.policy.timeout
+    def read_deadline(self) -> float:
+        return self.policy.read_deadline
 
     def cache_write_failed(self, exc: CacheError) -> None:
         """A block could not be stored: served from memory, said once (and every 1000th)."""

@@ -48,6 +48,7 @@ class MountOptions:
     prefetch: str = "all"
     allow_other: bool = False
     timeout: float = 120.0
+    stall_timeout: float | None = None  # None: the timeout (see policy.py)
     workers: int = 0  # threads doing per-byte work; 0: one per core available
     read_ahead_kb: int = 4096
     ready_fd: int | None = None
@@ -247,7 +248,8 @@ async def serve(options: MountOptions) -> None:
                 report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
             async with trio.open_nursery() as nursery:
                 fetcher = Fetcher(cache, client, reference.repository, nursery,
-                                  FetchPolicy(timeout=options.timeout, verify=options.verify, workers=options.workers), index=index)
+                                  FetchPolicy(timeout=options.timeout, stall_timeout=options.stall_timeout,
+                                              verify=options.verify, workers=options.workers), index=index)
                 log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
                          fetcher.ranges.workers, available_cores())
                 if options.verify == "lazy":

@@ -86,9 +86,11 @@ class Fetcher:
         self.buffers = BlockBuffers(cache.block_size, keep=self.policy.recent_blocks + 64)
         self.recent = RecentBlocks(self.policy.recent_blocks, self.buffers)
         self._nursery = nursery
-        self.ranges = Transfers(client, range_reader or HttpRanges(self.policy.timeout, client.ca_file), repository,
-                                self.spawn, self.policy.timeout, self.policy.worker_count, cache.block_size,
-                                self.policy.readahead_max, self.buffers.take)
+        # the data plane's sockets time out with the stall window: a read blocked that long is a stall
+        range_reader = range_reader or HttpRanges(self.policy.stall_window, client.ca_file)
+        self.ranges = Transfers(client, range_reader, repository, self.spawn, self.policy.worker_count,
+                                cache.block_size, self.policy.readahead_max, stall_window=self.policy.stall_window,
+                                lookup_deadline=self.policy.read_deadline, new_buffer=self.buffers.take)
         self.stats.workers = self.ranges.workers
         self.ctx = FetchContext(self.policy, self.stats, self.buffers, self.recent, self.ranges.sizer, self.spawn,
                                 Retrier(self.policy, self.stats), ForegroundGate(), self.wrong_bytes, self.pages_stale,

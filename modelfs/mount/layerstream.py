@@ -191,7 +191,7 @@ class LayerStream:
         makes progress, and stream here only if it stops or fails."""
         with contextlib.closing(LayerClaim(self.origin.claims_path)) as claim:
             if not claim.take():
-                if await follow_peer(claim, self._sinks().values(), self.ctx.timeout, self.where):
+                if await follow_peer(claim, self._sinks().values(), self.ctx.read_deadline, self.where):
                     return
                 claim.take()  # the peer let go, failed or stalled: stream here, holding it if we can
             await self._run()
@@ -199,7 +199,7 @@ class LayerStream:
     async def _run(self) -> list[Member]:
         members: list[Member] = []
         try:
-            guard = StallGuard(self.ctx.timeout)
+            guard = StallGuard(self.ctx.policy.stall_window)
             with guard.scope:  # the request is sent once (ONE_ATTEMPT): _run_logged retries, by the one policy
                 async with self._open_layer() as chunks:
                     source = StreamSource(chunks, self.packing, self.where)

@@ -6,7 +6,7 @@ checked there against the reader's trust before it is written and delivered
 
 A failed run resumes after its last delivered block: what a dead worker delivered stays
 delivered. Other processes fetching the same blocks are waited on through their claims
-(claims.py), for a share of the read's timeout at most.
+(claims.py), for a share of the read deadline at most.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class RangeRuns:
         attempt = 0
         try:
             async with self.transfers.slots:
-                with contextlib.closing(_RunClaims(sink, self.ctx.timeout)) as claims:
+                with contextlib.closing(_RunClaims(sink, self.ctx.read_deadline)) as claims:
                     while position[0] <= last:
                         while position[0] <= last and sink.settle_present(position[0]):
                             position[0] += 1
@@ -85,14 +85,14 @@ class RangeRuns:
 
 class _RunClaims:
     """The claims of one run on blocks other processes may be fetching (see claims.py): a
-    peer is waited on for :func:`~.claims.peer_wait` of the mount's timeout in all per run,
+    peer is waited on for :func:`~.claims.peer_wait` of the read deadline in all per run,
     then ignored. Without a claims file (it cannot be opened) the run fetches regardless."""
 
-    def __init__(self, sink: BlockSink, timeout: float) -> None:
+    def __init__(self, sink: BlockSink, read_deadline: float) -> None:
         self.digest = sink.digest
         self.claims: PeerClaims | None = None
         self.patience: float | None = None  # when waiting on peers ends
-        self.wait = peer_wait(timeout)
+        self.wait = peer_wait(read_deadline)
         try:
             self.claims = PeerClaims(sink.claims_path)
         except OSError as exc:

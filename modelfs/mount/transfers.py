@@ -8,8 +8,9 @@ worker thread, and watches it. The worker receives each block into its own buffe
 then tells the loop that the block is there. So receiving, checking and storing run in
 parallel on as many cores as there are workers, and a block reaches a reader only checked.
 
-A transfer that delivers no block within the timeout is aborted (its socket shut down, so
-the worker returns at once): a trickling server cannot hold a worker for hours. Cancelling
+A transfer that delivers no block within the stall window is aborted (its socket shut down,
+so the worker returns at once): a trickling server cannot hold a worker for hours. The
+watchdog reads trio's clock (a test's virtual one), the workers too when they mark progress. Cancelling
 the fetch (unmount) aborts it the same way, so no worker outlives the mount's nursery.
 """
 
@@ -37,10 +38,12 @@ class Transfers:
     """The range requests of one mount: blob locations, worker threads, one watchdog over
     the transfers in flight, and the request sizing learned from how they went."""
 
-    def __init__(self, client: BlobLocator, reader: RangeReader, repository: str, spawn: Callable[..., None], timeout: float,
-                 workers: int, block_size: int, window_cap: int,
+    def __init__(self, client: BlobLocator, reader: RangeReader, repository: str, spawn: Callable[..., None],
+                 workers: int, block_size: int, window_cap: int, *, stall_window: float, lookup_deadline: float,
                  new_buffer: Callable[[int], memoryview] = aligned_buffer) -> None:
-        self.client, self.reader, self.repository, self.timeout = client, reader, repository, timeout
+        self.client, self.reader, self.repository = client, reader, repository
+        self.stall_window, self.lookup_deadline = stall_window, lookup_deadline
+        self._clock = trio.lowlevel.current_clock()
         self.workers = max(1, workers)
         self.sizer = RequestSizer(block_size, self.workers, window_cap)
         # threads: a worker waiting on a slow connection costs nothing, so the slow-link
@@ -63,12 +66,12 @@ class Transfers:
         with no request of its own; after a refusal, what the registry answers to a probe
         (auth renewed, redirects followed). Reused until it expires or fails.
 
-        Asked within the mount's timeout: the caller holds a request slot, and a probe (or the
+        Asked within the read deadline: the caller holds a request slot, and a probe (or the
         token fetch behind it) answered a byte at a time held every slot for as long as the
         trickle went on, long after the registry healed."""
         found = self._locations.get(digest)
         if found is None or time.monotonic() >= found.expires:
-            with trio.move_on_after(self.timeout) as deadline:
+            with trio.move_on_after(self.lookup_deadline) as deadline:
                 if digest in self._refused:
                     # sent once: the fetch that asked retries, by the one policy
                     found = await self.client.locate_blob(self.repository, digest, retry=ONE_ATTEMPT)
@@ -77,7 +80,7 @@ class Transfers:
                     found = await self.client.blob_location(self.repository, digest)
             if deadline.cancelled_caught or found is None:
                 raise UnavailableError(f"{digest}: no answer from the registry on where to read it within "
-                                       f"{self.timeout:g}s")
+                                       f"{self.lookup_deadline:g}s")
             self._locations[digest] = found
         return found
 
@@ -100,7 +103,7 @@ class Transfers:
         started = time.monotonic()
         reprobed = False
         for _ in range(RANGE_REDIRECTS):
-            transfer = Transfer()
+            transfer = Transfer(self._clock.current_time)
             self._active.add(transfer)
             if not self._watching:
                 self._watching = True
@@ -134,17 +137,17 @@ class Transfers:
         self.slots.total_tokens = self.sizer.parallel
 
     async def _watch(self) -> None:
-        """Abort a transfer when no block of it arrived within the timeout, and every one when
+        """Abort a transfer when no block of it arrived within the stall window, and every one when
         the mount's nursery is cancelled (unmount): either way its worker returns at once."""
         try:
             while self._active:
                 self._emptied = trio.Event()
-                with trio.move_on_after(min(1.0, self.timeout / 4)):
+                with trio.move_on_after(min(1.0, self.stall_window / 4)):
                     await self._emptied.wait()  # nothing left to watch: end now (a pull's nursery can close)
-                now = time.monotonic()
+                now = self._clock.current_time()
                 for transfer in list(self._active):
-                    if now - transfer.last_progress > self.timeout:
-                        transfer.abort(f"no block arrived within {self.timeout:g}s (server stalled or trickling)")
+                    if now - transfer.last_progress > self.stall_window:
+                        transfer.abort(f"no block arrived within {self.stall_window:g}s (server stalled or trickling)")
         except trio.Cancelled:
             for transfer in list(self._active):
                 transfer.abort(CANCELLED)

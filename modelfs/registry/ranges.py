@@ -75,13 +75,19 @@ class TransferAborted(ConnectionLostError):
 @dataclass(eq=False)
 class Transfer:
     """One range request in a worker thread, as the trio side sees it: progress to watch, and
-    ``abort`` to stop it from outside."""
+    ``abort`` to stop it from outside. ``clock``: the watcher's (trio's, read from the worker
+    thread; a test's virtual one)."""
 
-    last_progress: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    last_progress: float = -1.0
     blocks: int = 0
     reason: str | None = None
     _sock: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.last_progress < 0:
+            self.last_progress = self.clock()
 
     def attach(self, sock: socket.socket | None) -> None:
         with self._lock:
@@ -91,7 +97,7 @@ class Transfer:
 
     def progressed(self) -> None:
         self.blocks += 1
-        self.last_progress = time.monotonic()
+        self.last_progress = self.clock()
         if self.reason is not None:
             raise TransferAborted(self.reason)
 
