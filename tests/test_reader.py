@@ -351,3 +351,48 @@ async def test_a_block_another_process_stores_while_ours_is_on_the_way_is_adopte
         entry = fetcher.cache.entry(digest, len(data))
         assert entry.trusted(3, index.index.blobs[digest][3])
         assert entry.read_block(3) == block  # what is on disk under a delivered block is what was checked
+
+
+# -- what is retried: declared per error class ----------------------------------------------
+
+
+def test_retryable_errors_are_declared_by_their_class():
+    from modelfs.errors import (
+        AuthenticationError,
+        CacheError,
+        ConnectionLostError,
+        DamagedStreamError,
+        IntegrityError,
+        ManifestError,
+        NotFoundError,
+        RegistryError,
+        TLSError,
+        permanent,
+    )
+    from modelfs.registry.ranges import LocationRejected, RangeRefused, TransferAborted, WrongRange
+    for cured in (IntegrityError, ConnectionLostError, TransferAborted, LocationRejected, RangeRefused, WrongRange,
+                  DamagedStreamError, FetchError):
+        assert not permanent(cured("x")), cured
+    for refused in (AuthenticationError, NotFoundError, TLSError, CacheError, ManifestError, RegistryError):
+        assert permanent(refused("x")), refused
+    assert not permanent(OSError("reset")) and not permanent(RuntimeError("a worker died"))
+
+
+async def test_a_blob_the_registry_does_not_have_fails_its_read_at_once(clock, tmp_path, fake):
+    data = blob()
+    digest = digest_of(data)  # never added
+    async with data_path(tmp_path, fake, index=index_of(data), attempts=5) as fetcher:
+        reader = fetcher.reader(digest, len(data))
+        with pytest.raises(FetchError, match="not found"):
+            await reader.read(0, BS)
+    assert fetcher.stats.retries == 0 and len([asked for asked in fake.ranges if asked.covers(0)]) == 1
+
+
+async def test_a_range_its_location_refuses_is_located_again_and_read(clock, tmp_path, fake):
+    data = blob()
+    digest = fake.add_blob(data)
+    fake.faults.fail(nth=1, status=403)  # an expired token or presigned URL
+    async with data_path(tmp_path, fake, index=index_of(data)) as fetcher:
+        reader = fetcher.reader(digest, len(data))
+        assert await reader.read(5 * BS, BS) == data[5 * BS:6 * BS]
+    assert fake.probes == 1 and fetcher.stats.retries == 1

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import trio
 
-from ..errors import AuthenticationError, CacheError, NotFoundError
+from ..errors import CacheError, ModelfsError, permanent
 from .buffers import BlockBuffers
 from .policy import FetchPolicy
 from .readahead import RequestSizer
@@ -74,12 +74,13 @@ class Retrier:
         self.policy, self.stats = policy.retry, stats
 
     async def again(self, attempt: int, exc: BaseException, where: str) -> bool:
-        """Back off before another attempt, as the :class:`~modelfs.registry.RetryPolicy`
-        says (jitter, ``Retry-After``); False once it gives up, or must not retry."""
-        if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= self.policy.attempts:
+        """Back off before another attempt, as the :class:`~modelfs.retry.RetryPolicy` says
+        (jitter, ``Retry-After``); False once it gives up, or when ``exc`` is declared
+        permanent (:func:`~modelfs.errors.permanent`: a refusal, a missing blob, ...)."""
+        if permanent(exc) or attempt >= self.policy.attempts:
             return False
         self.stats.retries += 1
-        delay = self.policy.delay(attempt, getattr(exc, "retry_after", None))
+        delay = self.policy.delay(attempt, exc.retry_after if isinstance(exc, ModelfsError) else None)
         log.warning("fetch of %s failed (%s); retry %d in %.1fs", where, exc or type(exc).__name__, attempt, delay)
         await trio.sleep(delay)
         return True

@@ -48,7 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from ..errors import TRANSIENT, CacheError, FetchError
+from ..errors import CacheError, FetchError
 from ..registry import RegistryReader
 from ..registry.protocol import RangeReader
 from ..registry.ranges import HttpRanges
@@ -70,7 +70,7 @@ from .transfers import Transfers
 from .trust import Trust
 from .wholepass import WholePass
 
-__all__ = ["TRANSIENT", "BlobReader", "Fetcher", "FetchError", "FetchPolicy"]
+__all__ = ["BlobReader", "Fetcher", "FetchError", "FetchPolicy"]
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import TRANSIENT, CacheError, FetchError, IntegrityError, ManifestError
+from ..errors import EXPECTED, CacheError, DamagedStreamError, FetchError, IntegrityError, ManifestError
 from ..registry.client import BlobBody
 from ..retry import REPLACED_ROUNDS
 from ..spec import Descriptor, Packing
@@ -156,7 +156,7 @@ class LayerStream:
                     if replaced >= REPLACED_ROUNDS:
                         break
                     log.info("%s; streaming the layer again", exc)
-                except TRANSIENT as exc:
+                except EXPECTED as exc:
                     failure = exc
                     attempt += 1
                     if not await self.ctx.retry.again(attempt, exc, self.where):
@@ -274,7 +274,7 @@ class LayerStream:
             length = sink.block_length(index)
             data = await source.read(length)
             if len(data) != length:
-                raise ManifestError(f"{self.where}, member {member.path!r}: stream ended inside the file")
+                raise DamagedStreamError(f"{self.where}, member {member.path!r}: stream ended inside the file")
             if not sink.verified:
                 self._keep(member.path, sink, index, data)
 

@@ -16,7 +16,7 @@ import logging
 
 import trio
 
-from ..errors import TRANSIENT, FetchError
+from ..errors import EXPECTED, FetchError
 from .claims import PeerClaims, peer_wait
 from .context import FetchContext
 from .readahead import plan_runs
@@ -55,7 +55,7 @@ class RangeRuns:
                         except Exception as exc:
                             # a worker that failed, for whatever reason (a bug included), is
                             # replaced by the next attempt; what it delivered stays delivered
-                            if not isinstance(exc, TRANSIENT):
+                            if not isinstance(exc, EXPECTED):
                                 log.exception("worker fetching %s blocks %d-%d failed", sink.digest, position[0], last)
                             attempt += 1
                             if not await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}"):

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from ..errors import ManifestError
+from ..errors import DamagedStreamError
 from ..spec import Packing
 from ..zstd import ZstdDecompressor, ZstdError
 
@@ -106,7 +106,7 @@ class StreamSource:
             if self._input_done:
                 self._eof = True
                 if not self._decompressor.finished:
-                    raise ManifestError(f"{self._where}: compressed stream ends early, at byte {self.compressed_bytes} "
+                    raise DamagedStreamError(f"{self._where}: compressed stream ends early, at byte {self.compressed_bytes} "
                                         "(truncated blob?)")
                 return
             try:
@@ -124,13 +124,13 @@ class StreamSource:
         try:
             return self._decompressor.step()
         except (zlib.error, ZstdError) as exc:
-            raise ManifestError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
+            raise DamagedStreamError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
 
     def _feed(self, data: bytes) -> bytes:
         try:
             return self._decompressor.feed(data)
         except (zlib.error, ZstdError) as exc:
-            raise ManifestError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
+            raise DamagedStreamError(f"{self._where}: corrupt compressed stream at byte {self.compressed_bytes}: {exc}") from None
 
     async def read(self, size: int) -> bytes:
         await self._fill(size)

@@ -15,7 +15,7 @@ import logging
 
 import trio
 
-from ..errors import TRANSIENT, CacheError, IntegrityError
+from ..errors import EXPECTED, CacheError, IntegrityError
 from ..retry import REPLACED_ROUNDS, WHOLE_ROUNDS
 from .cache import FilesReplaced
 from .context import FetchContext, call_soon
@@ -54,7 +54,7 @@ class WholePass:
                     break
                 log.warning("fetching %s again after its digest did not match", sink.digest)
             failure = IntegrityError(f"blob {sink.digest} does not match its digest ({WHOLE_ROUNDS} times); not serving it")
-        except TRANSIENT as exc:
+        except EXPECTED as exc:
             failure = exc
             self.ctx.stats.errors += 1
             log.error("giving up on %s: %s", sink.digest, exc)
@@ -103,7 +103,7 @@ class WholePass:
                     await self.transfers.fetch(sink.digest, position[0] * sink.block_size,
                                                [sink.block_length(i) for i in range(position[0], stop + 1)], on_block)
                     attempt = 0
-                except TRANSIENT as exc:
+                except EXPECTED as exc:
                     attempt += 1
                     if not await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}"):
                         raise

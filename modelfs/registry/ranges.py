@@ -51,6 +51,8 @@ class LocationRejected(RegistryError):
     """The location does not serve the blob (401/403: a token or presigned URL that expired;
     404: not there): the control plane resolves it again, with a request of its own."""
 
+    retryable = True
+
 
 class LocationMoved(RegistryError):
     """The server redirected the range (to blob storage, a CDN): read from ``url`` instead."""
@@ -61,11 +63,19 @@ class LocationMoved(RegistryError):
 
 
 class RangeRefused(RegistryError):
-    """The server answered the range with an error that another attempt may cure (429, 5xx)."""
+    """The server answered the range with an error that another attempt may cure (408, 429, 5xx)."""
+
+    retryable = True
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class WrongRange(RegistryError):
+    """The server answered with other bytes than asked (a confused proxy or cache)."""
+
+    retryable = True
 
 
 class TransferAborted(ConnectionLostError):
@@ -308,13 +318,13 @@ def _read_body(response: RangeResponse, start: int, end: int, lengths: Sequence[
                             urljoin(location.url, response.getheader("Location") or ""))
     if status in (400, 401, 403, 404, 410) or 300 <= status < 400:
         raise LocationRejected(f"{what}: {location.source} answered {status} {response.reason} for its location")
-    if status == 429 or status >= 500:
+    if status in (408, 429) or status >= 500:
         raise RangeRefused(f"{what}: {location.source} answered {status} {response.reason}",
                            _retry_after(response.getheader("Retry-After")))
     if status == 206:
         content_range = response.getheader("Content-Range") or ""
         if not content_range.startswith(f"bytes {start}-{end - 1}/"):
-            raise RegistryError(f"{what}: {location.source} answered range {content_range!r}, asked {start}-{end - 1}")
+            raise WrongRange(f"{what}: {location.source} answered range {content_range!r}, asked {start}-{end - 1}")
         skip = 0
     elif status == 200:  # Range ignored (a pull-through cache still filling): read past the start, cut at the end
         skip = start
