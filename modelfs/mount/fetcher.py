@@ -9,8 +9,8 @@ its blob, or of its file when the file lives in a compressed layer. The reader a
 :class:`~.trust.Trust`) whether the blocks may be served. What is missing it asks its
 source for, and then it waits: per block on the :class:`~.flights.BlockFlights` (index mode
 and lazy: one fetch per block, however many readers), or on the
-:class:`~.passes.WholePasses` (whole mode and compressed layers: nothing is served before
-the blob checked out whole). The read-ahead (:mod:`.readahead`, pure decisions) adds the
+:class:`~.passes.WholePasses` (whole mode, for a blob or a compressed layer's file:
+nothing is served before it checked out whole). The read-ahead (:mod:`.readahead`, pure decisions) adds the
 blocks a sequential reader will want next.
 
 A source is one of three, each a :class:`~.sink.BlockSource`:
