@@ -41,7 +41,7 @@ from .formats.blockindex import TrustedIndex
 from .mount.fetcher import Fetcher, FetchPolicy
 from .reference import Reference
 from .registry import RegistryReader
-from .registry.client import FAIL_FAST, RegistryClient
+from .registry.client import RegistryClient
 from .registry.mirrors import MirroredClient, open_client
 from .resolve import Model, check_layer_sizes, fetch_or_cached, recorded_index, trusted_index
 from .resolved import ResolvedSettings
@@ -73,13 +73,9 @@ async def _opened(settings: ResolvedSettings, registry: str | None, mirrors: lis
     host = registry or settings.registry
     if host is None:
         raise ValueError("no registry to open")
-    token = FAIL_FAST.set(fail_fast)
-    try:
-        async with open_client(host, plain_http=settings.plain_http, ca_file=settings.ca_file,
-                               mirrors=mirrors) as client:
-            yield client
-    finally:
-        FAIL_FAST.reset(token)
+    async with open_client(host, plain_http=settings.plain_http, ca_file=settings.ca_file, mirrors=mirrors,
+                           fail_fast=fail_fast) as client:
+        yield client
 
 
 def open_cache(settings: ResolvedSettings) -> BlockCache:
@@ -96,7 +92,8 @@ def existing_cache(settings: ResolvedSettings) -> BlockCache | None:
 def fetch_policy(settings: ResolvedSettings) -> FetchPolicy:
     """How every fetch of this command behaves, from its settings: the same for a mount and
     a pull."""
-    return FetchPolicy(timeout=settings.timeout, workers=settings.workers, verify=settings.verify)
+    return FetchPolicy(timeout=settings.timeout, stall_timeout=settings.stall_timeout, workers=settings.workers,
+                       verify=settings.verify)
 
 
 def trust_policy(settings: ResolvedSettings, reference: Reference, verifying: bool = False) -> signing.Policy:

@@ -5,6 +5,7 @@
     cache_max_size = "200G"          # LRU eviction above this; "" or 0 = unlimited
     prefetch = "all"                 # or "none"
     timeout = 120                    # seconds a read may wait before EIO
+    stall_timeout = 30               # seconds a transfer may send nothing before it is retried
     workers = 0                      # threads receiving, checking, storing blocks; 0 = one per core
     verify = "full"                  # or "lazy": see doc/INTEGRITY.md
 

@@ -2,13 +2,21 @@
 
 Every error a user can meet derives from :class:`ModelfsError`; its ``str()`` is a single
 line that says what happened and what to do, and the CLI prints exactly that (no traceback).
+
+Each class declares whether another attempt may cure it (``retryable``): bytes damaged on
+the way, a registry that did not answer, a connection lost, a fetch that stalled may; a
+refusal, a missing blob, a TLS or disk problem, a malformed manifest may not. The data path
+retries by that declaration (:mod:`modelfs.mount.context`), never by an "everything but" list.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 
 class ModelfsError(Exception):
     """Root of every error modelfs reports to a user."""
+
+    retryable: ClassVar[bool] = False  # another attempt may cure it (see the module docstring)
+    retry_after: float | None = None  # seconds the server asked to wait before that attempt
 
 
 class InvalidReferenceError(ModelfsError):
@@ -27,12 +35,21 @@ class ManifestError(ModelfsError):
     """A manifest or config is malformed or lies about sizes/digests."""
 
 
+class DamagedStreamError(ManifestError):
+    """A compressed layer's body does not decompress, or ends early: damaged or cut on the way
+    as likely as malformed at its source (the layer digest, checked at its end, decides)."""
+
+    retryable = True
+
+
 class UnsafePathError(ModelfsError):
     """A layer or tar member would escape the model tree (``..``, absolute, links out)."""
 
 
 class IntegrityError(ModelfsError):
     """Bytes do not match the digest that names them."""
+
+    retryable = True  # damaged on the way: fetched again (from the registry itself, if a mirror sent them)
 
 
 class RegistryError(ModelfsError):
@@ -42,6 +59,8 @@ class RegistryError(ModelfsError):
 class UnavailableError(RegistryError):
     """The registry could not be reached, or kept failing (5xx, 429), after every retry."""
 
+    retryable = True  # the client's own attempts are over; the data path's loop may try again later
+
 
 class ConnectionLostError(UnavailableError):
     """The connection dropped in the middle of a body (reset, short read); worth a retry."""
@@ -49,6 +68,8 @@ class ConnectionLostError(UnavailableError):
 
 class FetchError(RegistryError):
     """Bytes could not be fetched; the read that needed them fails (EIO)."""
+
+    retryable = True  # a stalled stream, a cached copy that did not read back: the next pass may get them
 
 
 class AuthenticationError(RegistryError):
@@ -119,14 +140,22 @@ def parse_ready_failure(line: str) -> ModelfsError:
     return error_named(kind)(message)
 
 
-# What a fetch retries: our own errors (each says what went wrong), the OS's, and httpx's
-# (the control plane and compressed-layer streams run on it). Made on first use: every
-# command imports this module, and importing httpx for it cost `modelfs --help` about 75 ms.
+def permanent(exc: BaseException) -> bool:
+    """An error no other attempt cures, as its class declares. Anything else is worth another
+    attempt while the retry policy allows: the OS's and the network's errors, and whatever
+    killed a worker (a bug included: the next attempt replaces it)."""
+    return isinstance(exc, ModelfsError) and not exc.retryable
+
+
+# Errors that say what went wrong: ours, the OS's, and httpx's (the control plane and
+# compressed-layer streams run on it). Logged in one line; anything else is a bug, logged with
+# its traceback. Made on first use: every command imports this module, and importing httpx for
+# it cost `modelfs --help` about 75 ms.
 if TYPE_CHECKING:
-    TRANSIENT: tuple[type[BaseException], ...]
+    EXPECTED: tuple[type[BaseException], ...]
 else:
     def __getattr__(name: str) -> object:
-        if name == "TRANSIENT":
+        if name == "EXPECTED":
             import httpx
 
             return (httpx.HTTPError, ModelfsError, OSError)

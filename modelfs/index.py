@@ -44,7 +44,8 @@ from .formats.blockindex import (
     referrer_manifest,
 )
 from .formats.spec import OCI_INDEX, OCI_MANIFEST, Descriptor, Manifest, load_json, parse_descriptor, parse_manifest
-from .registry import RegistryReader, brief_retries
+from .registry import RegistryReader
+from .retry import BRIEF_RETRY, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -136,32 +137,30 @@ async def trusted(client: RegistryReader, repository: str, manifest: Manifest, m
     named = manifest.annotations.get(ANNOTATION)
     if named:
         try:
-            with brief_retries():
-                data = await client.get_blob(repository, named, max_size=MAX_INDEX_BYTES)
+            data = await client.get_blob(repository, named, max_size=MAX_INDEX_BYTES, retry=BRIEF_RETRY)
             return TrustedIndex(decode(data), vouched=True, data=data)
         except ModelfsError as exc:
             log.warning("the manifest names block index %s but it cannot be used: %s (blobs are served once "
                         "checked whole)", named, exc)
             return None
-    upstream = getattr(client, "upstream", client)  # never a mirror's word for an unvouched index
-    found = await fetch(upstream, repository, manifest_digest)
+    found = await fetch(client.without_mirrors(), repository, manifest_digest)  # never a mirror's word for it
     return TrustedIndex(found, vouched=False) if found is not None else None
 
 
 async def fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
     """The block index attached to a model, or None (older pushes, other tools, or a source
-    that cannot say within two tries)."""
-    with brief_retries():
-        return await _fetch(client, repository, subject_digest)
+    that cannot say within two tries: optional data, asked with ``BRIEF_RETRY``)."""
+    return await _fetch(client, repository, subject_digest, BRIEF_RETRY)
 
 
-async def referrer_entries(client, repository: str, subject_digest: str) -> list[dict]:
+async def referrer_entries(client, repository: str, subject_digest: str,
+                           retry: RetryPolicy | None = None) -> list[dict]:
     """The descriptors of every referrer of ``subject_digest``: from the referrers API, or on
     registries without it from the fallback tag (empty when there is neither)."""
-    listing = await client.referrers(repository, subject_digest)
+    listing = await client.referrers(repository, subject_digest, retry=retry)
     if listing is None:
         try:
-            listing, _, _ = await client.get_manifest(repository, fallback_tag(subject_digest))
+            listing, _, _ = await client.get_manifest(repository, fallback_tag(subject_digest), retry=retry)
         except NotFoundError:
             return []
     doc = load_json(listing, "referrers index")
@@ -169,19 +168,19 @@ async def referrer_entries(client, repository: str, subject_digest: str) -> list
     return [m for m in manifests if isinstance(m, dict)] if isinstance(manifests, list) else []
 
 
-async def _fetch(client, repository: str, subject_digest: str) -> BlockIndex | None:
+async def _fetch(client, repository: str, subject_digest: str, retry: RetryPolicy) -> BlockIndex | None:
     try:
-        entries = [m for m in await referrer_entries(client, repository, subject_digest)
+        entries = [m for m in await referrer_entries(client, repository, subject_digest, retry)
                    if m.get("artifactType") in ARTIFACT_TYPES]
         if not entries:
             return None
         referrer = parse_descriptor(entries[-1], "block index referrer")
-        data, media_type, _ = await client.get_manifest(repository, referrer.digest)
+        data, media_type, _ = await client.get_manifest(repository, referrer.digest, retry=retry)
         manifest = parse_manifest(data, media_type)
         if manifest.subject is None or manifest.subject.digest != subject_digest or not manifest.layers:
             raise ManifestError("block index referrer does not point at this model")
         layer = manifest.layers[0]
-        return decode(await client.get_blob(repository, layer.digest, max_size=MAX_INDEX_BYTES))
+        return decode(await client.get_blob(repository, layer.digest, max_size=MAX_INDEX_BYTES, retry=retry))
     except ModelfsError as exc:
         log.warning("ignoring the block index of %s: %s (blocks are verified when blobs complete)", subject_digest, exc)
         return None

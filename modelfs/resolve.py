@@ -28,7 +28,7 @@ from .formats.spec import (
 from .index import trusted
 from .reference import Reference
 from .registry import RegistryReader
-from .registry.client import FAIL_FAST
+from .retry import FAIL_FAST, RetryPolicy
 from .storage.cache import BlockCache
 from .storage.records import ModelRecord, RecordedLayer
 
@@ -56,14 +56,16 @@ def _pick_from_index(data: bytes, reference: Reference) -> str:
     raise ManifestError(f"{reference} is an index of {len(entries)} manifests and none is marked as a model")
 
 
-async def fetch_model(client: RegistryReader, reference: Reference) -> Model:
-    data, media_type, digest = await client.get_manifest(reference.repository, reference.target)
+async def fetch_model(client: RegistryReader, reference: Reference, retry: RetryPolicy | None = None) -> Model:
+    """The model ``reference`` names, from the registry (``retry``: a tighter policy than the
+    client's own for its requests)."""
+    data, media_type, digest = await client.get_manifest(reference.repository, reference.target, retry=retry)
     if is_index(data):
         digest = _pick_from_index(data, reference)
-        data, media_type, digest = await client.get_manifest(reference.repository, digest)
+        data, media_type, digest = await client.get_manifest(reference.repository, digest, retry=retry)
     manifest = parse_manifest(data, media_type)
     require_model(manifest, str(reference))
-    config_bytes = await client.get_blob(reference.repository, manifest.config.digest)
+    config_bytes = await client.get_blob(reference.repository, manifest.config.digest, retry=retry)
     if len(config_bytes) != manifest.config.size:
         raise ManifestError(f"{reference}: config is {len(config_bytes)} bytes, manifest says {manifest.config.size}")
     config = parse_config(config_bytes)
@@ -144,9 +146,8 @@ async def fetch_or_cached(client: RegistryReader, cache: BlockCache | None, refe
 async def _fetch_or_cached(client: RegistryReader, cache: BlockCache | None, reference: Reference
                            ) -> tuple[Model, str | None]:
     recorded = cache is not None and cache.records.newest(str(reference.without_digest()), reference.digest) is not None
-    token = FAIL_FAST.set(True) if recorded else None
     try:
-        return await fetch_model(client, reference), None
+        return await fetch_model(client, reference, FAIL_FAST if recorded else None), None
     except UnavailableError as exc:
         cached = cached_model(cache, reference) if cache is not None else None
         if cached is None:
@@ -154,9 +155,6 @@ async def _fetch_or_cached(client: RegistryReader, cache: BlockCache | None, ref
         model, when_recorded = cached
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when_recorded))
         return model, f"{exc}; using {reference} as cached on {when} ({model.reference.digest})"
-    finally:
-        if token is not None:
-            FAIL_FAST.reset(token)
 
 
 async def trusted_index(client: RegistryReader, model: Model) -> TrustedIndex | None:

@@ -37,6 +37,7 @@ class ResolvedSettings:
     log_level: str | None
     prefetch: str
     timeout: float
+    stall_timeout: float | None
     workers: int
     verify: str
     cache_max_size: int

@@ -226,6 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
             "LEVEL", common=True),
     Setting("prefetch", choice("all", "none"), "all", "fetch the whole model in the background: all or none", "WHAT"),
     Setting("timeout", parse_seconds, 120.0, "seconds a read may wait before it fails with EIO", "SECONDS"),
+    Setting("stall_timeout", parse_seconds, None, "seconds a transfer may deliver nothing before it is aborted and "
+            "retried (default: the timeout; shorter, a stalled server costs a retry, not a failed read)", "SECONDS"),
     Setting("workers", parse_workers, 0, "threads that receive, check and store blocks (0: one per core available)",
             "N"),
     Setting("verify", choice(*VERIFY_MODES), "full",

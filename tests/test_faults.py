@@ -83,6 +83,22 @@ def test_stall_beyond_timeout_is_eio_in_bounded_time(faulty, mounts, minilm_ref,
     assert os.listdir(target)
 
 
+def test_a_stall_window_below_the_read_deadline_makes_a_stalled_server_cost_a_retry_not_the_read(
+        faulty, mounts, minilm_ref, minilm_dir, registry):
+    """--stall-timeout apart from --timeout: a range that stalls is aborted after the stall
+    window and asked again, and the read that waited on it succeeds within its deadline (with
+    one --timeout for both, the read fails with EIO before the stalled transfer is retried)."""
+    faulty.stall_seconds = 8
+    target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none",
+                          "--timeout", "6", "--stall-timeout", "1")
+    source = (minilm_dir / "model.safetensors").read_bytes()
+    faulty.faults = ["stall"]
+    started = time.monotonic()
+    assert _read(target / "model.safetensors", 60 * MiB, MiB) == source[60 * MiB:61 * MiB]
+    assert time.monotonic() - started < 6
+    assert faulty.injected["stall"] == 1
+
+
 def test_without_block_index_corruption_is_caught_when_the_blob_completes(cli, registry, faulty, mounts, tmp_path):
     context = tmp_path / "model"
     context.mkdir()

@@ -17,9 +17,8 @@ import trio
 from storage import PresigningFront
 
 from modelfs.errors import FetchError
-from modelfs.mount import rangefetch
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
-from modelfs.registry import RegistryClient, RetryPolicy
+from modelfs.registry import RegistryClient, RetryPolicy, ranges
 from modelfs.storage.cache import BlockCache
 
 MiB = 1 << 20
@@ -58,7 +57,7 @@ def read_blob(registry_address: str, digest: str, size: int, cache_dir, policy: 
 
 def test_a_worker_that_dies_mid_range_is_replaced_and_the_read_completes(pushed, registry, tmp_path, monkeypatch):
     _, digest, data = pushed
-    real = rangefetch.read_range
+    real = ranges.read_range
     deaths = []
 
     def dies_once(pool, location, start, lengths, sink, transfer, what, new_buffer):
@@ -72,7 +71,7 @@ def test_a_worker_that_dies_mid_range_is_replaced_and_the_read_completes(pushed,
             return real(pool, location, start, lengths, sink_then_die, transfer, what, new_buffer)
         return real(pool, location, start, lengths, sink, transfer, what, new_buffer)
 
-    monkeypatch.setattr(rangefetch, "read_range", dies_once)
+    monkeypatch.setattr(ranges, "read_range", dies_once)
     got, fetcher = read_blob(registry.address, digest, len(data), tmp_path / "cache", FetchPolicy(timeout=10))
     assert got == data
     assert fetcher.stats.retries == 1
@@ -86,7 +85,7 @@ def test_a_worker_that_keeps_dying_fails_its_reads_within_the_policy(pushed, reg
     def always_dies(*args, **kwargs):
         raise RuntimeError("worker died")
 
-    monkeypatch.setattr(rangefetch, "read_range", always_dies)
+    monkeypatch.setattr(ranges, "read_range", always_dies)
     started = time.monotonic()
     with pytest.raises(BaseExceptionGroup) as raised:  # from the nursery the read ran in
         read_blob(registry.address, digest, len(data), tmp_path / "cache", FetchPolicy(timeout=10, retry=RetryPolicy(attempts=3)))

@@ -12,7 +12,8 @@ import pytest
 
 from modelfs.credentials import Credential
 from modelfs.errors import AuthenticationError, RegistryError
-from modelfs.registry import RegistryClient, RetryPolicy, brief_retries
+from modelfs.registry import RegistryClient, RetryPolicy
+from modelfs.retry import BRIEF_RETRY
 
 BLOB = bytes(range(256)) * 64
 DIGEST = "sha256:" + __import__("hashlib").sha256(BLOB).hexdigest()
@@ -122,8 +123,8 @@ async def test_brief_retries_give_up_after_two_attempts_inside_their_block_only(
     registry = f"127.0.0.1:{server.server_address[1]}"
     try:
         async with RegistryClient(registry, plain_http=True, retry=RetryPolicy(base_delay=0.01)) as client:
-            with brief_retries(), pytest.raises(RegistryError, match=r"503 .*\(gave up after 2 attempts\)"):
-                await client.get_blob("org/model", DIGEST)
+            with pytest.raises(RegistryError, match=r"503 .*\(gave up after 2 attempts\)"):
+                await client.get_blob("org/model", DIGEST, retry=BRIEF_RETRY)
             async with client.stream_blob("org/model", DIGEST, 0, 10) as response:  # patient again: 503, then 206
                 assert b"".join([c async for c in response.aiter_raw()]) == BLOB[:10]
         assert len(seen) == 4
@@ -254,13 +255,13 @@ async def test_a_trickling_token_fetch_is_given_up_at_the_requests_deadline():
     import trio
 
     from modelfs.errors import UnavailableError
-    from modelfs.registry import single_attempt
+    from modelfs.retry import ONE_ATTEMPT
     server, address = _trickling_server()
     try:
         async with RegistryClient(address, plain_http=True, retry=RetryPolicy(deadline=1.0)) as client:
             started = trio.current_time()
-            with trio.fail_after(6), single_attempt(), pytest.raises(UnavailableError, match="within 1s"):
-                await client.locate_blob("org/model", DIGEST)
+            with trio.fail_after(6), pytest.raises(UnavailableError, match="within 1s"):
+                await client.locate_blob("org/model", DIGEST, retry=ONE_ATTEMPT)
             assert trio.current_time() - started < 2.5
     finally:
         server.close()  # type: ignore[attr-defined]

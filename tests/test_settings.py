@@ -27,6 +27,7 @@ SAMPLES = {
     "log_level": ("debug", "debug", "loud"),
     "prefetch": ("none", "none", "some"),
     "timeout": ("7.5", 7.5, "0"),
+    "stall_timeout": ("2.5", 2.5, "0"),
     "workers": ("3", 3, "-5"),
     "verify": ("lazy", "lazy", "never"),
     "cache_max_size": ("2G", 2 << 30, "10Q"),

@@ -6,7 +6,7 @@ and binds a reader to a file when the file is first used: opened, read, prefetch
 how much of it is cached. :meth:`FileReaders.reader` is the one place that decides which
 reader serves a file; the FUSE layer and the daemon's prefetch and status all go through it.
 
-A compressed layer has one :class:`~.stream.LayerStream` for all its files, kept here from
+A compressed layer has one :class:`~.layerstream.LayerStream` for all its files, kept here from
 the listing on: the stream that listed a layer already made a target for each member, and a
 file bound later gets that target.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 from ..formats.spec import Descriptor
 from ..formats.tarindex import Member, ReadAt
 from .fetcher import BlobReader, Fetcher
-from .stream import LayerStream, derived_key
+from .layerstream import LayerStream, derived_key
 from .tree import Layer, Node, Tree
 
 
@@ -59,7 +59,7 @@ class FileReaders:
         key = (layer.descriptor.digest, layer.packing.value)
         stream = self._streams.get(key)
         if stream is None:
-            stream = self._streams[key] = LayerStream(self.fetcher, layer.descriptor, layer.packing, layer.where)
+            stream = self._streams[key] = self.fetcher.layer_stream(layer.descriptor, layer.packing, layer.where)
         return stream
 
 

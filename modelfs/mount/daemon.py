@@ -31,7 +31,7 @@ from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
 from .fs import ModelFS, Permissions
 from .metrics import render, serve_metrics
-from .rangefetch import available_cores
+from .policy import available_cores
 from .tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
             return status.MountStatus(
                 pid=os.getpid(), mountpoint=mountpoint, reference=options.reference, digest=model.reference.digest or "",
                 offline=offline, bytes_total=sum(r.size for r in every),
-                bytes_local=sum(r.entry.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
+                bytes_local=sum(r.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
                 **status.signature_fields(model.verdict))

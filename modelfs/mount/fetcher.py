@@ -1,151 +1,145 @@
-"""One mount's (or one ``pull``'s) fetching: the readers of its blobs, what they share, and
-the background prefetch.
+"""One mount's (or one ``pull``'s) data path: how a read of a file becomes checked bytes.
 
-The parts (doc/ARCHITECTURE.md, "The data path"):
+The :class:`Fetcher` builds the parts once and hands each what it needs; every arrow below
+points down, and nothing below imports what is above it.
 
-- :mod:`.blobreader`: one reader per blob, on the loop that answers FUSE: waits for blocks
-  and serves them, decides what may be served (index / whole / lazy mode);
-- :mod:`.readahead`: pure decisions: read-ahead, runs, request sizes;
-- :mod:`.rangefetch`: range requests on worker threads, where bytes are received, checked
-  and written to the cache; the loop only coordinates;
-- :mod:`.stream`: compressed tar layers, streamed once;
-- :mod:`.cache`: the self-checking block cache shared by every mount and ``pull``.
+A read arrives from the FUSE layer (:mod:`.fs`) at the :class:`~.blobreader.BlobReader` of
+its blob, or of its file when the file lives in a compressed layer. The reader asks its
+:class:`~.blob.HeldBlob` (the cache entry, the blocks held in memory, the blob's
+:class:`~.trust.Trust`) whether the blocks may be served. What is missing it asks its
+source for, and then it waits: per block on the :class:`~.flights.BlockFlights` (index mode
+and lazy: one fetch per block, however many readers), or on the
+:class:`~.passes.WholePasses` (whole mode, for a blob or a compressed layer's file:
+nothing is served before it checked out whole). The read-ahead (:mod:`.readahead`, pure decisions) adds the
+blocks a sequential reader will want next.
 
-The :class:`Fetcher` holds what readers share: the policy, one :class:`~.stats.Stats`, the
-just-fetched blocks in memory, the count of processes waiting on a read (prefetch steps aside
-for them), and the nursery the fetch tasks run in.
+A source is one of three, each a :class:`~.sink.BlockSource`:
+
+1.  :class:`~.rangeruns.RangeRuns` cuts the missing blocks into runs; each run is one range
+    request that :class:`~.transfers.Transfers` runs on a worker thread through the
+    :class:`~modelfs.registry.protocol.RangeReader` (``http.client``; the tests' fake in
+    memory), at a location the :class:`~modelfs.registry.protocol.BlobLocator` gives (the
+    registry client, or the client that reads through mirrors). A watchdog aborts a
+    transfer that stalls.
+2.  :class:`~.wholepass.WholePass` reads the blob once, in order, through the same
+    transfers, hashing it whole.
+3.  :class:`~.layerstream.LayerStream` streams a compressed layer once (:mod:`.stream`
+    decompresses it), from the cache when it holds the layer checked, else from the
+    registry, filling every file of the layer.
+
+A source hands what it gets to the reader through its sink (``reader.sink``, the declared
+:class:`~.sink.ReaderSink`): on the worker thread a block is checked against the trust,
+stored in the cache (:mod:`.cache`), and only then delivered on the loop, waking its readers.
+A complete blob not yet vouched for is hashed whole once (:class:`~.wholecheck.WholeCheck`).
+Bytes that turn out wrong leave by one path, :meth:`~.blob.HeldBlob.drop`, which also tells
+the FUSE layer to drop the kernel's pages of them.
+
+What every part shares is a :class:`~.context.FetchContext`, built here: the policy, the
+counters, the block buffers and the blocks in memory, the nursery the fetch tasks run in,
+the one retry loop, the count of readers waiting (prefetch steps aside for them), and two
+hooks: bytes that failed their check (mirrors are left out a while) and bytes served that
+were dropped. Every retry bound is named in :mod:`modelfs.retry`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
 
 import trio
 
-from ..errors import TRANSIENT, AuthenticationError, CacheError, FetchError, NotFoundError
-from ..formats.blockindex import TrustedIndex
-from ..registry import RegistryReader, RetryPolicy
+from ..errors import CacheError, FetchError
+from ..formats.blockindex import ALGORITHMS, TrustedIndex
+from ..formats.spec import Descriptor, Packing
+from ..registry import RegistryReader
+from ..registry.protocol import RangeReader
+from ..registry.ranges import HttpRanges
+from ..retry import ONE_ATTEMPT
 from ..storage.cache import BlockCache
-from .blobreader import BlobReader, Block
+from ..storage.entry import BlobEntry
+from .blobreader import BlobReader
 from .buffers import BlockBuffers
-from .rangefetch import RangeFetcher, RangeSource, available_cores
+from .context import FetchContext, ForegroundGate, Retrier
+from .layerstream import LayerOrigin, LayerStream
+from .policy import FetchPolicy
+from .rangeruns import RangeRuns
+from .rangesource import RangeSource
+from .recent import RecentBlocks
+from .sink import ReaderSink
 from .stats import Stats
+from .transfers import Transfers
+from .trust import Trust
+from .wholepass import WholePass
 
-__all__ = ["TRANSIENT", "BlobReader", "Fetcher", "FetchError", "FetchPolicy"]
+__all__ = ["BlobReader", "Fetcher", "FetchError", "FetchPolicy"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class FetchPolicy:
-    timeout: float = 120.0  # a read waiting longer than this fails with EIO; so does a silent fetch
-    retry: RetryPolicy = field(default_factory=RetryPolicy)  # the client's policy: one for every fetch
-    workers: int = 0  # threads doing per-byte work (receive, check, store); 0: one per core available
-    readahead_max: int = 96  # blocks read ahead of a sequential reader, at most (the sizer may ask for less)
-    prefetch_workers: int = 8  # runs prefetch keeps asked for (request slots bound what is in flight)
-    recent_blocks: int = 128  # blocks fetched for readers, held in memory until read (past the read-ahead)
-    verify: str = "full"  # or "lazy": serve bytes of blobs without a trusted index before they are checked
-
-    @property
-    def worker_count(self) -> int:
-        return self.workers if self.workers > 0 else max(2, available_cores())
-
-
-class RecentBlocks:
-    """Just-fetched, checked blocks in memory, one budget for the whole process: the reader
-    that caused a fetch usually wants the block next, and a cache that cannot store it (full
-    disk) still gets it served."""
-
-    def __init__(self, capacity: int, buffers: BlockBuffers | None = None) -> None:
-        self.capacity = capacity
-        self.buffers = buffers  # where a dropped block's buffer goes back to, for reuse
-        self._blocks: OrderedDict[tuple[str, int], Block] = OrderedDict()
-
-    def get(self, digest: str, index: int) -> Block | None:
-        return self._blocks.get((digest, index))
-
-    def __contains__(self, key: tuple[str, int]) -> bool:
-        return key in self._blocks
-
-    def put(self, digest: str, index: int, data: Block) -> None:
-        replaced = self._blocks.get((digest, index))
-        self._blocks[(digest, index)] = data
-        self._blocks.move_to_end((digest, index))
-        if replaced is not None and replaced is not data:
-            self._recycle(replaced)
-        while len(self._blocks) > self.capacity:
-            self._recycle(self._blocks.popitem(last=False)[1])
-
-    def _recycle(self, data: Block) -> None:
-        if self.buffers is not None:
-            self.buffers.give_back(data)
-
-    def indexes(self, digest: str) -> list[int]:
-        return [index for (held, index) in self._blocks if held == digest]
-
-    def drop(self, digest: str, blocks: list[int] | None = None) -> None:
-        """Let go of ``blocks`` of a blob (all of them: None). Called by
-        :meth:`BlobReader.drop`, the one path by which bytes leave."""
-        keys = [k for k in self._blocks if k[0] == digest] if blocks is None else [(digest, i) for i in blocks]
-        for key in keys:
-            held = self._blocks.pop(key, None)
-            if held is not None:
-                self._recycle(held)
-
-
 class Fetcher:
     def __init__(self, cache: BlockCache, client: RegistryReader, repository: str, nursery: trio.Nursery,
-                 policy: FetchPolicy | None = None, index: TrustedIndex | None = None) -> None:
+                 policy: FetchPolicy | None = None, index: TrustedIndex | None = None,
+                 range_reader: RangeReader | None = None) -> None:
         self.cache, self.client, self.repository = cache, client, repository
         self.block_index = index.index if index else None
-        self.index_vouched = bool(index and index.vouched)  # named by the manifest: no whole-blob hash needed
         self.policy = policy or FetchPolicy()
         self.stats = Stats()
         self.buffers = BlockBuffers(cache.block_size, keep=self.policy.recent_blocks + 64)
         self.recent = RecentBlocks(self.policy.recent_blocks, self.buffers)
-        self.foreground_waiting = 0
         self._nursery = nursery
-        self.ranges = RangeFetcher(client, repository, nursery, self.policy.timeout, self.policy.worker_count,
-                                   cache.block_size, self.policy.readahead_max, self.buffers.take)
-        self.blobs = RangeSource(self, self.ranges)
+        # the data plane's sockets time out with the stall window: a read blocked that long is a stall
+        range_reader = range_reader or HttpRanges(self.policy.stall_window, client.ca_file)
+        self.ranges = Transfers(client, range_reader, repository, self.spawn, self.policy.worker_count,
+                                cache.block_size, self.policy.readahead_max, stall_window=self.policy.stall_window,
+                                lookup_deadline=self.policy.read_deadline, new_buffer=self.buffers.take)
         self.stats.workers = self.ranges.workers
+        self.ctx = FetchContext(self.policy, self.stats, self.buffers, self.recent, self.ranges.sizer, self.spawn,
+                                Retrier(self.policy, self.stats), ForegroundGate(), self.wrong_bytes, self.pages_stale,
+                                index_vouched=bool(index and index.vouched))
+        self.blobs = RangeSource(RangeRuns(self.ctx, self.ranges), WholePass(self.ctx, self.ranges))
         self._readers: dict[str, BlobReader] = {}
-        self._idle = trio.Event()
-        self._idle.set()
         # told when bytes served of a blob (or of a file of a compressed layer: its derived key) were dropped
         self.on_dropped: list[Callable[[str], Awaitable[None]]] = []
-
-    @property
-    def lazy(self) -> bool:
-        return self.policy.verify == "lazy"
 
     def close(self) -> None:
         """Close the kept-alive connections (once the nursery's tasks and workers are done)."""
         self.ranges.close()
 
-    @property
-    def readahead_blocks(self) -> int:
-        """Read-ahead that keeps every request slot busy with a full run."""
-        return self.ranges.sizer.window_blocks
-
     def spawn(self, task: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a fetch task in the mount's nursery (cancelled at unmount)."""
         self._nursery.start_soon(task, *args)
 
+    # -- readers ----------------------------------------------------------------------------
+
     def reader(self, digest: str, size: int) -> BlobReader:
+        """The reader of a registry blob (one per blob for the mount's life)."""
         found = self._readers.get(digest)
         if found is None:
             entry = self.cache.entry(digest, size)
-            expected = self.block_index.for_blob(digest, entry.block_size) if self.block_index else None
-            if expected is not None and len(expected) != entry.nblocks:
-                log.warning("block index of %s has %d blocks, blob has %d; not using it", digest, len(expected), entry.nblocks)
-                expected = None
-            found = self._readers[digest] = BlobReader(self, entry, self.blobs, expected,
-                                                       self.block_index.block_hash if self.block_index else None)
+            found = self._readers[digest] = BlobReader(self.ctx, entry, self.blobs, self._trust(entry))
         return found
+
+    def _trust(self, entry: BlobEntry) -> Trust:
+        """What vouches for a blob's bytes here: its block index, if the mount trusts one
+        that names it with the blob's block count, else the whole-blob digest (or nothing
+        before it, with ``--verify lazy``)."""
+        index = self.block_index
+        expected = index.for_blob(entry.digest, entry.block_size) if index else None
+        if expected is not None and len(expected) != entry.nblocks:
+            log.warning("block index of %s has %d blocks, blob has %d; not using it", entry.digest, len(expected),
+                        entry.nblocks)
+            expected = None
+        block_hash = index.block_hash if index else ALGORITHMS["sha256"]
+        return Trust.decide(expected, block_hash, self.ctx.index_vouched, self.policy.lazy)
+
+    def layer_stream(self, layer: Descriptor, packing: Packing, where: str) -> LayerStream:
+        """The source of every file of a compressed layer (its targets are their readers)."""
+        def cached() -> ReaderSink | None:  # the layer's own reader, only where the cache holds it
+            return self.reader(layer.digest, layer.size).sink if self.cache.holds(layer.digest) else None
+
+        origin = LayerOrigin(self.cache.entry, self.cache.claims_path(layer.digest), cached,
+                             lambda: self.client.stream_blob(self.repository, layer.digest, retry=ONE_ATTEMPT))
+        return LayerStream(self.ctx, layer, packing, where, origin)
 
     def pinned(self) -> set[str]:
         """Blobs eviction must leave alone: a fetch is in flight or a read is waiting."""
@@ -160,8 +154,10 @@ class Fetcher:
         else:
             self.recent.drop(digest)
 
+    # -- the hooks of the context ---------------------------------------------------------
+
     def pages_stale(self, key: str) -> None:
-        """Bytes a reader served were dropped (only :meth:`BlobReader.drop` calls this): tell
+        """Bytes a reader served were dropped (only the one drop path calls this): tell
         whoever serves them, so the FUSE layer drops the kernel's pages of those files."""
         for callback in self.on_dropped:
             self.spawn(callback, key)
@@ -172,48 +168,10 @@ class Fetcher:
         self.stats.integrity_errors += 1
         if not fetched:
             return
-        suspect = getattr(self.client, "suspect", None)
-        if suspect is not None:
-            suspect(what)
+        self.client.suspect(what)
         self.ranges.forget_locations()  # the next attempt asks where to read afresh (not the mirror just benched)
 
-    def cache_write_failed(self, exc: CacheError) -> None:
-        self.stats.cache_write_errors += 1
-        if self.stats.cache_write_errors == 1 or self.stats.cache_write_errors % 1000 == 0:
-            log.error("serving without caching: %s", exc)
-
-    async def retry_or_give_up(self, attempt: int, exc: BaseException, where: str) -> bool:
-        """Back off before another attempt, as the registry client's :class:`RetryPolicy`
-        says (jitter, ``Retry-After``); False once it gives up, or must not retry. The requests
-        the fetch makes through the client are sent once each (``single_attempt``): this is
-        the only loop that retries them."""
-        retry = self.policy.retry
-        if isinstance(exc, (AuthenticationError, NotFoundError)) or attempt >= retry.attempts:
-            return False
-        self.stats.retries += 1
-        delay = retry.delay(attempt, getattr(exc, "retry_after", None))
-        log.warning("fetch of %s failed (%s); retry %d in %.1fs", where, exc or type(exc).__name__, attempt, delay)
-        await trio.sleep(delay)
-        return True
-
-    def give_up(self, reader: BlobReader, blocks: Iterable[int], exc: BaseException) -> None:
-        self.stats.errors += 1
-        log.error("giving up on blocks of %s: %s", reader.digest, exc)
-        reader.fail(blocks, exc)
-
-    def foreground(self, delta: int) -> None:
-        """A process starts (+1) or stops (-1) waiting on a read."""
-        self.foreground_waiting += delta
-        if self.foreground_waiting:
-            if self._idle.is_set():
-                self._idle = trio.Event()
-        else:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        """Return once no process is waiting on a read (prefetch calls this before each run)."""
-        while self.foreground_waiting:
-            await self._idle.wait()
+    # -- prefetch -------------------------------------------------------------------------
 
     async def prefetch(self, readers: Iterable[BlobReader], progress: Callable[[int], None] | None = None,
                        cached: Callable[[int], None] | None = None) -> None:
@@ -230,12 +188,12 @@ class Fetcher:
         async def worker(receive: trio.MemoryReceiveChannel) -> None:
             async with receive:
                 async for reader, blocks in receive:
-                    await self.wait_idle()
+                    await self.ctx.gate.wait_idle()
                     refused()
                     await reader.ensure(blocks, foreground=False)
                     refused()
                     if progress:
-                        progress(sum(reader.entry.block_length(i) for i in blocks))
+                        progress(sum(reader.block_length(i) for i in blocks))
 
         async with trio.open_nursery() as nursery:
             for _ in range(self.policy.prefetch_workers):
@@ -243,9 +201,9 @@ class Fetcher:
             await receive.aclose()
             async with send:
                 for reader in readers:
-                    missing = [i for i in range(reader.entry.nblocks) if not reader.servable(i)]
+                    missing = [i for i in range(reader.nblocks) if not reader.servable(i)]
                     if cached:
-                        cached(reader.entry.size - sum(reader.entry.block_length(i) for i in missing))
-                    step = reader.entry.nblocks if reader.whole_mode else self.ranges.sizer.run_blocks
+                        cached(reader.size - sum(reader.block_length(i) for i in missing))
+                    step = reader.nblocks if reader.whole_mode else self.ranges.sizer.run_blocks
                     for start in range(0, len(missing), max(step, 1)):
                         await send.send((reader, missing[start:start + step]))

@@ -112,7 +112,7 @@ class ModelFS(pyfuse3.Operations):
     def files_of(self, key: str) -> list[Node]:
         """The files whose bytes a reader serves, by its key: a raw layer's digest (one
         file), a tar layer's (each member), or the derived key of a file of a compressed
-        layer (``stream.derived_key``). The tree never changes once mounted."""
+        layer (``layerstream.derived_key``). The tree never changes once mounted."""
         if self._inodes is None:
             self._inodes = {}
             for node in self.tree.files():

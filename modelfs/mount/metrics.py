@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import ModelfsError
-
-if TYPE_CHECKING:
-    from .stats import Stats
+from .stats import BUCKETS, Histogram, Stats
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +23,21 @@ def label_text(labels: dict[str, str]) -> str:
     def escape(value: str) -> str:
         return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return "{" + ",".join(f'{key}="{escape(value)}"' for key, value in labels.items()) + "}" if labels else ""
+
+
+def histogram_lines(histogram: Histogram, name: str, labels: dict[str, str]) -> list[str]:
+    """One histogram in the exposition format, its buckets cumulative as Prometheus wants."""
+    base = dict(labels)
+    tag = label_text(base)
+
+    def bucket(bound: str) -> str:
+        return label_text({**base, "le": bound})
+
+    lines = [f"# TYPE {name} histogram"]
+    lines += [f"{name}_bucket{bucket(str(b))} {count}" for b, count in zip(BUCKETS, histogram.counts, strict=True)]
+    lines += [f"{name}_bucket{bucket('+Inf')} {histogram.total}", f"{name}_sum{tag} {histogram.sum:.6f}",
+              f"{name}_count{tag} {histogram.total}"]
+    return lines
 
 
 def render(c: Stats, labels: dict[str, str] | None = None) -> str:
@@ -56,7 +68,7 @@ def render(c: Stats, labels: dict[str, str] | None = None) -> str:
     lines = []
     for name, kind, help_text, value in metrics:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name}{tag} {value}"]
-    lines += c.read_latency.render("modelfs_read_latency_seconds", labels or {})
+    lines += histogram_lines(c.read_latency, "modelfs_read_latency_seconds", labels or {})
     return "\n".join(lines) + "\n"
 
 

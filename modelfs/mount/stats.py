@@ -22,20 +22,6 @@ class Histogram:
             if seconds <= bound:
                 self.counts[i] += 1
 
-    def render(self, name: str, labels: dict[str, str] | None = None) -> list[str]:
-        from .metrics import label_text
-        base = dict(labels or {})
-        tag = label_text(base)
-
-        def bucket(bound: str) -> str:
-            return label_text({**base, "le": bound})
-
-        lines = [f"# TYPE {name} histogram"]
-        lines += [f"{name}_bucket{bucket(str(b))} {count}" for b, count in zip(BUCKETS, self.counts, strict=True)]
-        lines += [f"{name}_bucket{bucket('+Inf')} {self.total}", f"{name}_sum{tag} {self.sum:.6f}",
-                  f"{name}_count{tag} {self.total}"]
-        return lines
-
 
 class ReadTimer:
     def __init__(self, histogram: Histogram) -> None:

@@ -2,7 +2,7 @@
 :class:`~.blobreader.BlobReader` consults (what may be served, what a cached block must
 carry, what a fetched block is checked against, whether the blob is hashed whole).
 
-Three modes (doc/INTEGRITY.md):
+Three modes (README, "Integrity"):
 
 - ``INDEX``: a block index the mount trusts names the blob. Every block is matched against
   it before anyone sees it, whoever stored it and whatever ``--verify`` says.
@@ -21,12 +21,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..storage.entry import BlobEntry
+from typing import Protocol
 
 Block = bytes | bytearray | memoryview
+
+
+class Cached(Protocol):
+    """What a trust decision reads of a cache entry (``cache.BlobEntry``)."""
+
+    nblocks: int
+
+    def has(self, index: int) -> bool: ...
+
+    def trusted(self, index: int, expected: bytes | None) -> bool: ...
 
 
 class Mode(enum.Enum):
@@ -72,7 +79,7 @@ class Trust:
     def matches(self, index: int, index_hash: bytes) -> bool:
         return self.expected is not None and self.expected[index] == index_hash
 
-    def accepts(self, entry: BlobEntry, index: int) -> bool:
+    def accepts(self, entry: Cached, index: int) -> bool:
         """Whether block ``index`` as cached (by this process or another, under whatever trust
         it had) may be served under this one. Its bytes are checked against their stored
         checksum again when read."""
@@ -80,7 +87,7 @@ class Trust:
             return entry.has(index)
         return entry.trusted(index, self.expected[index] if self.expected is not None else None)
 
-    def covers(self, entry: BlobEntry) -> bool:
+    def covers(self, entry: Cached) -> bool:
         """Every block of the blob is vouched for without a whole-blob hash: it matched an
         index the manifest names."""
         return (self.mode is Mode.INDEX and self.vouched

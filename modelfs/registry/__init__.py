@@ -1,6 +1,8 @@
 """OCI distribution client on trio + httpx."""
 
-from .client import RegistryClient, RetryPolicy, brief_retries, single_attempt, tune_httpcore
+from ..retry import RetryPolicy
+from .client import RegistryClient
 from .protocol import RegistryReader
+from .session import tune_httpcore
 
-__all__ = ["RegistryClient", "RegistryReader", "RetryPolicy", "brief_retries", "single_attempt", "tune_httpcore"]
+__all__ = ["RegistryClient", "RegistryReader", "RetryPolicy", "tune_httpcore"]

@@ -25,6 +25,9 @@ import httpx
 
 from ..errors import ConnectionLostError, RegistryError
 
+# Distribution caps manifests at 4 MiB; tokens, listings and error bodies are far smaller
+MAX_BODY_BYTES = 8 << 20
+
 # wbits per Content-Encoding: gzip framing, or zlib framing (HTTP's "deflate")
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 

@@ -16,20 +16,23 @@ sends that those cannot answer is its refusal, which moves the read on to the ne
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TypeVar
 
 import httpx
 import trio
 
 from ..credentials import CredentialStore
 from ..errors import IntegrityError, NotFoundError, RegistryError
-from .client import BlobBody, RegistryClient, RetryPolicy
+from ..retry import MIRROR_RETRY, RetryPolicy
+from .client import CONTROL_TIMEOUT, BlobBody, RegistryClient
 from .ranges import BlobLocation
 
 log = logging.getLogger(__name__)
 
-MIRROR_RETRY = RetryPolicy(attempts=2, base_delay=0.1, max_delay=0.5, deadline=10.0)
+T = TypeVar("T")
+
 PENALTY_SECONDS = 30.0
 
 
@@ -66,32 +69,38 @@ class MirroredClient:
         self._down_until[mirror.host] = trio.current_time() + PENALTY_SECONDS
         log.warning("mirror %s failed (%s); using the next source for %.0fs", mirror.host, exc, PENALTY_SECONDS)
 
-    async def _first(self, operation: str, *args: object) -> object:
+    async def _first(self, call: Callable[[RegistryClient], Awaitable[T]]) -> T:
+        """``call`` on the first source that answers: each mirror in turn, then the upstream."""
         for client in self._candidates():
             if client is self.upstream:
-                return await getattr(client, operation)(*args)
+                return await call(client)
             try:
-                return await getattr(client, operation)(*args)
+                return await call(client)
             except NotFoundError as exc:
                 log.debug("mirror %s: %s; asking the next source", client.host, exc)
             except (RegistryError, IntegrityError, httpx.HTTPError) as exc:
                 self._failed(client, exc)
         raise AssertionError("unreachable")
 
-    async def get_manifest(self, repository: str, target: str) -> tuple[bytes, str, str]:
-        return await self._first("get_manifest", repository, target)  # type: ignore[return-value]
+    async def get_manifest(self, repository: str, target: str, retry: RetryPolicy | None = None
+                           ) -> tuple[bytes, str, str]:
+        return await self._first(lambda client: client.get_manifest(repository, target, retry))
 
-    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20) -> bytes:
-        return await self._first("get_blob", repository, digest, max_size)  # type: ignore[return-value]
+    async def get_blob(self, repository: str, digest: str, max_size: int = 4 << 20,
+                       retry: RetryPolicy | None = None) -> bytes:
+        return await self._first(lambda client: client.get_blob(repository, digest, max_size, retry))
 
-    async def blob_size(self, repository: str, digest: str) -> int | None:
-        return await self._first("blob_size", repository, digest)  # type: ignore[return-value]
+    async def blob_size(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> int | None:
+        return await self._first(lambda client: client.blob_size(repository, digest, retry))
 
-    async def locate_blob(self, repository: str, digest: str) -> BlobLocation:
-        return await self._first("locate_blob", repository, digest)  # type: ignore[return-value]
+    async def locate_blob(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> BlobLocation:
+        return await self._first(lambda client: client.locate_blob(repository, digest, retry))
 
     async def blob_location(self, repository: str, digest: str) -> BlobLocation:
         return await self._candidates()[0].blob_location(repository, digest)
+
+    def without_mirrors(self) -> RegistryClient:
+        return self.upstream
 
     def moved_location(self, location: BlobLocation, url: str) -> BlobLocation:
         return self.upstream.moved_location(location, url)
@@ -107,16 +116,16 @@ class MirroredClient:
     def ca_file(self) -> str | None:
         return self.upstream.ca_file
 
-    async def referrers(self, repository: str, digest: str) -> bytes | None:
-        return await self._first("referrers", repository, digest)  # type: ignore[return-value]
+    async def referrers(self, repository: str, digest: str, retry: RetryPolicy | None = None) -> bytes | None:
+        return await self._first(lambda client: client.referrers(repository, digest, retry))
 
     @asynccontextmanager
     async def stream_blob(self, repository: str, digest: str, start: int | None = None,
-                          end: int | None = None) -> AsyncIterator[BlobBody]:
+                          end: int | None = None, retry: RetryPolicy | None = None) -> AsyncIterator[BlobBody]:
         for client in self._candidates():
             stack = AsyncExitStack()
             try:
-                response = await stack.enter_async_context(client.stream_blob(repository, digest, start, end))
+                response = await stack.enter_async_context(client.stream_blob(repository, digest, start, end, retry))
             except (RegistryError, httpx.HTTPError) as exc:
                 await stack.aclose()
                 if client is self.upstream:
@@ -131,12 +140,16 @@ class MirroredClient:
 
 def open_client(registry: str, *, plain_http: bool = False, ca_file: str | None = None,
                 mirrors: list | None = None, credentials: CredentialStore | None = None,
-                timeout: float = 30.0) -> RegistryClient | MirroredClient:
-    """A client for ``registry``; with mirrors, one that reads through them first."""
+                timeout: float = CONTROL_TIMEOUT, fail_fast: bool = False) -> RegistryClient | MirroredClient:
+    """A client for ``registry``; with mirrors, one that reads through them first.
+    ``fail_fast``: a command run by hand (not a mount daemon, which waits for its registry to
+    come back) says at once that a host refuses connections or does not resolve."""
     credentials = credentials or CredentialStore()
-    upstream = RegistryClient(registry, credentials, plain_http=plain_http, ca_file=ca_file, timeout=timeout)
+    upstream = RegistryClient(registry, credentials, plain_http=plain_http, ca_file=ca_file, timeout=timeout,
+                              retry=RetryPolicy(fail_fast=fail_fast))
     if not mirrors:
         return upstream
+    mirror_retry = MIRROR_RETRY.within(RetryPolicy(fail_fast=fail_fast))
     return MirroredClient(upstream, [
-        RegistryClient(m.host, credentials, plain_http=m.plain_http, ca_file=ca_file, retry=MIRROR_RETRY, timeout=timeout)
+        RegistryClient(m.host, credentials, plain_http=m.plain_http, ca_file=ca_file, retry=mirror_retry, timeout=timeout)
         for m in mirrors])

@@ -26,6 +26,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 from ..errors import ConnectionLostError, IntegrityError, RegistryError
@@ -50,6 +51,8 @@ class LocationRejected(RegistryError):
     """The location does not serve the blob (401/403: a token or presigned URL that expired;
     404: not there): the control plane resolves it again, with a request of its own."""
 
+    retryable = True
+
 
 class LocationMoved(RegistryError):
     """The server redirected the range (to blob storage, a CDN): read from ``url`` instead."""
@@ -60,11 +63,19 @@ class LocationMoved(RegistryError):
 
 
 class RangeRefused(RegistryError):
-    """The server answered the range with an error that another attempt may cure (429, 5xx)."""
+    """The server answered the range with an error that another attempt may cure (408, 429, 5xx)."""
+
+    retryable = True
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class WrongRange(RegistryError):
+    """The server answered with other bytes than asked (a confused proxy or cache)."""
+
+    retryable = True
 
 
 class TransferAborted(ConnectionLostError):
@@ -74,13 +85,19 @@ class TransferAborted(ConnectionLostError):
 @dataclass(eq=False)
 class Transfer:
     """One range request in a worker thread, as the trio side sees it: progress to watch, and
-    ``abort`` to stop it from outside."""
+    ``abort`` to stop it from outside. ``clock``: the watcher's (trio's, read from the worker
+    thread; a test's virtual one)."""
 
-    last_progress: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    last_progress: float = -1.0
     blocks: int = 0
     reason: str | None = None
     _sock: socket.socket | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        if self.last_progress < 0:
+            self.last_progress = self.clock()
 
     def attach(self, sock: socket.socket | None) -> None:
         with self._lock:
@@ -90,7 +107,7 @@ class Transfer:
 
     def progressed(self) -> None:
         self.blocks += 1
-        self.last_progress = time.monotonic()
+        self.last_progress = self.clock()
         if self.reason is not None:
             raise TransferAborted(self.reason)
 
@@ -145,9 +162,7 @@ class ConnectionPool:
                 return conn
             return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._context())
         if proxy:
-            plain = http.client.HTTPConnection(proxy[0], proxy[1], timeout=self.timeout)
-            plain.absolute_urls = True  # type: ignore[attr-defined]  # a plain-HTTP proxy takes the whole URL
-            return plain
+            return _ProxiedConnection(proxy[0], proxy[1], timeout=self.timeout)
         return http.client.HTTPConnection(host, port, timeout=self.timeout)
 
     def put(self, scheme: str, host: str, port: int, conn: http.client.HTTPConnection) -> None:
@@ -164,6 +179,27 @@ class ConnectionPool:
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+
+
+class _ProxiedConnection(http.client.HTTPConnection):
+    """A connection to a plain-HTTP proxy, which takes the whole URL in the request line."""
+
+
+class HttpRanges:
+    """Ranges read with ``http.client`` on worker threads, over kept-alive connections (the
+    data plane's :class:`~.protocol.RangeReader`). ``timeout``: the socket timeout of each
+    connect and read (a server that trickles is the watchdog's business, not this one's)."""
+
+    def __init__(self, timeout: float, ca_file: str | None = None) -> None:
+        self.pool = ConnectionPool(timeout, ca_file)
+
+    def read_range(self, location: BlobLocation, start: int, lengths: Sequence[int],
+                   on_block: Callable[[int, memoryview], None], transfer: Transfer, what: str,
+                   new_buffer: Callable[[int], memoryview]) -> None:
+        read_range(self.pool, location, start, lengths, on_block, transfer, what, new_buffer)
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def _proxy_for(scheme: str, host: str) -> tuple[str, int] | None:
@@ -203,11 +239,7 @@ def read_range(pool: ConnectionPool, location: BlobLocation, start: int, lengths
     response, conn = _send(pool, location, scheme, host, port, target, headers, transfer, what)
     reusable = False
     try:
-        reusable = _read_body(response, start, end, lengths, on_block, transfer, what, location, new_buffer)
-    except (OSError, http.client.HTTPException) as exc:
-        if transfer.reason is not None:
-            raise TransferAborted(transfer.reason) from None
-        raise ConnectionLostError(f"{what}: connection to {location.source} lost: {exc or type(exc).__name__}") from None
+        reusable = receive_range(response, start, lengths, on_block, transfer, what, location, new_buffer)
     finally:
         transfer.attach(None)
         if reusable:
@@ -223,7 +255,7 @@ def _send(pool: ConnectionPool, location: BlobLocation, scheme: str, host: str, 
     for fresh in (False, True):
         conn = pool._connect(scheme, host, port) if fresh else pool.get(scheme, host, port)
         try:
-            conn.request("GET", location.url if getattr(conn, "absolute_urls", False) else target, headers=headers)
+            conn.request("GET", location.url if isinstance(conn, _ProxiedConnection) else target, headers=headers)
             transfer.attach(conn.sock)
             response = conn.getresponse()
             return response, conn
@@ -244,23 +276,55 @@ def _send(pool: ConnectionPool, location: BlobLocation, scheme: str, host: str, 
     raise AssertionError("unreachable")
 
 
-def _read_body(response: http.client.HTTPResponse, start: int, end: int, lengths: Sequence[int],
+class RangeResponse(Protocol):
+    """What :func:`receive_range` reads of an answer: ``http.client.HTTPResponse``'s members
+    (the fake registry of the tests answers with its own)."""
+
+    status: int
+    reason: str
+    length: int | None
+    will_close: bool
+
+    def getheader(self, name: str) -> str | None: ...
+
+    def readinto(self, buffer: bytearray | memoryview) -> int: ...
+
+    def read(self, amt: int) -> bytes: ...
+
+
+def receive_range(response: RangeResponse, start: int, lengths: Sequence[int],
+                  on_block: Callable[[int, memoryview], None], transfer: Transfer, what: str,
+                  location: BlobLocation, new_buffer: Callable[[int], memoryview]) -> bool:
+    """The answer to a GET of bytes ``start .. start + sum(lengths)``: its status checked, then
+    its blocks read into ``on_block``; True if the connection may be used again. A connection
+    that fails mid-body is a :class:`ConnectionLostError`, or :class:`TransferAborted` when
+    another thread stopped the transfer."""
+    end = start + sum(lengths)
+    try:
+        return _read_body(response, start, end, lengths, on_block, transfer, what, location, new_buffer)
+    except (OSError, http.client.HTTPException) as exc:
+        if transfer.reason is not None:
+            raise TransferAborted(transfer.reason) from None
+        raise ConnectionLostError(f"{what}: connection to {location.source} lost: {exc or type(exc).__name__}") from None
+
+
+def _read_body(response: RangeResponse, start: int, end: int, lengths: Sequence[int],
                on_block: Callable[[int, memoryview], None], transfer: Transfer, what: str,
                location: BlobLocation, new_buffer: Callable[[int], memoryview]) -> bool:
     """Check the status, then read the blocks; True if the connection may be used again."""
     status = response.status
     if status in (301, 302, 303, 307, 308) and response.getheader("Location"):
         raise LocationMoved(f"{what}: {location.source} redirected the range",
-                            urljoin(location.url, response.getheader("Location", "")))
+                            urljoin(location.url, response.getheader("Location") or ""))
     if status in (400, 401, 403, 404, 410) or 300 <= status < 400:
         raise LocationRejected(f"{what}: {location.source} answered {status} {response.reason} for its location")
-    if status == 429 or status >= 500:
+    if status in (408, 429) or status >= 500:
         raise RangeRefused(f"{what}: {location.source} answered {status} {response.reason}",
                            _retry_after(response.getheader("Retry-After")))
     if status == 206:
-        content_range = response.getheader("Content-Range", "")
+        content_range = response.getheader("Content-Range") or ""
         if not content_range.startswith(f"bytes {start}-{end - 1}/"):
-            raise RegistryError(f"{what}: {location.source} answered range {content_range!r}, asked {start}-{end - 1}")
+            raise WrongRange(f"{what}: {location.source} answered range {content_range!r}, asked {start}-{end - 1}")
         skip = 0
     elif status == 200:  # Range ignored (a pull-through cache still filling): read past the start, cut at the end
         skip = start

@@ -81,7 +81,7 @@ async def gather(client: Any, model: Any) -> list[Evidence]:
     raises (UnavailableError); one candidate that cannot be fetched is an ``unread`` entry
     saying why."""
     repository, digest = model.reference.repository, model.reference.digest or ""
-    upstream = getattr(client, "upstream", client)
+    upstream = client.without_mirrors()  # referrers count only from the registry the reference names
     budget = _Budget()
     found: list[Evidence] = []
     seen: set[str] = set()

@@ -18,10 +18,6 @@ from ..errors import CacheError
 from .mapformat import BlockMap, Buffer, Entry
 
 RECHECK_SECONDS = 0.5  # how stale a reader's view of "are these still the blob's files" may get
-# Times a whole-blob check starts again because its files were replaced under it: one prune
-# costs one more pass; files replaced again and again mean something keeps clearing them.
-REPLACED_ROUNDS = 3
-
 Files = tuple[int, int]  # the inodes of a blob's map and data files: which files hold it
 
 

@@ -1,0 +1,131 @@
+"""What every part of one mount's data path shares, built once by the
+:class:`~.fetcher.Fetcher` and handed down: the parts below never call back up into what
+built them (they get this, and nothing else of the fetcher).
+
+- the :class:`~.policy.FetchPolicy` and one :class:`~.stats.Stats`;
+- the block buffers and the just-fetched blocks in memory (:class:`~.recent.RecentBlocks`);
+- ``spawn``: the nursery fetch tasks run in (cancelled at unmount);
+- the :class:`Retrier`: the one loop that retries a fetch, by the policy's backoff;
+- the :class:`ForegroundGate`: how many processes wait on a read (prefetch steps aside);
+- the hooks: ``wrong_bytes`` (fetched bytes failed their check: count, and stop reading
+  through mirrors a while) and ``pages_stale`` (served bytes were dropped: the FUSE layer
+  drops the kernel's pages of those files);
+- the :class:`~.readahead.RequestSizer` the transfers tune and readers size read-ahead by.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ..errors import CacheError, ModelfsError, permanent
+from .buffers import BlockBuffers
+from .policy import FetchPolicy
+from .readahead import RequestSizer
+from .recent import RecentBlocks
+from .stats import Stats
+
+log = logging.getLogger(__name__)
+
+Spawn = Callable[..., None]  # spawn(async_function, *args): run it in the mount's nursery
+
+
+class Failing(Protocol):
+    """What a fetch that gives up tells: the readers of those blocks (:class:`~.sink.BlockSink`)."""
+
+    @property
+    def digest(self) -> str: ...
+
+    def fail(self, blocks: Iterable[int], exc: BaseException) -> None: ...
+
+
+class ForegroundGate:
+    """Counts the processes waiting on a read; prefetch waits until there are none."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def foreground(self, delta: int) -> None:
+        """A process starts (+1) or stops (-1) waiting on a read."""
+        self.waiting += delta
+        if self.waiting:
+            if self._idle.is_set():
+                self._idle = trio.Event()
+        else:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no process is waiting on a read (prefetch calls this before each run)."""
+        while self.waiting:
+            await self._idle.wait()
+
+
+class Retrier:
+    """The one loop that retries the data path's requests: the client sends each of them once
+    (a struggling registry sees one policy's attempts, not the product of two)."""
+
+    def __init__(self, policy: FetchPolicy, stats: Stats) -> None:
+        self.policy, self.stats = policy.retry, stats
+
+    async def again(self, attempt: int, exc: BaseException, where: str) -> bool:
+        """Back off before another attempt, as the :class:`~modelfs.retry.RetryPolicy` says
+        (jitter, ``Retry-After``); False once it gives up, or when ``exc`` is declared
+        permanent (:func:`~modelfs.errors.permanent`: a refusal, a missing blob, ...)."""
+        if permanent(exc) or attempt >= self.policy.attempts:
+            return False
+        self.stats.retries += 1
+        delay = self.policy.delay(attempt, exc.retry_after if isinstance(exc, ModelfsError) else None)
+        log.warning("fetch of %s failed (%s); retry %d in %.1fs", where, exc or type(exc).__name__, attempt, delay)
+        await trio.sleep(delay)
+        return True
+
+    def give_up(self, sink: Failing, blocks: Iterable[int], exc: BaseException) -> None:
+        self.stats.errors += 1
+        log.error("giving up on blocks of %s: %s", sink.digest, exc)
+        sink.fail(blocks, exc)
+
+
+@dataclass
+class FetchContext:
+    policy: FetchPolicy
+    stats: Stats
+    buffers: BlockBuffers
+    recent: RecentBlocks
+    sizer: RequestSizer
+    spawn: Spawn
+    retry: Retrier
+    gate: ForegroundGate
+    wrong_bytes: Callable[[str, bool], None]  # (what, fetched): see the module docstring
+    pages_stale: Callable[[str], None]  # (reader's key)
+    index_vouched: bool = False  # the mount's block index is named by the manifest
+
+    @property
+    def read_deadline(self) -> float:
+        return self.policy.read_deadline
+
+    def cache_write_failed(self, exc: CacheError) -> None:
+        """A block could not be stored: served from memory, said once (and every 1000th)."""
+        self.stats.cache_write_errors += 1
+        if self.stats.cache_write_errors == 1 or self.stats.cache_write_errors % 1000 == 0:
+            log.error("serving without caching: %s", exc)
+
+
+
+def call_soon(token: trio.lowlevel.TrioToken, function: Callable[..., object], *args: object) -> None:
+    """Run ``function(*args)`` on the loop, from a worker thread, without waiting for it: a
+    worker never stalls on a busy loop. An error in ``function`` is logged, never raised into
+    trio's runner (which would end the daemon)."""
+    token.run_sync_soon(_logged, function, args)
+
+
+def _logged(function: Callable[..., object], args: tuple[object, ...]) -> None:
+    try:
+        function(*args)
+    except Exception:
+        log.exception("unexpected error in %s", getattr(function, "__qualname__", function))
