@@ -124,14 +124,17 @@ def test_signature_candidates_held_in_memory_without_a_total_bound():
     class Client:
         fetched = 0
 
-        async def get_blob(self, repository, digest, max_size):
+        async def get_blob(self, repository, digest, max_size, retry=None):
             Client.fetched += max_size
             return b"\0" * 16  # the bytes a hostile registry would send: up to max_size each, held at once
 
-        async def referrers(self, repository, digest):
+        def without_mirrors(self):
+            return self
+
+        async def referrers(self, repository, digest, retry=None):
             return None
 
-        async def get_manifest(self, repository, target):
+        async def get_manifest(self, repository, target, retry=None):
             raise NotFoundError("none")
 
     layers = [SimpleNamespace(filepath="model.sig", digest="sha256:" + "1" * 64) for _ in range(40)]
