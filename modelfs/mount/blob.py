@@ -130,3 +130,29 @@ class HeldBlob:
             return 1.0
         pending = sum(self.entry.block_length(i) for i in self.ctx.recent.indexes(self.digest) if not self.entry.has(i))
         return (self.entry.cached_bytes() + pending) / self.entry.size
+
+
+class OfBlob:
+    """What a reader and the sink its source feeds both say of their blob, said once: each
+    holds the same :class:`HeldBlob`."""
+
+    blob: HeldBlob
+
+    @property
+    def digest(self) -> str:
+        return self.blob.entry.digest
+
+    @property
+    def size(self) -> int:
+        return self.blob.entry.size
+
+    @property
+    def nblocks(self) -> int:
+        return self.blob.entry.nblocks
+
+    def block_length(self, index: int) -> int:
+        return self.blob.entry.block_length(index)
+
+    @property
+    def trust(self) -> Trust:
+        return self.blob.trust

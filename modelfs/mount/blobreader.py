@@ -37,7 +37,7 @@ import trio
 from ..errors import CacheError, FetchError
 from ..retry import PASS_WAIT_ROUNDS, SERVE_ROUNDS, SETTLE_ROUNDS
 from ..storage.store import BlockDamaged
-from .blob import HeldBlob
+from .blob import HeldBlob, OfBlob
 from .context import FetchContext
 from .flights import BlockFlights
 from .passes import WholePasses
@@ -50,7 +50,7 @@ from .wholecheck import WholeCheck
 log = logging.getLogger(__name__)
 
 
-class BlobReader:
+class BlobReader(OfBlob):
     def __init__(self, ctx: FetchContext, entry: StoredBlob, source: BlockSource, trust: Trust) -> None:
         self.ctx, self.source = ctx, source
         self.blob = HeldBlob(ctx, entry, trust)
@@ -60,24 +60,6 @@ class BlobReader:
         self.sink = BlobFeed(self.blob, self.flights, self.passes, self.check)
         self.readahead = ReadAhead(entry.block_size, entry.nblocks, ctx.policy.readahead_max)
 
-    @property
-    def digest(self) -> str:
-        return self.blob.entry.digest
-
-    @property
-    def size(self) -> int:
-        return self.blob.entry.size
-
-    @property
-    def nblocks(self) -> int:
-        return self.blob.entry.nblocks
-
-    def block_length(self, index: int) -> int:
-        return self.blob.entry.block_length(index)
-
-    @property
-    def trust(self) -> Trust:
-        return self.blob.trust
 
     @property
     def expected(self) -> list[bytes] | None:

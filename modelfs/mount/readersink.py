@@ -12,15 +12,15 @@ from collections.abc import Iterable
 import trio
 
 from ..errors import CacheError, IntegrityError
-from .blob import HeldBlob
+from .blob import HeldBlob, OfBlob
 from .context import call_soon
 from .flights import BlockFlights
 from .passes import WholePasses
-from .trust import Block, Mode, Trust
+from .trust import Block, Mode
 from .wholecheck import WholeCheck
 
 
-class BlobFeed:
+class BlobFeed(OfBlob):
     def __init__(self, blob: HeldBlob, flights: BlockFlights, passes: WholePasses, check: WholeCheck) -> None:
         self.blob, self.flights, self.passes, self.check = blob, flights, passes, check
         self.ctx = blob.ctx
@@ -28,32 +28,14 @@ class BlobFeed:
 
     # -- the blob's shape and trust -------------------------------------------------------
 
-    @property
-    def digest(self) -> str:
-        return self.blob.entry.digest
-
-    @property
-    def size(self) -> int:
-        return self.blob.entry.size
-
-    @property
-    def nblocks(self) -> int:
-        return self.blob.entry.nblocks
 
     @property
     def block_size(self) -> int:
         return self.blob.entry.block_size
 
-    def block_length(self, index: int) -> int:
-        return self.blob.entry.block_length(index)
-
     @property
     def claims_path(self) -> str:
         return self.blob.entry.claims_path
-
-    @property
-    def trust(self) -> Trust:
-        return self.blob.trust
 
     @property
     def serves_unchecked(self) -> bool:
