@@ -76,14 +76,19 @@ class PublicKey:
         return False
 
 
+def _read_key(path: str) -> bytes:
+    """A key file's bytes (a PEM key is a few KiB: at most 1 MiB is read)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(1 << 20)
+    except OSError as exc:
+        raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
+
+
 def load_public(path: str) -> PublicKey:
     """A PEM public key file (cosign.pub, or `openssl ... -pubout`); a bad one is a ConfigError."""
     _, serialization, ec, ed25519, _, rsa = crypto()
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(1 << 20)
-    except OSError as exc:
-        raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
+    data = _read_key(path)
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:
@@ -122,11 +127,7 @@ class PrivateKey:
 def load_private(path: str, password: bytes | None = None) -> PrivateKey:
     """A PEM private key (PKCS#8, SEC1 or PKCS#1); cosign's own encrypted key format is not read."""
     _, serialization, ec, ed25519, _, rsa = crypto()
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(1 << 20)
-    except OSError as exc:
-        raise ConfigError(f"cannot read key {path}: {exc.strerror}") from None
+    data = _read_key(path)
     if b"ENCRYPTED SIGSTORE PRIVATE KEY" in data or b"ENCRYPTED COSIGN PRIVATE KEY" in data:
         raise ConfigError(f"{path} is in cosign's encrypted key format, which modelfs does not read; export it as "
                           "PKCS#8 PEM (cosign import-key-pair / openssl pkcs8)")

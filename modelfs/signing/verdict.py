@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..atomic import atomic_write
 from ..settings import ConfigError
 from . import simplesigning
 from .bounded import Malformed
@@ -201,17 +202,9 @@ def record(cache_root: str, digest: str, fingerprint: str, verdict: Verdict) -> 
     verdicts = doc.get("verdicts") if isinstance(doc.get("verdicts"), dict) else {}
     verdicts[fingerprint] = {"recorded": time.time(), "signers": verdict.summary(),
                              "evidence": [item.to_json() for item in verdict.evidence]}
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w") as handle:
-            json.dump({"digest": digest, "verdicts": verdicts}, handle)
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"digest": digest, "verdicts": verdicts}).encode())
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise ConfigError(f"cannot record the signature verdict in {path}: {exc.strerror}") from None
         log.warning("cannot record the signature verdict of %s (%s); an offline mount will not find it", digest,

@@ -36,13 +36,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK_SIZE = 1 << 20
 
 
-def default_cache_dir() -> str:
-    if os.geteuid() == 0:
-        return "/var/cache/modelfs"
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return os.path.join(base, "modelfs")
-
-
 @dataclass(frozen=True)
 class BlobUsage:
     digest: str
