@@ -41,10 +41,6 @@ class Coverage:
     uncovered: list[str] = field(default_factory=list)  # files of the artifact it does not vouch for, with why
     contradictions: list[str] = field(default_factory=list)  # where it disagrees with the artifact
 
-    @property
-    def covers_files(self) -> bool:
-        return self.files_signed > 0 and not self.uncovered and not self.contradictions
-
 
 def load_statement(payload: bytes, what: str) -> dict[str, Any]:
     from .bounded import load
