@@ -13,12 +13,16 @@ from collections.abc import Iterable
 
 import trio
 
-from ..storage.claims import POLL_SECONDS, PeerClaims, peer_wait
+from ..storage.claims import PeerClaims, peer_wait
 from .sink import ReaderSink
 
 log = logging.getLogger(__name__)
 
 STREAM_CLAIM = 1 << 40
+# How often a follower looks at the peer's progress: each look re-reads every file's map (48
+# bytes a block) on a worker thread, so not at the 20 ms a single block's claim is polled at;
+# a tenth of a second is far inside any read deadline the progress extends.
+FOLLOW_SECONDS = 0.1
 
 
 class LayerClaim:
@@ -59,7 +63,7 @@ async def follow_peer(claim: LayerClaim, files: Iterable[ReaderSink], read_secon
         elif trio.current_time() - last > patience:
             log.info("%s: another process streaming it stored nothing for %gs; streaming it here too", where, patience)
             return False
-        await trio.sleep(POLL_SECONDS)
+        await trio.sleep(FOLLOW_SECONDS)
     await trio.to_thread.run_sync(lambda: [sink.reload_stored() for sink in sinks])
     _wake(sinks)
     done = all(sink.verified for sink in sinks)
