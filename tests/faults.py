@@ -26,6 +26,8 @@ import time
 import zlib
 from collections import Counter
 
+from proxy import stop_listening
+
 
 @functools.lru_cache(maxsize=2)
 def gzip_bomb(size: int, piece: int = 1 << 20) -> bytes:
@@ -68,7 +70,7 @@ class FaultProxy:
         return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self._server.close()
+        stop_listening(self._server)
 
     def _accept(self) -> None:
         while True:

@@ -64,11 +64,15 @@ class CountingProxy:
                 sock.close()
 
     def close(self) -> None:
-        """Stop listening now: later connections are refused (a thread blocked in accept()
-        would keep a merely closed socket listening until its next connection)."""
         self._stopping = True
-        try:
-            self._server.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._server.close()
+        stop_listening(self._server)
+
+
+def stop_listening(server: socket.socket) -> None:
+    """Stop listening now: later connections are refused (a thread blocked in accept() would
+    keep a merely closed socket listening until its next connection)."""
+    try:
+        server.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    server.close()
