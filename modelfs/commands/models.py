@@ -13,6 +13,7 @@ from .. import signing
 from ..artifact.extract import extract
 from ..compose import existing_cache, open_registry, open_session, trust_policy
 from ..errors import CacheError, ModelfsError, UnavailableError
+from ..mount.binding import check_signed_files
 from ..reference import parse
 from ..resolve import describe, fetch_or_cached, held_whole, record
 from .base import settings_for, warn_offline
@@ -68,7 +69,6 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
-            record(session.cache, model, found.index.data if found.index else b"")
             try:
                 await fetcher.prefetch(readers, progress, progress.skip)
                 for reader in readers:
@@ -76,6 +76,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
                     if not await reader.settle():
                         raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
                                          f"{settings.cache_dir} (see the errors above; is the disk full?)")
+                await check_signed_files(model, fetcher)  # the mount's per-file signature checks, from the cache
+                record(session.cache, model, found.index.data if found.index else b"")  # pulled: whole and checked
             finally:
                 nursery.cancel_scope.cancel()  # nothing left to wait for: end the fetch tasks' nursery now
     progress.finish()
