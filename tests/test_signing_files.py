@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from conftest import Cli
 from direct import read_direct, read_direct_or_errno
+from proxy import CountingProxy
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
 model_signing = pytest.importorskip("model_signing")
@@ -80,7 +82,10 @@ class World:
         if tamper:
             tamper(directory)
         ref = f"{self.registry.address}/signfiles/{name}:v1"
-        self.cli.run("build", "--packing", packing, "-t", ref, "-f", str(directory / "Modelfile"), str(directory))
+        # no block index for the tampered ones: an OMS signature alone never lets a mount under enforce
+        # use it anyway, and without it a pull under warn checks each blob whole, as enforce needs offline
+        self.cli.run("build", "--packing", packing, *(["--no-block-index"] if tamper else []), "-t", ref, "-f",
+                     str(directory / "Modelfile"), str(directory))
         self.cli.run("push", "--plain-http", ref)
         digest = httpx.head(f"http://{self.registry.address}/v2/signfiles/{name}/manifests/v1",
                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).headers["docker-content-digest"]
@@ -228,3 +233,21 @@ def test_statement_checks_are_typed_and_cover_each_file_exactly():
     odd = _files({"w.bin": ("md5", "aa" * 16)}, manifest, "model.sig")
     assert any("w.bin is signed with md5, which modelfs does not read" in u for u in odd.uncovered)
     assert tiling_problem((Shard(0, WHOLE, "sha256", "aa" * 32),), 10) is None
+
+
+def test_pull_under_warn_says_so_and_an_offline_pull_under_enforce_still_checks(world, tmp_path):
+    """Under warn, pull keeps a model whose tar member differs from its signature and says so
+    in one line; a later pull under enforce while the registry cannot be reached (every blob
+    cached) still hashes that file from the cache and refuses."""
+    proxy = CountingProxy(world.registry.port)
+    cli = Cli(tmp_path / "home")
+    ref = world.refs["swapped-tar"].replace(world.registry.address, proxy.address)
+    expected = "model.safetensors: sha256 differs from the signed statement"
+    try:
+        kept = cli.run("pull", "--plain-http", "--signatures", "warn", *key(world), ref)
+        assert expected in kept.stderr and "Pulled" in kept.stdout, kept.stderr
+    finally:
+        proxy._server.shutdown(socket.SHUT_RDWR)  # wakes its accept(): the port refuses from now on
+        proxy.close()
+    line = _one_line_error(cli.run("pull", "--plain-http", *key(world), ref, check=False))
+    assert expected in line, line

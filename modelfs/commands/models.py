@@ -63,6 +63,9 @@ async def cmd_pull(args: argparse.Namespace) -> int:
                 raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot be "
                                        "pulled until the registry answers")
             warn_offline(found.offline)
+            async with trio.open_nursery() as nursery:  # its signed files still checked, from the cache
+                await check_signed_files(model, session.fetcher(nursery, found.index))
+                nursery.cancel_scope.cancel()
             print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
             return 0
         progress = Progress(sum(layer.size for layer in model.manifest.layers), f"pull {reference}")
