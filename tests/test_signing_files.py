@@ -185,8 +185,9 @@ def test_tar_layer_file_the_statement_does_not_list_is_refused(world, mounts, tm
 
 def test_sharded_blake2_signature_serves_each_shard_once_it_matches(world, mounts, tmp_path):
     """model-signing's `shards` method with blake2b, 1 MiB shards of a raw 3 MiB weight: an
-    honest model is served whole (pull too); in a tampered one the shards that match are
-    served and the one that differs is EIO, named in one line; pull refuses it."""
+    honest model is served whole (pull too); in a tampered one a shard that matches is served
+    until the one that differs is read: that is EIO, named in one line, and from then on the
+    whole file is; pull refuses it."""
     cli = Cli(tmp_path / "home")
     good = mounts.mount(world.refs["sharded"], *key(world), cli=cli)
     assert read_direct(good / "model.safetensors") == (world.dirs["sharded"] / "model.safetensors").read_bytes()
@@ -195,11 +196,12 @@ def test_sharded_blake2_signature_serves_each_shard_once_it_matches(world, mount
     target = mounts.mount(ref, *key(world), "--prefetch", "none", cli=cli)
     weight = (world.dirs["sharded-swapped"] / "model.safetensors").read_bytes()
     assert read_direct(target / "model.safetensors", 0, MIB) == weight[:MIB]
-    try:
-        read_direct(target / "model.safetensors", MIB, 4096)
-        raise AssertionError("a shard that differs from its signature was served")
-    except OSError as exc:
-        assert exc.errno == errno.EIO
+    for offset in (MIB, 0):  # the shard that differs; then none of the file, its matching shards included
+        try:
+            read_direct(target / "model.safetensors", offset, 4096)
+            raise AssertionError(f"bytes at {offset} of a file with a shard that differs were served")
+        except OSError as exc:
+            assert exc.errno == errno.EIO
     expected = "model.safetensors: bytes 1,048,576-2,097,152: blake2b differs from the signed statement"
     assert expected in _status_says(cli, expected)
     assert expected in _one_line_error(cli.run("pull", "--plain-http", *key(world), ref, check=False))
@@ -251,3 +253,58 @@ def test_pull_under_warn_says_so_and_an_offline_pull_under_enforce_still_checks(
         proxy.close()
     line = _one_line_error(cli.run("pull", "--plain-http", *key(world), ref, check=False))
     assert expected in line, line
+
+
+def test_gate_runs_one_check_for_concurrent_readers_and_remembers_it():
+    """Unit, with a counting reader: three reads of a signed file at once cause one read of
+    its bytes; later reads none; a range that differs is refused under enforce (every read of
+    the file after it too) and served under warn."""
+    import hashlib
+
+    import trio
+
+    from modelfs.errors import SignatureError
+    from modelfs.mount.filecheck import FileGate
+    from modelfs.mount.tree import Node
+    from modelfs.signing.filechecks import FileChecks, Shard
+
+    data = os.urandom(3 * MIB + 10)
+
+    class Reader:
+        reads = 0
+
+        async def read_view(self, offset: int, size: int) -> bytes:
+            Reader.reads += 1
+            await trio.sleep(0.001)
+            return data[offset:offset + size]
+
+    def gate(mode: str, second: str) -> FileGate:
+        shards = (Shard(0, MIB, "sha256", hashlib.sha256(data[:MIB]).hexdigest()),
+                  Shard(MIB, len(data), "blake2b", second))
+        checks = FileChecks({"w.bin": shards}, frozenset(), frozenset({"w.bin"}), "model.sig in the artifact", mode)
+        return FileGate(checks, {2: "w.bin"})
+
+    node = Node(2, "w.bin", "file", 0o644, 0, size=len(data))
+    honest = hashlib.blake2b(data[MIB:]).hexdigest()
+
+    async def main() -> None:
+        checked = gate("enforce", honest)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(checked.admit, node, Reader(), 0, len(data))
+        assert Reader.reads == 4  # 1 + 3 MiB + 10 bytes, in 1 MiB reads, once
+        await checked.admit(node, Reader(), 5, 100)
+        assert Reader.reads == 4
+        refused = gate("enforce", "00" * 64)
+        await refused.admit(node, Reader(), 0, 100)  # the first shard matches: served
+        for _ in range(2):
+            with pytest.raises(SignatureError, match=r"w.bin: bytes 1,048,576-3,145,738: blake2b differs from the "
+                                                     r"signed statement \(model.sig in the artifact\)"):
+                await refused.admit(node, Reader(), 0, len(data))
+        with pytest.raises(SignatureError):
+            await refused.admit(node, Reader(), 0, 100)  # nothing more of that file
+        warned = gate("warn", "00" * 64)
+        await warned.admit(node, Reader(), 0, len(data))
+        assert len(warned.failures) == 1
+
+    trio.run(main)

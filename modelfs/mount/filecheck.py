@@ -85,6 +85,8 @@ class FileGate:
         path = self._paths.get(node.inode)
         if path is None:
             return
+        if path in self._failed and self.checks.enforcing:
+            raise SignatureError(self._failed[path])  # nothing more of that file, its passed ranges included
         for index, shard in enumerate(self.checks.shards(path)):
             first, last = shard.span(node.size)
             if first < max(end, start + 1) and start < max(last, first + 1):
