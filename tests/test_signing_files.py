@@ -69,7 +69,7 @@ class World:
     def _tar_model(self, name: str, packing: str, tamper=None, like: Path | None = None,
                    modelfile: str = UNSIGNED_MODELFILE) -> Path:
         name = name.replace("+", "-")  # a repository name
-        directory = _model_dir(self.root, name, os.urandom(3 * MIB))
+        directory = _model_dir(self.root, name, os.urandom(2 * MIB))
         if like is not None:
             for file in ("config.json", "tokenizer.json", "model.safetensors"):
                 shutil.copy(like / file, directory / file)
@@ -94,7 +94,7 @@ class World:
         return directory
 
     def _sharded(self, name: str, tamper: bool = False) -> None:
-        directory = _model_dir(self.root, name, os.urandom(3 * MIB))
+        directory = _model_dir(self.root, name, os.urandom(2 * MIB + 100))
         _sign(directory, self.release, directory / "model.sig", shards=True)
         if tamper:
             _swap(directory, MIB + 5)  # the second shard
@@ -184,7 +184,7 @@ def test_tar_layer_file_the_statement_does_not_list_is_refused(world, mounts, tm
 
 
 def test_sharded_blake2_signature_serves_each_shard_once_it_matches(world, mounts, tmp_path):
-    """model-signing's `shards` method with blake2b, 1 MiB shards of a raw 3 MiB weight: an
+    """model-signing's `shards` method with blake2b, 1 MiB shards of a raw 2 MiB weight: an
     honest model is served whole (pull too); in a tampered one a shard that matches is served
     until the one that differs is read: that is EIO, named in one line, and from then on the
     whole file is; pull refuses it."""
