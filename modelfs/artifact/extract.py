@@ -22,13 +22,14 @@ from typing import BinaryIO
 
 import trio
 
-from ..errors import CacheError, IntegrityError, ManifestError, UnsafePathError
+from ..errors import CacheError, IntegrityError, ManifestError, SignatureError, UnsafePathError
 from ..formats.paths import clean_member_path
 from ..formats.spec import Descriptor, Packing, classify_layer
 from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
 from ..formats.zstd import ZstdError, ZstdFile
 from ..registry import RegistryReader
 from ..resolve import Model
+from ..signing.filechecks import FileChecks
 from ..storage.cache import BlockCache
 from ..storage.entry import BlobEntry
 from ..storage.store import BlockDamaged
@@ -198,6 +199,40 @@ async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: 
         staging.drop_blob(blob)
 
 
+def _check_signed(checks: FileChecks, staging: Staging, check: TreeCheck, files: list[str]) -> None:
+    """The signature checks no layer digest stands for (a file in a tar layer, another hash,
+    shards: :mod:`modelfs.signing.filechecks`), run on the staged files before anything moves
+    into ``--output``: a file that differs refuses the model under enforce (SignatureError)."""
+    sizes: dict[str, int] = {}
+    for path in files:
+        if check.kind(path) == REGULAR:
+            with staging.staged_file(path) as handle:
+                sizes[path] = os.fstat(handle.fileno()).st_size
+    checks.judge_listing(sizes)
+    for path, size in sizes.items():
+        shards = checks.shards(path)
+        if not shards:
+            continue
+        with staging.staged_file(path) as handle:
+            for shard in shards:
+                start, end = shard.span(size)
+                handle.seek(start)
+                hasher = shard.hasher()
+                while start < end:
+                    chunk = handle.read(min(1 << 20, end - start))
+                    if not chunk:
+                        break
+                    hasher.update(chunk)
+                    start += len(chunk)
+                if hasher.hexdigest() == shard.digest:
+                    continue
+                line = checks.mismatch(path, shard, size)
+                if checks.enforcing:
+                    raise SignatureError(line)
+                log.warning("signatures = warn: extracting anyway: %s", line)
+                break
+
+
 def _make_output(output: str) -> list[str]:
     """``--output`` and its missing parents made; those made, deepest first (removed again
     if the model is refused: --output is left as it was)."""
@@ -240,6 +275,8 @@ async def extract(client: RegistryReader, model: Model, output: str, cache: Bloc
         for number in range(len(model.manifest.layers)):
             await _stage_layer(client, cache, model, number, staging, check, result)
         check.finish()
+        if model.verdict is not None and model.verdict.file_checks is not None:
+            await trio.to_thread.run_sync(_check_signed, model.verdict.file_checks, staging, check, result.files)
         with writing("the model's files", output):
             await trio.to_thread.run_sync(staging.commit, check)
     except BaseException:

@@ -193,6 +193,22 @@ class Staging:
             with self.new_file(path, stat.S_IMODE(info.st_mode)) as out:
                 shutil.copyfileobj(reader, out, 1 << 20)
 
+    @contextmanager
+    def staged_file(self, path: str) -> Iterator[BinaryIO]:
+        """A regular file of the staged tree opened to read, no link followed on the way."""
+        cursor = Cursor(self.tree_fd)
+        try:
+            parent, _, name = path.rpartition("/")
+            for part in parent.split("/") if parent else ():
+                cursor.down(part)
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cursor.fd)
+        finally:
+            cursor.close()
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise UnsafePathError(f"{path!r} is not a regular file")
+            yield handle
+
     def adopt(self, blob_name: str, path: str, mode: int) -> None:
         """A downloaded raw blob becomes the file at ``path``."""
         parent = self._open_parent(path)

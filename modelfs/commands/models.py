@@ -13,6 +13,7 @@ from .. import signing
 from ..artifact.extract import extract
 from ..compose import existing_cache, open_registry, open_session, trust_policy
 from ..errors import CacheError, ModelfsError, UnavailableError
+from ..mount.binding import check_signed_files
 from ..reference import parse
 from ..resolve import describe, fetch_or_cached, held_whole, record
 from .base import settings_for, warn_offline
@@ -62,13 +63,15 @@ async def cmd_pull(args: argparse.Namespace) -> int:
                 raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot be "
                                        "pulled until the registry answers")
             warn_offline(found.offline)
+            async with trio.open_nursery() as nursery:  # its signed files still checked, from the cache
+                await check_signed_files(model, session.fetcher(nursery, found.index))
+                nursery.cancel_scope.cancel()
             print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
             return 0
         progress = Progress(sum(layer.size for layer in model.manifest.layers), f"pull {reference}")
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
-            record(session.cache, model, found.index.data if found.index else b"")
             try:
                 await fetcher.prefetch(readers, progress, progress.skip)
                 for reader in readers:
@@ -76,6 +79,8 @@ async def cmd_pull(args: argparse.Namespace) -> int:
                     if not await reader.settle():
                         raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
                                          f"{settings.cache_dir} (see the errors above; is the disk full?)")
+                await check_signed_files(model, fetcher)  # the mount's per-file signature checks, from the cache
+                record(session.cache, model, found.index.data if found.index else b"")  # pulled: whole and checked
             finally:
                 nursery.cancel_scope.cancel()  # nothing left to wait for: end the fetch tasks' nursery now
     progress.finish()

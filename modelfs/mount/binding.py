@@ -6,6 +6,10 @@ and binds a reader to a file when the file is first used: opened, read, prefetch
 how much of it is cached. :meth:`FileReaders.reader` is the one place that decides which
 reader serves a file; the FUSE layer and the daemon's prefetch and status all go through it.
 
+A file an OMS statement signs in a way no layer digest stands for (a file in a tar layer,
+another hash, shards) is read only through :meth:`FileReaders.read_view`, which waits on its
+check (:mod:`.filecheck`) before serving a byte of it.
+
 A compressed layer has one :class:`~.layerstream.LayerStream` for all its files, kept here from
 the listing on: the stream that listed a layer already made a target for each member, and a
 file bound later gets that target.
@@ -13,11 +17,15 @@ file bound later gets that target.
 
 from __future__ import annotations
 
+from typing import Any
+
+from ..errors import SignatureError
 from ..formats.spec import Descriptor
 from ..formats.tarindex import Member, ReadAt
 from .fetcher import BlobReader, Fetcher
+from .filecheck import FileGate, gate_for
 from .layerstream import LayerStream, derived_key
-from .tree import Layer, Node, Tree
+from .tree import Layer, Node, Tree, build_tree
 
 
 class FileReaders:
@@ -27,6 +35,15 @@ class FileReaders:
     def __init__(self, fetcher: Fetcher) -> None:
         self.fetcher = fetcher
         self._streams: dict[tuple[str, str], LayerStream] = {}  # by layer digest and packing
+        self.gate: FileGate | None = None  # set once the tree is listed, before anything is served
+
+    async def read_view(self, node: Node, offset: int, size: int) -> bytes | bytearray | memoryview:
+        """Bytes [offset, offset + size) of file ``node``: the one way the FUSE layer reads a
+        file, so a file with a pending signature check serves nothing before it matched."""
+        reader = self.reader(node)
+        if self.gate is not None:
+            await self.gate.admit(node, reader, offset, offset + size)
+        return await reader.read_view(node.offset + offset, size)
 
     def read_at(self, layer: Descriptor) -> ReadAt:
         """Range reads of a layer's blob, through its reader (a plain tar's headers)."""
@@ -66,3 +83,19 @@ class FileReaders:
 def _layer_of(node: Node) -> Layer:
     assert node.layer is not None, f"{node.name!r} is not a file"
     return node.layer
+
+
+async def check_signed_files(model: Any, fetcher: Fetcher) -> None:
+    """``pull``'s turn of the mount's gate: the model's files listed as a mount lists them, and
+    every file with a pending signature check hashed from the cache through its reader.
+    SignatureError (its one line) if one differs under enforce; under warn it is logged."""
+    if model.verdict is None or model.verdict.file_checks is None:
+        return
+    readers = FileReaders(fetcher)
+    tree = await build_tree(model, readers)
+    gate = gate_for(model.verdict, tree)
+    if gate is None:
+        return
+    failures = await gate.check_all(tree, readers.reader)
+    if failures and gate.checks.enforcing:
+        raise SignatureError(failures[0])

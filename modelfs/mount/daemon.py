@@ -29,6 +29,7 @@ from ..storage.cache import PRUNE_TO, BlockCache, prune
 from . import status, table
 from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
+from .filecheck import gate_for
 from .fs import ModelFS, Permissions
 from .metrics import render, serve_metrics
 from .policy import available_cores
@@ -219,6 +220,7 @@ async def serve(options: MountOptions) -> None:
                             "they are checked; a corrupt range can reach readers until its blob completes")
             readers = FileReaders(fetcher)
             tree = await build_tree(model, readers)
+            readers.gate = gate_for(model.verdict, tree)  # before anything is served
             record(session.cache, model, index.data if index else b"")
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
                                       os.getgid() if settings.gid is None else settings.gid,
@@ -249,6 +251,8 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         nursery.start_soon(release_replaced_files, cache)
         if options.settings.prefetch == "all":
             nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.settings.cache_max_size)
+            if readers.gate is not None:
+                nursery.start_soon(readers.gate.prefetch, tree, readers.reader)
         if options.settings.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.settings.cache_max_size)
         if options.settings.metrics:
@@ -265,7 +269,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
                 bytes_local=sum(r.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
-                **status.signature_fields(model.verdict))
+                **status.signature_fields(model.verdict, readers.gate))
 
         nursery.start_soon(status.keep_writing, collect, sd_notify)
         nursery.start_soon(announce_ready, mountpoint, options, offline)

@@ -223,7 +223,7 @@ class ModelFS(pyfuse3.Operations):
         self.stats.reads += 1
         try:
             with ReadTimer(self.stats.read_latency):
-                data = await self.readers.reader(node).read_view(node.offset + off, size)
+                data = await self.readers.read_view(node, off, size)
             self.stats.bytes_served += len(data)
             return data
         except ModelfsError as exc:

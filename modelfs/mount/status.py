@@ -68,10 +68,15 @@ class MountStatus:
         return line
 
 
-def signature_fields(verdict: Any) -> dict[str, Any]:
-    """The status fields of a signature verdict (modelfs/signing/), none without a policy."""
+def signature_fields(verdict: Any, gate: Any = None) -> dict[str, Any]:
+    """The status fields of a signature verdict (modelfs/signing/), none without a policy; a
+    signed file whose bytes differ from its statement (``gate``: mount/filecheck.py) turns
+    them to not met, naming it."""
     if verdict is None:
         return {}
+    failures = gate.failures if gate is not None else []
+    if failures:
+        return {"signatures": "; ".join(failures[:2]), "signatures_met": 0}
     return {"signatures": verdict.summary(), "signatures_met": int(verdict.met)}
 
 

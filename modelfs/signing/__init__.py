@@ -7,7 +7,9 @@ It reads no byte of the weights: a signature vouches for the manifest digest (co
 for each file's sha256, which for a raw layer is the layer digest the manifest holds (OMS).
 From there the existing trust chain (manifest -> layer digest -> block index -> block)
 carries it to every byte served lazily; see :func:`gate_index` for the one link a file-only
-signature does not cover.
+signature does not cover. What an OMS statement signs that no layer digest stands for (a
+file in a tar layer, blake2b or blake3, shards) the verdict hands on as per-file checks
+(:attr:`Verdict.file_checks`, :mod:`.filechecks`), run by the data path before serving.
 """
 
 from __future__ import annotations

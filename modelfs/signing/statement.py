@@ -7,9 +7,9 @@
   ``model_signing sign``) lists each file's digest. A raw ModelPack layer *is* its file, so
   a file listed with its sha256 is vouched for when that equals the layer's digest: no byte
   of the weights is read. A one-shard ``shards`` entry spanning the whole file is the same
-  hash. Files hashed otherwise (blake2, several shards) or packed in a tar layer would need
-  their bytes hashed as they are served; modelfs does not do that yet, so such a file counts
-  as not covered (an ``enforce`` policy then refuses the model, saying which file).
+  hash. A file hashed otherwise (blake2b, blake3, several shards) or packed in a tar layer is
+  covered too, but only by reading it: its shards become a pending check
+  (:mod:`.filechecks`) that the data path and ``extract`` run before serving or keeping it.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ from typing import Any
 
 from ..formats.spec import Manifest, Packing, classify_layer
 from .bounded import MAX_RESOURCES, Malformed
+from .filechecks import DIGEST_HEX, HASHERS, SIGNATURE_FILE, WHOLE, Shard, base_algorithm, tiling_problem
 
 STATEMENT_TYPES = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1")
 COSIGN_SIGN = "https://sigstore.dev/cosign/sign/v1"
 OMS_V1 = "https://model_signing/signature/v1.0"
 OMS_COMPAT = "https://model_signing/Digests/v0.1"
-SIGNATURE_FILE = "model.sig"  # model_signing's default output, named by the Modelfile
 _SHARD = re.compile(r"(.+):(\d+):(\d+)")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +39,10 @@ class Coverage:
     files_signed: int = 0  # files the statement lists
     uncovered: list[str] = field(default_factory=list)  # files of the artifact it does not vouch for, with why
     contradictions: list[str] = field(default_factory=list)  # where it disagrees with the artifact
+    checks: dict[str, tuple[Shard, ...]] = field(default_factory=dict)  # files covered once read and hashed
+    vouched: frozenset[str] = frozenset()  # files whose signed sha256 is their raw layer's digest
+    signed: frozenset[str] = frozenset()  # every file it lists
+    listed_later: bool = False  # tar layers: which files they hold (so whether all are covered) is judged once listed
 
 
 def load_statement(payload: bytes, what: str) -> dict[str, Any]:
@@ -106,44 +109,77 @@ def _normal(path: str) -> str:
     return posixpath.normpath(path.lstrip("/")).removeprefix("./")
 
 
-def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str) -> Coverage:
-    """Each file of the artifact against the statement: covered, uncovered (why), or contradicted."""
-    whole: dict[str, tuple[str, str]] = {}  # file -> (algorithm, hex) for whole-file sha256 digests
-    shards: dict[str, list[tuple[int, int, str]]] = {}
+def _signed_shards(resources: dict[str, tuple[str, str]]) -> dict[str, list[Shard]]:
+    """path -> the shards the statement signs for it (a whole-file digest: one shard to WHOLE)."""
+    signed: dict[str, list[Shard]] = {}
     for name, (algorithm, digest) in resources.items():
-        shard = _SHARD.fullmatch(name) if algorithm.startswith("sha256-sharded-") else None
+        shard = _SHARD.fullmatch(name) if "-sharded-" in algorithm else None
         if shard:
-            shards.setdefault(_normal(shard.group(1)), []).append((int(shard.group(2)), int(shard.group(3)), digest))
+            entry = Shard(int(shard.group(2)), int(shard.group(3)), base_algorithm(algorithm), digest)
+            signed.setdefault(_normal(shard.group(1)), []).append(entry)
         else:
-            whole[_normal(name)] = (algorithm, digest)
+            signed.setdefault(_normal(name), []).append(Shard(0, WHOLE, algorithm, digest))
+    signed.pop(SIGNATURE_FILE, None)  # the signature itself
+    return {path: sorted(shards, key=lambda s: s.start) for path, shards in signed.items()}
+
+
+def _unreadable(shards: list[Shard]) -> str | None:
+    """Why modelfs cannot check these shards, if it cannot."""
+    for shard in shards:
+        if shard.algorithm not in HASHERS:
+            return f"is signed with {shard.algorithm[:40]}, which modelfs does not read (sha256, blake2b, blake3)"
+        if len(shard.digest) != DIGEST_HEX[shard.algorithm]:
+            return f"has a {shard.algorithm} digest of {len(shard.digest)} hex digits"
+    return None
+
+
+def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str) -> Coverage:
+    """Each file of the artifact against the statement: vouched (a raw layer whose digest is
+    the signed sha256), covered once read (``checks``), uncovered (why), or contradicted."""
+    signed = _signed_shards(resources)
     uncovered: list[str] = []
     contradictions: list[str] = []
-    seen: set[str] = set()
+    checks: dict[str, tuple[Shard, ...]] = {}
+    vouched: set[str] = set()
+    listed_later = False
+    raw_paths: set[str] = set()
     for layer in manifest.layers:
         path = _normal(layer.filepath or "")
         if path == SIGNATURE_FILE:
             continue  # the signature itself
         classified = classify_layer(layer.media_type)
-        if classified is None or classified[1] is not Packing.RAW or not layer.filepath:
-            uncovered.append(f"{path or layer.digest[:19]} is in a {layer.media_type.rsplit('.', 1)[-1]} layer: its "
-                             "signed hash would need the layer's bytes (sign the manifest: modelfs sign)")
+        if classified is not None and classified[1] is not Packing.RAW:
+            listed_later = True  # its files are known once it is listed (FileChecks.judge_listing)
             continue
-        seen.add(path)
-        algorithm, digest = whole.get(path) or _one_shard(shards.get(path), layer.size) or ("", "")
-        if not algorithm:
-            reason = "is split into several signed shards" if path in shards else "is not listed"
-            uncovered.append(f"{path} {reason}")
-        elif algorithm != "sha256" or not _HEX64.fullmatch(digest):
-            uncovered.append(f"{path} is signed with {algorithm[:40]}, which modelfs checks only as sha256")
-        elif "sha256:" + digest != layer.digest:
-            contradictions.append(f"{path}: signed sha256:{digest[:12]}…, the artifact has {layer.digest[:19]}…")
-    for missing in sorted((set(whole) | set(shards)) - seen - {SIGNATURE_FILE})[:3]:
-        contradictions.append(f"{missing} is signed but missing from the artifact")
-    return Coverage(False, len(whole) + len(shards), uncovered, contradictions)
-
-
-def _one_shard(found: list[tuple[int, int, str]] | None, size: int) -> tuple[str, str] | None:
-    """A file signed as one shard from 0 to its end: that shard's sha256 is the file's."""
-    if found and len(found) == 1 and found[0][:2] == (0, size):
-        return "sha256", found[0][2]
-    return None
+        if classified is None or not layer.filepath:
+            uncovered.append(f"{path or layer.digest[:19]} is in a {layer.media_type.rsplit('.', 1)[-1]} layer, which "
+                             "modelfs does not list")
+            continue
+        raw_paths.add(path)
+        shards = signed.get(path)
+        problem = _unreadable(shards) if shards else "is not listed"
+        if problem:
+            uncovered.append(f"{path} {problem}")
+            continue
+        assert shards is not None
+        tiling = tiling_problem(tuple(shards), layer.size)
+        if tiling:
+            contradictions.append(f"{path}: {tiling}")
+        elif len(shards) == 1 and shards[0].algorithm == "sha256":
+            if "sha256:" + shards[0].digest != layer.digest:
+                contradictions.append(f"{path}: signed sha256:{shards[0].digest[:12]}…, the artifact has "
+                                      f"{layer.digest[:19]}…")
+            vouched.add(path)
+        else:
+            checks[path] = tuple(shards)
+    for path in sorted(set(signed) - raw_paths):
+        problem = _unreadable(signed[path])
+        if not listed_later:
+            if len(contradictions) < 3:
+                contradictions.append(f"{path} is signed but missing from the artifact")
+        elif problem:
+            uncovered.append(f"{path} {problem}")
+        else:
+            checks[path] = tuple(signed[path])
+    return Coverage(False, len(signed), uncovered, contradictions, checks, frozenset(vouched), frozenset(signed),
+                    listed_later)

@@ -29,6 +29,7 @@ from . import simplesigning
 from .bounded import Malformed
 from .bundle import IN_TOTO, Signed, claimed_signer, parse, verify_keyless, verify_with_keys
 from .evidence import Evidence
+from .filechecks import FileChecks, merge
 from .policy import AUDIT, Policy
 from .statement import Coverage, evaluate, load_statement
 
@@ -53,8 +54,12 @@ class Finding:
 
     def line(self) -> str:
         if self.counts and self.coverage is not None:
-            covered = "the manifest digest" if self.coverage.covers_manifest else \
-                f"all {self.coverage.files_signed} files, each digest equal to its layer's"
+            coverage = self.coverage
+            later = len(coverage.checks) + (1 if coverage.listed_later else 0)
+            covered = "the manifest digest" if coverage.covers_manifest else \
+                f"all {coverage.files_signed} files, each digest equal to its layer's" if not later else \
+                f"all {coverage.files_signed} files, {len(coverage.vouched)} by their layer's digest, the others " \
+                "hashed when first read"
             return f"ok   {self.where}: {self.what} by {self.signer}, covering {covered}"
         by = f" by {self.signer}" if self.signer else ""
         return f"FAIL {self.where}: {self.what}{by}: {self.reason}"
@@ -78,6 +83,16 @@ class Verdict:
         """A counting signature vouches for the manifest (so for the block index it names)."""
         return self.met and any(f.counts and f.coverage is not None and f.coverage.covers_manifest
                                 for f in self.findings)
+
+    @property
+    def file_checks(self) -> FileChecks | None:
+        """What the data path must still hash before serving a file (a file in a tar layer,
+        another hash, shards), when the verdict rests on OMS statements alone; None when a
+        signature of the manifest vouches for every byte, or nothing is left to check."""
+        if not self.met or self.covers_manifest or self.policy.mode not in ("enforce", "warn"):
+            return None
+        parts = [(f.where, f.coverage) for f in self.findings if f.counts and f.coverage is not None]
+        return merge(parts, self.policy.mode, self.reference)
 
     def summary(self) -> str:
         """One line: for the log, ``status`` and the terminal."""

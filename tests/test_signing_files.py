@@ -1,0 +1,310 @@
+"""OMS signatures that no layer digest stands for: a file inside a tar layer (plain, gzip),
+another hash (blake2b), a file signed as shards. Each such file is served, pulled or
+extracted only once its bytes hashed to the signed digest; one that differs is refused with
+one line naming it and the signature, and nothing of it is served. Signed with the real
+model-signing package, built and pushed by modelfs, read through real FUSE mounts."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Cli
+from direct import read_direct, read_direct_or_errno
+from proxy import CountingProxy
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+model_signing = pytest.importorskip("model_signing")
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+from test_signing import BUNDLE_TYPE, _attach, _model_dir, _one_line_error, _push, _write_key  # noqa: E402
+
+from modelfs.logfile import daemon_log_path  # noqa: E402
+
+MIB = 1 << 20
+UNSIGNED_MODELFILE = "NAME signed\nCONFIG config.json\nMODEL *.safetensors\nDOC tokenizer.json\n"
+
+
+def _sign(directory: Path, private: Path, out: Path, shards: bool = False) -> None:
+    """model_signing's own API, as `model_signing sign key` does (Modelfile and model.sig excluded)."""
+    hashing = model_signing.hashing.Config().set_ignored_paths(paths=["Modelfile", "model.sig"], ignore_git_paths=True)
+    if shards:
+        hashing = hashing.use_shard_serialization(shard_size=MIB, hashing_algorithm="blake2")
+    model_signing.signing.Config().use_elliptic_key_signer(private_key=str(private)).set_hashing_config(
+        hashing).sign(directory, out)
+
+
+def _swap(directory: Path, offset: int) -> None:
+    """One byte of the weight changed after signing: the artifact is honest, the signature is not about it."""
+    with open(directory / "model.safetensors", "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+class World:
+    """Models signed once, then built tar-packed (the signature attached as a referrer: a tar
+    layer cannot carry model.sig readably) or raw with model.sig, honest and tampered."""
+
+    def __init__(self, root: Path, registry) -> None:
+        self.root, self.registry = root, registry
+        self.cli = Cli(root / "home")
+        self.release, self.release_pub = _write_key(root, "release", ec.generate_private_key(ec.SECP256R1()))
+        self.dirs: dict[str, Path] = {}
+        self.refs: dict[str, str] = {}
+        for packing in ("tar", "tar+gzip"):
+            good = self._tar_model(f"good-{packing}", packing)
+            self._tar_model(f"swapped-{packing}", packing, tamper=lambda d: _swap(d, 3 * MIB // 2), like=good)
+        self._tar_model("extra-tar", "tar", tamper=lambda d: (d / "extra.json").write_text("{}"), like=self.dirs["good-tar"],
+                        modelfile=UNSIGNED_MODELFILE.replace("DOC tokenizer.json", "DOC tokenizer.json extra.json"))
+        self._sharded("sharded")
+        self._sharded("sharded-swapped", tamper=True)
+
+    def _tar_model(self, name: str, packing: str, tamper=None, like: Path | None = None,
+                   modelfile: str = UNSIGNED_MODELFILE) -> Path:
+        name = name.replace("+", "-")  # a repository name
+        directory = _model_dir(self.root, name, os.urandom(2 * MIB))
+        if like is not None:
+            for file in ("config.json", "tokenizer.json", "model.safetensors"):
+                shutil.copy(like / file, directory / file)
+        (directory / "Modelfile").write_text(modelfile)
+        signature = self.root / f"{name}.sig"
+        if like is None:
+            _sign(directory, self.release, signature)
+        else:
+            shutil.copy(self.root / f"{like.name}.sig", signature)
+        if tamper:
+            tamper(directory)
+        ref = f"{self.registry.address}/signfiles/{name}:v1"
+        # no block index for the tampered ones: an OMS signature alone never lets a mount under enforce
+        # use it anyway, and without it a pull under warn checks each blob whole, as enforce needs offline
+        self.cli.run("build", "--packing", packing, *(["--no-block-index"] if tamper else []), "-t", ref, "-f",
+                     str(directory / "Modelfile"), str(directory))
+        self.cli.run("push", "--plain-http", ref)
+        digest = httpx.head(f"http://{self.registry.address}/v2/signfiles/{name}/manifests/v1",
+                            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).headers["docker-content-digest"]
+        _attach(self.registry, f"signfiles/{name}", digest, [(signature.read_bytes(), BUNDLE_TYPE)])
+        self.dirs[name], self.refs[name] = directory, ref
+        return directory
+
+    def _sharded(self, name: str, tamper: bool = False) -> None:
+        directory = _model_dir(self.root, name, os.urandom(2 * MIB + 100))
+        _sign(directory, self.release, directory / "model.sig", shards=True)
+        if tamper:
+            _swap(directory, MIB + 5)  # the second shard
+        self.dirs[name], self.refs[name] = directory, _push(self.cli, self.registry, directory, f"signfiles/{name}")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, registry) -> World:
+    return World(tmp_path_factory.mktemp("signing-files"), registry)
+
+
+def _status_says(cli: Cli, expected: str) -> str:
+    """``modelfs status`` once it says ``expected`` (the daemon writes it each second), or its last text."""
+    for _ in range(30):
+        out = cli.run("status").stdout
+        if expected in out:
+            break
+        time.sleep(0.2)
+    return out
+
+
+def key(world: World) -> tuple[str, str]:
+    return ("--key", str(world.release_pub))
+
+
+@pytest.mark.parametrize("packing", ["tar", "tar+gzip"])
+def test_file_in_a_tar_layer_is_served_pulled_and_extracted_once_its_signed_hash_matches(world, mounts, tmp_path,
+                                                                                         packing):
+    """Files packed in tar layers, signed by model-signing (sha256 of each file): verify says
+    they are hashed when read; mount serves every file's exact bytes, pull and extract keep them."""
+    ref, directory = world.refs[f"good-{packing}".replace("+", "-")], world.dirs[f"good-{packing}".replace("+", "-")]
+    cli = Cli(tmp_path / "home")
+    out = cli.run("verify", "--plain-http", *key(world), ref).stdout
+    assert "OMS model signature by key" in out and "hashed when first read" in out, out
+    target = mounts.mount(ref, *key(world), "--prefetch", "none", cli=cli)
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        assert read_direct(target / name) == (directory / name).read_bytes(), name
+    cli.run("pull", "--plain-http", *key(world), ref)
+    cli.run("extract", "--plain-http", *key(world), ref, "-o", str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (directory / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("packing", ["tar", "tar+gzip"])
+def test_tar_member_that_differs_from_its_signature_is_never_served_pulled_or_extracted(world, mounts, tmp_path,
+                                                                                        packing):
+    """The weight changed after signing, packed in an honest tar layer: the mount serves none
+    of it (EIO, even for its first, unchanged MiB) while the other files are served; status
+    and the log name it in one line; pull fails with that line and records nothing; extract
+    refuses and leaves --output as it was."""
+    name = f"swapped-{packing}".replace("+", "-")
+    ref = world.refs[name]
+    cli = Cli(tmp_path / "home")
+    expected = "model.safetensors: sha256 differs from the signed statement (referrer sha256:"
+    target = mounts.mount(ref, *key(world), "--prefetch", "none", cli=cli)
+    assert read_direct(target / "config.json") == (world.dirs[name] / "config.json").read_bytes()
+    assert read_direct_or_errno(target / "model.safetensors") == errno.EIO
+    try:
+        read_direct(target / "model.safetensors", 0, MIB)
+        raise AssertionError("the first MiB of a file whose hash differs was served")
+    except OSError as exc:
+        assert exc.errno == errno.EIO
+    assert expected in _status_says(cli, expected)
+    log = Path(daemon_log_path(str(cli.cache_dir), str(target))).read_text()
+    assert expected in log
+    puller = Cli(tmp_path / "pull")  # the mount above recorded the model in its cache
+    line = _one_line_error(puller.run("pull", "--plain-http", *key(world), ref, check=False))
+    assert expected in line, line
+    assert not list((puller.cache_dir / "models").glob("*")), "a refused pull is not recorded"
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    line = _one_line_error(cli.run("extract", "--plain-http", *key(world), ref, "-o", str(output), check=False))
+    assert expected in line, line
+    assert sorted(p.name for p in output.iterdir()) == ["keep.txt"]
+
+
+def test_tar_layer_file_the_statement_does_not_list_is_refused(world, mounts, tmp_path):
+    """Which files a tar layer holds only its listing tells: a file added after signing is
+    refused once listed, by mount and extract alike."""
+    ref = world.refs["extra-tar"]
+    cli = Cli(tmp_path / "home")
+    line = _one_line_error(mounts.refused(ref, *key(world), cli=cli))
+    assert "extra.json is not listed" in line, line
+    line = _one_line_error(cli.run("extract", "--plain-http", *key(world), ref, "-o", str(tmp_path / "out"), check=False))
+    assert "extra.json is not listed" in line, line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_sharded_blake2_signature_serves_each_shard_once_it_matches(world, mounts, tmp_path):
+    """model-signing's `shards` method with blake2b, 1 MiB shards of a raw 2 MiB weight: an
+    honest model is served whole (pull too); in a tampered one a shard that matches is served
+    until the one that differs is read: that is EIO, named in one line, and from then on the
+    whole file is; pull refuses it."""
+    cli = Cli(tmp_path / "home")
+    good = mounts.mount(world.refs["sharded"], *key(world), cli=cli)
+    assert read_direct(good / "model.safetensors") == (world.dirs["sharded"] / "model.safetensors").read_bytes()
+    cli.run("pull", "--plain-http", *key(world), world.refs["sharded"])
+    ref = world.refs["sharded-swapped"]
+    target = mounts.mount(ref, *key(world), "--prefetch", "none", cli=cli)
+    weight = (world.dirs["sharded-swapped"] / "model.safetensors").read_bytes()
+    assert read_direct(target / "model.safetensors", 0, MIB) == weight[:MIB]
+    for offset in (MIB, 0):  # the shard that differs; then none of the file, its matching shards included
+        try:
+            read_direct(target / "model.safetensors", offset, 4096)
+            raise AssertionError(f"bytes at {offset} of a file with a shard that differs were served")
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    expected = "model.safetensors: bytes 1,048,576-2,097,152: blake2b differs from the signed statement"
+    assert expected in _status_says(cli, expected)
+    assert expected in _one_line_error(cli.run("pull", "--plain-http", *key(world), ref, check=False))
+
+
+def test_statement_checks_are_typed_and_cover_each_file_exactly():
+    """Unit: the verdict's pending checks for another hash and for shards; shards that leave a
+    tail unsigned, or an algorithm modelfs cannot hash, do not cover the file."""
+    import hashlib
+
+    from modelfs.formats.spec import Descriptor, Manifest
+    from modelfs.signing.filechecks import WHOLE, Shard, tiling_problem
+    from modelfs.signing.statement import _files
+    raw = "application/vnd.cncf.model.weight.v1.raw"
+    tar = "application/vnd.cncf.model.weight.v1.tar"
+    data = os.urandom(2500)
+    layers = [Descriptor(raw, "sha256:" + hashlib.sha256(data).hexdigest(), len(data),
+                         {"org.cncf.model.filepath": "w.bin"}),
+              Descriptor(tar, "sha256:" + "0" * 64, 5000, {"org.cncf.model.filepath": "t.bin"})]
+    manifest = Manifest("application/vnd.oci.image.manifest.v1+json", Descriptor("x", "sha256:" + "1" * 64, 2), layers,
+                        "", {})
+    b3 = "ab" * 32
+    coverage = _files({"w.bin:0:1000": ("sha256-sharded-1000", "aa" * 32), "w.bin:1000:2500": ("sha256-sharded-1000",
+                                                                                               "bb" * 32),
+                       "t.bin": ("blake3", b3)}, manifest, "model.sig")
+    assert not coverage.uncovered and not coverage.contradictions and coverage.listed_later
+    assert coverage.checks == {"w.bin": (Shard(0, 1000, "sha256", "aa" * 32), Shard(1000, 2500, "sha256", "bb" * 32)),
+                               "t.bin": (Shard(0, WHOLE, "blake3", b3),)}
+    short = _files({"w.bin:0:1000": ("sha256-sharded-1000", "aa" * 32)}, manifest, "model.sig")
+    assert "w.bin: its signed shards end at byte 1,000, the file at 2,500" in short.contradictions
+    odd = _files({"w.bin": ("md5", "aa" * 16)}, manifest, "model.sig")
+    assert any("w.bin is signed with md5, which modelfs does not read" in u for u in odd.uncovered)
+    assert tiling_problem((Shard(0, WHOLE, "sha256", "aa" * 32),), 10) is None
+
+
+def test_pull_under_warn_says_so_and_an_offline_pull_under_enforce_still_checks(world, tmp_path):
+    """Under warn, pull keeps a model whose tar member differs from its signature and says so
+    in one line; a later pull under enforce while the registry cannot be reached (every blob
+    cached) still hashes that file from the cache and refuses."""
+    proxy = CountingProxy(world.registry.port)
+    cli = Cli(tmp_path / "home")
+    ref = world.refs["swapped-tar"].replace(world.registry.address, proxy.address)
+    expected = "model.safetensors: sha256 differs from the signed statement"
+    try:
+        kept = cli.run("pull", "--plain-http", "--signatures", "warn", *key(world), ref)
+        assert expected in kept.stderr and "Pulled" in kept.stdout, kept.stderr
+    finally:
+        proxy._server.shutdown(socket.SHUT_RDWR)  # wakes its accept(): the port refuses from now on
+        proxy.close()
+    line = _one_line_error(cli.run("pull", "--plain-http", *key(world), ref, check=False))
+    assert expected in line, line
+
+
+def test_gate_runs_one_check_for_concurrent_readers_and_remembers_it():
+    """Unit, with a counting reader: three reads of a signed file at once cause one read of
+    its bytes; later reads none; a range that differs is refused under enforce (every read of
+    the file after it too) and served under warn."""
+    import hashlib
+
+    import trio
+
+    from modelfs.errors import SignatureError
+    from modelfs.mount.filecheck import FileGate
+    from modelfs.mount.tree import Node
+    from modelfs.signing.filechecks import FileChecks, Shard
+
+    data = os.urandom(3 * MIB + 10)
+
+    class Reader:
+        reads = 0
+
+        async def read_view(self, offset: int, size: int) -> bytes:
+            Reader.reads += 1
+            await trio.sleep(0.001)
+            return data[offset:offset + size]
+
+    def gate(mode: str, second: str) -> FileGate:
+        shards = (Shard(0, MIB, "sha256", hashlib.sha256(data[:MIB]).hexdigest()),
+                  Shard(MIB, len(data), "blake2b", second))
+        checks = FileChecks({"w.bin": shards}, frozenset(), frozenset({"w.bin"}), "model.sig in the artifact", mode)
+        return FileGate(checks, {2: "w.bin"})
+
+    node = Node(2, "w.bin", "file", 0o644, 0, size=len(data))
+    honest = hashlib.blake2b(data[MIB:]).hexdigest()
+
+    async def main() -> None:
+        checked = gate("enforce", honest)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(checked.admit, node, Reader(), 0, len(data))
+        assert Reader.reads == 4  # 1 + 3 MiB + 10 bytes, in 1 MiB reads, once
+        await checked.admit(node, Reader(), 5, 100)
+        assert Reader.reads == 4
+        refused = gate("enforce", "00" * 64)
+        await refused.admit(node, Reader(), 0, 100)  # the first shard matches: served
+        for _ in range(2):
+            with pytest.raises(SignatureError, match=r"w.bin: bytes 1,048,576-3,145,738: blake2b differs from the "
+                                                     r"signed statement \(model.sig in the artifact\)"):
+                await refused.admit(node, Reader(), 0, len(data))
+        with pytest.raises(SignatureError):
+            await refused.admit(node, Reader(), 0, 100)  # nothing more of that file
+        warned = gate("warn", "00" * 64)
+        await warned.admit(node, Reader(), 0, len(data))
+        assert len(warned.failures) == 1
+
+    trio.run(main)
