@@ -257,3 +257,24 @@ def test_a_link_in_the_view_to_a_file_outside_it_dangles(registry, mounts, cli, 
     cli.run("extract", "--plain-http", ref, "-o", str(out), "--exclude", "real.bin", "--exclude", "other/")
     assert tree_of(out) == {"sub/", "sub/link.bin"} and os.readlink(out / "sub/link.bin") == "real.bin"
     assert read_direct(mounts.mount(ref, "--prefetch", "none", "--include", "sub/") / "sub/link.bin") == real
+
+
+def test_pull_of_a_view_takes_a_compressed_layer_whole_only_when_it_must(registry, tmp_path, mounts):
+    """A tar+gzip layer has no random access: pulled whole when it holds a file of the view, or
+    when only streaming it can list it (an offline mount of the view lists it again); a raw
+    layer outside the view is never fetched."""
+    import gzip
+    inside, outside = os.urandom(200 * KiB), os.urandom(300 * KiB)
+    packed = gzip.compress(_tar([("tok/a.json", b"{}"), ("tok/b.bin", inside)]), compresslevel=1)
+    ref = push_artifact(registry.address, "views/gzip", [
+        (packed, "application/vnd.cncf.model.weight.v1.tar+gzip", {}),
+        (outside, "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "w.bin"})])
+    cli = Cli(tmp_path / "home")
+    gone = CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    cli.run("pull", "--plain-http", "--include", "tok/b.bin", via_gone)
+    # once (listing streams it from the cache), and never the 300 KiB of w.bin
+    assert len(packed) <= gone.downstream_bytes < len(packed) + 64 * KiB
+    gone.close()
+    offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "tok/b.bin", cli=cli)
+    assert tree_of(offline) == {"tok/", "tok/b.bin"} and read_direct(offline / "tok/b.bin") == inside

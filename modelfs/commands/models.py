@@ -16,7 +16,8 @@ from ..errors import CacheError, ModelfsError, UnavailableError
 from ..formats.spec import Descriptor
 from ..formats.view import View
 from ..mount.binding import FileReaders
-from ..mount.tree import build_tree
+from ..mount.fetcher import Fetcher
+from ..mount.tree import build_tree, listed_by_streaming
 from ..reference import parse
 from ..resolve import Model, describe, fetch_or_cached, held_whole, record
 from .base import settings_for, warn_offline
@@ -65,7 +66,7 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
             try:
-                layers = await _view_layers(model, FileReaders(fetcher), view)
+                layers = await _view_layers(model, fetcher, view)
                 if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
                     if not held_whole(session.cache, model, layers):
                         raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot "
@@ -89,12 +90,16 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _view_layers(model: Model, files: FileReaders, view: View) -> list[Descriptor]:
+async def _view_layers(model: Model, fetcher: Fetcher, view: View) -> list[Descriptor]:
     """The layers a pull of ``view`` fetches: every one without a view; else the tree is built
-    and checked over all layers, as a mount builds it, cut to the view, and its layers taken."""
+    and checked over all layers, as a mount builds it, cut to the view, and its layers taken.
+    A compressed layer only streaming can list is fetched whole first, so listing streams it
+    from the cache (streamed from the registry, then fetched for the cache, it cost twice)."""
     if view.everything:
         return list(model.manifest.layers)
-    return (await build_tree(model, files, view)).layers()
+    await fetcher.prefetch([fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers
+                            if listed_by_streaming(layer)])
+    return (await build_tree(model, FileReaders(fetcher), view)).layers()
 
 
 async def cmd_extract(args: argparse.Namespace) -> int:

@@ -161,8 +161,7 @@ class Tree:
         view fetches (a compressed layer whole, even for one of its files: it has no random
         access), with every layer only streaming could list (a later mount lists it again)."""
         wanted = {node.layer.descriptor.digest for node in self.files() if node.layer is not None}
-        return [layer for layer in self.manifest_layers
-                if layer.digest in wanted or (_streamed(layer) and not _listed_by_annotations(layer))]
+        return [layer for layer in self.manifest_layers if layer.digest in wanted or listed_by_streaming(layer)]
 
     def files(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == REGULAR]
@@ -193,9 +192,12 @@ class LayerReads(Protocol):
         ...
 
 
-def _streamed(layer: Descriptor) -> bool:
+def listed_by_streaming(layer: Descriptor) -> bool:
+    """A compressed layer only streaming it can list (no one-file annotations): building the
+    tree streams it whole, a view or not."""
     classified = classify_layer(layer.media_type)
-    return classified is not None and classified[1] in (Packing.TAR_GZIP, Packing.TAR_ZSTD)
+    streamed = classified is not None and classified[1] in (Packing.TAR_GZIP, Packing.TAR_ZSTD)
+    return streamed and not _listed_by_annotations(layer)
 
 
 def _listed_by_annotations(descriptor: Descriptor) -> bool:
