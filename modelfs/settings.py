@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelfsError
+from .errors import InvalidPattern, ModelfsError
 
 VERIFY_MODES = ("full", "lazy")
 VIEW_COMMANDS = ("pull", "extract")  # besides mount: they take --include and --exclude too
@@ -172,7 +172,7 @@ def parse_patterns(value: Any, where: str) -> list[str]:
     """View patterns (gitignore lines, :mod:`modelfs.formats.view`): one from a flag or an fstab
     option (repeated for more), a list in the config file; each refused in one line if it is no
     pattern or matches nothing."""
-    from .formats.view import InvalidPattern, check_pattern  # pathspec only when a view is given
+    from .formats.view import check_pattern  # pathspec only when a view is given
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(item, str) for item in items):
         raise ConfigError(f"{where} must be a pattern or a list of them")

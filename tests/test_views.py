@@ -24,7 +24,8 @@ from proxy import CountingProxy
 
 from modelfs import settings
 from modelfs.csi import volume
-from modelfs.formats.view import InvalidPattern, View
+from modelfs.errors import InvalidPattern
+from modelfs.formats.view import View
 
 KiB = 1 << 10
 Q4 = [f"model-Q4_K_M-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
@@ -109,6 +110,8 @@ def test_a_view_cuts_directories_left_empty():
              "d/e/l": "symlink"}
     assert View.of(None, ["*.gguf", "!a/"]).select(kinds) == {"a", "a/x.gguf", "d", "d/e", "d/e/l"}
     assert View().select(kinds) is None  # no pattern: the whole tree, empty directories too
+    with pytest.raises(InvalidPattern, match="no file of the model is in the view"):
+        View.of(["*.safetensors"], None).select(kinds)
 
 
 @pytest.mark.parametrize("pattern", ["", "   ", "# a comment", "!", "\\"])
@@ -158,6 +161,15 @@ def test_a_bad_pattern_refuses_the_mount_in_one_line(model, mounts):
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
         "--include: '#x' matches nothing (blank, or a # comment); give a gitignore pattern like '*.gguf' or "
         "'tokenizer/'")
+
+
+def test_a_view_of_nothing_is_refused_in_one_line(model, mounts, cli, tmp_path):
+    line = ("modelfs: error: --include / --exclude: no file of the model is in the view (see its files with "
+            "`modelfs inspect`)")
+    refused = mounts.refused(model[0], "--include", "model-Q5_K_M.gguf")
+    assert refused.returncode != 0 and refused.stderr.strip() == line
+    extracted = cli.run("extract", "--plain-http", model[0], "-o", str(tmp_path / "out"), "--exclude", "*", check=False)
+    assert extracted.returncode == 1 and extracted.stderr.strip() == line and not (tmp_path / "out").exists()
 
 
 def _status(cli: Cli, target: Path) -> dict:

@@ -32,15 +32,11 @@ from dataclasses import dataclass, field
 
 from pathspec import PathSpec
 
-from ..errors import ModelfsError
+from ..errors import InvalidPattern
 from .tree_check import DIRECTORY
 
 # llama.cpp's gguf-split names its pieces NAME-00001-of-00003.gguf (five digits each)
 _SPLIT = re.compile(r"(?P<stem>.+)-(?P<part>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
-
-
-class InvalidPattern(ModelfsError):
-    """An ``--include`` or ``--exclude`` pattern that is not a gitignore line."""
 
 
 def _compile(patterns: Sequence[str], where: str) -> PathSpec | None:
@@ -120,7 +116,8 @@ class View:
 
     def select(self, kinds: Mapping[str, str]) -> set[str] | None:
         """Every path of a checked tree (path -> kind) that is in the view: the files and links
-        :meth:`keeps` keeps, and the directories above them. None: the whole tree."""
+        :meth:`keeps` keeps, and the directories above them. None: the whole tree. A view
+        that keeps nothing is refused."""
         if self.everything:
             return None
         kept: set[str] = set()
@@ -132,4 +129,7 @@ class View:
             while end > 0 and path[:end] not in kept:
                 kept.add(path[:end])
                 end = path.rfind("/", 0, end)
+        if not kept:  # a typo, or a quantization this model lacks: say so rather than serve nothing
+            raise InvalidPattern("--include / --exclude: no file of the model is in the view (see its files with "
+                                 "`modelfs inspect`)")
         return kept
