@@ -38,6 +38,7 @@ from . import signing
 from .config import Mirror
 from .formats import blockindex
 from .formats.blockindex import TrustedIndex
+from .formats.view import View
 from .mount.fetcher import Fetcher, FetchPolicy
 from .reference import Reference
 from .registry import RegistryReader
@@ -94,6 +95,12 @@ def fetch_policy(settings: ResolvedSettings) -> FetchPolicy:
     a pull."""
     return FetchPolicy(timeout=settings.timeout, stall_timeout=settings.stall_timeout, workers=settings.workers,
                        verify=settings.verify)
+
+
+def model_view(settings: ResolvedSettings) -> View:
+    """The files a mount serves, a pull fetches and an extract writes (``--include`` /
+    ``--exclude``, doc/CONFIGURATION.md "Selective views"): the same for all three."""
+    return View.of(settings.include, settings.exclude)
 
 
 def trust_policy(settings: ResolvedSettings, reference: Reference, verifying: bool = False) -> signing.Policy:

@@ -46,6 +46,11 @@ class UnsafePathError(ModelfsError):
     """A layer or tar member would escape the model tree (``..``, absolute, links out)."""
 
 
+class InvalidPattern(ModelfsError):
+    """An ``--include`` / ``--exclude`` pattern that is no gitignore line, or a view that keeps
+    no file of the model (modelfs/formats/view.py)."""
+
+
 class IntegrityError(ModelfsError):
     """Bytes do not match the digest that names them."""
 

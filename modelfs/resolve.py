@@ -17,6 +17,7 @@ from .formats.blockindex import ANNOTATION, TrustedIndex
 from .formats.spec import (
     ARTIFACT_TYPE,
     LEGACY_ARTIFACT_TYPE,
+    Descriptor,
     Manifest,
     ModelConfig,
     is_index,
@@ -90,13 +91,13 @@ def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
     return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
 
 
-def held_whole(cache: BlockCache, model: Model) -> bool:
-    """Whether every block of every blob of ``model`` is cached with the trust a mount of it
+def held_whole(cache: BlockCache, model: Model, layers: list[Descriptor] | None = None) -> bool:
+    """Whether every block of every blob of ``model`` (of ``layers`` of it: a view's) is cached with the trust a mount of it
     would require: checked whole with its blob, or matched against the block index its
     manifest names (never against some other index that happens to be recorded)."""
     data = recorded_index(cache, model)
     index = blockindex.decode(data) if data else None
-    for layer in model.manifest.layers:
+    for layer in model.manifest.layers if layers is None else layers:
         entry = cache.entry(layer.digest, layer.size)
         expected = index.for_blob(layer.digest, entry.block_size) if index else None
         if expected is not None and len(expected) != entry.nblocks:

@@ -49,6 +49,8 @@ class ResolvedSettings:
     file_mode: int | None
     dir_mode: int | None
     log_max_size: int
+    include: list[str] | None  # the view (modelfs/formats/view.py): None, every file
+    exclude: list[str] | None
     signatures: str | None  # enforce, warn, off; None: enforce when a key or identity is given, else off
     key: list[str] | None
     certificate_identity: list[str] | None

@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ModelfsError
+from .errors import InvalidPattern, ModelfsError
 
 VERIFY_MODES = ("full", "lazy")
+VIEW_COMMANDS = ("pull", "extract")  # besides mount: they take --include and --exclude too
 SIGNATURE_MODES = ("enforce", "warn", "off")
 SIGNED_COMMANDS = ("verify", "pull", "extract", "inspect")  # besides mount: they take the signature settings too
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -167,6 +168,22 @@ def parse_texts(value: Any, where: str) -> list[str]:
     return [item.strip() for item in items]
 
 
+def parse_patterns(value: Any, where: str) -> list[str]:
+    """View patterns (gitignore lines, :mod:`modelfs.formats.view`): one from a flag or an fstab
+    option (repeated for more), a list in the config file; each refused in one line if it is no
+    pattern or matches nothing."""
+    from .formats.view import check_pattern  # pathspec only when a view is given
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, str) for item in items):
+        raise ConfigError(f"{where} must be a pattern or a list of them")
+    try:
+        for item in items:
+            check_pattern(item, where)
+    except InvalidPattern as exc:
+        raise ConfigError(str(exc)) from None
+    return [item.strip() for item in items]
+
+
 def parse_text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{where} must be a non-empty string")
@@ -248,6 +265,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dir_mode", parse_mode, None, "permissions of every directory, octal (default 0555)", "MODE"),
     Setting("log_max_size", parse_size, 10 << 20, "rotate the background daemon's log at this size, keeping 2 old ones",
             "SIZE"),
+    Setting("include", parse_patterns, None, "only the files this gitignore pattern matches (repeatable; '!' takes a "
+            "match back, the last match wins); see Selective views", "PATTERN", repeat=True, commands=VIEW_COMMANDS),
+    Setting("exclude", parse_patterns, None, "leave out the files this gitignore pattern matches, after --include "
+            "(repeatable; '!' keeps a match in)", "PATTERN", repeat=True, commands=VIEW_COMMANDS),
     Setting("signatures", choice(*SIGNATURE_MODES), None,
             "enforce: serve nothing unless a signature by a listed key or identity covers the model; warn: serve and "
             "say so (default: enforce when a key or identity is given, else off)", "MODE", commands=SIGNED_COMMANDS,

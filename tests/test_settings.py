@@ -39,6 +39,8 @@ SAMPLES = {
     "file_mode": ("0440", 0o440, "0999"),
     "dir_mode": ("550", 0o550, "rwx"),
     "log_max_size": ("1M", 1 << 20, "big"),
+    "include": ("*Q4_K_M*.gguf", ["*Q4_K_M*.gguf"], "#x"),
+    "exclude": ("docs/", ["docs/"], "\\"),
     "signatures": ("warn", "warn", "sometimes"),
     "key": ("/etc/modelfs/release.pub", ["/etc/modelfs/release.pub"], None),
     "certificate_identity": ("ci@example.com", ["ci@example.com"], None),

@@ -308,3 +308,23 @@ def test_gate_runs_one_check_for_concurrent_readers_and_remembers_it():
         assert len(warned.failures) == 1
 
     trio.run(main)
+
+
+def test_a_view_of_a_signed_model_is_judged_whole_and_serves_only_its_files(world, mounts, tmp_path):
+    """The statement signs the whole model; a view leaves files out, which are neither
+    "missing" nor read: mount, pull and extract of a view under enforce serve the view's files,
+    each checked, and a tampered file inside the view is still refused."""
+    ref, directory = world.refs["sharded"], world.dirs["sharded"]
+    cli = Cli(tmp_path / "home")
+    view = ("--include", "model.safetensors")
+    target = mounts.mount(ref, *key(world), *view, "--prefetch", "none", cli=cli)
+    assert sorted(os.listdir(target)) == ["model.safetensors"]
+    assert read_direct(target / "model.safetensors") == (directory / "model.safetensors").read_bytes()
+    cli.run("pull", "--plain-http", *key(world), *view, ref)
+    cli.run("extract", "--plain-http", *key(world), *view, ref, "-o", str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.safetensors"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (directory / "model.safetensors").read_bytes()
+    refused = cli.run("extract", "--plain-http", *key(world), *view, world.refs["sharded-swapped"], "-o",
+                      str(tmp_path / "bad"), check=False)
+    assert refused.returncode != 0 and "differs from the signed statement" in refused.stderr, refused.stderr
+    assert not (tmp_path / "bad" / "model.safetensors").exists()

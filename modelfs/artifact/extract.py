@@ -6,6 +6,11 @@ hashed; only a blob whose sha256 matches its digest becomes a file (raw) or is u
 the tree check the mount uses (:class:`modelfs.formats.tree_check.TreeCheck`), across all layers,
 and nothing moves into ``--output`` before the whole tree passed it. Blobs the cache already
 holds whole and verified are read from it instead of the network.
+
+With a view (``--include`` / ``--exclude``, :mod:`modelfs.formats.view`) the whole tree is
+still checked, and only the view's paths move into ``--output``: a raw layer outside it is
+never downloaded; a tar layer is read whole (its member list is inside it), its members
+outside the view staged only until the end (a hard link in the view may copy one).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..errors import CacheError, IntegrityError, ManifestError, SignatureError, 
 from ..formats.paths import clean_member_path
 from ..formats.spec import Descriptor, Packing, classify_layer
 from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
+from ..formats.view import View
 from ..formats.zstd import ZstdError, ZstdFile
 from ..registry import RegistryReader
 from ..resolve import Model
@@ -109,7 +115,8 @@ def _check_tarinfo(info: tarfile.TarInfo, seen: set[str], where: str) -> tuple[s
     return None if vetted is None else (vetted[0], kind, vetted[1])
 
 
-def _unpack(staging: Staging, blob: str, packing: Packing, check: TreeCheck, where: str, result: ExtractResult) -> None:
+def _unpack(staging: Staging, blob: str, packing: Packing, check: TreeCheck, where: str, result: ExtractResult,
+            view: View) -> None:
     """Every member of a tar layer checked against the whole tree so far and staged, in one
     pass over the (decompressed) blob."""
     seen: set[str] = set()
@@ -124,7 +131,7 @@ def _unpack(staging: Staging, blob: str, packing: Packing, check: TreeCheck, whe
                 check.add(path, kind, member_where, where, link)
                 with writing(member_where, staging.output):
                     _stage_member(staging, tar, info, path, kind, link)
-                if kind != DIRECTORY:
+                if kind != DIRECTORY and view.keeps(path):
                     result.files.append(path)
             while stream.read(1 << 20):  # past the tar's end: a cut or corrupt compressed stream is refused, as by the mount
                 pass
@@ -171,9 +178,9 @@ def _packing(layer: Descriptor, where: str) -> Packing:
 
 
 async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: Model, number: int, staging: Staging,
-                       check: TreeCheck, result: ExtractResult) -> None:
+                       check: TreeCheck, result: ExtractResult, view: View) -> None:
     """One layer downloaded, verified and staged; a raw layer's path is checked against the
-    tree before its blob is fetched."""
+    tree before its blob is fetched, and outside the view it is not fetched at all."""
     layer = model.manifest.layers[number]
     where = layer_label(number, layer)
     packing = _packing(layer, where)
@@ -183,6 +190,8 @@ async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: 
             raise ManifestError(f"{where}: raw layer has no org.cncf.model.filepath annotation")
         path = clean_member_path(layer.filepath, where)
         check.add(path, REGULAR, where)
+        if not view.keeps(path):
+            return
     blob = f"blob-{number}"
     with writing(where, staging.output):
         with staging.blob(blob, write=True) as out:
@@ -194,7 +203,7 @@ async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: 
             result.files.append(path)
             return
     try:
-        await trio.to_thread.run_sync(_unpack, staging, blob, packing, check, where, result)
+        await trio.to_thread.run_sync(_unpack, staging, blob, packing, check, where, result, view)
     finally:
         staging.drop_blob(blob)
 
@@ -203,12 +212,15 @@ def _check_signed(checks: FileChecks, staging: Staging, check: TreeCheck, files:
     """The signature checks no layer digest stands for (a file in a tar layer, another hash,
     shards: :mod:`modelfs.signing.filechecks`), run on the staged files before anything moves
     into ``--output``: a file that differs refuses the model under enforce (SignatureError)."""
+    # the whole artifact is judged (a statement signs the model, not a view of it); only the
+    # files staged for the view are read
+    listing: dict[str, int | None] = {path: None for path, kind in check.kinds().items() if kind == REGULAR}
     sizes: dict[str, int] = {}
     for path in files:
         if check.kind(path) == REGULAR:
             with staging.staged_file(path) as handle:
                 sizes[path] = os.fstat(handle.fileno()).st_size
-    checks.judge_listing(sizes)
+    checks.judge_listing(listing | sizes)
     for path, size in sizes.items():
         shards = checks.shards(path)
         if not shards:
@@ -260,9 +272,11 @@ def _unmake(made: list[str]) -> None:
             return
 
 
-async def extract(client: RegistryReader, model: Model, output: str, cache: BlockCache | None = None) -> ExtractResult:
-    """Every layer staged, the whole tree checked (the mount's check), then moved into
-    ``--output`` at once: a refused model leaves ``--output`` as it was."""
+async def extract(client: RegistryReader, model: Model, output: str, cache: BlockCache | None = None,
+                  view: View | None = None) -> ExtractResult:
+    """Every layer staged, the whole tree checked (the mount's check), then the view of it
+    moved into ``--output`` at once: a refused model leaves ``--output`` as it was."""
+    view = view or View()
     with writing("a staging directory", output):
         made = _make_output(output)
         try:
@@ -273,12 +287,12 @@ async def extract(client: RegistryReader, model: Model, output: str, cache: Bloc
     try:
         result, check = ExtractResult(), TreeCheck()
         for number in range(len(model.manifest.layers)):
-            await _stage_layer(client, cache, model, number, staging, check, result)
+            await _stage_layer(client, cache, model, number, staging, check, result, view)
         check.finish()
         if model.verdict is not None and model.verdict.file_checks is not None:
             await trio.to_thread.run_sync(_check_signed, model.verdict.file_checks, staging, check, result.files)
         with writing("the model's files", output):
-            await trio.to_thread.run_sync(staging.commit, check)
+            await trio.to_thread.run_sync(staging.commit, check, view.select(check.kinds()))
     except BaseException:
         staging.discard()  # not awaited: it must run when the command is cancelled (Ctrl-C) too
         _unmake(made)

@@ -232,33 +232,40 @@ class Staging:
 
     # -- into --output ---------------------------------------------------------------------
 
-    def commit(self, check: TreeCheck) -> None:
+    def commit(self, check: TreeCheck, kept: set[str] | None = None) -> None:
         """Move the staged tree into ``--output``: first every clash with what ``--output``
         already holds is looked for (a directory of the model where it has a file or a
         symlink, a file of the model where it has a directory), and refused before anything
         moves; then new entries are renamed in (a new directory whole), and a file of the
         model replaces a file or symlink of the same name (extracting again), never
-        writing through it."""
-        self._check_links_with_output(check)
+        writing through it. With ``kept`` (a view's paths, :meth:`View.select`) only those
+        move: a new directory is made and filled, not moved whole."""
+        links = {path: link for path, link in check.symlinks().items() if kept is None or path in kept}
+        self._check_links_with_output(check, links)
         children = check.children()
-        self._merge(check, children, move=False)
-        self._merge(check, children, move=True)
+        if kept is not None:
+            children = {path: [name for name in names if (f"{path}/{name}" if path else name) in kept]
+                        for path, names in children.items()}
+        self._merge(check, children, move=False, whole=kept is None)
+        self._merge(check, children, move=True, whole=kept is None)
 
-    def _check_links_with_output(self, check: TreeCheck) -> None:
+    def _check_links_with_output(self, check: TreeCheck, model_links: dict[str, str]) -> None:
         """Refuse a model symlink whose chain leaves ``--output`` once the links ``--output``
         already holds are followed too (an earlier extract's, or the user's): the tree check
-        sees one model, and a chain may pass through a link the model does not have."""
-        links = _LinksWithOutput(check.symlinks(), self.out_fd)
-        for path, link in check.symlinks().items():
+        sees one model, and a chain may pass through a link the model does not have (or one
+        it has outside the view, which is not written)."""
+        links = _LinksWithOutput(model_links, self.out_fd)
+        for path, link in model_links.items():
             escape = link_chain_escape(path, links)
             if escape is not None:
                 through = "; ".join(f"{hop!r} -> {links[hop]!r}" for hop in escape[0]) or "no other link"
                 raise UnsafePathError(f"{check.where(path)}: symlink {path!r} -> {link!r} leaves --output {self.output} "
                                       f"through links already there ({through}); nothing written")
 
-    def _merge(self, check: TreeCheck, children: dict[str, list[str]], move: bool) -> None:
+    def _merge(self, check: TreeCheck, children: dict[str, list[str]], move: bool, whole: bool = True) -> None:
         """Walk the model's directories that ``--output`` already has, one descriptor per
-        side, iteratively; ``move`` False only looks for clashes."""
+        side, iteratively; ``move`` False only looks for clashes. Not ``whole`` (a view), a
+        new directory is made and walked too, since the staged one holds more than the view."""
         out = Cursor(self.out_fd)
         staged = Cursor(self.tree_fd) if move else None
         try:
@@ -276,11 +283,15 @@ class Staging:
                 path = f"{directory}/{name}" if directory else name
                 existing = _lstat(name, out.fd)
                 is_dir = check.kind(path) == DIRECTORY
-                if existing is None:
+                if existing is None and (whole or not is_dir):
                     if staged is not None:
                         os.rename(name, name, src_dir_fd=staged.fd, dst_dir_fd=out.fd)
                     continue
-                if is_dir != stat.S_ISDIR(existing.st_mode):
+                if existing is None:  # a directory of a view: nothing there can clash
+                    if staged is None:
+                        continue
+                    os.mkdir(name, 0o755, dir_fd=out.fd)
+                elif is_dir != stat.S_ISDIR(existing.st_mode):
                     model = "a directory" if is_dir else "a file"
                     raise UnsafePathError(f"{check.where(path)}: {path!r} is {model} of the model and already "
                                           f"{_what(existing.st_mode)} in --output {self.output}; nothing written")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ..config import ConfigError
 from ..errors import (
     AuthenticationError,
+    InvalidPattern,
     InvalidReferenceError,
     ManifestError,
     ModelfsError,
@@ -64,7 +65,7 @@ def warn_offline(offline: str | None) -> None:
 # every few seconds for ever; an unreachable registry exits 1 and is restarted.
 PERMANENT_FAILURE = 78  # EX_CONFIG
 PERMANENT_ERRORS = (InvalidReferenceError, AuthenticationError, NotAModelError, ManifestError, NotFoundError, TLSError,
-                    ConfigError, UnsafePathError, SignatureError)
+                    ConfigError, UnsafePathError, SignatureError, InvalidPattern)
 
 
 def report_errors(run: Callable[[], int], permanent_status: int = 1) -> int:

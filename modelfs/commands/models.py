@@ -11,11 +11,15 @@ import trio
 
 from .. import signing
 from ..artifact.extract import extract
-from ..compose import existing_cache, open_registry, open_session, trust_policy
+from ..compose import existing_cache, model_view, open_registry, open_session, trust_policy
 from ..errors import CacheError, ModelfsError, UnavailableError
-from ..mount.binding import check_signed_files
+from ..formats.spec import Descriptor
+from ..formats.view import View
+from ..mount.binding import FileReaders, check_signed_files
+from ..mount.fetcher import Fetcher
+from ..mount.tree import build_tree, listed_by_streaming
 from ..reference import parse
-from ..resolve import describe, fetch_or_cached, held_whole, record
+from ..resolve import Model, describe, fetch_or_cached, held_whole, record
 from .base import settings_for, warn_offline
 from .output import Progress, label_column
 
@@ -50,42 +54,54 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_pull(args: argparse.Namespace) -> int:
-    """Every blob of the model into the block cache, fetched as a mount fetches (the same
-    policy: ``timeout``, ``workers``, ``verify``, and the signature policy), then every block
-    read back and checked."""
+    """Every blob of the model (of its view, with ``--include`` / ``--exclude``) into the block
+    cache, fetched as a mount fetches (the same policy: ``timeout``, ``workers``, ``verify``, and
+    the signature policy), then every block read back and checked."""
     reference = parse(args.reference)
     settings = settings_for(args, reference.registry, reference.repository)
+    view = model_view(settings)
     async with open_session(settings, reference) as session:
         found = await session.resolve()
         model = found.model
-        if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
-            if not held_whole(session.cache, model):
-                raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot be "
-                                       "pulled until the registry answers")
-            warn_offline(found.offline)
-            async with trio.open_nursery() as nursery:  # its signed files still checked, from the cache
-                await check_signed_files(model, session.fetcher(nursery, found.index))
-                nursery.cancel_scope.cancel()
-            print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
-            return 0
-        progress = Progress(sum(layer.size for layer in model.manifest.layers), f"pull {reference}")
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
-            readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             try:
+                layers = await _view_layers(model, fetcher, view)
+                if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
+                    if not held_whole(session.cache, model, layers):
+                        raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot "
+                                               "be pulled until the registry answers")
+                    warn_offline(found.offline)
+                    await check_signed_files(model, fetcher, view)  # its signed files still checked, from the cache
+                    print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
+                    return 0
+                progress = Progress(sum(layer.size for layer in layers), f"pull {reference}")
+                readers = [fetcher.reader(layer.digest, layer.size) for layer in layers]
                 await fetcher.prefetch(readers, progress, progress.skip)
                 for reader in readers:
                     # every block read back and checked, whatever the cache's flags say
                     if not await reader.settle():
                         raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
                                          f"{settings.cache_dir} (see the errors above; is the disk full?)")
-                await check_signed_files(model, fetcher)  # the mount's per-file signature checks, from the cache
+                await check_signed_files(model, fetcher, view)  # the mount's per-file signature checks, from the cache
                 record(session.cache, model, found.index.data if found.index else b"")  # pulled: whole and checked
             finally:
                 nursery.cancel_scope.cancel()  # nothing left to wait for: end the fetch tasks' nursery now
     progress.finish()
     print(f"Pulled {model.reference} into {settings.cache_dir}")
     return 0
+
+
+async def _view_layers(model: Model, fetcher: Fetcher, view: View) -> list[Descriptor]:
+    """The layers a pull of ``view`` fetches: every one without a view; else the tree is built
+    and checked over all layers, as a mount builds it, cut to the view, and its layers taken.
+    A compressed layer only streaming can list is fetched whole first, so listing streams it
+    from the cache (streamed from the registry, then fetched for the cache, it cost twice)."""
+    if view.everything:
+        return list(model.manifest.layers)
+    await fetcher.prefetch([fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers
+                            if listed_by_streaming(layer)])
+    return (await build_tree(model, FileReaders(fetcher), view)).layers()
 
 
 async def cmd_extract(args: argparse.Namespace) -> int:
@@ -97,6 +113,6 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     async with open_registry(settings) as client:
         model, offline = await fetch_or_cached(client, cache, reference, trust=trust_policy(settings, reference))
         warn_offline(offline)
-        result = await extract(client, model, args.output, cache)
+        result = await extract(client, model, args.output, cache, model_view(settings))
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
     return 0

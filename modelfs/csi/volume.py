@@ -20,7 +20,10 @@ from ..errors import InvalidReferenceError, ModelfsError
 from ..reference import parse
 
 # The volumeAttributes a pod may give besides ``reference``.
-PER_VOLUME_SETTINGS = ("prefetch", "timeout", "plain_http", "uid", "gid", "file_mode", "dir_mode")
+# ``include`` and ``exclude`` narrow the view of the model (a pod sees less, never more than
+# the model): gitignore patterns, one per line (or separated by commas).
+PER_VOLUME_SETTINGS = ("prefetch", "timeout", "plain_http", "uid", "gid", "file_mode", "dir_mode", "include", "exclude")
+LIST_SETTINGS = ("include", "exclude")
 # Keys kubelet adds itself (podInfoOnMount, ephemeral): accepted and not part of the volume.
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 FS_TYPES = ("", "modelfs", "fuse.modelfs")
@@ -54,6 +57,8 @@ class VolumeSpec:
             setting = settings.BY_NAME[name]
             if setting.switch:
                 flags += [setting.flag] if value else []
+            elif name in LIST_SETTINGS:
+                flags += [f"{setting.flag}={item}" for item in value]  # a pattern may start with '-'
             elif name in ("file_mode", "dir_mode"):
                 flags += [setting.flag, f"{value:o}"]
             else:
@@ -90,6 +95,9 @@ def _parse_setting(name: str, text: str) -> Any:
             if text.strip().lower() not in ("true", "false"):
                 raise settings.ConfigError(f"{where} must be \"true\" or \"false\", not {text!r}")
             return text.strip().lower() == "true"
+        if name in LIST_SETTINGS:
+            items = [item.strip() for line in text.splitlines() for item in line.split(",") if item.strip()]
+            return setting.parse(items or [text], where)
         if name in ("uid", "gid") and not text.strip().isdigit():
             raise settings.ConfigError(f"{where} must be a number: {text!r} is a name, and names of the node's users "
                                        "mean nothing to a pod")

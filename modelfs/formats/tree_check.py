@@ -126,6 +126,10 @@ class TreeCheck:
     def where(self, path: str) -> str:
         return self._entries[path].where
 
+    def kinds(self) -> dict[str, str]:
+        """Every path of the tree so far and what it is (what a view cuts: :mod:`.view`)."""
+        return {path: entry.kind for path, entry in self._entries.items()}
+
     def symlinks(self) -> dict[str, str]:
         """The model's symlinks, path -> target."""
         return dict(self._links)

@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import SignatureError
 from ..formats.spec import Descriptor
 from ..formats.tarindex import Member, ReadAt
+from ..formats.view import View
 from .fetcher import BlobReader, Fetcher
 from .filecheck import FileGate, gate_for
 from .layerstream import LayerStream, derived_key
@@ -85,14 +86,15 @@ def _layer_of(node: Node) -> Layer:
     return node.layer
 
 
-async def check_signed_files(model: Any, fetcher: Fetcher) -> None:
-    """``pull``'s turn of the mount's gate: the model's files listed as a mount lists them, and
-    every file with a pending signature check hashed from the cache through its reader.
+async def check_signed_files(model: Any, fetcher: Fetcher, view: View | None = None) -> None:
+    """``pull``'s turn of the mount's gate: the model's files listed as a mount of ``view``
+    lists them, and every file of the view with a pending signature check hashed from the
+    cache through its reader (a file outside the view was not pulled, and is not served).
     SignatureError (its one line) if one differs under enforce; under warn it is logged."""
     if model.verdict is None or model.verdict.file_checks is None:
         return
     readers = FileReaders(fetcher)
-    tree = await build_tree(model, readers)
+    tree = await build_tree(model, readers, view)
     gate = gate_for(model.verdict, tree)
     if gate is None:
         return

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import pyfuse3
 import trio
 
-from ..compose import Session, TrustedModel, open_session
+from ..compose import Session, TrustedModel, model_view, open_session
 from ..errors import MountError, ready_failure, user_error
 from ..reference import parse
 from ..resolve import Model, record
@@ -219,7 +219,7 @@ async def serve(options: MountOptions) -> None:
                 log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                             "they are checked; a corrupt range can reach readers until its blob completes")
             readers = FileReaders(fetcher)
-            tree = await build_tree(model, readers)
+            tree = await build_tree(model, readers, model_view(settings))
             readers.gate = gate_for(model.verdict, tree)  # before anything is served
             record(session.cache, model, index.data if index else b"")
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,

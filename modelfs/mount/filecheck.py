@@ -16,17 +16,16 @@ The check reads the file the way an unindexed blob is read today: whole, once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from ..errors import SignatureError
-from ..formats.tree_check import DIRECTORY
 from ..signing.filechecks import FileChecks, Shard
 from .fetcher import BlobReader
-from .tree import ROOT_INODE, Node, Tree
+from .tree import Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,13 @@ class FileGate:
     @classmethod
     def for_tree(cls, checks: FileChecks | None, tree: Tree) -> FileGate | None:
         """The gate of ``tree`` under ``checks`` (None: nothing to check). Every file of the
-        listed tree is judged against the statements first (SignatureError under enforce)."""
+        listed tree is judged against the statements first (SignatureError under enforce):
+        the whole artifact's, whatever view the tree was cut to, since a statement signs the
+        whole model (a file outside the view is not "missing"), and only the view is gated."""
         if checks is None:
             return None
-        files = dict(walk_files(tree))
-        checks.judge_listing({path: tree.nodes[inode].size for path, inode in files.items()})
+        files = dict(tree.file_paths())
+        checks.judge_listing(tree.whole_listing())
         return cls(checks, {inode: path for path, inode in files.items() if checks.shards(path)})
 
     async def prefetch(self, tree: Tree, reader_of: Callable[[Node], BlobReader]) -> None:
@@ -148,15 +149,3 @@ def gate_for(verdict: Any, tree: Tree) -> FileGate | None:
     return FileGate.for_tree(verdict.file_checks if verdict is not None else None, tree)
 
 
-def walk_files(tree: Tree) -> Iterator[tuple[str, int]]:
-    """(path, inode) of every regular file of ``tree`` (the paths a statement names)."""
-    stack = [(ROOT_INODE, "")]
-    while stack:
-        inode, prefix = stack.pop()
-        for name, child in tree.nodes[inode].children.items():
-            node = tree.nodes[child]
-            path = f"{prefix}{name}"
-            if node.kind == DIRECTORY:
-                stack.append((child, path + "/"))
-            elif node.layer is not None:
-                yield path, child

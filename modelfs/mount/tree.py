@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -28,6 +29,7 @@ from ..formats.paths import clean_member_path
 from ..formats.spec import Descriptor, Packing, classify_layer
 from ..formats.tarindex import Member, ReadAt, index_tar
 from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label
+from ..formats.view import View
 from ..resolve import Model
 
 log = logging.getLogger(__name__)
@@ -80,18 +82,23 @@ class Tree:
     """The nodes the mount serves, made only for paths :class:`TreeCheck` accepted: the one
     check ``extract`` uses too, so both refuse the same models with the same words."""
 
-    def __init__(self, mtime_ns: int, max_nodes: int = MAX_NODES) -> None:
+    def __init__(self, mtime_ns: int, max_nodes: int = MAX_NODES, manifest_layers: list[Descriptor] | None = None
+                 ) -> None:
+        self.manifest_layers = manifest_layers or []
         self.nodes: dict[int, Node] = {ROOT_INODE: Node(ROOT_INODE, "", DIRECTORY, 0o755, mtime_ns)}
         self.check = TreeCheck()
         self.mtime_ns = mtime_ns
         self.max_nodes = max_nodes
         self._distinct: list[Node] | None = None  # distinct_files(), until a file is added
+        self._inodes = ROOT_INODE  # the last inode number given (a cut leaves gaps, never reuses one)
+        self._whole: dict[str, int | None] | None = None  # whole_listing(), kept when a view cuts the tree
 
     def _new_inode(self, where: str) -> int:
         """The next inode number; a hostile tar of millions of empty members stops here, not at OOM."""
         if len(self.nodes) >= self.max_nodes:
             raise ManifestError(f"{where}: the model has over {self.max_nodes:,} files and directories; refusing it")
-        return len(self.nodes) + 1
+        self._inodes += 1
+        return self._inodes
 
     def directory(self, path: str, where: str) -> Node:
         """The directory node at ``path`` (checked), made with its parents if new; a loop, not
@@ -124,6 +131,62 @@ class Tree:
         self._distinct = None
         return node
 
+    def cut(self, view: View) -> None:
+        """Keep only what ``view`` selects of the whole checked tree (:meth:`View.select`, the
+        one decision ``pull`` and ``extract`` use too): files, links and directories outside
+        it are gone from listing, lookup, stat, prefetch and the status, as if never there."""
+        kept = view.select(self.check.kinds())
+        if kept is None:
+            return
+        self._whole = self.whole_listing()
+        stack: list[tuple[Node, str]] = [(self.nodes[ROOT_INODE], "")]
+        while stack:
+            directory, path = stack.pop()
+            for name, inode in list(directory.children.items()):
+                child_path = f"{path}/{name}" if path else name
+                if child_path in kept:
+                    if self.nodes[inode].kind == DIRECTORY:
+                        stack.append((self.nodes[inode], child_path))
+                    continue
+                del directory.children[name]
+                self._drop(inode)
+        self._distinct = None
+
+    def file_paths(self) -> Iterator[tuple[str, int]]:
+        """(path, inode) of every regular file of the tree as it is served (the paths a
+        signed statement names)."""
+        stack = [(ROOT_INODE, "")]
+        while stack:
+            inode, prefix = stack.pop()
+            for name, child in self.nodes[inode].children.items():
+                node = self.nodes[child]
+                path = f"{prefix}{name}"
+                if node.kind == DIRECTORY:
+                    stack.append((child, path + "/"))
+                elif node.layer is not None:
+                    yield path, child
+
+    def whole_listing(self) -> dict[str, int | None]:
+        """path -> size of every regular file of the whole model, before any view cut it:
+        what a signature over the model is judged against."""
+        if self._whole is not None:
+            return dict(self._whole)
+        return {path: self.nodes[inode].size for path, inode in self.file_paths()}
+
+    def _drop(self, inode: int) -> None:
+        """A node and everything under it, gone (a loop, whatever the depth)."""
+        stack = [inode]
+        while stack:
+            node = self.nodes.pop(stack.pop())
+            stack.extend(node.children.values())
+
+    def layers(self) -> list[Descriptor]:
+        """The layers whose bytes the tree's files are, in manifest order: what a ``pull`` of a
+        view fetches (a compressed layer whole, even for one of its files: it has no random
+        access), with every layer only streaming could list (a later mount lists it again)."""
+        wanted = {node.layer.descriptor.digest for node in self.files() if node.layer is not None}
+        return [layer for layer in self.manifest_layers if layer.digest in wanted or listed_by_streaming(layer)]
+
     def files(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.kind == REGULAR]
 
@@ -153,6 +216,21 @@ class LayerReads(Protocol):
         ...
 
 
+def listed_by_streaming(layer: Descriptor) -> bool:
+    """A compressed layer only streaming it can list (no one-file annotations): building the
+    tree streams it whole, a view or not."""
+    classified = classify_layer(layer.media_type)
+    streamed = classified is not None and classified[1] in (Packing.TAR_GZIP, Packing.TAR_ZSTD)
+    return streamed and not _listed_by_annotations(layer)
+
+
+def _listed_by_annotations(descriptor: Descriptor) -> bool:
+    """A compressed layer of one file (modctl's) that its annotations list: no stream needed."""
+    meta = descriptor.file_metadata or {}
+    size = meta.get("size")
+    return bool(descriptor.filepath) and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0")
+
+
 def _metadata_mode(layer: Descriptor) -> tuple[int, int | None]:
     meta = layer.file_metadata or {}
     mode = meta.get("mode")
@@ -166,7 +244,8 @@ def _metadata_mode(layer: Descriptor) -> tuple[int, int | None]:
     return (stat.S_IMODE(mode) & 0o777 if isinstance(mode, int) else 0o644), mtime_ns
 
 
-async def build_tree(model: Model, layers: LayerReads) -> Tree:
+async def build_tree(model: Model, layers: LayerReads, view: View | None = None) -> Tree:
+    """The model's tree, checked whole over every layer, then cut to ``view`` (if given)."""
     created = model.config.descriptor.get("createdAt")
     mtime_ns = 0
     if isinstance(created, str):
@@ -174,7 +253,7 @@ async def build_tree(model: Model, layers: LayerReads) -> Tree:
             mtime_ns = seconds_to_ns(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
         except (ValueError, OverflowError):
             pass
-    tree = Tree(mtime_ns)
+    tree = Tree(mtime_ns, manifest_layers=model.manifest.layers)
     for number, layer in enumerate(model.manifest.layers):
         where = layer_label(number, layer)
         classified = classify_layer(layer.media_type)
@@ -197,6 +276,8 @@ async def build_tree(model: Model, layers: LayerReads) -> Tree:
         else:
             await _add_compressed(tree, layers, Layer(layer, packing, where), mode, meta_mtime or mtime_ns)
     tree.check.finish()
+    if view is not None:
+        tree.cut(view)
     return tree
 
 
@@ -224,10 +305,9 @@ async def _add_compressed(tree: Tree, layers: LayerReads, layer: Layer, mode: in
     """modctl's one-file layers are listed from their annotations and streamed on first read;
     others are streamed now, since only their contents say which files they hold."""
     descriptor, where = layer.descriptor, layer.where
-    meta = descriptor.file_metadata or {}
-    size = meta.get("size")
-    if descriptor.filepath and isinstance(size, int) and size >= 0 and meta.get("typeflag", 48) in (0, 48, "0"):
-        path = clean_member_path(descriptor.filepath, where)
+    if _listed_by_annotations(descriptor):
+        path = clean_member_path(descriptor.filepath or "", where)
+        size = (descriptor.file_metadata or {})["size"]
         tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=mtime_ns, size=size, layer=layer, member=path)
         return
     _add_members(tree, await layers.unpack_members(layer), layer)

@@ -105,16 +105,18 @@ class FileChecks:
         """The one line a file whose bytes differ from the signed statement is refused with."""
         return f"{path}: {shard.describe(size)} differs from the signed statement ({self.where})"
 
-    def judge_listing(self, files: Mapping[str, int]) -> list[str]:
-        """Every regular file of the listed artifact (path -> size) against the statements: a
-        file none covers, a signed file the artifact lacks, or shards that do not cover their
-        file exactly, refuse the model under ``enforce`` (SignatureError), and are logged
-        under ``warn``. Returns the problems."""
+    def judge_listing(self, files: Mapping[str, int | None]) -> list[str]:
+        """Every regular file of the listed artifact (path -> size; None for a file outside a
+        view, neither read nor served) against the statements: a file none covers, a signed
+        file the artifact lacks, or shards that do not cover their file exactly, refuse the
+        model under ``enforce`` (SignatureError), and are logged under ``warn``. Returns the
+        problems."""
         listed = set(files) - {SIGNATURE_FILE}
         problems = [f"{path} is not listed" for path in sorted(listed - self.vouched - set(self.pending))[:3]]
         problems += [f"{path} is signed but missing from the artifact" for path in sorted(self.signed - listed)[:3]]
+        sized = {path: size for path, size in files.items() if size is not None}
         problems += [f"{path}: {problem}" for path, problem in
-                     ((p, tiling_problem(self.pending[p], files[p])) for p in sorted(listed & set(self.pending)))
+                     ((p, tiling_problem(self.pending[p], sized[p])) for p in sorted(set(sized) & set(self.pending)))
                      if problem][:3]
         if problems:
             line = (f"{self.reference} is not signed as the policy requires: {self.where} (OMS model signature): "

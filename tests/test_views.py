@@ -1,0 +1,292 @@
+"""Selective views (``--include`` / ``--exclude``): one decision (modelfs/formats/view.py) for
+mount, pull, extract and a CSI volume, gitignore semantics, split GGUFs taken whole.
+
+Real parts: the session's registry, the counting proxy in front of it, real FUSE mounts made
+by the real CLI. The model is small (a few hundred KiB) so each test takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import Cli, push_artifact
+from direct import read_direct_or_errno as read_direct
+from proxy import CountingProxy
+
+from modelfs import settings
+from modelfs.csi import volume
+from modelfs.errors import InvalidPattern
+from modelfs.formats.view import View
+
+KiB = 1 << 10
+Q4 = [f"model-Q4_K_M-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+Q8 = "model-Q8_0.gguf"
+
+
+def make_files(root: Path) -> dict[str, bytes]:
+    """Three splits of one quantization, another quantization, a config, a tokenizer directory
+    and docs: what a loader's glob must not see the rest of."""
+    files = {name: os.urandom(160 * KiB + n) for n, name in enumerate(Q4)}
+    files[Q8] = os.urandom(400 * KiB)
+    files["config.json"] = json.dumps({"hidden": 8}).encode()
+    files["tokenizer/tokenizer.json"] = b'{"vocab": {}}'
+    files["tokenizer/vocab.txt"] = b"a\nb\n"
+    files["docs/README.md"] = b"# model\n"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "Modelfile").write_text("MODEL *.gguf\nCONFIG config.json\nCONFIG tokenizer/*\nDOC docs/README.md\n")
+    return files
+
+
+@pytest.fixture(scope="module")
+def model(registry, session_cli, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
+    context = tmp_path_factory.mktemp("views")
+    files = make_files(context)
+    ref = f"{registry.address}/views/gguf:v1"
+    session_cli.run("build", "-t", ref, str(context))
+    session_cli.run("push", "--plain-http", ref)
+    return ref, files
+
+
+@contextmanager
+def counting_proxy(registry) -> Iterator[CountingProxy]:
+    counting = CountingProxy(registry.port)
+    try:
+        yield counting
+    finally:
+        counting.close()
+
+
+def tree_of(root: Path) -> set[str]:
+    """Every file, link and directory under ``root``, relative (a directory ends in '/')."""
+    found: set[str] = set()
+    for base, dirs, names in os.walk(root):
+        rel = os.path.relpath(base, root)
+        for name in names:
+            found.add(name if rel == "." else f"{rel}/{name}")
+        for name in dirs:
+            found.add((name if rel == "." else f"{rel}/{name}") + "/")
+    return found
+
+
+# -- the patterns, pure ----------------------------------------------------------------------
+
+
+def test_patterns_follow_gitignore():
+    keeps = lambda view, *paths: [p for p in paths if view.keeps(p)]  # noqa: E731
+    assert keeps(View.of(["sub/*.json"], None), "sub/a.json", "sub/d/a.json", "a.json") == ["sub/a.json"]  # * stops at /
+    assert keeps(View.of(["sub/**/*.json"], None), "sub/a.json", "sub/d/e/a.json") == ["sub/a.json", "sub/d/e/a.json"]
+    assert keeps(View.of(["tokenizer/"], None), "tokenizer/a", "tokenizer/b/c", "x/tokenizer") == ["tokenizer/a",
+                                                                                                   "tokenizer/b/c"]
+    assert keeps(View.of(["*.json"], None), "a.json", "d/e/a.json", "a.jsonl") == ["a.json", "d/e/a.json"]  # basename
+    assert keeps(View.of(["/a.json"], None), "a.json", "d/a.json") == ["a.json"]  # anchored
+    # ! takes back, the last match wins: the order of the lines decides
+    assert keeps(View.of(None, ["tokenizer/", "!tokenizer/vocab.txt"]), "tokenizer/vocab.txt", "tokenizer/t.json") == [
+        "tokenizer/vocab.txt"]
+    assert keeps(View.of(None, ["!tokenizer/vocab.txt", "tokenizer/"]), "tokenizer/vocab.txt", "tokenizer/t.json") == []
+    assert keeps(View.of(["*.gguf", "!*Q8*"], ["*00002-of*"]), *Q4, Q8, "config.json") == [Q4[0], Q4[2]]
+
+
+def test_a_split_gguf_is_chosen_by_its_first_split_or_its_unsplit_name():
+    for include in ("model-Q4_K_M.gguf", Q4[0], "*Q4_K_M*.gguf"):
+        assert [p for p in [*Q4, Q8] if View.of([include], None).keeps(p)] == Q4, include
+    assert [p for p in [*Q4, Q8] if View.of(None, ["model-Q4_K_M.gguf"]).keeps(p)] == [Q8]
+    assert [p for p in [*Q4, Q8] if View.of([Q4[1]], None).keeps(p)] == [Q4[1]]  # one split named: that one
+    assert [p for p in [*Q4, Q8] if View.of(None, [Q4[0]]).keeps(p)] == [Q8]  # the first split: all of them
+
+
+def test_a_view_cuts_directories_left_empty():
+    kinds = {"a": "dir", "a/x.gguf": "file", "b": "dir", "b/y.gguf": "file", "c": "dir", "d": "dir", "d/e": "dir",
+             "d/e/l": "symlink"}
+    assert View.of(None, ["*.gguf", "!a/"]).select(kinds) == {"a", "a/x.gguf", "d", "d/e", "d/e/l"}
+    assert View().select(kinds) is None  # no pattern: the whole tree, empty directories too
+    with pytest.raises(InvalidPattern, match="no file of the model is in the view"):
+        View.of(["*.safetensors"], None).select(kinds)
+
+
+@pytest.mark.parametrize("pattern", ["", "   ", "# a comment", "!", "\\"])
+def test_a_bad_pattern_is_one_line(pattern):
+    with pytest.raises(InvalidPattern) as caught:
+        View.of([pattern], None)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("--include: ")
+    with pytest.raises(settings.ConfigError, match=r"^-o exclude: "):
+        settings.fstab_flags(f"exclude={pattern}")
+
+
+def test_settings_surfaces_give_the_same_lists():
+    assert settings.fstab_flags("include=*.gguf") == ["--include", "*.gguf"]
+    assert settings.parse_patterns(["*.gguf", "!*Q8*"], "exclude") == ["*.gguf", "!*Q8*"]
+    name, parsed = volume.parse_attributes({"reference": "r.example/m:1", "include": "*Q4_K_M*.gguf\nconfig.json",
+                                            "exclude": "docs/, !docs/keep.md"})
+    assert parsed == {"include": ["*Q4_K_M*.gguf", "config.json"], "exclude": ["docs/", "!docs/keep.md"]}
+    spec = volume.VolumeSpec("v", "/t", name, {}, parsed)
+    assert spec.mount_flags() == ["--include=*Q4_K_M*.gguf", "--include=config.json", "--exclude=docs/",
+                                  "--exclude=!docs/keep.md"]
+    with pytest.raises(volume.InvalidVolume, match=r"^volumeAttributes\.include: '# x' matches nothing"):
+        volume.parse_attributes({"reference": "r.example/m:1", "include": "# x"})
+
+
+# -- the real thing --------------------------------------------------------------------------
+
+
+def test_mount_shows_only_the_view(model, mounts):
+    ref, files = model
+    target = mounts.mount(ref, "--prefetch", "none", "--exclude", "*.gguf", "--exclude", "!model-Q4_K_M.gguf",
+                          "--exclude", "docs/", "--exclude", "tokenizer/", "--exclude", "!tokenizer/vocab.txt")
+    assert tree_of(target) == {*Q4, "config.json", "tokenizer/", "tokenizer/vocab.txt"}
+    assert sorted(str(p.relative_to(target)) for p in target.glob("*.gguf")) == Q4  # a loader's glob
+    for absent in (Q8, "docs", "docs/README.md", "tokenizer/tokenizer.json"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(target / absent)
+    assert {name: read_direct(target / name) for name in (*Q4, "tokenizer/vocab.txt")} == {
+        name: files[name] for name in (*Q4, "tokenizer/vocab.txt")}
+    # the last match wins: the same lines the other way round take the whole tokenizer out
+    other = mounts.mount(ref, "--prefetch", "none", "--include", "tokenizer/", "--include", "config.json",
+                         "--exclude", "!tokenizer/vocab.txt", "--exclude", "tokenizer/")
+    assert tree_of(other) == {"config.json"}
+
+
+def test_a_bad_pattern_refuses_the_mount_in_one_line(model, mounts):
+    result = mounts.refused(model[0], "--include", "#x")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(
+        "--include: '#x' matches nothing (blank, or a # comment); give a gitignore pattern like '*.gguf' or "
+        "'tokenizer/'")
+
+
+def test_a_view_of_nothing_is_refused_in_one_line(model, mounts, cli, tmp_path):
+    line = ("modelfs: error: --include / --exclude: no file of the model is in the view (see its files with "
+            "`modelfs inspect`)")
+    refused = mounts.refused(model[0], "--include", "model-Q5_K_M.gguf")
+    assert refused.returncode != 0 and refused.stderr.strip() == line
+    extracted = cli.run("extract", "--plain-http", model[0], "-o", str(tmp_path / "out"), "--exclude", "*", check=False)
+    assert extracted.returncode == 1 and extracted.stderr.strip() == line and not (tmp_path / "out").exists()
+
+
+def _status(cli: Cli, target: Path) -> dict:
+    deadline = time.monotonic() + 30
+    while True:
+        found = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
+        if found["bytes_local"] == found["bytes_total"] or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_prefetch_fetches_only_the_view(model, registry, mounts, cli):
+    ref, files = model
+    with counting_proxy(registry) as counting:
+        target = mounts.mount(ref.replace(registry.address, counting.address), "--include", "model-Q4_K_M.gguf")
+        found = _status(cli, target)
+        view_bytes = sum(len(files[name]) for name in Q4)
+        assert found["bytes_local"] == found["bytes_total"] == view_bytes
+        assert view_bytes <= counting.downstream_bytes < view_bytes + 64 * KiB  # not the 400 KiB of Q8
+
+
+def test_pull_fetches_only_the_view_and_its_record_mounts_offline(model, registry, mounts, tmp_path):
+    ref, files = model
+    cli = Cli(tmp_path / "home")
+    view = ("--include", "model-Q4_K_M.gguf", "--include", "config.json")
+    gone = CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    cli.run("pull", "--plain-http", *view, via_gone)
+    view_bytes = sum(len(files[name]) for name in (*Q4, "config.json"))
+    assert view_bytes <= gone.downstream_bytes < view_bytes + 64 * KiB
+    gone.close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", gone.port), timeout=2)
+    # offline, the same view: the record and the cached blobs are enough
+    offline = mounts.mount(via_gone, "--prefetch", "none", *view, cli=cli)
+    assert tree_of(offline) == {*Q4, "config.json"}
+    assert {name: read_direct(offline / name) for name in (*Q4, "config.json")} == {
+        name: files[name] for name in (*Q4, "config.json")}
+    again = cli.run("pull", "--plain-http", *view, via_gone)
+    assert "already complete there" in again.stdout
+    # online, a wider view fetches what is missing, and only that
+    with counting_proxy(registry) as counting:
+        wider = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", cli=cli)
+        assert read_direct(wider / Q8) == files[Q8] and read_direct(wider / Q4[0]) == files[Q4[0]]
+        assert len(files[Q8]) <= counting.downstream_bytes < len(files[Q8]) + 64 * KiB
+
+
+def test_two_mounts_with_different_views_share_the_cache(model, registry, mounts):
+    ref, files = model
+    with counting_proxy(registry) as counting:
+        via = ref.replace(registry.address, counting.address)
+        first = mounts.mount(via, "--prefetch", "none", "--include", "model-Q4_K_M.gguf")
+        assert read_direct(first / Q4[1]) == files[Q4[1]]
+        counting.reset()
+        second = mounts.mount(via, "--prefetch", "none", "--include", "*.gguf", "--exclude", Q4[2])
+        assert tree_of(second) == {Q4[0], Q4[1], Q8}
+        assert read_direct(second / Q4[1]) == files[Q4[1]]
+        assert counting.downstream_bytes < 32 * KiB, counting.downstream_bytes  # manifests only: the blob is cached
+
+
+def test_extract_writes_only_the_view(model, registry, cli, tmp_path):
+    ref, files = model
+    out = tmp_path / "out"
+    with counting_proxy(registry) as counting:
+        cli.run("extract", "--plain-http", ref.replace(registry.address, counting.address), "-o", str(out),
+                "--include", "model-Q4_K_M.gguf", "--include", "tokenizer/", "--exclude", "tokenizer.json")
+        view = {*Q4, "tokenizer/vocab.txt"}
+        assert counting.downstream_bytes < sum(len(files[name]) for name in view) + 64 * KiB  # Q8 never fetched
+    assert tree_of(out) == view | {"tokenizer/"}
+    assert {name: (out / name).read_bytes() for name in view} == {name: files[name] for name in view}
+
+
+def _tar(entries: list[tuple[str, bytes | str]]) -> bytes:
+    """A tar of files (bytes) and symlinks (str: the target)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, what in entries:
+            info = tarfile.TarInfo(name)
+            if isinstance(what, str):
+                info.type, info.linkname = tarfile.SYMTYPE, what
+                tar.addfile(info)
+            else:
+                info.size = len(what)
+                tar.addfile(info, io.BytesIO(what))
+    return buffer.getvalue()
+
+
+def test_a_link_in_the_view_to_a_file_outside_it_dangles(registry, mounts, cli, tmp_path):
+    real = os.urandom(5000)
+    layer = _tar([("sub/real.bin", real), ("sub/link.bin", "real.bin"), ("other/x.txt", b"x")])
+    ref = push_artifact(registry.address, "views/links",
+                        [(layer, "application/vnd.cncf.model.weight.v1.tar", {"org.cncf.model.filepath": "sub"})])
+    target = mounts.mount(ref, "--prefetch", "none", "--exclude", "real.bin", "--exclude", "other/")
+    assert os.readlink(target / "sub/link.bin") == "real.bin" and not os.path.exists(target / "sub/link.bin")
+    assert sorted(os.listdir(target)) == ["sub"] and os.listdir(target / "sub") == ["link.bin"]
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "-o", str(out), "--exclude", "real.bin", "--exclude", "other/")
+    assert tree_of(out) == {"sub/", "sub/link.bin"} and os.readlink(out / "sub/link.bin") == "real.bin"
+    assert read_direct(mounts.mount(ref, "--prefetch", "none", "--include", "sub/") / "sub/link.bin") == real
+
+
+def test_pull_of_a_view_takes_a_compressed_layer_whole_only_when_it_must(registry, tmp_path, mounts):
+    """A tar+gzip layer has no random access: pulled whole when it holds a file of the view, or
+    when only streaming it can list it (an offline mount of the view lists it again); a raw
+    layer outside the view is never fetched."""
+    import gzip
+    inside, outside = os.urandom(200 * KiB), os.urandom(300 * KiB)
+    packed = gzip.compress(_tar([("tok/a.json", b"{}"), ("tok/b.bin", inside)]), compresslevel=1)
+    ref = push_artifact(registry.address, "views/gzip", [
+        (packed, "application/vnd.cncf.model.weight.v1.tar+gzip", {}),
+        (outside, "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "w.bin"})])
+    cli = Cli(tmp_path / "home")
+    gone = CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    cli.run("pull", "--plain-http", "--include", "tok/b.bin", via_gone)
+    # once (listing streams it from the cache), and never the 300 KiB of w.bin
+    assert len(packed) <= gone.downstream_bytes < len(packed) + 64 * KiB
+    gone.close()
+    offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "tok/b.bin", cli=cli)
+    assert tree_of(offline) == {"tok/", "tok/b.bin"} and read_direct(offline / "tok/b.bin") == inside
