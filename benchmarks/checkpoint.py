@@ -110,3 +110,47 @@ def tokenizer_json(size: int, seed: int) -> str:
         merges.append(merge)
         length += len(json.dumps(merge)) + 2
     return json.dumps(body)
+
+
+GGUF_TYPES = {"F32": 0, "F16": 1}
+GGUF_ALIGNMENT = 32
+
+
+def gguf_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_gguf(path: Path, size: int, seed: int = 23) -> int:
+    """One GGUF v3 file of the same model (F16 weights, F32 norms; GGUF has no I64 buffer), its
+    32,000-token vocabulary in the header as real ones carry it; its size."""
+    hidden = hidden_for(size)
+    layout = [(name, dtype, shape) for name, dtype, shape in tensors(hidden) if dtype in GGUF_TYPES]
+    rng = random.Random(seed)
+    tokens = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randrange(2, 9))) for _ in range(VOCAB)]
+    meta = (gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string("llama")
+            + gguf_string("llama.block_count") + struct.pack("<II", 4, LAYERS)
+            + gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, len(tokens))
+            + b"".join(gguf_string(token) for token in tokens))
+    infos, offset = b"", 0
+    for name, dtype, shape in layout:
+        offset += -offset % GGUF_ALIGNMENT
+        infos += gguf_string(name) + struct.pack("<I", len(shape)) + struct.pack(f"<{len(shape)}Q", *reversed(shape))
+        infos += struct.pack("<IQ", GGUF_TYPES[dtype], offset)
+        offset += nbytes(dtype, shape)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(layout), 3) + meta + infos
+    head += b"\0" * (-len(head) % GGUF_ALIGNMENT)
+    data = np.random.default_rng(seed)
+    with open(path, "wb") as out:
+        out.write(head)
+        written = 0
+        for _, dtype, shape in layout:
+            out.write(b"\0" * (-written % GGUF_ALIGNMENT))
+            written += -written % GGUF_ALIGNMENT
+            left = nbytes(dtype, shape)
+            written += left
+            while left:
+                step = min(left, 64 << 20)
+                out.write(data.bytes(step))
+                left -= step
+    return path.stat().st_size

@@ -6,10 +6,12 @@
 - ``runai``: Run:ai Model Streamer's: every shard's header first, then 16 threads each reading
   an even share of all tensor bytes with ``os.pread`` in 8 MiB chunks;
 - ``odirect``: fastsafetensors': headers, then each file with O_DIRECT in 16 MiB chunks into a
-  page-aligned mmap buffer.
+  page-aligned mmap buffer;
+- ``gguf``: llama.cpp's without mmap, on a one-file GGUF: the header parsed field by field
+  through a buffered file (its vocabulary is in it), then every tensor in file order.
 
-All three read config.json and tokenizer.json first (the server does, whatever loads the
-weights). Every piece read is hashed (xxh3, 0.02 s/GiB) and compared with the source's hash
+The safetensors loaders read config.json and tokenizer.json first (the server does, whatever
+loads the weights). Every piece read is hashed (xxh3, 0.02 s/GiB) and compared with the source's hash
 of the same piece (:func:`expected`, computed from the local files): a wrong byte exits 1.
 
     python -m benchmarks.loaders PATTERN EXPECTED.json
@@ -34,7 +36,7 @@ from pathlib import Path
 import xxhash
 
 MiB = 1 << 20
-PATTERNS = ("vllm", "runai", "odirect")
+PATTERNS = ("vllm", "runai", "odirect", "gguf")
 PRELUDE = ("config.json", "tokenizer.json")
 THREADS, RUNAI_CHUNK, ODIRECT_CHUNK = 16, 8 * MiB, 16 * MiB
 Piece = tuple[str, int, int]  # file name, offset, length
@@ -90,6 +92,52 @@ def odirect_pieces(directory: Path) -> list[Piece]:
             for path in shards(directory) for offset in range(0, path.stat().st_size, ODIRECT_CHUNK)]
 
 
+GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
+GGML_BYTES = {0: 4, 1: 2}  # F32, F16
+
+
+def gguf_tensors(path: Path) -> tuple[int, list[tuple[str, Piece]]]:
+    """Where a GGUF's tensor data starts, and each tensor's bytes in file order."""
+    with open(path, "rb") as handle:
+        def number(fmt: str) -> int:
+            return struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return handle.read(number("<Q")).decode()
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                string()
+            elif kind == 9:
+                inner, count = number("<I"), number("<Q")
+                for _ in range(count):
+                    skip(inner)
+            else:
+                handle.read(GGUF_SIZES[kind])
+        if handle.read(4) != b"GGUF":
+            raise WrongBytes(f"{path.name}: not a GGUF file")
+        _, count, pairs = number("<I"), number("<Q"), number("<Q")
+        for _ in range(pairs):
+            string()
+            skip(number("<I"))
+        infos = []
+        for _ in range(count):
+            name, dims = string(), number("<I")
+            elements = 1
+            for _ in range(dims):
+                elements *= number("<Q")
+            kind, offset = number("<I"), number("<Q")
+            infos.append((name, offset, elements * GGML_BYTES[kind]))
+        start = handle.tell() + -handle.tell() % 32
+    return start, [(f"{path.name}:{name}", (path.name, start + offset, length)) for name, offset, length in infos]
+
+
+def gguf_pieces(directory: Path) -> list[tuple[str, Piece]]:
+    path = next(directory.glob("*.gguf"))
+    start, tensors = gguf_tensors(path)
+    return [(f"{path.name}:header", (path.name, 0, start)), *tensors]
+
+
 def key(piece: Piece) -> str:
     return f"{piece[0]}:{piece[1]}:{piece[2]}"
 
@@ -99,11 +147,13 @@ def expected(pattern: str, directory: Path) -> dict[str, str]:
     pieces: list[tuple[str, Piece]]
     if pattern == "vllm":
         pieces = tensor_pieces(directory)
+    elif pattern == "gguf":
+        pieces = gguf_pieces(directory)
     elif pattern == "runai":
         pieces = [(key(p), p) for share in runai_shares(directory) for p in share]
     else:
         pieces = [(key(p), p) for p in odirect_pieces(directory)]
-    out = {name: xxhash.xxh3_64_hexdigest((directory / name).read_bytes()) for name in PRELUDE}
+    out = {name: xxhash.xxh3_64_hexdigest((directory / name).read_bytes()) for name in prelude_files(directory)}
     handles: dict[str, int] = {}
     try:
         for name, (file, offset, length) in pieces:
@@ -116,6 +166,10 @@ def expected(pattern: str, directory: Path) -> dict[str, str]:
     return out
 
 
+class WrongBytes(Exception):
+    """A piece read differs from the source's, or the load missed some: the benchmark fails."""
+
+
 class Check:
     """Compares each piece's hash with the source's; remembers what was seen."""
 
@@ -126,7 +180,7 @@ class Check:
     def __call__(self, name: str, data: object, length: int) -> None:
         got = xxhash.xxh3_64_hexdigest(data)  # type: ignore[arg-type]
         if self.hashes.get(name) != got:
-            raise SystemExit(f"{name}: read bytes differ from the source's (xxh3 {got}, expected {self.hashes.get(name)})")
+            raise WrongBytes(f"{name}: read bytes differ from the source's (xxh3 {got}, expected {self.hashes.get(name)})")
         with self.lock:
             self.seen += 1
             self.bytes += length
@@ -135,11 +189,15 @@ class Check:
 
     def complete(self) -> None:
         if self.seen != len(self.hashes):
-            raise SystemExit(f"read {self.seen} pieces of {len(self.hashes)}")
+            raise WrongBytes(f"read {self.seen} pieces of {len(self.hashes)}")
+
+
+def prelude_files(directory: Path) -> list[str]:
+    return [name for name in PRELUDE if (directory / name).exists()]
 
 
 def prelude(directory: Path, check: Check) -> None:
-    for name in PRELUDE:
+    for name in prelude_files(directory):
         data = (directory / name).read_bytes()
         json.loads(data)
         check(name, data, len(data))
@@ -162,7 +220,7 @@ def load_runai(directory: Path, check: Check) -> None:
         for piece in pieces:
             data = os.pread(handles[piece[0]], piece[2], piece[1])
             if len(data) != piece[2]:
-                raise SystemExit(f"{key(piece)}: short read of {len(data)} bytes")
+                raise WrongBytes(f"{key(piece)}: short read of {len(data)} bytes")
             check(key(piece), data, piece[2])
     try:
         with ThreadPoolExecutor(THREADS) as pool:
@@ -177,19 +235,14 @@ def load_odirect(directory: Path, check: Check) -> None:
     paths = shards(directory)
     for path in paths:
         header(path)
-    buffer = mmap.mmap(-1, ODIRECT_CHUNK)
-    view = memoryview(buffer)
-    try:
-        for path in paths:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-            try:
-                for piece in chunks(fd, view, path.name):
-                    check(key(piece), view[:piece[2]], piece[2])
-            finally:
-                os.close(fd)
-    finally:
-        view.release()
-        buffer.close()
+    view = memoryview(mmap.mmap(-1, ODIRECT_CHUNK))  # page-aligned, as O_DIRECT wants
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for piece in chunks(fd, view, path.name):
+                check(key(piece), view[:piece[2]], piece[2])
+        finally:
+            os.close(fd)
 
 
 def chunks(fd: int, view: memoryview, name: str) -> Iterator[Piece]:
@@ -209,7 +262,18 @@ def chunks(fd: int, view: memoryview, name: str) -> Iterator[Piece]:
         offset += filled
 
 
-LOADERS: dict[str, Callable[[Path, Check], None]] = {"vllm": load_vllm, "runai": load_runai, "odirect": load_odirect}
+def load_gguf(directory: Path, check: Check) -> None:
+    pieces = gguf_pieces(directory)  # the header, parsed through a buffered file
+    fd = os.open(directory / pieces[0][1][0], os.O_RDONLY)
+    try:
+        for name, (_, offset, length) in pieces:
+            data = os.pread(fd, length, offset)
+            check(name, data, len(data))
+    finally:
+        os.close(fd)
+
+
+LOADERS: dict[str, Callable[[Path, Check], None]] = {"vllm": load_vllm, "runai": load_runai, "odirect": load_odirect, "gguf": load_gguf}
 
 
 def main() -> int:
@@ -218,9 +282,13 @@ def main() -> int:
     directory = Path(sys.stdin.readline().strip())
     start = time.monotonic()
     check = Check(hashes)
-    prelude(directory, check)
-    LOADERS[pattern](directory, check)
-    check.complete()
+    try:
+        prelude(directory, check)
+        LOADERS[pattern](directory, check)
+        check.complete()
+    except WrongBytes as error:
+        print(f"{pattern} loader: {error}", file=sys.stderr)
+        return 1
     print(json.dumps({"start": start, "first": check.first, "end": time.monotonic(), "bytes": check.bytes}), flush=True)
     return 0
 

@@ -1,14 +1,15 @@
 """Time to ready: how long an inference server waits for its weights through modelfs, on a
 link every connection shares, against the ideal and against pulling first.
 
-    python -m benchmarks.ready [--size 2G] [--rate MB/s] [--loaders vllm,runai,odirect] [--skip-pull]
+    python -m benchmarks.ready [--size 2G] [--rate MB/s] [--loaders vllm,runai,odirect,gguf] [--skip-pull]
 
 Builds a llama-like checkpoint (4 safetensors shards, index, config, 4 MB tokenizer; see
 benchmarks/checkpoint.py), pushes it with modelfs to its own loopback registry, and puts an
 nginx front to it behind a link of ``--rate`` MB/s for all connections together (a network
 namespace and a tbf qdisc, benchmarks/link.py). The CLI and the mount daemons run inside the
 namespace; the loaders (benchmarks/loaders.py: vLLM's, Run:ai Model Streamer's,
-fastsafetensors') read plain paths on the host, each in its own process, and check every byte.
+fastsafetensors', and llama.cpp's on a one-file GGUF of the same model) read plain paths on the
+host, each in its own process, and check every byte.
 
 Per loader, in one run: the loader on local files (page cache dropped), lazy (empty cache:
 from the mount command's start to the loader's end), a fully cached mount (page cache
@@ -45,6 +46,7 @@ CONFIG config.json generation_config.json tokenizer.json tokenizer_config.json s
 CONFIG model.safetensors.index.json
 MODEL *.safetensors
 """
+GGUF_MODELFILE = "NAME gguf-bench\nARCH transformer\nFAMILY llama\nFORMAT gguf\nMODEL model.gguf\n"
 TIMEOUT = 900  # seconds for any one command or load: a 2 GiB model at 200 MB/s takes 11
 
 
@@ -87,6 +89,11 @@ class Loader:
         self.close()
 
 
+def kind(pattern: str) -> str:
+    """Which checkpoint a loader reads: the one-file GGUF, or the sharded safetensors."""
+    return "gguf" if pattern == "gguf" else "llama"
+
+
 def read_bytes(pid: int) -> int:
     """Bytes the process (all its threads) read from storage: the daemon's cache read-back."""
     try:
@@ -109,27 +116,43 @@ class Run:
     # -- set-up -------------------------------------------------------------------------------
 
     def prepare(self) -> None:
-        model = self.work / "model"
-        model.mkdir()
-        self.total = checkpoint.write(model, self.args.size)
-        self.model = model
-        modelfile = self.work / "Modelfile"
-        modelfile.write_text(MODELFILE)
-        host_ref = f"{self.bench.registry.address}/bench/llama:v1"
-        self.bench.cli.run("build", "-t", host_ref, "-f", str(modelfile), str(model), timeout=TIMEOUT)
+        """The checkpoints built and pushed (no link yet), each loader's expected hashes, the link."""
+        llama = self.work / "model"
+        llama.mkdir()
+        self.models = {"llama": (llama, checkpoint.write(llama, self.args.size))}
         start = time.monotonic()
-        self.bench.cli.run("push", "--plain-http", host_ref, timeout=TIMEOUT)
+        host_ref = self.push("llama", llama, MODELFILE)
         self.results["push_s"] = time.monotonic() - start
         manifest = json.loads(self.bench.cli.run("inspect", "--plain-http", "--json", host_ref).stdout)["manifest"]
         self.largest = max(manifest["layers"], key=lambda layer: layer["size"])
+        if "gguf" in self.args.loaders:
+            gguf = self.work / "gguf"
+            gguf.mkdir()
+            self.models["gguf"] = (gguf, checkpoint.write_gguf(gguf / "model.gguf", self.args.size))
+            self.push("gguf", gguf, GGUF_MODELFILE)
         self.hashes = {}
         for pattern in self.args.loaders:
             self.hashes[pattern] = self.work / f"expected-{pattern}.json"
-            self.hashes[pattern].write_text(json.dumps(loaders.expected(pattern, model)))
+            self.hashes[pattern].write_text(json.dumps(loaders.expected(pattern, self.models[kind(pattern)][0])))
         self.link = Link(self.args.rate)
         self.front = Front(self.work, f"{self.link.host_ip}:{free_port()}", self.bench.registry.address)
         self.counter = Counter(self.link)
-        self.ref = f"{self.front.listen}/bench/llama:v1"
+        self.use("vllm")
+
+    def push(self, repository: str, directory: Path, modelfile: str) -> str:
+        """``modelfs build`` and ``push`` to the registry directly (the link is for reading)."""
+        (self.work / f"{repository}.Modelfile").write_text(modelfile)
+        host_ref = f"{self.bench.registry.address}/bench/{repository}:v1"
+        self.bench.cli.run("build", "-t", host_ref, "-f", str(self.work / f"{repository}.Modelfile"), str(directory),
+                           timeout=TIMEOUT)
+        self.bench.cli.run("push", "--plain-http", host_ref, timeout=TIMEOUT)
+        return host_ref
+
+    def use(self, pattern: str) -> None:
+        """The model ``pattern`` loads: its local copy, size, and reference through the link."""
+        assert self.front is not None
+        self.model, self.total = self.models[kind(pattern)]
+        self.ref = f"{self.front.listen}/bench/{kind(pattern)}:v1"
 
     # -- inside the namespace ---------------------------------------------------------------------
 
@@ -243,10 +266,11 @@ class Run:
                 "pull_amplification": requests["body_bytes"] / self.total, "pull_requests": requests["requests"]}
 
     def loader_cases(self, pattern: str) -> dict[str, object]:
+        self.use(pattern)
         local_s = self.local(pattern)
         lazy = self.lazy(pattern)
         cached = self.cached(pattern)
-        row: dict[str, object] = {"local_s": local_s, "ideal_s": max(self.total / self.link_rate, local_s), "lazy": lazy,
+        row: dict[str, object] = {"model_bytes": self.total, "local_s": local_s, "ideal_s": max(self.total / self.link_rate, local_s), "lazy": lazy,
                                   "cached": cached, "local_MBps": self.total / local_s / 1e6,
                                   "cached_MBps": self.total / cached["load_s"] / 1e6}
         row["lazy_over_ideal"] = lazy["s"] / row["ideal_s"]  # type: ignore[operator]
@@ -279,8 +303,8 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
     assert isinstance(link, dict)
     rows = run.results["loaders"]
     assert isinstance(rows, dict)
-    print(f"modelfs time to ready: {run.total / GiB:.2f} GiB llama-like checkpoint (4 shards, index, config, 4 MB tokenizer), "
-          f"{time.monotonic() - started:.0f} s")
+    print(f"modelfs time to ready: {run.models['llama'][1] / GiB:.2f} GiB llama-like checkpoint (4 shards, index, config, "
+          f"4 MB tokenizer){' and one GGUF of it' if 'gguf' in run.models else ''}, {time.monotonic() - started:.0f} s")
     print(f"{machine}; load average (1, 5, 15 min) {' '.join(f'{x:.2f}' for x in load[0])} at the start, "
           f"{' '.join(f'{x:.2f}' for x in load[1])} at the end")
     print(f"link: shaped to {args.rate} MB/s for all connections; curl of one {link['curl_bytes'] / 1e6:.0f} MB blob "
@@ -316,7 +340,7 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
     print(f"\ndaemon warnings and errors logged: {len(problems)}")
     for line in problems[:10]:
         print("   ", line[:300])
-    return {"machine": machine, "load_average": load, "size_bytes": run.total, "rate_MBps": args.rate,
+    return {"machine": machine, "load_average": load, "size_bytes": run.models["llama"][1], "rate_MBps": args.rate,
             "results": run.results, "daemon_problems": problems}
 
 
@@ -328,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ready")
     parser.add_argument("--size", type=parse_size, default=2 * GiB, help="checkpoint size, e.g. 256M or 2G (default 2G)")
     parser.add_argument("--rate", type=int, default=200, help="the link's rate for all connections together, MB/s (default 200)")
-    parser.add_argument("--loaders", default=",".join(loaders.PATTERNS), help="comma-separated: vllm,runai,odirect")
+    parser.add_argument("--loaders", default=",".join(loaders.PATTERNS), help=f"comma-separated, of {','.join(loaders.PATTERNS)} (default: all)")
     parser.add_argument("--skip-pull", action="store_true", help="skip pull-then-load")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "ready.json", help="where to write the results")
     args = parser.parse_args(argv)
@@ -343,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if not shutil.which(tool):
             print(f"benchmarks.ready needs {tool}", file=sys.stderr)
             return 2
-    need = 5 * args.size * 11 // 10  # source, OCI store, registry, cache, and a margin
+    # source, OCI store, registry and cache of each checkpoint, and a margin
+    need = (2 if "gguf" in args.loaders else 1) * 4 * args.size * 12 // 10
     free = shutil.disk_usage(tempfile.gettempdir()).free
     if free < need:
         print(f"benchmarks.ready needs about {need / GiB:.1f} GiB free in {tempfile.gettempdir()}, has {free / GiB:.1f}",
