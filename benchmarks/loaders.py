@@ -17,7 +17,8 @@ of the same piece (:func:`expected`, computed from the local files): a wrong byt
     python -m benchmarks.loaders PATTERN EXPECTED.json
 
 imports, prints ``ready``, reads the model directory from stdin, loads it, and prints JSON:
-monotonic ``start``, ``first`` (the first tensor in hand), ``end``, and ``bytes`` read.
+monotonic ``start``, ``first`` (the first tensor in hand; for runai and odirect, the first
+chunk of tensor bytes), ``end``, and ``bytes`` read.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class Check:
         with self.lock:
             self.seen += 1
             self.bytes += length
-            if not self.first and name not in PRELUDE:
+            if not self.first and name not in PRELUDE and not name.endswith(":header"):  # weights in hand
                 self.first = time.monotonic()
 
     def complete(self) -> None:
