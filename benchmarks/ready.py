@@ -170,7 +170,7 @@ class Run:
         target.mkdir()
         port = free_port()
         out = self.inside(sys.executable, "-m", "modelfs", "mount", "--plain-http", "--metrics", f"127.0.0.1:{port}",
-                          self.ref, str(target)).stdout
+                          *self.args.mount_option, self.ref, str(target)).stdout
         self.bench.mounts.append(target)
         return target, daemon_pid(out), port
 
@@ -309,7 +309,7 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
           f"{' '.join(f'{x:.2f}' for x in load[1])} at the end")
     print(f"link: shaped to {args.rate} MB/s for all connections; curl of one {link['curl_bytes'] / 1e6:.0f} MB blob "
           f"through it: {link['payload_Bps'] / 1e6:.0f} MB/s ({link['veth_Bps'] / 1e6:.0f} MB/s counted at the veth, headers of 64 KiB packets)")
-    print(f"push (loopback, no link): {run.results['push_s']:.1f} s")
+    print(f"push (loopback, no link): {run.results['push_s']:.1f} s; mount options: {' '.join(args.mount_option) or 'defaults'}")
     print()
     print(f"{'loader':<8} {'local':>7} {'ideal':>7} {'lazy':>7} {'lazy/ideal':>10} {'pull+load':>9} {'p+l/lazy':>8} "
           f"{'1st tensor':>10} {'cached MB/s':>11} {'local MB/s':>10}")
@@ -340,7 +340,7 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
     print(f"\ndaemon warnings and errors logged: {len(problems)}")
     for line in problems[:10]:
         print("   ", line[:300])
-    return {"machine": machine, "load_average": load, "size_bytes": run.models["llama"][1], "rate_MBps": args.rate,
+    return {"machine": machine, "load_average": load, "mount_options": args.mount_option, "size_bytes": run.models["llama"][1], "rate_MBps": args.rate,
             "results": run.results, "daemon_problems": problems}
 
 
@@ -354,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=200, help="the link's rate for all connections together, MB/s (default 200)")
     parser.add_argument("--loaders", default=",".join(loaders.PATTERNS), help=f"comma-separated, of {','.join(loaders.PATTERNS)} (default: all)")
     parser.add_argument("--skip-pull", action="store_true", help="skip pull-then-load")
+    parser.add_argument("--mount-option", action="append", default=[], metavar="OPTION",
+                        help="an option for every mount, for A/B (e.g. --mount-option=--prefetch=none); repeatable")
     parser.add_argument("--json", type=Path, default=HERE / "results" / "ready.json", help="where to write the results")
     args = parser.parse_args(argv)
     args.loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
