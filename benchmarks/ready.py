@@ -28,6 +28,7 @@ import platform
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,7 @@ class Run:
         self.link: Link | None = None
         self.front: Front | None = None
         self.counter: Counter | None = None
+        self.daemons: list[tuple[int, str]] = []  # pid, mount point
         self.results: dict[str, object] = {}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ class Run:
         out = self.inside(sys.executable, "-m", "modelfs", "mount", "--plain-http", "--metrics", f"127.0.0.1:{port}",
                           *self.args.mount_option, self.ref, str(target)).stdout
         self.bench.mounts.append(target)
-        return target, daemon_pid(out), port
+        self.daemons.append((daemon_pid(out), str(target)))
+        return target, self.daemons[-1][0], port
 
     def metrics(self, port: int) -> dict[str, float]:
         text = self.inside("curl", "-sf", f"http://127.0.0.1:{port}/metrics").stdout
@@ -292,9 +295,37 @@ class Run:
                     part.close() if isinstance(part, Counter) else part.stop()
                 except Exception as error:  # noqa: BLE001 -- tear down the rest whatever happens
                     print(f"tear-down: {error}", file=sys.stderr)
+        for target in list(self.bench.mounts):  # interrupted: unmount as a user would, lazily if that fails
+            try:
+                self.bench.cli.run("umount", str(target), check=False, timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
         self.bench.close()  # unmounts (lazily) what is still mounted, stops the registry
+        for pid, target in self.daemons:
+            end_daemon(pid, target)
         if self.link is not None:
             self.link.close()
+
+
+def end_daemon(pid: int, target: str) -> None:
+    """A daemon this run started that outlived its mount ends (one whose mount was detached lazily
+    under a read was seen to outlive SIGTERM): SIGTERM after 5 s, SIGKILL 5 s later."""
+    def alive() -> bool:
+        try:
+            return target.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()  # ours, not a reused pid
+        except OSError:
+            return False
+    for signum in (None, signal.SIGTERM, signal.SIGKILL):
+        if signum is not None and alive():
+            print(f"tear-down: mount daemon {pid} still running, sending {signum.name}", file=sys.stderr)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                return
+        for _ in range(50):
+            if not alive():
+                return
+            time.sleep(0.1)
 
 
 def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple[float, ...], tuple[float, ...]]) -> dict[str, object]:
