@@ -340,7 +340,7 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
           f"{' '.join(f'{x:.2f}' for x in load[1])} at the end")
     print(f"link: shaped to {args.rate} MB/s for all connections; curl of one {link['curl_bytes'] / 1e6:.0f} MB blob "
           f"through it: {link['payload_Bps'] / 1e6:.0f} MB/s ({link['veth_Bps'] / 1e6:.0f} MB/s counted at the veth, headers of 64 KiB packets)")
-    print(f"push (loopback, no link): {run.results['push_s']:.1f} s; mount options: {' '.join(args.mount_option) or 'defaults'}")
+    print(f"build + push of the checkpoint (loopback, no link): {run.results['push_s']:.1f} s; mount options: {' '.join(args.mount_option) or 'defaults'}")
     print()
     print(f"{'loader':<8} {'local':>7} {'ideal':>7} {'lazy':>7} {'lazy/ideal':>10} {'pull+load':>9} {'p+l/lazy':>8} "
           f"{'1st tensor':>10} {'cached MB/s':>11} {'local MB/s':>10}")
