@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -151,10 +151,14 @@ class Session:
     async def resolve(self) -> TrustedModel:
         return await resolve_model(self.client, self.cache, self.reference, self.trust)
 
-    def fetcher(self, nursery: trio.Nursery, index: TrustedIndex | None) -> Fetcher:
-        """The Fetcher of this command's blobs; its tasks run in ``nursery``."""
-        fetcher = Fetcher(self.cache, self.client, self.reference.repository, nursery, fetch_policy(self.settings),
-                          index=index)
+    def fetcher(self, nursery: trio.Nursery, index: TrustedIndex | None, verdict: signing.Verdict | None = None
+                ) -> Fetcher:
+        """The Fetcher of this command's blobs; its tasks run in ``nursery``. ``verdict``: the
+        model's signatures, which may rule ``--verify lazy`` out (:func:`signing.lazy_allowed`)."""
+        policy = fetch_policy(self.settings)
+        if policy.lazy and not signing.lazy_allowed(verdict):
+            policy = replace(policy, verify="full")
+        fetcher = Fetcher(self.cache, self.client, self.reference.repository, nursery, policy, index=index)
         self._fetchers.append(fetcher)
         return fetcher
 

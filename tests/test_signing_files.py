@@ -93,6 +93,13 @@ class World:
         self.dirs[name], self.refs[name] = directory, ref
         return directory
 
+    def emptied(self) -> str:
+        """good-tar with tokenizer.json emptied after signing (built on first use), its signature copied."""
+        if "emptied-tar" not in self.refs:
+            self._tar_model("emptied-tar", "tar", tamper=lambda d: (d / "tokenizer.json").write_bytes(b""),
+                            like=self.dirs["good-tar"])
+        return self.refs["emptied-tar"]
+
     def _sharded(self, name: str, tamper: bool = False) -> None:
         directory = _model_dir(self.root, name, os.urandom(2 * MIB + 100))
         _sign(directory, self.release, directory / "model.sig", shards=True)
@@ -308,3 +315,126 @@ def test_gate_runs_one_check_for_concurrent_readers_and_remembers_it():
         assert len(warned.failures) == 1
 
     trio.run(main)
+
+
+def test_signed_file_emptied_in_its_tar_layer_is_refused_at_open(world, mounts, tmp_path):
+    """A registry that empties a signed tar member: the kernel never asks the daemon to read
+    a file of size 0, so the check of its signed hash runs when it is opened: EIO, with the
+    one line naming it, rather than an empty file where the statement signs its bytes."""
+    ref = world.emptied()
+    cli = Cli(tmp_path / "home")
+    target = mounts.mount(ref, *key(world), "--prefetch", "none", cli=cli)
+    assert read_direct(target / "config.json") == (world.dirs["good-tar"] / "config.json").read_bytes()
+    with pytest.raises(OSError) as caught:
+        (target / "tokenizer.json").read_bytes()
+    assert caught.value.errno == errno.EIO
+    expected = "tokenizer.json: sha256 differs from the signed statement"
+    assert expected in _status_says(cli, expected)
+
+
+def _pread(fd: int, offset: int, size: int) -> bytes | int:
+    """A read through the kernel's page cache (no O_DIRECT), or its errno."""
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as exc:
+        return exc.errno or -1
+
+
+def test_refused_file_leaves_the_kernels_pages_too(world, mounts, tmp_path):
+    """A file whose first shard matched was read through the page cache; its second shard
+    then differs: from then on no read of the file is served, the kernel's pages of the
+    first shard included (a loader holding it open, or mapped, must not keep reading it);
+    a new open is refused."""
+    cli = Cli(tmp_path / "home")
+    target = mounts.mount(world.refs["sharded-swapped"], *key(world), "--prefetch", "none", cli=cli)
+    weight = (world.dirs["sharded-swapped"] / "model.safetensors").read_bytes()
+    fd = os.open(target / "model.safetensors", os.O_RDONLY)  # held open, as a loader does
+    try:
+        assert _pread(fd, 0, 4096) == weight[:4096]
+        with pytest.raises(OSError) as caught:
+            read_direct(target / "model.safetensors", MIB, 4096)
+        assert caught.value.errno == errno.EIO
+        for _ in range(30):  # the pages are dropped by a task of the daemon, at once
+            got = _pread(fd, 0, 4096)
+            if got == errno.EIO:
+                break
+            time.sleep(0.1)
+        assert got == errno.EIO, "the kernel still serves pages of a file refused for its signature"
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as caught:
+        os.open(target / "model.safetensors", os.O_RDONLY)
+    assert caught.value.errno == errno.EIO
+
+
+def test_lazy_enforce_mount_does_not_serve_blocks_another_process_left_unchecked(world, mounts, tmp_path):
+    """Another process (a lazy mount of a mirror that served wrong bytes) left an unchecked
+    block of a sharded file in the shared cache. A mount under enforce with --verify lazy
+    must neither serve it nor hash it and blame the signature: a signed file's blob is
+    checked whole there (lazy serves what a refetch or another process brings, after the
+    range's signed hash passed), so the file reads right."""
+    from modelfs.storage.cache import BlockCache
+
+    cli = Cli(tmp_path / "home")
+    weight = (world.dirs["sharded"] / "model.safetensors").read_bytes()
+    digest = "sha256:" + __import__("hashlib").sha256(weight).hexdigest()
+    cache = BlockCache(str(cli.cache_dir))
+    try:
+        entry = cache.entry(digest, len(weight))
+        assert entry.write_block(0, bytes(len(weight[:entry.block_size]))) is not None  # zeros, stored unverified
+    finally:
+        cache.close()
+    target = mounts.mount(world.refs["sharded"], *key(world), "--prefetch", "none", "--verify", "lazy", cli=cli)
+    assert read_direct(target / "model.safetensors") == weight
+
+
+def test_gate_finds_a_reads_shards_without_walking_all_of_them():
+    """Unit: a file signed as 200,000 shards (the statement's cap) whose shards all passed:
+    a read costs a lookup, not a walk over every shard (200 reads: 10 s before, 2 ms now)."""
+    import trio
+
+    from modelfs.mount.filecheck import FileGate
+    from modelfs.mount.tree import Node
+    from modelfs.signing.filechecks import FileChecks, Shard
+
+    count, size = 200_000, 4096
+    shards = tuple(Shard(i * size, (i + 1) * size, "sha256", "00" * 32) for i in range(count))
+    gate = FileGate(FileChecks({"w.bin": shards}, frozenset(), frozenset({"w.bin"}), "model.sig", "enforce"),
+                    {2: "w.bin"})
+    gate._passed.update(("w.bin", i) for i in range(count))
+    node = Node(2, "w.bin", "file", 0o644, 0, size=count * size)
+
+    async def main() -> float:
+        started = time.monotonic()
+        for i in range(200):
+            await gate.admit(node, None, (i * 197 % count) * size, 128 << 10)  # type: ignore[arg-type]
+        return time.monotonic() - started
+
+    assert trio.run(main) < 0.5
+
+
+def test_statement_listing_a_file_twice_with_different_digests_is_refused():
+    """Unit: an OMS statement naming one file twice (as is, or after ./ and // are
+    normalised) with two digests is ambiguous: it vouches for neither, rather than for
+    whichever came last."""
+    import hashlib
+
+    from modelfs.formats.spec import Descriptor, Manifest
+    from modelfs.signing.bounded import Malformed
+    from modelfs.signing.statement import OMS_V1, _files, _oms_resources
+    data = os.urandom(100)
+    good, bad = hashlib.sha256(data).hexdigest(), "11" * 32
+
+    def statement(entries: list[tuple[str, str]]) -> dict:
+        resources = [{"name": name, "algorithm": "sha256", "digest": digest} for name, digest in entries]
+        root = hashlib.sha256(b"".join(bytes.fromhex(d) for _, d in entries)).hexdigest()
+        return {"subject": [{"digest": {"sha256": root}}], "predicate": {"resources": resources}}
+
+    with pytest.raises(Malformed, match="w.bin.* twice"):
+        _oms_resources(statement([("w.bin", bad), ("w.bin", good)]), OMS_V1, "model.sig")
+    layers = [Descriptor("application/vnd.cncf.model.weight.v1.raw", "sha256:" + good, len(data),
+                         {"org.cncf.model.filepath": "w.bin"})]
+    manifest = Manifest("application/vnd.oci.image.manifest.v1+json", Descriptor("x", "sha256:" + "1" * 64, 2), layers,
+                        "", {})
+    coverage = _files(_oms_resources(statement([("./w.bin", bad), ("w.bin", good)]), OMS_V1, "m"), manifest, "m")
+    assert any("w.bin is listed twice" in c for c in coverage.contradictions), coverage

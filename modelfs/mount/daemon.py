@@ -212,10 +212,10 @@ async def serve(options: MountOptions) -> None:
         if model.verdict is not None and not model.verdict.met:
             report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
         async with trio.open_nursery() as nursery:
-            fetcher = session.fetcher(nursery, index)
+            fetcher = session.fetcher(nursery, index, model.verdict)  # the verdict may rule lazy out
             log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
                      fetcher.ranges.workers, available_cores())
-            if settings.verify == "lazy":
+            if fetcher.policy.lazy:
                 log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                             "they are checked; a corrupt range can reach readers until its blob completes")
             readers = FileReaders(fetcher)

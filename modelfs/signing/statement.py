@@ -97,7 +97,9 @@ def _oms_resources(statement: dict[str, Any], kind: str, what: str) -> dict[str,
             root.update(bytes.fromhex(entry["digest"]))
         except ValueError:
             raise Malformed(f"{what}: OMS digest of {entry['name'][:80]!r} is not hex") from None
-        resources[entry["name"]] = (entry["algorithm"], entry["digest"].lower())
+        listed_as = (entry["algorithm"], entry["digest"].lower())
+        if resources.setdefault(entry["name"], listed_as) != listed_as:  # not whichever came last: neither
+            raise Malformed(f"{what}: OMS statement lists {entry['name'][:80]!r} twice, with different digests")
     if kind == OMS_V1:
         claimed = subject_digests(statement)
         if len(statement["subject"]) != 1 or not claimed or claimed[0] != "sha256:" + root.hexdigest():
@@ -120,7 +122,12 @@ def _signed_shards(resources: dict[str, tuple[str, str]]) -> dict[str, list[Shar
         else:
             signed.setdefault(_normal(name), []).append(Shard(0, WHOLE, algorithm, digest))
     signed.pop(SIGNATURE_FILE, None)  # the signature itself
-    return {path: sorted(shards, key=lambda s: s.start) for path, shards in signed.items()}
+    return {path: sorted(set(shards), key=lambda s: (s.start, s.end)) for path, shards in signed.items()}
+
+
+def _twice(shards: list[Shard]) -> bool:
+    """One range of a file signed twice with different digests (``w.bin`` and ``./w.bin``)."""
+    return any((a.start, a.end) == (b.start, b.end) for a, b in zip(shards, shards[1:], strict=False))
 
 
 def _unreadable(shards: list[Shard]) -> str | None:
@@ -157,6 +164,9 @@ def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str)
             continue
         raw_paths.add(path)
         shards = signed.get(path)
+        if shards and _twice(shards):
+            contradictions.append(f"{path} is listed twice, with different digests")
+            continue
         problem = _unreadable(shards) if shards else "is not listed"
         if problem:
             uncovered.append(f"{path} {problem}")
@@ -174,7 +184,9 @@ def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str)
             checks[path] = tuple(shards)
     for path in sorted(set(signed) - raw_paths):
         problem = _unreadable(signed[path])
-        if not listed_later:
+        if _twice(signed[path]):
+            contradictions.append(f"{path} is listed twice, with different digests")
+        elif not listed_later:
             if len(contradictions) < 3:
                 contradictions.append(f"{path} is signed but missing from the artifact")
         elif problem:
