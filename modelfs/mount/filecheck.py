@@ -6,11 +6,14 @@ When a gated file is first read (or prefetched, or pulled), each signed range th
 touches is read once through the file's own reader -- which still checks every block against
 the manifest's trust chain -- and hashed with the signed algorithm on a worker thread. Only a
 range that matched is served; readers of a range under check wait on that one check (single
-flight). A mismatch fails every read of the file with EIO and logs one line naming the file
-and the signature, for the mount's life; under ``signatures = warn`` it is logged and the
-bytes are served. A passed range is remembered for the mount's life: the bytes the reader
-serves later are the same ones (each block checked against the layer's digest or its index).
-The check reads the file the way an unindexed blob is read today: whole, once.
+flight). A mismatch fails every read and open of the file with EIO and logs one line naming
+the file and the signature, for the mount's life, and the kernel's pages of the file leave
+by the one drop path (``on_refused``); under ``signatures = warn`` it is logged and the bytes
+are served. An empty file is checked when opened: the kernel answers its reads itself. A
+passed range is remembered for the mount's life: the bytes the reader serves later are the
+same ones (each block checked against the layer's digest or its index: under enforce such a
+mount is never lazy, :func:`modelfs.signing.lazy_allowed`). The check reads the file the way
+an unindexed blob is read today: whole, once.
 """
 
 from __future__ import annotations
