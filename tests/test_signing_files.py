@@ -93,6 +93,13 @@ class World:
         self.dirs[name], self.refs[name] = directory, ref
         return directory
 
+    def zstd(self) -> str:
+        """swapped-tar packed as tar+zstd (built on first use)."""
+        if "swapped-tar-zstd" not in self.refs:
+            self._tar_model("swapped-tar+zstd", "tar+zstd", tamper=lambda d: _swap(d, 3 * MIB // 2),
+                            like=self.dirs["good-tar"])
+        return self.refs["swapped-tar-zstd"]
+
     def emptied(self) -> str:
         """good-tar with tokenizer.json emptied after signing (built on first use), its signature copied."""
         if "emptied-tar" not in self.refs:
@@ -471,3 +478,33 @@ def test_a_statement_of_many_shards_is_judged_in_linear_time():
     assert checks is not None and len(checks.shards("w.bin")) == count
     assert checks.judge_listing({"w.bin": count * 10}) == []
     assert time.monotonic() - started < 1.0
+
+
+def test_extract_of_a_tar_zstd_layer_hashes_its_files(world, tmp_path):
+    """extract of a tar+zstd layer whose member differs from its signature refuses it, with
+    that line, and leaves --output as it was (the staged files are hashed, whatever the packing)."""
+    cli = Cli(tmp_path / "home")
+    line = _one_line_error(cli.run("extract", "--plain-http", *key(world), world.zstd(), "-o", str(tmp_path / "out"),
+                                   check=False))
+    assert "model.safetensors: sha256 differs from the signed statement" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_touches_the_shards_a_read_spans_at_any_alignment():
+    """Unit: shards of odd sizes (not a block's multiple), zero-length ones, an empty file,
+    and overlapping shards (served only under warn): a read is checked against exactly the
+    shards it touches, one spanning three shards against all three."""
+    from modelfs.mount.filecheck import _Spans
+    from modelfs.signing.filechecks import WHOLE, Shard
+
+    def spans(*bounds: tuple[int, int], size: int) -> _Spans:
+        return _Spans(tuple(Shard(a, b, "sha256", "") for a, b in bounds), size)
+
+    odd = spans((0, 1000), (1000, 1000), (1000, 2500), (2500, 4097), size=4097)
+    assert list(odd.touched(999, 2600)) == [0, 1, 2, 3]
+    assert list(odd.touched(1000, 1001)) == [1, 2]
+    assert list(odd.touched(4096, 4097)) == [3]
+    assert list(odd.touched(4097, 8192)) == []  # at its end: nothing
+    assert list(spans((0, WHOLE), size=0).touched(0, 0)) == [0]  # an empty file's one shard
+    overlapping = spans((0, 3000), (1000, 2000), (2000, 4097), size=4097)
+    assert list(overlapping.touched(2500, 2600)) == [0, 2]
