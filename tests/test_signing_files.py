@@ -508,3 +508,23 @@ def test_gate_touches_the_shards_a_read_spans_at_any_alignment():
     assert list(spans((0, WHOLE), size=0).touched(0, 0)) == [0]  # an empty file's one shard
     overlapping = spans((0, 3000), (1000, 2000), (2000, 4097), size=4097)
     assert list(overlapping.touched(2500, 2600)) == [0, 2]
+
+
+def test_a_file_name_with_a_newline_keeps_the_refusal_on_one_line():
+    """Unit: a registry names a tar member or a layer's file path with a newline: the
+    refusal naming it stays one line (the name shown quoted), and forges no log line."""
+    from modelfs.errors import SignatureError
+    from modelfs.formats.spec import Descriptor, Manifest
+    from modelfs.signing.filechecks import FileChecks
+    from modelfs.signing.statement import _files
+
+    checks = FileChecks({}, frozenset(), frozenset(), "model.sig", "enforce", "reg/m:v1", True)
+    with pytest.raises(SignatureError) as caught:
+        checks.judge_listing({"w.bin\nINFO all files verified": 10})
+    assert "\n" not in str(caught.value) and "'w.bin\\nINFO all files verified' is not listed" in str(caught.value)
+    layers = [Descriptor("application/vnd.cncf.model.weight.v1.raw", "sha256:" + "2" * 64, 5,
+                         {"org.cncf.model.filepath": "x\ny.bin"})]
+    manifest = Manifest("application/vnd.oci.image.manifest.v1+json", Descriptor("x", "sha256:" + "1" * 64, 2), layers,
+                        "", {})
+    coverage = _files({}, manifest, "model.sig")
+    assert coverage.uncovered and all("\n" not in line for line in coverage.uncovered), coverage.uncovered

@@ -39,6 +39,12 @@ HASHERS: dict[str, Callable[[], Any]] = {"sha256": hashlib.sha256, "blake2b": ha
 DIGEST_HEX = {"sha256": 64, "blake2b": 128, "blake3": 64}
 
 
+def shown(path: str) -> str:
+    """A path as a message names it: a name from the artifact (a tar member, a layer's file
+    path) may hold a newline, which must not split the one-line error or forge a log line."""
+    return path if path.isprintable() else repr(path)
+
+
 def base_algorithm(algorithm: str) -> str:
     """``sha256-sharded-1048576`` -> ``sha256``."""
     return algorithm.split("-sharded-", 1)[0]
@@ -103,7 +109,7 @@ class FileChecks:
 
     def mismatch(self, path: str, shard: Shard, size: int) -> str:
         """The one line a file whose bytes differ from the signed statement is refused with."""
-        return f"{path}: {shard.describe(size)} differs from the signed statement ({self.where})"
+        return f"{shown(path)}: {shard.describe(size)} differs from the signed statement ({self.where})"
 
     def judge_listing(self, files: Mapping[str, int]) -> list[str]:
         """Every regular file of the listed artifact (path -> size) against the statements: a
@@ -111,9 +117,9 @@ class FileChecks:
         file exactly, refuse the model under ``enforce`` (SignatureError), and are logged
         under ``warn``. Returns the problems."""
         listed = set(files) - {SIGNATURE_FILE}
-        problems = [f"{path} is not listed" for path in sorted(listed - self.vouched - set(self.pending))[:3]]
-        problems += [f"{path} is signed but missing from the artifact" for path in sorted(self.signed - listed)[:3]]
-        problems += [f"{path}: {problem}" for path, problem in
+        problems = [f"{shown(path)} is not listed" for path in sorted(listed - self.vouched - set(self.pending))[:3]]
+        problems += [f"{shown(path)} is signed but missing from the artifact" for path in sorted(self.signed - listed)[:3]]
+        problems += [f"{shown(path)}: {problem}" for path, problem in
                      ((p, tiling_problem(self.pending[p], files[p])) for p in sorted(listed & set(self.pending)))
                      if problem][:3]
         if problems:

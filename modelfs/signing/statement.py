@@ -22,7 +22,7 @@ from typing import Any
 
 from ..formats.spec import Manifest, Packing, classify_layer
 from .bounded import MAX_RESOURCES, Malformed
-from .filechecks import DIGEST_HEX, HASHERS, SIGNATURE_FILE, WHOLE, Shard, base_algorithm, tiling_problem
+from .filechecks import DIGEST_HEX, HASHERS, SIGNATURE_FILE, WHOLE, Shard, base_algorithm, shown, tiling_problem
 
 STATEMENT_TYPES = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1")
 COSIGN_SIGN = "https://sigstore.dev/cosign/sign/v1"
@@ -159,25 +159,25 @@ def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str)
             listed_later = True  # its files are known once it is listed (FileChecks.judge_listing)
             continue
         if classified is None or not layer.filepath:
-            uncovered.append(f"{path or layer.digest[:19]} is in a {layer.media_type.rsplit('.', 1)[-1]} layer, which "
+            uncovered.append(f"{shown(path) or layer.digest[:19]} is in a {shown(layer.media_type.rsplit('.', 1)[-1])} layer, which "
                              "modelfs does not list")
             continue
         raw_paths.add(path)
         shards = signed.get(path)
         if shards and _twice(shards):
-            contradictions.append(f"{path} is listed twice, with different digests")
+            contradictions.append(f"{shown(path)} is listed twice, with different digests")
             continue
         problem = _unreadable(shards) if shards else "is not listed"
         if problem:
-            uncovered.append(f"{path} {problem}")
+            uncovered.append(f"{shown(path)} {problem}")
             continue
         assert shards is not None
         tiling = tiling_problem(tuple(shards), layer.size)
         if tiling:
-            contradictions.append(f"{path}: {tiling}")
+            contradictions.append(f"{shown(path)}: {tiling}")
         elif len(shards) == 1 and shards[0].algorithm == "sha256":
             if "sha256:" + shards[0].digest != layer.digest:
-                contradictions.append(f"{path}: signed sha256:{shards[0].digest[:12]}…, the artifact has "
+                contradictions.append(f"{shown(path)}: signed sha256:{shards[0].digest[:12]}…, the artifact has "
                                       f"{layer.digest[:19]}…")
             vouched.add(path)
         else:
@@ -185,12 +185,12 @@ def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str)
     for path in sorted(set(signed) - raw_paths):
         problem = _unreadable(signed[path])
         if _twice(signed[path]):
-            contradictions.append(f"{path} is listed twice, with different digests")
+            contradictions.append(f"{shown(path)} is listed twice, with different digests")
         elif not listed_later:
             if len(contradictions) < 3:
-                contradictions.append(f"{path} is signed but missing from the artifact")
+                contradictions.append(f"{shown(path)} is signed but missing from the artifact")
         elif problem:
-            uncovered.append(f"{path} {problem}")
+            uncovered.append(f"{shown(path)} {problem}")
         else:
             checks[path] = tuple(signed[path])
     return Coverage(False, len(signed), uncovered, contradictions, checks, frozenset(vouched), frozenset(signed),
