@@ -528,3 +528,43 @@ def test_a_file_name_with_a_newline_keeps_the_refusal_on_one_line():
                         "", {})
     coverage = _files({}, manifest, "model.sig")
     assert coverage.uncovered and all("\n" not in line for line in coverage.uncovered), coverage.uncovered
+
+
+def test_two_signers_cutting_one_file_differently_both_count_and_both_are_checked():
+    """Unit: two counting statements sign a tar member, one whole (sha256), one as blake2b
+    shards: each covers the file exactly, so the listing is not refused (it was: their
+    union "did not cover it exactly"), and the gate checks every shard of both."""
+    import hashlib
+
+    import trio
+
+    from modelfs.errors import SignatureError
+    from modelfs.mount.filecheck import FileGate
+    from modelfs.mount.tree import Node
+    from modelfs.signing.filechecks import WHOLE, Shard, merge
+    from modelfs.signing.statement import Coverage
+
+    data = os.urandom(3000)
+
+    def checks(second: str):
+        whole = Coverage(checks={"t.bin": (Shard(0, WHOLE, "sha256", hashlib.sha256(data).hexdigest()),)},
+                         signed=frozenset({"t.bin"}), listed_later=True)
+        shards = Coverage(checks={"t.bin": (Shard(0, 1000, "blake2b", hashlib.blake2b(data[:1000]).hexdigest()),
+                                            Shard(1000, 3000, "blake2b", second))},
+                          signed=frozenset({"t.bin"}), listed_later=True)
+        merged = merge([("a.sig", whole), ("b.sig", shards)], "enforce", "m")
+        assert merged is not None and merged.judge_listing({"t.bin": len(data)}) == []
+        return merged
+
+    class Reader:
+        async def read_view(self, offset: int, size: int) -> bytes:
+            return data[offset:offset + size]
+
+    node = Node(2, "t.bin", "file", 0o644, 0, size=len(data))
+
+    async def main() -> None:
+        await FileGate(checks(hashlib.blake2b(data[1000:]).hexdigest()), {2: "t.bin"}).admit(node, Reader(), 0, 3000)
+        with pytest.raises(SignatureError, match="bytes 1,000-3,000: blake2b differs"):
+            await FileGate(checks("00" * 64), {2: "t.bin"}).admit(node, Reader(), 2500, 2600)
+
+    trio.run(main)

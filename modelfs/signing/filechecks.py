@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SignatureError
@@ -99,6 +99,9 @@ class FileChecks:
     mode: str  # the policy's: enforce or warn
     reference: str = ""
     listed_later: bool = False  # the artifact has tar layers: their files are judged once listed
+    # path -> each statement's own shards of it, which must tile the file (``pending`` is their
+    # union: two signers may cut one file differently, and both are checked); none: ``pending``
+    tilings: Mapping[str, tuple[tuple[Shard, ...], ...]] = field(default_factory=dict)
 
     def shards(self, path: str) -> tuple[Shard, ...]:
         return self.pending.get(path, ())
@@ -120,8 +123,7 @@ class FileChecks:
         problems = [f"{shown(path)} is not listed" for path in sorted(listed - self.vouched - set(self.pending))[:3]]
         problems += [f"{shown(path)} is signed but missing from the artifact" for path in sorted(self.signed - listed)[:3]]
         problems += [f"{shown(path)}: {problem}" for path, problem in
-                     ((p, tiling_problem(self.pending[p], files[p])) for p in sorted(listed & set(self.pending)))
-                     if problem][:3]
+                     ((p, self._tiling(p, files[p])) for p in sorted(listed & set(self.pending))) if problem][:3]
         if problems:
             line = (f"{self.reference} is not signed as the policy requires: {self.where} (OMS model signature): "
                     + "; ".join(problems[:3]))
@@ -131,18 +133,29 @@ class FileChecks:
         return problems
 
 
+    def _tiling(self, path: str, size: int) -> str | None:
+        """Why the shards of ``path`` do not cover it exactly, judged per statement."""
+        for shards in self.tilings.get(path) or (self.pending[path],):
+            problem = tiling_problem(shards, size)
+            if problem:
+                return problem
+        return None
+
+
 def merge(parts: list[tuple[str, Any]], mode: str, reference: str) -> FileChecks | None:
     """The checks of every counting OMS statement (``(where, Coverage)``) together: a file is
     covered if one covers it, and checked against every shard any of them signed. None when
     nothing is left to check or to list. Linear in the shards: a statement may list 200,000,
     and a walk of a list per shard took half an hour for that many (2.9 s for 8,000 here)."""
     pending: dict[str, set[Shard]] = {}
+    tilings: dict[str, set[tuple[Shard, ...]]] = {}
     vouched: set[str] = set()
     signed: set[str] = set()
     listed_later = False
     for _, coverage in parts:
         for path, shards in coverage.checks.items():
             pending.setdefault(path, set()).update(shards)
+            tilings.setdefault(path, set()).add(tuple(shards))
         vouched |= coverage.vouched
         signed |= coverage.signed
         listed_later = listed_later or coverage.listed_later
@@ -150,4 +163,5 @@ def merge(parts: list[tuple[str, Any]], mode: str, reference: str) -> FileChecks
         return None
     where = ", ".join(sorted({where for where, _ in parts}))
     ordered = {path: tuple(sorted(shards, key=lambda s: (s.start, s.end))) for path, shards in pending.items()}
-    return FileChecks(ordered, frozenset(vouched), frozenset(signed), where, mode, reference, listed_later)
+    return FileChecks(ordered, frozenset(vouched), frozenset(signed), where, mode, reference, listed_later,
+                      {path: tuple(groups) for path, groups in tilings.items()})
