@@ -212,7 +212,7 @@ async def serve(options: MountOptions) -> None:
         if model.verdict is not None and not model.verdict.met:
             report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
         async with trio.open_nursery() as nursery:
-            fetcher = session.fetcher(nursery, index, model.verdict)  # the verdict may rule lazy out
+            fetcher = session.fetcher(nursery, index)
             log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
                      fetcher.ranges.workers, available_cores())
             if fetcher.policy.lazy:
