@@ -568,3 +568,24 @@ def test_two_signers_cutting_one_file_differently_both_count_and_both_are_checke
             await FileGate(checks("00" * 64), {2: "t.bin"}).admit(node, Reader(), 2500, 2600)
 
     trio.run(main)
+
+
+def test_a_shard_bound_of_thousands_of_digits_is_one_line_not_a_crash():
+    """Unit: a statement (by a signer the policy names) whose shard bounds run to 5,000
+    digits, or whose algorithm holds a newline: the file is not covered, said in one line
+    each (int() of that many digits raised ValueError, which no caller expected)."""
+    import hashlib
+
+    from modelfs.formats.spec import Descriptor, Manifest
+    from modelfs.signing.statement import _files
+
+    layers = [Descriptor("application/vnd.cncf.model.weight.v1.raw", "sha256:" + "2" * 64, 5,
+                         {"org.cncf.model.filepath": "w.bin"}),
+              Descriptor("application/vnd.cncf.model.weight.v1.raw", "sha256:" + "3" * 64, 5,
+                         {"org.cncf.model.filepath": "v.bin"})]
+    manifest = Manifest("application/vnd.oci.image.manifest.v1+json", Descriptor("x", "sha256:" + "1" * 64, 2), layers,
+                        "", {})
+    coverage = _files({"w.bin:0:" + "9" * 5000: ("sha256-sharded-1", hashlib.sha256(b"").hexdigest()),
+                       "v.bin": ("md5\nforged", "aa" * 16)}, manifest, "model.sig")
+    lines = coverage.uncovered + coverage.contradictions
+    assert "w.bin is not listed" in lines and all("\n" not in line and len(line) < 400 for line in lines), lines

@@ -41,7 +41,9 @@ DIGEST_HEX = {"sha256": 64, "blake2b": 128, "blake3": 64}
 
 def shown(path: str) -> str:
     """A path as a message names it: a name from the artifact (a tar member, a layer's file
-    path) may hold a newline, which must not split the one-line error or forge a log line."""
+    path) or a statement may hold a newline, which must not split the one-line error or forge
+    a log line, or run to thousands of characters."""
+    path = path if len(path) <= 200 else path[:200] + "…"
     return path if path.isprintable() else repr(path)
 
 

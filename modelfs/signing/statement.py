@@ -28,7 +28,7 @@ STATEMENT_TYPES = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statem
 COSIGN_SIGN = "https://sigstore.dev/cosign/sign/v1"
 OMS_V1 = "https://model_signing/signature/v1.0"
 OMS_COMPAT = "https://model_signing/Digests/v0.1"
-_SHARD = re.compile(r"(.+):(\d+):(\d+)")
+_SHARD = re.compile(r"(.+):(\d{1,19}):(\d{1,19})")  # byte offsets that fit 64 bits (int() of 5,000 digits raises)
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def _unreadable(shards: list[Shard]) -> str | None:
     """Why modelfs cannot check these shards, if it cannot."""
     for shard in shards:
         if shard.algorithm not in HASHERS:
-            return f"is signed with {shard.algorithm[:40]}, which modelfs does not read (sha256, blake2b, blake3)"
+            return f"is signed with {shown(shard.algorithm[:40])}, which modelfs does not read (sha256, blake2b, blake3)"
         if len(shard.digest) != DIGEST_HEX[shard.algorithm]:
             return f"has a {shard.algorithm} digest of {len(shard.digest)} hex digits"
     return None
