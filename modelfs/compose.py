@@ -30,7 +30,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -153,15 +153,21 @@ class Session:
     cache: BlockCache
     client: RegistryClient | MirroredClient
     trust: signing.Policy
+    verdict: signing.Verdict | None = None  # on the model :meth:`resolve` found
     _fetchers: list[Fetcher] = field(default_factory=list)
 
     async def resolve(self) -> TrustedModel:
-        return await resolve_model(self.client, self.cache, self.reference, self.trust)
+        found = await resolve_model(self.client, self.cache, self.reference, self.trust)
+        self.verdict = found.model.verdict
+        return found
 
     def fetcher(self, nursery: trio.Nursery, index: TrustedIndex | None) -> Fetcher:
-        """The Fetcher of this command's blobs; its tasks run in ``nursery``."""
-        fetcher = Fetcher(self.cache, self.client, self.reference.repository, nursery, fetch_policy(self.settings),
-                          index=index)
+        """The Fetcher of this command's blobs; its tasks run in ``nursery``. The verdict on
+        the model resolved may rule ``--verify lazy`` out (:func:`signing.lazy_allowed`)."""
+        policy = fetch_policy(self.settings)
+        if policy.lazy and not signing.lazy_allowed(self.verdict):
+            policy = replace(policy, verify="full")
+        fetcher = Fetcher(self.cache, self.client, self.reference.repository, nursery, policy, index=index)
         self._fetchers.append(fetcher)
         return fetcher
 

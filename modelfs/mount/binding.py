@@ -36,14 +36,32 @@ class FileReaders:
     def __init__(self, fetcher: Fetcher) -> None:
         self.fetcher = fetcher
         self._streams: dict[tuple[str, str], LayerStream] = {}  # by layer digest and packing
-        self.gate: FileGate | None = None  # set once the tree is listed, before anything is served
+        self._gate: FileGate | None = None
+
+    @property
+    def gate(self) -> FileGate | None:
+        """The signature checks of the mount's files; set once the tree is listed, before anything is served."""
+        return self._gate
+
+    @gate.setter
+    def gate(self, gate: FileGate | None) -> None:
+        if gate is not None:  # a refused file's pages leave the kernel by the one drop path
+            gate.on_refused = lambda node: self.fetcher.pages_stale(self.key(node))
+        self._gate = gate
+
+    async def opened(self, node: Node) -> None:
+        """``node`` is opened: its reader bound, and its signature check asked whether it
+        may be (a refused file is not; an empty one is checked now)."""
+        reader = self.reader(node)
+        if self._gate is not None:
+            await self._gate.admit_open(node, reader)
 
     async def read_view(self, node: Node, offset: int, size: int) -> bytes | bytearray | memoryview:
         """Bytes [offset, offset + size) of file ``node``: the one way the FUSE layer reads a
         file, so a file with a pending signature check serves nothing before it matched."""
         reader = self.reader(node)
-        if self.gate is not None:
-            await self.gate.admit(node, reader, offset, offset + size)
+        if self._gate is not None:
+            await self._gate.admit(node, reader, offset, offset + size)
         return await reader.read_view(node.offset + offset, size)
 
     def read_at(self, layer: Descriptor) -> ReadAt:

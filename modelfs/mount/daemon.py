@@ -215,7 +215,7 @@ async def serve(options: MountOptions) -> None:
             fetcher = session.fetcher(nursery, index)
             log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
                      fetcher.ranges.workers, available_cores())
-            if settings.verify == "lazy":
+            if fetcher.policy.lazy:
                 log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                             "they are checked; a corrupt range can reach readers until its blob completes")
             readers = FileReaders(fetcher)

@@ -211,7 +211,11 @@ class ModelFS(pyfuse3.Operations):
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.layer is not None:
-            self.readers.reader(node)  # bound here, at its first open
+            try:
+                await self.readers.opened(node)  # bound here, at its first open
+            except ModelfsError as exc:  # its signature check refuses it
+                log.error("open of %s refused: %s", self.path_of(node), exc)
+                raise pyfuse3.FUSEError(errno.EIO) from None
         return pyfuse3.FileInfo(fh=inode, keep_cache=True, direct_io=False)
 
     @_guarded

@@ -25,7 +25,7 @@ from .verdict import Verdict, judge, listing, record, recorded
 if TYPE_CHECKING:
     from ..formats.blockindex import TrustedIndex
 
-__all__ = ["OFF", "Policy", "Verdict", "build", "check", "gate_index", "index_allowed", "listing"]
+__all__ = ["OFF", "Policy", "Verdict", "build", "check", "gate_index", "index_allowed", "lazy_allowed", "listing"]
 
 log = logging.getLogger("modelfs.signing")
 
@@ -85,3 +85,19 @@ def index_allowed(verdict: Verdict | None, vouched: bool) -> bool:
     if verdict is None or verdict.policy.mode != "enforce":
         return True
     return verdict.covers_manifest and vouched
+
+
+def lazy_allowed(verdict: Verdict | None) -> bool:
+    """Whether ``--verify lazy`` may apply to the model's blobs under the verdict. Not under
+    ``enforce`` when files are left to be hashed when read (:attr:`Verdict.file_checks`): a
+    range that passed its signed hash is remembered as passed, and the bytes served later
+    must be those hashed. Lazy blobs serve blocks that nothing checked -- fetched again after
+    a drop, or left in the shared cache by another process (a lazy mount of a mirror that
+    served wrong bytes) -- which would be served unhashed, or hashed and blamed on the
+    signer. Checked whole, a blob's bytes are fixed by its digest whoever stored them."""
+    checks = verdict.file_checks if verdict is not None else None
+    if checks is None or not checks.enforcing:
+        return True
+    log.warning("--verify lazy does not apply: %s signs files that are hashed when read, under enforce; each "
+                "blob is served once checked whole", checks.where)
+    return False

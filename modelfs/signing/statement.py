@@ -22,13 +22,13 @@ from typing import Any
 
 from ..formats.spec import Manifest, Packing, classify_layer
 from .bounded import MAX_RESOURCES, Malformed
-from .filechecks import DIGEST_HEX, HASHERS, SIGNATURE_FILE, WHOLE, Shard, base_algorithm, tiling_problem
+from .filechecks import DIGEST_HEX, HASHERS, SIGNATURE_FILE, WHOLE, Shard, base_algorithm, shown, tiling_problem
 
 STATEMENT_TYPES = ("https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1")
 COSIGN_SIGN = "https://sigstore.dev/cosign/sign/v1"
 OMS_V1 = "https://model_signing/signature/v1.0"
 OMS_COMPAT = "https://model_signing/Digests/v0.1"
-_SHARD = re.compile(r"(.+):(\d+):(\d+)")
+_SHARD = re.compile(r"(.+):(\d{1,19}):(\d{1,19})")  # byte offsets that fit 64 bits (int() of 5,000 digits raises)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,9 @@ def _oms_resources(statement: dict[str, Any], kind: str, what: str) -> dict[str,
             root.update(bytes.fromhex(entry["digest"]))
         except ValueError:
             raise Malformed(f"{what}: OMS digest of {entry['name'][:80]!r} is not hex") from None
-        resources[entry["name"]] = (entry["algorithm"], entry["digest"].lower())
+        listed_as = (entry["algorithm"], entry["digest"].lower())
+        if resources.setdefault(entry["name"], listed_as) != listed_as:  # not whichever came last: neither
+            raise Malformed(f"{what}: OMS statement lists {entry['name'][:80]!r} twice, with different digests")
     if kind == OMS_V1:
         claimed = subject_digests(statement)
         if len(statement["subject"]) != 1 or not claimed or claimed[0] != "sha256:" + root.hexdigest():
@@ -120,14 +122,19 @@ def _signed_shards(resources: dict[str, tuple[str, str]]) -> dict[str, list[Shar
         else:
             signed.setdefault(_normal(name), []).append(Shard(0, WHOLE, algorithm, digest))
     signed.pop(SIGNATURE_FILE, None)  # the signature itself
-    return {path: sorted(shards, key=lambda s: s.start) for path, shards in signed.items()}
+    return {path: sorted(set(shards), key=lambda s: (s.start, s.end)) for path, shards in signed.items()}
+
+
+def _twice(shards: list[Shard]) -> bool:
+    """One range of a file signed twice with different digests (``w.bin`` and ``./w.bin``)."""
+    return any((a.start, a.end) == (b.start, b.end) for a, b in zip(shards, shards[1:], strict=False))
 
 
 def _unreadable(shards: list[Shard]) -> str | None:
     """Why modelfs cannot check these shards, if it cannot."""
     for shard in shards:
         if shard.algorithm not in HASHERS:
-            return f"is signed with {shard.algorithm[:40]}, which modelfs does not read (sha256, blake2b, blake3)"
+            return f"is signed with {shown(shard.algorithm[:40])}, which modelfs does not read (sha256, blake2b, blake3)"
         if len(shard.digest) != DIGEST_HEX[shard.algorithm]:
             return f"has a {shard.algorithm} digest of {len(shard.digest)} hex digits"
     return None
@@ -152,33 +159,38 @@ def _files(resources: dict[str, tuple[str, str]], manifest: Manifest, what: str)
             listed_later = True  # its files are known once it is listed (FileChecks.judge_listing)
             continue
         if classified is None or not layer.filepath:
-            uncovered.append(f"{path or layer.digest[:19]} is in a {layer.media_type.rsplit('.', 1)[-1]} layer, which "
+            uncovered.append(f"{shown(path) or layer.digest[:19]} is in a {shown(layer.media_type.rsplit('.', 1)[-1])} layer, which "
                              "modelfs does not list")
             continue
         raw_paths.add(path)
         shards = signed.get(path)
+        if shards and _twice(shards):
+            contradictions.append(f"{shown(path)} is listed twice, with different digests")
+            continue
         problem = _unreadable(shards) if shards else "is not listed"
         if problem:
-            uncovered.append(f"{path} {problem}")
+            uncovered.append(f"{shown(path)} {problem}")
             continue
         assert shards is not None
         tiling = tiling_problem(tuple(shards), layer.size)
         if tiling:
-            contradictions.append(f"{path}: {tiling}")
+            contradictions.append(f"{shown(path)}: {tiling}")
         elif len(shards) == 1 and shards[0].algorithm == "sha256":
             if "sha256:" + shards[0].digest != layer.digest:
-                contradictions.append(f"{path}: signed sha256:{shards[0].digest[:12]}…, the artifact has "
+                contradictions.append(f"{shown(path)}: signed sha256:{shards[0].digest[:12]}…, the artifact has "
                                       f"{layer.digest[:19]}…")
             vouched.add(path)
         else:
             checks[path] = tuple(shards)
     for path in sorted(set(signed) - raw_paths):
         problem = _unreadable(signed[path])
-        if not listed_later:
+        if _twice(signed[path]):
+            contradictions.append(f"{shown(path)} is listed twice, with different digests")
+        elif not listed_later:
             if len(contradictions) < 3:
-                contradictions.append(f"{path} is signed but missing from the artifact")
+                contradictions.append(f"{shown(path)} is signed but missing from the artifact")
         elif problem:
-            uncovered.append(f"{path} {problem}")
+            uncovered.append(f"{shown(path)} {problem}")
         else:
             checks[path] = tuple(signed[path])
     return Coverage(False, len(signed), uncovered, contradictions, checks, frozenset(vouched), frozenset(signed),

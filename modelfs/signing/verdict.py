@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..atomic import atomic_write
@@ -84,7 +85,7 @@ class Verdict:
         return self.met and any(f.counts and f.coverage is not None and f.coverage.covers_manifest
                                 for f in self.findings)
 
-    @property
+    @cached_property
     def file_checks(self) -> FileChecks | None:
         """What the data path must still hash before serving a file (a file in a tar layer,
         another hash, shards), when the verdict rests on OMS statements alone; None when a
