@@ -29,6 +29,7 @@ class ReadAhead:
     window: int = 0
     sequential_end: int = 0  # byte just after the last sequential read
     ahead_until: int = -1  # last block already asked for
+    first_window: int = 1  # the window once a stream is seen to be sequential
 
     def continues(self, offset: int) -> bool:
         """Whether a read at ``offset`` continues this stream (the kernel's reads of one
@@ -45,7 +46,8 @@ class ReadAhead:
             self.window, self.sequential_end, self.ahead_until = 0, end, last
             return range(0)
         if end // bs > self.sequential_end // bs or offset == 0:
-            self.window = min(max(1, self.window * 2), self.max_blocks)
+            # doubles, and covers at least one more read like this one (8 MiB reads: 8 blocks)
+            self.window = min(max(self.first_window, self.window * 2, -(-size // bs)), self.max_blocks)
         self.sequential_end = max(end, self.sequential_end)
         if self.ahead_until - last > self.window // 2:
             return range(0)
@@ -75,13 +77,24 @@ class Streams:
     max_blocks: int
     min_blocks: int = 32
     max_streams: int = 32
+    # a strict budget (blocks held in memory until read): shared with every stream known, idle
+    # ones too, and each stream's window kept to its share at once
+    share_with_idle: bool = False
     streams: list[ReadAhead] = field(default_factory=list)  # most recently used last
     current: ReadAhead | None = None  # the stream of the last read
 
     def after_read(self, offset: int, size: int) -> range:
         """The blocks to fetch ahead of a read of ``size`` bytes at ``offset`` (maybe none)."""
         stream = self._stream_of(offset)
-        stream.max_blocks = max(min(self.min_blocks, self.max_blocks), self.max_blocks // max(1, self._active()))
+        share = max(min(self.min_blocks, self.max_blocks), self.max_blocks // max(1, self._active()))
+        if self.share_with_idle:  # a strict budget: every stream's window shrinks to its share now
+            for other in self.streams:
+                other.max_blocks, other.window = share, min(other.window, share)
+        stream.max_blocks = share
+        # beside other streams (readers side by side), a stream starts at half a request once
+        # its second read continues its first: many streams each ramping up from one block
+        # cut the blob into slivers
+        stream.first_window = 1 if len(self.streams) == 1 or self.share_with_idle else max(1, self.min_blocks // 2)
         self.current = stream
         return stream.after_read(offset, size)
 
@@ -103,8 +116,8 @@ class Streams:
         return stream
 
     def _active(self) -> int:
-        """Streams reading sequentially now (a window open)."""
-        return sum(1 for stream in self.streams if stream.window)
+        """Streams reading sequentially now (a window open), or every stream known."""
+        return len(self.streams) if self.share_with_idle else sum(1 for stream in self.streams if stream.window)
 
 
 def plan_runs(blocks: Iterable[int], max_run: int) -> list[tuple[int, int]]:

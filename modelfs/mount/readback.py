@@ -84,11 +84,14 @@ class ReadBacks:
             results.update((index, other.results[index]) for index in blocks if index in other.results)
         return results if self._drops() == drops else {}
 
-    async def ahead(self, blocks: list[int]) -> None:
+    async def ahead(self, blocks: list[int], wanted: Callable[[int], bool]) -> None:
         """Read ``blocks`` back into the memory window ahead of the reader (the read-ahead of a
-        sequential stream over cached blocks): its next read is a lookup. A block that does not
-        read back is left for the read that wants it (which drops it)."""
-        await self.read(blocks)
+        sequential stream over cached blocks): its next read is a lookup. Only those still
+        ``wanted`` when this task runs (a read may have read one back meanwhile). A block
+        that does not read back is left for the read that wants it (which drops it)."""
+        blocks = [index for index in blocks if index not in self._flights and wanted(index)]
+        if blocks:
+            await self.read(blocks)
 
     def _read(self, blocks: list[int]) -> dict[int, Result]:
         """On a worker thread: each block read back, checked and kept in the window."""
