@@ -9,12 +9,17 @@ import os
 import re
 import struct
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import trio
 from conftest import free_port
+
+from modelfs.mount.readback import ReadBacks
+from modelfs.mount.stats import Stats
 
 MiB = 1 << 20
 SIZE = 128 * MiB
@@ -125,3 +130,42 @@ def test_interleaved_readers_each_get_read_ahead(mounts, shards):
     # one sequential reader: about 10 here (16-32 blocks each); each of 16 streams starts with
     # a few small requests while its window grows
     assert requests <= blocks / 3, requests
+
+
+def test_read_backs_are_single_flight_and_never_served_across_a_drop():
+    """Reads of one cached block at once cost one disk read (on a worker); bytes read back
+    while the blob's bytes were dropped are not served (the reader looks again)."""
+    class Entry:
+        def __init__(self) -> None:
+            self.reads: list[int] = []
+
+        def read_block(self, index: int) -> bytes:
+            self.reads.append(index)
+            time.sleep(0.05)
+            return bytes([index]) * 4
+
+    async def main() -> None:
+        entry, drops, stats = Entry(), [0], Stats()
+        backs = ReadBacks(entry, trio.CapacityLimiter(4), stats, lambda: drops[0])  # type: ignore[arg-type]
+        got: list[dict] = []
+
+        async def read(blocks: list[int]) -> None:
+            got.append(await backs.read(blocks))
+
+        async with trio.open_nursery() as nursery:
+            for blocks in ([1, 2], [2, 3], [2]):
+                nursery.start_soon(read, blocks)
+        assert sorted(entry.reads) == [1, 2, 3]  # block 2 read once for three reads
+        assert all(answer[index] == bytes([index]) * 4 for answer in got for index in answer)
+        assert sorted(len(answer) for answer in got) == [1, 2, 2] and stats.bytes_read_back == 12
+
+        async def drop_meanwhile() -> None:
+            await trio.sleep(0.01)
+            drops[0] += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, [5])
+            nursery.start_soon(drop_meanwhile)
+        assert got[-1] == {}
+
+    trio.run(main)
