@@ -49,6 +49,12 @@ def sample(pid: int) -> CpuSample:
     return CpuSample(total, _stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat")))
 
 
+def workers(spent: CpuSample) -> float:
+    """CPU seconds of every thread but the serving one: workers receiving, checking and
+    storing, and read-back threads serving cached blocks (beside the serving thread's line)."""
+    return spent.total - spent.serving
+
+
 def threads(pid: int) -> dict[str, float]:
     """CPU seconds per thread name, for the profile in doc/BENCHMARKS.md."""
     by_name: dict[str, float] = {}

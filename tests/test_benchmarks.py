@@ -29,6 +29,7 @@ def test_harness_runs_and_reports_every_case(tmp_path):
         assert case in run.stdout
     assert 1.0 <= results["amplification"]["cold_registry_bytes_per_byte"] <= 1.05
     assert results["amplification"]["second_mount_registry_bytes"] == 0
+    assert 0.95 <= results["warm read CPU s/GiB"]["read_back_per_byte"] <= 1.1  # each cached block read back once
     assert results["daemon peak RSS"]["file_bytes"] >= 64 << 20  # a safetensors header, then 64 MiB of tensors
     assert set(results["random 4K-1M reads (ms)"]) == {"cold_p50", "cold_p99", "warm_p50", "warm_p99"}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelfs.mount.readahead import ReadAhead, RequestSizer, plan_runs
+from modelfs.mount.readahead import ReadAhead, RequestSizer, Streams, plan_runs
 
 MiB = 1 << 20
 
@@ -93,3 +93,70 @@ def test_sizer_ignores_requests_too_small_to_measure():
     sizer.record(4096, 0.5)
     sizer.record(MiB, 0.0)
     assert sizer.rate is None
+
+
+def _interleaved(streams: Streams, readers: int, reads_each: int, read_blocks: int) -> list[list[int]]:
+    """``readers`` threads, each reading its own part of the blob in order, their reads
+    interleaved one by one (Run:ai's streamer: 16 threads, 8 MiB reads): what each asked ahead."""
+    part = reads_each * read_blocks
+    asked: list[list[int]] = [[] for _ in range(readers)]
+    for step in range(reads_each):
+        for reader in range(readers):
+            offset = (reader * part + step * read_blocks) * MiB
+            asked[reader] += list(streams.after_read(offset, read_blocks * MiB))
+    return asked
+
+
+def test_interleaved_readers_each_keep_a_growing_window():
+    streams = Streams(MiB, nblocks=16 * 64, max_blocks=64)
+    asked = _interleaved(streams, readers=16, reads_each=8, read_blocks=8)
+    for reader, blocks in enumerate(asked):
+        start = reader * 64
+        # every reader's blocks ahead are asked once, in order, from its second read on (its
+        # first one starts the stream), reaching the end of its part
+        assert blocks == list(range(blocks[0], blocks[-1] + 1)) and blocks[0] <= start + 16
+        assert blocks[-1] >= start + 63 or blocks[-1] == 16 * 64 - 1
+    assert len(streams.streams) == 16 and all(s.window for s in streams.streams)
+
+
+def test_one_read_ahead_per_blob_switches_off_for_interleaved_readers():
+    """What the per-blob state did (the old ReadAhead over the same reads): nothing ahead."""
+    ahead = ReadAhead(MiB, nblocks=16 * 64, max_blocks=64)
+    asked = [i for step in range(8) for reader in range(16)
+             for i in ahead.after_read((reader * 64 + step * 8) * MiB, 8 * MiB)]
+    assert len(asked) < 16 * 8
+
+
+def test_interleaved_readers_ask_in_requests_as_large_as_one_readers():
+    """16 streams share the budget, but each still asks in batches of at least half of
+    ``min_blocks``: few requests, not slivers (adjacent streams' runs are not cut small)."""
+    streams = Streams(MiB, nblocks=16 * 128, max_blocks=64, min_blocks=32)
+    batches = []
+    for step in range(16):
+        for reader in range(16):
+            got = streams.after_read((reader * 128 + step * 8) * MiB, 8 * MiB)
+            if got:
+                batches.append(len(got))
+    assert max(s.window for s in streams.streams) == 32  # each stream grew to a full request
+    large = [b for b in batches if b >= 16]
+    assert sum(large) >= 0.7 * sum(batches)  # most blocks asked in batches of 16 or more
+    one = Streams(MiB, nblocks=16 * 128, max_blocks=64, min_blocks=32)
+    alone = [len(got) for block in range(0, 16 * 128, 8) if (got := one.after_read(block * MiB, 8 * MiB))]
+    assert len(batches) <= 16 * 6 + 2 * len(alone)  # the start of each stream, then as one reader
+
+
+def test_a_stream_that_goes_random_leaves_the_others_alone():
+    streams = Streams(MiB, nblocks=1000, max_blocks=32)
+    for block in range(10):
+        streams.after_read(block * MiB, MiB)
+    assert not streams.after_read(700 * MiB, 4096)  # a jump starts a new stream: nothing ahead yet
+    assert streams.after_read(10 * MiB, MiB) or streams.window  # the first stream kept its window
+    assert streams.window >= 8
+
+
+def test_streams_are_bounded_least_recently_used_out():
+    streams = Streams(MiB, nblocks=100_000, max_blocks=32, max_streams=4)
+    for reader in range(10):
+        streams.after_read(reader * 1000 * MiB, 4096)
+    assert len(streams.streams) == 4
+    assert [s.sequential_end // MiB for s in streams.streams] == [6000, 7000, 8000, 9000]

@@ -24,6 +24,7 @@ class HeldBlob:
     def __init__(self, ctx: FetchContext, entry: StoredBlob, trust: Trust) -> None:
         self.ctx, self.entry, self.trust = ctx, entry, trust
         self.served = False  # bytes went to a reader (the kernel may hold them) since the last drop
+        self.drops = 0  # times bytes of it were dropped: a read-back begun before one is not served
 
     @property
     def digest(self) -> str:
@@ -32,9 +33,11 @@ class HeldBlob:
     def in_memory(self, index: int) -> bool:
         return (self.entry.digest, index) in self.ctx.recent
 
-    def block(self, index: int) -> Block:
+    def held(self, index: int) -> Block | None:
+        """The block, checked, if memory holds it (just fetched, or in the window): a lookup
+        for the serving loop; None, and it is read back on a worker (:mod:`.readback`)."""
         data = self.ctx.recent.get(self.entry.digest, index)
-        return data if data is not None else self.entry.read_block(index)
+        return data if data is not None else self.entry.held_block(index)
 
     def drop(self, blocks: Iterable[int] | None = None, evicted: bool = False) -> None:
         """The one way bytes of this blob leave (``blocks``, or all of it): from the cache
@@ -47,6 +50,7 @@ class HeldBlob:
         wrong, so what the kernel holds is as right as it was and stays (it would otherwise
         be fetched again from the registry, the cache limit being about disk, not memory)."""
         which = None if blocks is None else list(blocks)
+        self.drops += 1
         if not evicted:
             try:
                 if which is None:

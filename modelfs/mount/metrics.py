@@ -62,6 +62,10 @@ def render(c: Stats, labels: dict[str, str] | None = None) -> str:
          c.damaged_blocks),
         ("modelfs_handler_errors_total", "counter", "FUSE requests that met an unexpected error (answered EIO)",
          c.handler_errors),
+        ("modelfs_cache_read_back_bytes_total", "counter", "Bytes of cached blocks read back from disk for readers",
+         c.bytes_read_back),
+        ("modelfs_cache_read_back_waits_total", "counter", "Reads that waited for a cached block read back from disk",
+         c.read_back_waits),
         ("modelfs_inflight_blocks", "gauge", "Blocks being fetched now", c.inflight_blocks),
         ("modelfs_fetch_workers", "gauge", "Threads that receive, check and store blocks", c.workers),
     ]

@@ -1,6 +1,8 @@
 """Decisions about what to fetch and how big each request is: pure, no I/O, unit-tested.
 
-- :class:`ReadAhead` watches one reader's offsets and says which blocks to fetch ahead.
+- :class:`ReadAhead` watches one stream of offsets and says which blocks to fetch ahead.
+- :class:`Streams` keeps a :class:`ReadAhead` per sequential stream of one blob, so readers
+  that interleave (16 threads each reading its own part of a file) each keep a growing window.
 - :func:`plan_runs` cuts a list of missing blocks into contiguous runs, one range request each.
 - :class:`RequestSizer` adapts the size of runs and how many are in flight to the link:
   measured here (doc/ARCHITECTURE.md, "Data plane"), the registry spends 1.2-1.4 CPU-s serving 64 ranges
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -27,18 +29,25 @@ class ReadAhead:
     window: int = 0
     sequential_end: int = 0  # byte just after the last sequential read
     ahead_until: int = -1  # last block already asked for
+    first_window: int = 1  # the window once a stream is seen to be sequential
+
+    def continues(self, offset: int) -> bool:
+        """Whether a read at ``offset`` continues this stream (the kernel's reads of one
+        stream arrive a little out of order: up to a few blocks behind its end)."""
+        return self.sequential_end - 4 * self.block_size <= offset <= self.sequential_end + self.block_size
 
     def after_read(self, offset: int, size: int) -> range:
         """The blocks to fetch ahead of a read of ``size`` bytes at ``offset`` (maybe none)."""
         bs = self.block_size
         end = offset + size
         last = (end - 1) // bs
-        sequential = offset == 0 or self.sequential_end - 4 * bs <= offset <= self.sequential_end + bs
+        sequential = offset == 0 or self.continues(offset)
         if not sequential:
             self.window, self.sequential_end, self.ahead_until = 0, end, last
             return range(0)
         if end // bs > self.sequential_end // bs or offset == 0:
-            self.window = min(max(1, self.window * 2), self.max_blocks)
+            # doubles, and covers at least one more read like this one (8 MiB reads: 8 blocks)
+            self.window = min(max(self.first_window, self.window * 2, -(-size // bs)), self.max_blocks)
         self.sequential_end = max(end, self.sequential_end)
         if self.ahead_until - last > self.window // 2:
             return range(0)
@@ -48,6 +57,67 @@ class ReadAhead:
             return range(0)
         self.ahead_until = stop
         return range(start, stop + 1)
+
+
+@dataclass
+class Streams:
+    """Read-ahead per stream, not per blob: up to ``max_streams`` :class:`ReadAhead` states,
+    each found by the offset it expects next. A read that continues a stream grows that
+    stream's window; a read that continues none starts a new stream (the least recently used
+    one goes). One read-ahead state per blob made 16 interleaved readers (Run:ai's streamer:
+    16 threads, 8 MiB reads) look random: read-ahead switched off and a 2 GiB model took
+    1,423-1,661 range requests of about 1.3 MiB.
+
+    The windows of all streams share one budget (``max_blocks``, what keeps every request
+    slot busy), but each stream may grow to at least ``min_blocks`` (a full request), so
+    many streams still ask in requests as large as one sequential reader's, not in slivers."""
+
+    block_size: int
+    nblocks: int
+    max_blocks: int
+    min_blocks: int = 32
+    max_streams: int = 32
+    # a strict budget (blocks held in memory until read): shared with every stream known, idle
+    # ones too, and each stream's window kept to its share at once
+    share_with_idle: bool = False
+    streams: list[ReadAhead] = field(default_factory=list)  # most recently used last
+    current: ReadAhead | None = None  # the stream of the last read
+
+    def after_read(self, offset: int, size: int) -> range:
+        """The blocks to fetch ahead of a read of ``size`` bytes at ``offset`` (maybe none)."""
+        stream = self._stream_of(offset)
+        share = max(min(self.min_blocks, self.max_blocks), self.max_blocks // max(1, self._active()))
+        if self.share_with_idle:  # a strict budget: every stream's window shrinks to its share now
+            for other in self.streams:
+                other.max_blocks, other.window = share, min(other.window, share)
+        stream.max_blocks = share
+        # beside other streams (readers side by side), a stream starts at half a request once
+        # its second read continues its first: many streams each ramping up from one block
+        # cut the blob into slivers
+        stream.first_window = 1 if len(self.streams) == 1 or self.share_with_idle else max(1, self.min_blocks // 2)
+        self.current = stream
+        return stream.after_read(offset, size)
+
+    @property
+    def window(self) -> int:
+        """The window of the last read's stream (0: it did not look sequential)."""
+        return self.current.window if self.current is not None else 0
+
+    def _stream_of(self, offset: int) -> ReadAhead:
+        for stream in reversed(self.streams):
+            if stream.continues(offset):
+                self.streams.remove(stream)
+                self.streams.append(stream)
+                return stream
+        stream = ReadAhead(self.block_size, self.nblocks, self.max_blocks)
+        self.streams.append(stream)
+        if len(self.streams) > self.max_streams:
+            self.streams.pop(0)
+        return stream
+
+    def _active(self) -> int:
+        """Streams reading sequentially now (a window open), or every stream known."""
+        return len(self.streams) if self.share_with_idle else sum(1 for stream in self.streams if stream.window)
 
 
 def plan_runs(blocks: Iterable[int], max_run: int) -> list[tuple[int, int]]:

@@ -44,6 +44,9 @@ class Stats:
     cache_write_errors: int = 0
     integrity_errors: int = 0  # fetched blocks or blobs that did not match the index or digest
     damaged_blocks: int = 0  # cached blocks that failed their checksum when read back
+    blocks_read_back: int = 0  # cached blocks read back from disk and checked for readers (readback.py)
+    bytes_read_back: int = 0
+    read_back_waits: int = 0  # reads that waited for a block read back from disk (not in memory yet)
     inflight_blocks: int = 0
     workers: int = 0  # threads receiving, checking and storing blocks
     # serving

@@ -98,6 +98,10 @@ class DiskStore:
             self.map.set(index, raw[index * ENTRY.size:(index + 1) * ENTRY.size])
 
     def read(self, index: int) -> tuple[bytes, Entry, Files]:
+        """The block's stored bytes, the entry and the files they were read with. The read
+        itself runs outside the mutex, on a duplicate of the descriptor (the same open file,
+        so the same files even if they are replaced or released meanwhile): readers of one
+        blob on several worker threads read the disk in parallel, not one after another."""
         try:
             with self._files.mutex:
                 self._files.current()
@@ -105,7 +109,11 @@ class DiskStore:
                 if not entry.present:
                     raise CacheError(f"block {index} of {self.digest} is not cached")
                 files = self._files.inode
-                data = os.pread(self._files.data_fd, entry.length, index * self.map.block_size)
+                fd = os.dup(self._files.data_fd)
+            try:
+                data = os.pread(fd, entry.length, index * self.map.block_size)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise BlockDamaged(f"cannot read cache data for {self.digest} block {index}: {exc.strerror}") from None
         return data, entry, files

@@ -123,6 +123,17 @@ class BlobEntry:
         self._window.put(self.data_path, index, version, data)
         return data
 
+    def held_block(self, index: int) -> bytes | None:
+        """The block's checked copy in the window, if one is held under the version the map
+        names now and was confirmed within ``RECHECK_SECONDS``; else None, and the caller
+        reads it with :meth:`read_block` (on a worker thread: it may read the disk). Cheap
+        enough for the serving loop: a lookup, no I/O beyond what :meth:`entry` does."""
+        entry = self.entry(index)  # the files rechecked on schedule, as read_block does
+        if not entry.present:
+            return None
+        held = self._window.get(self.data_path, index, self._version(entry))
+        return held.data if held is not None and self._window.fresh(held, RECHECK_SECONDS) else None
+
     def _version(self, entry: Entry, files: Files | None = None) -> tuple[int, int, int, int]:
         """What a copy in the window is valid for: these files, this stored length and checksum."""
         return (*(files if files is not None else self.store.files), entry.length, entry.check)

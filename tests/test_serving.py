@@ -1,0 +1,171 @@
+"""Serving a model through a real mount the way loaders read it (doc/ARCHITECTURE.md, "One
+read, traced"): warm reads of cached blocks read each block from disk once, and readers that
+interleave over one file each get read-ahead."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import trio
+from conftest import free_port
+
+from modelfs.mount.readback import ReadBacks
+from modelfs.mount.stats import Stats
+
+MiB = 1 << 20
+SIZE = 128 * MiB
+READERS = 16
+
+
+@pytest.fixture(scope="module")
+def shards(registry, session_cli, tmp_path_factory):
+    """A safetensors file (8-byte header length, JSON header, tensors): tensor data starts at
+    8 + header length, so a loader's 1 MiB reads each span two blocks."""
+    context = tmp_path_factory.mktemp("shards")
+    tensors = 16
+    each = SIZE // tensors
+    header = {f"layer.{i}.weight": {"dtype": "F32", "shape": [each // 4], "data_offsets": [i * each, (i + 1) * each]}
+              for i in range(tensors)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(23)
+    with open(context / "model.safetensors", "wb") as out:
+        out.write(struct.pack("<Q", len(raw)) + raw)
+        out.write(rng.bytes(SIZE))
+    (context / "Modelfile").write_text("NAME shards\nMODEL model.safetensors\n")
+    ref = f"{registry.address}/test/shards:v1"
+    session_cli.run("build", "-t", ref, str(context))
+    session_cli.run("push", "--plain-http", ref)
+    return ref, context / "model.safetensors", 8 + len(raw)
+
+
+def _mount(mounts, ref: str) -> tuple[Path, str]:
+    port = free_port()
+    target = mounts.mount(ref, "--prefetch", "none", "--metrics", f"127.0.0.1:{port}")
+    return target / "model.safetensors", f"http://127.0.0.1:{port}/metrics"
+
+
+def _metric(url: str, name: str) -> float:
+    found = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+-]+)$", httpx.get(url).text, re.M)
+    assert found, f"{name} not exposed"
+    return float(found.group(1))
+
+
+def _sequential(path: Path, start: int) -> bytes:
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(start)
+        parts = []
+        while chunk := handle.read(MiB):
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def _interleaved(path: Path, chunk: int) -> bytes:
+    """``READERS`` threads, each reading its own part of the file in ``chunk`` preads."""
+    size = path.stat().st_size
+    part = -(-size // READERS)
+    got: dict[int, bytes] = {}
+    fd = os.open(path, os.O_RDONLY)
+
+    def read(reader: int) -> None:
+        offset, end = reader * part, min(size, (reader + 1) * part)
+        pieces = []
+        while offset < end:
+            piece = os.pread(fd, min(chunk, end - offset), offset)
+            assert piece
+            pieces.append(piece)
+            offset += len(piece)
+        got[reader] = b"".join(pieces)
+
+    try:
+        threads = [threading.Thread(target=read, args=(reader,)) for reader in range(READERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        os.close(fd)
+    return b"".join(got[reader] for reader in range(READERS))
+
+
+def test_a_warm_straddling_read_reads_each_cached_block_back_once(mounts, shards):
+    """Tensor data starts at 8 + header length: a loader's 1 MiB reads each span two blocks,
+    and its 16 threads read side by side. Every block is read back from the cache and checked
+    once (single flight, then the memory window), not once per read that touches it."""
+    ref, local, start = shards
+    expected = local.read_bytes()
+    path, _ = _mount(mounts, ref)
+    assert _sequential(path, 0) == expected  # cold: every block fetched and cached
+    mounts.umount(path.parent)
+    path, metrics = _mount(mounts, ref)
+    assert _sequential(path, start) == expected[start:]
+    read_back = _metric(metrics, "modelfs_cache_read_back_bytes_total")
+    assert _metric(metrics, "modelfs_registry_bytes_total") == 0
+    assert 0.95 * SIZE <= read_back <= 1.1 * SIZE, read_back / SIZE
+    mounts.umount(path.parent)
+    path, metrics = _mount(mounts, ref)
+    assert _interleaved(path, 8 * MiB) == expected
+    read_back = _metric(metrics, "modelfs_cache_read_back_bytes_total")
+    assert 0.95 * SIZE <= read_back <= 1.1 * SIZE, read_back / SIZE
+
+
+def test_interleaved_readers_each_get_read_ahead(mounts, shards):
+    """16 threads, each reading its own part of one file (Run:ai's streamer: 8 MiB preads):
+    read-ahead per stream makes each stream's requests grow as one sequential reader's do.
+    One read-ahead state per blob saw random reads: about one request per block."""
+    ref, local, _ = shards
+    path, metrics = _mount(mounts, ref)
+    assert _interleaved(path, 8 * MiB) == local.read_bytes()
+    requests = _metric(metrics, "modelfs_fetch_requests_total")
+    blocks = SIZE // MiB + 1
+    # one sequential reader: about 10 here (16-32 blocks each); each of 16 streams starts with
+    # a few small requests while its window grows
+    assert requests <= blocks / 3, requests
+
+
+def test_read_backs_are_single_flight_and_never_served_across_a_drop():
+    """Reads of one cached block at once cost one disk read (on a worker); bytes read back
+    while the blob's bytes were dropped are not served (the reader looks again)."""
+    class Entry:
+        def __init__(self) -> None:
+            self.reads: list[int] = []
+
+        def read_block(self, index: int) -> bytes:
+            self.reads.append(index)
+            time.sleep(0.05)
+            return bytes([index]) * 4
+
+    async def main() -> None:
+        entry, drops, stats = Entry(), [0], Stats()
+        backs = ReadBacks(entry, trio.CapacityLimiter(4), stats, lambda: drops[0])  # type: ignore[arg-type]
+        got: list[dict] = []
+
+        async def read(blocks: list[int]) -> None:
+            got.append(await backs.read(blocks))
+
+        async with trio.open_nursery() as nursery:
+            for blocks in ([1, 2], [2, 3], [2]):
+                nursery.start_soon(read, blocks)
+        assert sorted(entry.reads) == [1, 2, 3]  # block 2 read once for three reads
+        assert all(answer[index] == bytes([index]) * 4 for answer in got for index in answer)
+        assert sorted(len(answer) for answer in got) == [1, 2, 2] and stats.bytes_read_back == 12
+
+        async def drop_meanwhile() -> None:
+            await trio.sleep(0.01)
+            drops[0] += 1
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, [5])
+            nursery.start_soon(drop_meanwhile)
+        assert got[-1] == {}
+
+    trio.run(main)
