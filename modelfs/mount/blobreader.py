@@ -93,6 +93,7 @@ class BlobReader(OfBlob):
             return b""
         bs = self.blob.entry.block_size
         first, last = offset // bs, (offset + size - 1) // bs
+        self.ctx.gate.reading(self.digest, first)  # prefetch follows what processes read
         if not self.whole_mode:
             self.readahead.max_blocks = self.ctx.sizer.window_blocks
             ahead = self.readahead.after_read(offset, size)

@@ -30,8 +30,10 @@ from . import status, table
 from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
 from .fs import ModelFS, Permissions
+from .metadata import Metadata, MetadataFile, fetch_metadata, mount_files
 from .metrics import render, serve_metrics
 from .policy import available_cores
+from .prefetch import fit_cache, prefetch_order, shard_order
 from .tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
@@ -122,28 +124,23 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
                          "--allow-nonempty / -o nonempty)")
 
 
-def prefetch_plan(readers: list[BlobReader], cache_limit: int) -> list[BlobReader]:
-    """The blobs worth prefetching: small files (configs, tokenizers) first, and under a cache
-    size limit only as many as fit in 90% of it (what eviction keeps), since prefetching a model
-    bigger than the cache would evict its own blocks and those just read, refetching forever."""
-    ordered = sorted(readers, key=lambda r: r.size)
-    if not cache_limit:
-        return ordered
-    plan, room = [], int(cache_limit * 0.9)
-    for reader in ordered:
-        if reader.size > room:
-            break
-        plan.append(reader)
-        room -= reader.size
-    return plan
+def prefetch_plan(files: list[MetadataFile], metadata: Metadata, cache_limit: int) -> list[BlobReader]:
+    """The blobs worth prefetching, in the order loaders read them (:func:`~.prefetch.prefetch_order`:
+    small files first, then the shards in their index's order), and under a cache size limit
+    only as many as fit (:func:`~.prefetch.fit_cache`)."""
+    ordered = prefetch_order([(file.path, file.reader) for file in files], shard_order(metadata.indexes))
+    return fit_cache(ordered, cache_limit)
 
 
-async def _prefetch(fetcher: Fetcher, everything: list[BlobReader], cache_limit: int) -> None:
-    readers = prefetch_plan(everything, cache_limit)
+async def _prefetch(fetcher: Fetcher, files: list[MetadataFile], metadata: Metadata, cache_limit: int) -> None:
+    """Metadata first (:mod:`.metadata`), then every blob in the order loaders read."""
+    await fetch_metadata(files, metadata)
+    readers = prefetch_plan(files, metadata, cache_limit)
+    everything = {file.reader.digest: file.reader for file in files}
     if len(readers) < len(everything):
         log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
                     "of %d bytes; they are fetched when read", len(readers), len(everything),
-                    sum(r.size for r in readers), sum(r.size for r in everything), cache_limit)
+                    sum(r.size for r in readers), sum(r.size for r in everything.values()), cache_limit)
     try:
         await fetcher.prefetch(readers)
         log.info("prefetch complete: %d blobs cached", len(readers))
@@ -247,8 +244,10 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
         nursery.start_soon(_watch_signals)
         nursery.start_soon(release_replaced_files, cache)
-        if options.settings.prefetch == "all":
-            nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.settings.cache_max_size)
+        metadata = Metadata()
+        if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
+            nursery.start_soon(_prefetch, fetcher, mount_files(tree, readers), metadata,
+                               options.settings.cache_max_size)
         if options.settings.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.settings.cache_max_size)
         if options.settings.metrics:
@@ -265,7 +264,8 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
                 bytes_local=sum(r.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
-                **status.signature_fields(model.verdict))
+                metadata=metadata.line() if options.settings.prefetch == "all" else None,
+                metadata_seconds=metadata.seconds, **status.signature_fields(model.verdict))
 
         nursery.start_soon(status.keep_writing, collect, sd_notify)
         nursery.start_soon(announce_ready, mountpoint, options, offline)

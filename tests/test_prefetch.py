@@ -1,0 +1,189 @@
+"""Prefetch in the order loaders read, metadata first (issue 23).
+
+Real parts: a sharded safetensors model pushed to the real registry, mounted through the real
+CLI behind the recording proxy (tests/faults.py), which sees the order of the registry GETs.
+Beside them, the policy: the queue a reader's file jumps, the slots reads take first, and the
+GGUF header parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelfs.mount.context import ForegroundGate
+from modelfs.mount.metadata import gguf_header_length, kind
+from modelfs.mount.prefetch import PrefetchQueue, prefetch_order, shard_order
+from modelfs.mount.slots import RequestSlots
+
+MiB = 1 << 20
+SHARDS = {3: 3.5, 1: 6.5, 4: 4.5, 2: 5.5}  # index order (first appearance in weight_map): size in MiB
+
+
+def _safetensors(size: int, seed: int) -> bytes:
+    header = json.dumps({"__metadata__": {"format": "pt"}, f"w{seed}": {
+        "dtype": "U8", "shape": [size], "data_offsets": [0, size]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + os.urandom(size)
+
+
+@pytest.fixture(scope="module")
+def sharded(registry, session_cli, tmp_path_factory):
+    """(reference, {file name: bytes}, {blob digest: file name})."""
+    root = tmp_path_factory.mktemp("sharded")
+    names = {i: f"model-0000{i}-of-00004.safetensors" for i in SHARDS}
+    files = {names[i]: _safetensors(int(mib * MiB), i) for i, mib in SHARDS.items()}
+    weight_map = {f"layer.{n}.w": names[i] for n, i in enumerate(SHARDS)}
+    files["model.safetensors.index.json"] = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    files["config.json"] = b'{"architectures": ["Test"]}'
+    files["tokenizer.json"] = json.dumps({"vocab": list(range(5000))}).encode()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "Modelfile").write_text("CONFIG config.json tokenizer.json model.safetensors.index.json\n"
+                                    "MODEL *.safetensors\n")
+    ref = f"{registry.address}/prefetch/sharded:v1"
+    session_cli.run("build", "-t", ref, str(root))
+    session_cli.run("push", "--plain-http", ref)
+    layers = json.loads(session_cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]["layers"]
+    by_digest = {layer["digest"]: layer["annotations"]["org.cncf.model.filepath"] for layer in layers}
+    return ref, files, by_digest
+
+
+def _status(cli, target: Path) -> dict:
+    return next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
+
+
+def test_prefetch_fetches_headers_first_then_shards_in_index_order(cli, mounts, sharded, faulty, registry):
+    ref, files, by_digest = sharded
+    # one request slot: the registry sees the runs in the order prefetch takes them
+    target = mounts.mount(ref.replace(registry.address, faulty.address), "--workers", "1", "--log-level", "debug")
+    deadline = time.monotonic() + 30
+    while (found := _status(cli, target))["bytes_local"] < found["bytes_total"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert found["bytes_local"] == found["bytes_total"]
+    assert found["metadata"].startswith("ready (7 files, ")  # 4 headers, the index, config, tokenizer
+    assert found["metadata_seconds"] < 10
+    assert ", metadata ready (7 files" in cli.run("status").stdout
+
+    def start(asked: str) -> int:
+        return int(asked.removeprefix("bytes=").split("-")[0]) if asked else 0
+
+    seen = [(by_digest[path.rsplit("/", 1)[1]], start(asked)) for path, asked in faulty.requests
+            if path.rsplit("/", 1)[1] in by_digest]
+    # every header (block 0 of every shard) and every small file reached the registry before
+    # any of prefetch's runs (which start past the header block and its read-ahead)
+    assert {name for name, offset in seen if offset == 0} == set(files)
+    last_header = max(i for i, (_, offset) in enumerate(seen) if offset == 0)
+    bulk = [i for i, (_, offset) in enumerate(seen) if offset >= 2 * MiB]
+    assert bulk and min(bulk) > last_header
+    # prefetch took the shards in the order of the index's weight_map, not by size or name (its
+    # runs go out at once, over several connections: the daemon's log says the order it chose)
+    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
+    taken = [line.rsplit(" of ", 1)[1] for line in log.splitlines() if "prefetching blocks" in line]
+    assert [by_digest[digest] for digest in taken] == [f"model-0000{i}-of-00004.safetensors" for i in SHARDS]
+    for name, data in files.items():  # every byte right
+        assert (target / name).read_bytes() == data
+
+
+class _Reader:
+    def __init__(self, digest: str, nblocks: int) -> None:
+        self.digest, self.nblocks, self.size = digest, nblocks, nblocks * MiB
+        self.whole_mode = False
+        self.flights = self
+        self.done: set[int] = set()
+
+    def servable(self, index: int) -> bool:
+        return index in self.done
+
+    def in_flight(self, index: int) -> bool:
+        return False
+
+    def block_length(self, index: int) -> int:
+        return MiB
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.gate = ForegroundGate()
+
+
+def test_a_file_being_read_jumps_the_prefetch_queue():
+    ctx = _Ctx()
+    a, b, c = _Reader("a", 40), _Reader("b", 40), _Reader("c", 40)
+    queue = PrefetchQueue(ctx, [a, b, c])  # type: ignore[arg-type]
+    assert queue.next(16) == (a, list(range(16)))
+    ctx.gate.reading("c", 20)  # a process reads c at block 20: prefetch goes there, from there on
+    assert queue.next(16) == (c, list(range(20, 36)))
+    assert queue.next(16) == (c, list(range(36, 40)))
+    assert queue.next(16) == (c, list(range(0, 16)))  # then what it skipped of c
+    ctx.gate.reading("b", 0)
+    b.done.update(range(8))  # read meanwhile: not fetched again
+    assert queue.next(16) == (b, list(range(8, 24)))
+
+
+def test_prefetch_order_follows_the_index_then_names():
+    class R:
+        def __init__(self, digest: str, size: int) -> None:
+            self.digest, self.size = digest, size
+
+    shards = shard_order([("sub/model.safetensors.index.json",
+                           {"weight_map": {"x": "m-2.safetensors", "y": "m-1.safetensors", "z": "m-2.safetensors"}})])
+    assert shards == ["sub/m-2.safetensors", "sub/m-1.safetensors"]
+    files = [("sub/m-1.safetensors", R("1", 900 * MiB)), ("sub/m-2.safetensors", R("2", 1000 * MiB)),
+             ("sub/config.json", R("c", 10)), ("b.bin", R("b", 40 * MiB)), ("a.bin", R("a", 50 * MiB))]
+    assert [r.digest for r in prefetch_order(files, shards)] == ["c", "2", "1", "a", "b"]
+
+
+async def test_reads_take_a_freed_request_slot_before_prefetch():
+    slots = RequestSlots(1)
+    order: list[str] = []
+
+    async def take(name: str, foreground: bool) -> None:
+        async with slots.held(foreground):
+            order.append(name)
+            await trio.sleep(0.01)
+
+    async with trio.open_nursery() as nursery:
+        await slots.acquire(False)  # a prefetch run on the wire
+        nursery.start_soon(take, "prefetch", False)
+        await trio.sleep(0.001)
+        nursery.start_soon(take, "read", True)
+        await trio.sleep(0.001)
+        slots.release()
+    assert order == ["read", "prefetch"]
+    assert slots.in_use == 0
+
+
+def _gguf(pairs: int, tensors: int) -> bytes:
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text)) + text.encode()
+
+    out = b"GGUF" + struct.pack("<IQQ", 3, tensors, pairs)
+    for i in range(pairs):  # a string, a u32, an array of strings
+        kind_, value = [(8, string("llama")), (4, struct.pack("<I", 7)),
+                        (9, struct.pack("<IQ", 8, 3) + string("a") + string("bb") + string("ccc"))][i % 3]
+        out += string(f"key.{i}") + struct.pack("<I", kind_) + value
+    for i in range(tensors):
+        out += string(f"blk.{i}.weight") + struct.pack("<I", 2) + struct.pack("<QQ", 64, 32) + struct.pack("<IQ", 0, i * 2048)
+    return out
+
+
+async def test_gguf_header_ends_after_the_tensor_infos_read_in_chunks():
+    header = _gguf(3000, 500)
+    data = header + b"\0" * 4096
+    reads: list[tuple[int, int]] = []
+
+    async def read(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return data[offset:offset + min(size, 1000)]  # short reads: the parse asks again
+
+    assert await gguf_header_length(read, len(data)) == len(header)
+    assert kind("m/x.gguf", len(data)) == "gguf" and kind("tokenizer_config.json", 10) == "whole"
+    with pytest.raises(Exception, match="runs past"):
+        await gguf_header_length(read, len(data), limit=1000)
