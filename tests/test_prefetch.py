@@ -77,10 +77,10 @@ def test_prefetch_fetches_headers_first_then_shards_in_index_order(cli, mounts, 
     seen = [(by_digest[path.rsplit("/", 1)[1]], start(asked)) for path, asked in faulty.requests
             if path.rsplit("/", 1)[1] in by_digest]
     # every header (block 0 of every shard) and every small file reached the registry before
-    # any of prefetch's runs (which start past the header block and its read-ahead)
+    # any of prefetch's runs (which start past the header block)
     assert {name for name, offset in seen if offset == 0} == set(files)
     last_header = max(i for i, (_, offset) in enumerate(seen) if offset == 0)
-    bulk = [i for i, (_, offset) in enumerate(seen) if offset >= 2 * MiB]
+    bulk = [i for i, (_, offset) in enumerate(seen) if offset >= MiB]
     assert bulk and min(bulk) > last_header
     # prefetch took the shards in the order of the index's weight_map, not by size or name (its
     # runs go out at once, over several connections: the daemon's log says the order it chose)

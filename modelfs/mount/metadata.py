@@ -33,7 +33,7 @@ from fnmatch import fnmatch
 
 import trio
 
-from ..errors import ModelfsError, RegistryError
+from ..errors import CacheError, ModelfsError, RegistryError
 from .binding import FileReaders
 from .fetcher import BlobReader
 from .tree import ROOT_INODE, Tree
@@ -64,7 +64,24 @@ class MetadataFile:
     streamed: bool = False  # a member of a compressed layer: reading it streams the whole layer
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.reader.read(self.offset + offset, min(size, self.size - offset))
+        """Bytes of the file, as a reader gets them but without moving its read-ahead (a
+        header read would otherwise fetch blocks past it): the blocks made servable with a
+        reader's priority, then taken from memory or the cache."""
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        start, reader = self.offset + offset, self.reader
+        block_size = reader.blob.entry.block_size
+        blocks = range(start // block_size, (start + size - 1) // block_size + 1)
+        missing = [i for i in blocks if not reader.servable(i)]
+        if missing:
+            await reader.ensure(missing, foreground=True)
+        try:
+            data = b"".join(bytes(reader.blob.block(i)) for i in blocks)
+        except CacheError:  # dropped or damaged meanwhile: the read path fetches it again
+            return await reader.read(start, size)
+        skip = start - blocks[0] * block_size
+        return data[skip:skip + size]
 
 
 @dataclass
@@ -221,7 +238,7 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
     async def one(file: MetadataFile, what: str) -> None:
         try:
             length = await header_length(what, file.read, file.size)
-            # the rest of it (a GGUF's parse read all of it): one read-ahead window, as a loader's
+            # the rest of it (a GGUF's parse read all of it)
             data = await file.read(0, length) if what in ("whole", "index") else b""
             if what == "safetensors":
                 await file.read(8, length - 8)
