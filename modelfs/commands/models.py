@@ -13,6 +13,7 @@ from .. import signing
 from ..artifact.extract import extract
 from ..compose import existing_cache, open_registry, open_session, trust_policy
 from ..errors import CacheError, ModelfsError, UnavailableError
+from ..mount.fetcher import BlobReader
 from ..reference import parse
 from ..resolve import describe, fetch_or_cached, held_whole, record
 from .base import settings_for, warn_offline
@@ -70,10 +71,17 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             readers = [fetcher.reader(layer.digest, layer.size) for layer in model.manifest.layers]
             record(session.cache, model, found.index.data if found.index else b"")
             try:
-                await fetcher.prefetch(readers, progress, progress.skip)
+                read_back: dict[str, set[int]] = {reader.digest: set() for reader in readers}
+
+                async def landed(reader: BlobReader, blocks: list[int]) -> None:
+                    # read back as each run lands, beside the runs still on the wire
+                    await reader.read_back(blocks)
+                    read_back[reader.digest].update(blocks)
+
+                await fetcher.prefetch(readers, progress, progress.skip, landed)
                 for reader in readers:
                     # every block read back and checked, whatever the cache's flags say
-                    if not await reader.settle():
+                    if not await reader.settle(read_back[reader.digest]):
                         raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
                                          f"{settings.cache_dir} (see the errors above; is the disk full?)")
             finally:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Generic, Protocol, TypeVar
 
 import trio
 
@@ -113,11 +113,14 @@ class Fetchable(Planned, Protocol):
     async def ensure(self, blocks: list[int], foreground: bool = True) -> None: ...
 
 
-class PrefetchQueue:
+F = TypeVar("F", bound=Fetchable)
+
+
+class PrefetchQueue(Generic[F]):
     """The runs left to prefetch: the next one from the blob read most recently (from the
     block read on), else from the first blob in plan order with blocks left."""
 
-    def __init__(self, ctx: FetchContext, readers: Sequence[Fetchable]) -> None:
+    def __init__(self, ctx: FetchContext, readers: Sequence[F]) -> None:
         self.ctx = ctx
         self.order = list(readers)
         self.by_digest = {reader.digest: reader for reader in readers}
@@ -127,7 +130,7 @@ class PrefetchQueue:
     def missing_bytes(self, reader: Fetchable) -> int:
         return sum(reader.block_length(i) for i, left in enumerate(self.left[reader.digest]) if left)
 
-    def next(self, run_blocks: int) -> tuple[Fetchable, list[int]] | None:
+    def next(self, run_blocks: int) -> tuple[F, list[int]] | None:
         for digest, block in self.ctx.gate.read_since(self.since):
             reader = self.by_digest.get(digest)
             if reader is not None:
@@ -142,7 +145,7 @@ class PrefetchQueue:
             self.order.pop(0)
         return None
 
-    def _take(self, reader: Fetchable, start: int, run_blocks: int) -> list[int]:
+    def _take(self, reader: F, start: int, run_blocks: int) -> list[int]:
         """Up to ``run_blocks`` contiguous blocks left from ``start`` on (a whole-mode blob: all
         of them at once, it is read in one pass), marked taken."""
         left = self.left[reader.digest]
@@ -168,10 +171,12 @@ class PrefetchQueue:
         return not reader.servable(index) and not reader.flights.in_flight(index)
 
 
-async def prefetch(ctx: FetchContext, slots: RequestSlots, run_blocks: Callable[[], int], readers: Sequence[Fetchable],
-                   progress: Callable[[int], None] | None = None, cached: Callable[[int], None] | None = None) -> None:
+async def prefetch(ctx: FetchContext, slots: RequestSlots, run_blocks: Callable[[], int], readers: Sequence[F],
+                   progress: Callable[[int], None] | None = None, cached: Callable[[int], None] | None = None,
+                   landed: Callable[[F, list[int]], Awaitable[None]] | None = None) -> None:
     """Fetch every missing block of ``readers`` (in that order, readers' blobs first), each
-    run in a request slot taken before its blocks are claimed. Stops with a
+    run in a request slot taken before its blocks are claimed; ``landed`` is awaited with each
+    run once it is in (its slot already free for the next). Stops with a
     :class:`CacheError` once the cache refuses blocks (a full disk): prefetching into
     memory that cannot be kept only takes bandwidth from the readers."""
     queue = PrefetchQueue(ctx, readers)
@@ -198,6 +203,8 @@ async def prefetch(ctx: FetchContext, slots: RequestSlots, run_blocks: Callable[
             refused()
             if progress:
                 progress(sum(reader.block_length(i) for i in blocks))
+            if landed:
+                await landed(reader, blocks)
 
     async with trio.open_nursery() as nursery:
         for _ in range(ctx.policy.prefetch_workers):
