@@ -17,10 +17,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
 from modelfs.mount.context import ForegroundGate
+from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.mount.metadata import gguf_header_length, kind
 from modelfs.mount.prefetch import PrefetchQueue, prefetch_order, shard_order
 from modelfs.mount.slots import RequestSlots
+from modelfs.storage.cache import BlockCache
+from modelfs.testing.registry import FakeRegistry, digest_of
 
 MiB = 1 << 20
 SHARDS = {3: 3.5, 1: 6.5, 4: 4.5, 2: 5.5}  # index order (first appearance in weight_map): size in MiB
@@ -187,3 +191,46 @@ async def test_gguf_header_ends_after_the_tensor_infos_read_in_chunks():
     assert kind("m/x.gguf", len(data)) == "gguf" and kind("tokenizer_config.json", 10) == "whole"
     with pytest.raises(Exception, match="runs past"):
         await gguf_header_length(read, len(data), limit=1000)
+
+
+async def test_prefetch_turns_to_the_blob_a_process_reads_and_hands_every_run_over_once(tmp_path):
+    """In-process, over the fake registry, one request slot: a read of c while prefetch is on
+    a puts c's runs ahead of b's; each run is handed to ``landed`` once it is in (pull reads
+    it back there), every block exactly once."""
+    bs = 64 << 10
+    fake = FakeRegistry()
+    blobs = [os.urandom(40 * bs) for _ in range(3)]
+    a, b, c = (fake.add_blob(data) for data in blobs)
+    blake3 = ALGORITHMS["blake3"]
+    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
+                                         for data in blobs}, "blake3"), True)
+    cache = BlockCache(str(tmp_path), block_size=bs)
+    landed: list[tuple[str, int]] = []
+
+    async def land(reader, blocks: list[int]) -> None:
+        landed.extend((reader.digest, i) for i in blocks)
+
+    async with trio.open_nursery() as nursery:
+        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1), index=index, range_reader=fake)
+        readers = [fetcher.reader(digest, 40 * bs) for digest in (a, b, c)]
+        done = trio.Event()
+
+        async def run() -> None:
+            await fetcher.prefetch(readers, landed=land)
+            done.set()
+
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            while not fake.ranges:  # noqa: ASYNC110 - the fake says nothing when a range starts
+                await trio.sleep(0.001)
+            assert await readers[2].read(20 * bs, 100) == blobs[2][20 * bs:20 * bs + 100]
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    fetcher.close()
+    cache.close()
+    first_seen = list(dict.fromkeys(asked.digest for asked in fake.ranges))
+    assert first_seen == [a, c, b]
+    prefetched = {digest: {i for d, i in landed if d == digest} for digest in (a, b, c)}
+    assert len(landed) == sum(len(blocks) for blocks in prefetched.values())  # each block once
+    assert prefetched[a] == prefetched[b] == set(range(40))
+    assert set(range(40)) - prefetched[c] <= {20, 21}  # the read's block (and its read-ahead) came first
