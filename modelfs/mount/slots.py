@@ -23,7 +23,7 @@ import trio
 
 class _Lease:
     def __init__(self, slots: RequestSlots) -> None:
-        self.slots, self.taken = slots, False
+        self.slots, self.taken, self.open = slots, False, True
 
 
 # the slot a prefetch worker holds for the run it is about to schedule (tasks spawned while it
@@ -98,12 +98,13 @@ class RequestSlots:
             yield
         finally:
             _LEASED.reset(token)
+            lease.open = False  # a task spawned in the block that starts later takes a slot of its own
             if not lease.taken:
                 self.release()
 
     def _take_lease(self) -> bool:
         lease = _LEASED.get()
-        if lease is None or lease.taken or lease.slots is not self:
+        if lease is None or lease.taken or not lease.open or lease.slots is not self:
             return False
         lease.taken = True
         return True
