@@ -30,7 +30,7 @@ from . import status, table
 from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
 from .fs import ModelFS, Permissions
-from .metadata import Metadata, MetadataFile, fetch_metadata, mount_files
+from .metadata import Metadata, fetch_metadata, metadata_files, prefetch_files
 from .metrics import render, serve_metrics
 from .policy import available_cores
 from .prefetch import fit_cache, prefetch_order, shard_order
@@ -124,26 +124,26 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
                          "--allow-nonempty / -o nonempty)")
 
 
-def prefetch_plan(files: list[MetadataFile], metadata: Metadata, cache_limit: int) -> list[BlobReader]:
+def prefetch_plan(files: list[tuple[str, BlobReader]], metadata: Metadata, cache_limit: int) -> list[BlobReader]:
     """The blobs worth prefetching, in the order loaders read them (:func:`~.prefetch.prefetch_order`:
     small files first, then the shards in their index's order), and under a cache size limit
     only as many as fit (:func:`~.prefetch.fit_cache`)."""
-    ordered = prefetch_order([(file.path, file.reader) for file in files], shard_order(metadata.indexes))
-    return fit_cache(ordered, cache_limit)
+    return fit_cache(prefetch_order(files, shard_order(metadata.indexes)), cache_limit)
 
 
-async def _prefetch(fetcher: Fetcher, files: list[MetadataFile], metadata: Metadata, cache_limit: int) -> None:
+async def _prefetch(fetcher: Fetcher, tree: Tree, readers: FileReaders, metadata: Metadata, cache_limit: int) -> None:
     """Metadata first (:mod:`.metadata`), then every blob in the order loaders read."""
-    await fetch_metadata(files, metadata)
-    readers = prefetch_plan(files, metadata, cache_limit)
-    everything = {file.reader.digest: file.reader for file in files}
-    if len(readers) < len(everything):
+    await fetch_metadata(metadata_files(tree, readers), metadata)
+    files = prefetch_files(tree, readers)
+    plan = prefetch_plan(files, metadata, cache_limit)
+    everything = {reader.digest: reader for _, reader in files}
+    if len(plan) < len(everything):
         log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
-                    "of %d bytes; they are fetched when read", len(readers), len(everything),
-                    sum(r.size for r in readers), sum(r.size for r in everything.values()), cache_limit)
+                    "of %d bytes; they are fetched when read", len(plan), len(everything),
+                    sum(r.size for r in plan), sum(r.size for r in everything.values()), cache_limit)
     try:
-        await fetcher.prefetch(readers)
-        log.info("prefetch complete: %d blobs cached", len(readers))
+        await fetcher.prefetch(plan)
+        log.info("prefetch complete: %d blobs cached", len(plan))
     except Exception as exc:  # its workers fail as an exception group; the mount must live on
         error = user_error(exc)
         if error is not None:
@@ -246,8 +246,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         nursery.start_soon(release_replaced_files, cache)
         metadata = Metadata()
         if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
-            nursery.start_soon(_prefetch, fetcher, mount_files(tree, readers), metadata,
-                               options.settings.cache_max_size)
+            nursery.start_soon(_prefetch, fetcher, tree, readers, metadata, options.settings.cache_max_size)
         if options.settings.cache_max_size:
             nursery.start_soon(enforce_cache_limit, cache, fetcher, options.settings.cache_max_size)
         if options.settings.metrics:

@@ -36,7 +36,7 @@ import trio
 from ..errors import CacheError, ModelfsError, RegistryError
 from .binding import FileReaders
 from .fetcher import BlobReader
-from .tree import ROOT_INODE, Tree
+from .tree import ROOT_INODE, Node, Tree
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +104,44 @@ class Metadata:
         return self.state
 
 
-def mount_files(tree: Tree, readers: FileReaders) -> list[MetadataFile]:
-    """Every file of the tree with its path from the mount's root and its reader."""
-    def path(inode: int) -> str:
-        parts = []
-        while inode != ROOT_INODE:
-            node = tree.nodes[inode]
-            parts.append(node.name)
-            inode = node.parent
-        return "/".join(reversed(parts))
+MAX_FILES = 1024  # metadata files read ahead at most (a tar of 100,000 *.txt files is no model's config)
+SUFFIXES = (".json", ".model", ".txt", ".jinja", ".safetensors", ".gguf")
 
-    return [MetadataFile(path(node.inode), readers.reader(node), node.offset, node.size,
-                         node.layer is not None and node.layer.streamed) for node in tree.files()]
+
+def node_path(tree: Tree, node: Node) -> str:
+    """A node's path from the mount's root."""
+    parts = []
+    while node.inode != ROOT_INODE:
+        parts.append(node.name)
+        node = tree.nodes[node.parent]
+    return "/".join(reversed(parts))
+
+
+def metadata_files(tree: Tree, readers: FileReaders) -> list[MetadataFile]:
+    """The files whose metadata is read ahead (:func:`kind` by name; only these get a path
+    and a reader here: a tar layer of 100,000 files costs one suffix test per file)."""
+    found: list[MetadataFile] = []
+    for node in tree.files():
+        if node.layer is None or kind(node.name, node.size) is None:
+            continue
+        if len(found) == MAX_FILES:
+            log.info("more than %d metadata files: the rest are read when asked for", MAX_FILES)
+            break
+        found.append(MetadataFile(node_path(tree, node), readers.reader(node), node.offset, node.size,
+                                  node.layer.streamed))
+    return found
+
+
+def prefetch_files(tree: Tree, readers: FileReaders) -> list[tuple[str, BlobReader]]:
+    """One (path, reader) per distinct run of bytes the data path reads (what prefetch orders)."""
+    return [(node_path(tree, node), readers.reader(node)) for node in tree.distinct_files()]
 
 
 def kind(path: str, size: int) -> str | None:
     """What of a file is metadata: "whole", "index", "safetensors", "gguf", or None."""
     name = posixpath.basename(path)
+    if not name.endswith(SUFFIXES):
+        return None
     if name.endswith(".index.json"):
         return "index" if size <= SMALL_FILE else None
     if any(fnmatch(name, pattern) for pattern in SMALL_NAMES):
