@@ -2,8 +2,11 @@
 prefetch and kept in memory, so its header reads are memory hits, not registry round trips.
 
 Measured before (issue 23: 2 GiB in 4 safetensors shards, vLLM): the headers finished about
-1 s after the mount returned, behind shards nobody read yet. Fetched here, in parallel, with
-the readers' priority for request slots (:class:`~.slots.RequestSlots`):
+1 s after the mount returned, behind shards nobody read yet. Here (512 MiB in 4 shards, nginx
+at 200 MB/s per connection, 2 cores): every shard's header read 0.03-0.05 s after ``modelfs
+mount`` returned, against 0.37-0.46 s before; first tensor 0.41-0.57 s from the mount command,
+against 0.91-1.10 s. Fetched here, in parallel, with the readers' priority for request slots
+(:class:`~.slots.RequestSlots`):
 
 - small files loaders open first: ``config.json``, ``generation_config.json``,
   ``tokenizer*.json``, ``tokenizer.model``, ``special_tokens_map.json``, ``*.txt`` and
