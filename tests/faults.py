@@ -60,6 +60,7 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.faulted_ranges: Counter[str] = Counter()  # how often each Range header met a fault
         self.blob_requests = 0
+        self.requests: list[tuple[str, str]] = []  # (path, Range header) of every blob GET, in arrival order
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -85,6 +86,7 @@ class FaultProxy:
             return None
         with self._lock:
             self.blob_requests += 1
+            self.requests.append((path, asked))
             fault = self.by_range.get(asked) or self.persistent or (self.faults.pop(0) if self.faults else None)
             if fault:
                 self.injected[fault] += 1

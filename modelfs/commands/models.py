@@ -16,7 +16,7 @@ from ..errors import CacheError, ModelfsError, UnavailableError
 from ..formats.spec import Descriptor
 from ..formats.view import View
 from ..mount.binding import FileReaders, check_signed_files
-from ..mount.fetcher import Fetcher
+from ..mount.fetcher import BlobReader, Fetcher
 from ..mount.tree import build_tree, listed_by_streaming
 from ..reference import parse
 from ..resolve import Model, describe, fetch_or_cached, held_whole, record
@@ -77,10 +77,17 @@ async def cmd_pull(args: argparse.Namespace) -> int:
                     return 0
                 progress = Progress(sum(layer.size for layer in layers), f"pull {reference}")
                 readers = [fetcher.reader(layer.digest, layer.size) for layer in layers]
-                await fetcher.prefetch(readers, progress, progress.skip)
+                read_back: dict[str, set[int]] = {reader.digest: set() for reader in readers}
+
+                async def landed(reader: BlobReader, blocks: list[int]) -> None:
+                    # read back as each run lands, beside the runs still on the wire
+                    await reader.read_back(blocks)
+                    read_back[reader.digest].update(blocks)
+
+                await fetcher.prefetch(readers, progress, progress.skip, landed)
                 for reader in readers:
                     # every block read back and checked, whatever the cache's flags say
-                    if not await reader.settle():
+                    if not await reader.settle(read_back[reader.digest]):
                         raise CacheError(f"blob {reader.digest} could not be stored whole and checked in "
                                          f"{settings.cache_dir} (see the errors above; is the disk full?)")
                 await check_signed_files(model, fetcher, view)  # the mount's per-file signature checks, from the cache

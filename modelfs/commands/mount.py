@@ -53,13 +53,22 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if options.settings.verify == "lazy":
             print("warning: --verify lazy: bytes of blobs without a trusted block index are served before they are "
                   "checked", file=sys.stderr)
-        return 0
+        _leave_now()
     returncode = _reap(pid, timeout=30)
     if message.startswith("ERROR "):
         raise parse_ready_failure(message)
     with open(log_path, "rb") as handle:
         tail = handle.read()[-2000:].decode(errors="replace").strip().splitlines()
     raise MountError(f"mount daemon exited ({returncode}) before the mount was ready: {tail[-1] if tail else 'no log'} (see {log_path})")
+
+
+def _leave_now() -> NoReturn:
+    """The mount is live and said so: exit without tearing the interpreter down. This process
+    imported the whole data path for the daemon it forked, and its teardown took 0.1-0.3 s of
+    a 0.7-1.0 s ``modelfs mount`` here, time a loader started after it waited for nothing."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def _serve_mount(options: MountOptions) -> int:

@@ -104,6 +104,7 @@ class BlobReader(OfBlob):
             return b""
         bs = self.blob.entry.block_size
         first, last = offset // bs, (offset + size - 1) // bs
+        self.ctx.gate.reading(self.digest, first)  # prefetch follows what processes read
         self.readahead.max_blocks = self.ctx.sizer.window_blocks
         ahead = self.readahead.after_read(offset, size)
         if ahead and not self.whole_mode:
@@ -119,7 +120,7 @@ class BlobReader(OfBlob):
             if missing:
                 await self.ensure(missing, foreground=True)
                 continue
-            parts = await self._blocks(first, last)
+            parts = await self.blocks(first, last)
             if parts is not None:
                 break
         else:
@@ -139,7 +140,7 @@ class BlobReader(OfBlob):
             start, end = start - len(block), end - len(block)
         return b"".join(pieces)
 
-    async def _blocks(self, first: int, last: int) -> list[Block] | None:
+    async def blocks(self, first: int, last: int) -> list[Block] | None:
         """Blocks ``first``-``last``, servable: from memory on the loop, the rest read back
         from the cache and checked on a worker (one thread call for all of them); None if
         one did not read back (damaged: dropped; gone meanwhile), so the caller looks again."""
@@ -200,12 +201,15 @@ class BlobReader(OfBlob):
         """Whether the blob is complete and vouched for, waiting for a check under way."""
         return await self.check.verified()
 
-    async def settle(self) -> bool:
+    async def settle(self, read_back: Iterable[int] = ()) -> bool:
         """For ``pull``: read every cached block back (dropping damaged ones), fetch what is
-        missing, and check the blob; True once every block is on disk and vouched for."""
+        missing, and check the blob; True once every block is on disk and vouched for.
+        ``read_back``: blocks already read back by :meth:`read_back` as their runs landed
+        (the first round skips them)."""
+        skip = set(read_back)
         for _ in range(SETTLE_ROUNDS):
-            for index, exc in await trio.to_thread.run_sync(self._read_back):
-                self.blob.damaged(index, exc)
+            await self.read_back(i for i in range(self.nblocks) if i not in skip)
+            skip = set()
             missing = [i for i in range(self.nblocks) if not self.servable(i)]
             if missing:
                 await self.ensure(missing, foreground=False)
@@ -213,15 +217,23 @@ class BlobReader(OfBlob):
                 return True
         return False
 
-    def _read_back(self) -> list[tuple[int, BlockDamaged]]:
-        """Every cached block read back from disk against its checksum (on a worker thread):
+    async def read_back(self, blocks: Iterable[int]) -> None:
+        """Read ``blocks`` back from the cache against their checksums, on a worker thread,
+        and drop those that fail (``pull`` does it as each run lands, beside the next ones:
+        at the end, a 2 GiB model's read-back was time the link stood idle)."""
+        which = list(blocks)
+        for index, exc in await trio.to_thread.run_sync(self._read_back, which):
+            self.blob.damaged(index, exc)
+
+    def _read_back(self, blocks: list[int]) -> list[tuple[int, BlockDamaged]]:
+        """Cached ``blocks`` read back from disk against their checksum (on a worker thread):
         those that fail, for :meth:`~.blob.HeldBlob.damaged` to drop on the loop. From disk
         (``read_checked``), never the memory window: the point is what rests on disk, and a
         scan of the whole model through the window only churns it (``pull`` took 1.30 s per GiB
         that way, 1.19 s without, in one run each of ``python -m benchmarks``)."""
         entry = self.blob.entry
         failed = []
-        for index in range(entry.nblocks):
+        for index in blocks:
             if entry.has(index):
                 try:
                     entry.read_checked(index)

@@ -6,7 +6,7 @@ built them (they get this, and nothing else of the fetcher).
 - the block buffers and the just-fetched blocks in memory (:class:`~.recent.RecentBlocks`);
 - ``spawn``: the nursery fetch tasks run in (cancelled at unmount);
 - the :class:`Retrier`: the one loop that retries a fetch, by the policy's backoff;
-- the :class:`ForegroundGate`: how many processes wait on a read (prefetch steps aside);
+- the :class:`ForegroundGate`: what readers read (prefetch follows the most recent);
 - the hooks: ``wrong_bytes`` (fetched bytes failed their check: count, and stop reading
   through mirrors a while) and ``pages_stale`` (served bytes were dropped: the FUSE layer
   drops the kernel's pages of those files);
@@ -45,26 +45,30 @@ class Failing(Protocol):
 
 
 class ForegroundGate:
-    """Counts the processes waiting on a read; prefetch waits until there are none."""
+    """What the processes reading the mount do, for prefetch to follow: how many wait on a
+    read, and which blobs they read last, and where (prefetch takes its next run from the
+    blob read most recently: a file a process reads goes ahead of files nobody reads yet).
+    Prefetch no longer waits for reads to stop: request slots go to reads first
+    (:class:`~.slots.RequestSlots`)."""
 
     def __init__(self) -> None:
         self.waiting = 0
-        self._idle = trio.Event()
-        self._idle.set()
+        self.reads = 0  # reads so far: a sequence number for :meth:`read_since`
+        self._last: dict[str, tuple[int, int]] = {}  # blob -> (sequence of its last read, its first block)
 
     def foreground(self, delta: int) -> None:
         """A process starts (+1) or stops (-1) waiting on a read."""
         self.waiting += delta
-        if self.waiting:
-            if self._idle.is_set():
-                self._idle = trio.Event()
-        else:
-            self._idle.set()
 
-    async def wait_idle(self) -> None:
-        """Return once no process is waiting on a read (prefetch calls this before each run)."""
-        while self.waiting:
-            await self._idle.wait()
+    def reading(self, digest: str, block: int) -> None:
+        """A process reads ``digest`` at block ``block`` (every read: one dict update)."""
+        self.reads += 1
+        self._last[digest] = (self.reads, block)
+
+    def read_since(self, since: int) -> list[tuple[str, int]]:
+        """The blobs read after read number ``since``, most recent first, with the block read."""
+        found = [(seq, digest, block) for digest, (seq, block) in self._last.items() if seq > since]
+        return [(digest, block) for _, digest, block in sorted(found, reverse=True)]
 
 
 class Retrier:

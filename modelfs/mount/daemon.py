@@ -31,8 +31,10 @@ from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
 from .filecheck import gate_for
 from .fs import ModelFS, Permissions
+from .metadata import Metadata, fetch_metadata, metadata_files, prefetch_files
 from .metrics import render, serve_metrics
 from .policy import available_cores
+from .prefetch import fit_cache, prefetch_order, shard_order
 from .tree import Tree, build_tree
 
 log = logging.getLogger(__name__)
@@ -123,31 +125,26 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
                          "--allow-nonempty / -o nonempty)")
 
 
-def prefetch_plan(readers: list[BlobReader], cache_limit: int) -> list[BlobReader]:
-    """The blobs worth prefetching: small files (configs, tokenizers) first, and under a cache
-    size limit only as many as fit in 90% of it (what eviction keeps), since prefetching a model
-    bigger than the cache would evict its own blocks and those just read, refetching forever."""
-    ordered = sorted(readers, key=lambda r: r.size)
-    if not cache_limit:
-        return ordered
-    plan, room = [], int(cache_limit * 0.9)
-    for reader in ordered:
-        if reader.size > room:
-            break
-        plan.append(reader)
-        room -= reader.size
-    return plan
+def prefetch_plan(files: list[tuple[str, BlobReader]], metadata: Metadata, cache_limit: int) -> list[BlobReader]:
+    """The blobs worth prefetching, in the order loaders read them (:func:`~.prefetch.prefetch_order`:
+    small files first, then the shards in their index's order), and under a cache size limit
+    only as many as fit (:func:`~.prefetch.fit_cache`)."""
+    return fit_cache(prefetch_order(files, shard_order(metadata.indexes)), cache_limit)
 
 
-async def _prefetch(fetcher: Fetcher, everything: list[BlobReader], cache_limit: int) -> None:
-    readers = prefetch_plan(everything, cache_limit)
-    if len(readers) < len(everything):
+async def _prefetch(fetcher: Fetcher, tree: Tree, readers: FileReaders, metadata: Metadata, cache_limit: int) -> None:
+    """Metadata first (:mod:`.metadata`), then every blob in the order loaders read."""
+    await fetch_metadata(metadata_files(tree, readers), metadata)
+    files = prefetch_files(tree, readers)
+    plan = prefetch_plan(files, metadata, cache_limit)
+    everything = {reader.digest: reader for _, reader in files}
+    if len(plan) < len(everything):
         log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
-                    "of %d bytes; they are fetched when read", len(readers), len(everything),
-                    sum(r.size for r in readers), sum(r.size for r in everything), cache_limit)
+                    "of %d bytes; they are fetched when read", len(plan), len(everything),
+                    sum(r.size for r in plan), sum(r.size for r in everything.values()), cache_limit)
     try:
-        await fetcher.prefetch(readers)
-        log.info("prefetch complete: %d blobs cached", len(readers))
+        await fetcher.prefetch(plan)
+        log.info("prefetch complete: %d blobs cached", len(plan))
     except Exception as exc:  # its workers fail as an exception group; the mount must live on
         error = user_error(exc)
         if error is not None:
@@ -249,8 +246,9 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
         nursery.start_soon(_watch_signals)
         nursery.start_soon(release_replaced_files, cache)
-        if options.settings.prefetch == "all":
-            nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.settings.cache_max_size)
+        metadata = Metadata()
+        if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
+            nursery.start_soon(_prefetch, fetcher, tree, readers, metadata, options.settings.cache_max_size)
             if readers.gate is not None:
                 nursery.start_soon(readers.gate.prefetch, tree, readers.reader)
         if options.settings.cache_max_size:
@@ -269,7 +267,8 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
                 bytes_local=sum(r.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
-                **status.signature_fields(model.verdict, readers.gate))
+                metadata=metadata.line() if options.settings.prefetch == "all" else None,
+                metadata_seconds=metadata.seconds, **status.signature_fields(model.verdict, readers.gate))
 
         nursery.start_soon(status.keep_writing, collect, sd_notify)
         nursery.start_soon(announce_ready, mountpoint, options, offline)

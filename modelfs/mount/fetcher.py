@@ -36,7 +36,7 @@ the FUSE layer to drop the kernel's pages of them.
 
 What every part shares is a :class:`~.context.FetchContext`, built here: the policy, the
 counters, the block buffers and the blocks in memory, the nursery the fetch tasks run in,
-the one retry loop, the count of readers waiting (prefetch steps aside for them), and two
+the one retry loop, what readers read (prefetch follows it: :mod:`.prefetch`), and two
 hooks: bytes that failed their check (mirrors are left out a while) and bytes served that
 were dropped. Every retry bound is named in :mod:`modelfs.retry`.
 """
@@ -44,11 +44,11 @@ were dropped. Every retry bound is named in :mod:`modelfs.retry`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
-from ..errors import CacheError, FetchError
+from ..errors import FetchError
 from ..formats.blockindex import ALGORITHMS, TrustedIndex
 from ..formats.spec import Descriptor, Packing
 from ..registry import RegistryReader
@@ -62,6 +62,7 @@ from .buffers import BlockBuffers
 from .context import FetchContext, ForegroundGate, Retrier
 from .layerstream import LayerOrigin, LayerStream
 from .policy import FetchPolicy
+from .prefetch import prefetch
 from .rangeruns import RangeRuns
 from .rangesource import RangeSource
 from .recent import RecentBlocks
@@ -173,37 +174,10 @@ class Fetcher:
 
     # -- prefetch -------------------------------------------------------------------------
 
-    async def prefetch(self, readers: Iterable[BlobReader], progress: Callable[[int], None] | None = None,
-                       cached: Callable[[int], None] | None = None) -> None:
-        """Fetch every missing block of ``readers``, yielding to foreground reads. Stops with a
-        :class:`CacheError` once the cache refuses blocks (a full disk): prefetching into
-        memory that cannot be kept only takes bandwidth from the readers."""
-        send, receive = trio.open_memory_channel[tuple[BlobReader, list[int]]](0)
-        write_errors = self.stats.cache_write_errors
-
-        def refused() -> None:
-            if self.stats.cache_write_errors > write_errors:
-                raise CacheError("the cache refuses new blocks (is its disk full?)")
-
-        async def worker(receive: trio.MemoryReceiveChannel) -> None:
-            async with receive:
-                async for reader, blocks in receive:
-                    await self.ctx.gate.wait_idle()
-                    refused()
-                    await reader.ensure(blocks, foreground=False)
-                    refused()
-                    if progress:
-                        progress(sum(reader.block_length(i) for i in blocks))
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(self.policy.prefetch_workers):
-                nursery.start_soon(worker, receive.clone())
-            await receive.aclose()
-            async with send:
-                for reader in readers:
-                    missing = [i for i in range(reader.nblocks) if not reader.servable(i)]
-                    if cached:
-                        cached(reader.size - sum(reader.block_length(i) for i in missing))
-                    step = reader.nblocks if reader.whole_mode else self.ranges.sizer.run_blocks
-                    for start in range(0, len(missing), max(step, 1)):
-                        await send.send((reader, missing[start:start + step]))
+    async def prefetch(self, readers: Sequence[BlobReader], progress: Callable[[int], None] | None = None,
+                       cached: Callable[[int], None] | None = None,
+                       landed: Callable[[BlobReader, list[int]], Awaitable[None]] | None = None) -> None:
+        """Fetch every missing block of ``readers``, in that order, readers' blobs first
+        (:func:`~.prefetch.prefetch`)."""
+        await prefetch(self.ctx, self.ranges.slots, lambda: self.ranges.sizer.run_blocks, readers, progress, cached,
+                       landed)

@@ -84,6 +84,8 @@ HOST_METRICS = (  # from the status files: (metric, kind, help, status key)
     ("modelfs_mount_answering", "gauge", "1 while the mount's daemon updates its status", "answering"),
     ("modelfs_mount_signatures_met", "gauge", "1 when the model's signatures met the policy, 0 when it is served "
      "without (signatures = warn) or a signed file's bytes differ from its signature; absent without a policy", "signatures_met"),
+    ("modelfs_mount_metadata_ready_seconds", "gauge", "Seconds the mount took to fetch its metadata (configs, "
+     "tokenizers, tensor headers) ahead; absent until ready", "metadata_seconds"),
     ("modelfs_reads_total", "counter", "FUSE read requests", "reads"),
     ("modelfs_read_errors_total", "counter", "FUSE reads answered with EIO", "read_errors"),
     ("modelfs_registry_bytes_total", "counter", "Bytes fetched from the registry", "bytes_fetched"),

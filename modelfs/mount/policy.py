@@ -39,7 +39,7 @@ class FetchPolicy:
     retry: RetryPolicy = field(default_factory=RetryPolicy)  # the client's policy: one for every fetch
     workers: int = 0  # threads doing per-byte work (receive, check, store); 0: one per core available
     readahead_max: int = 96  # blocks read ahead of a sequential reader, at most (the sizer may ask for less)
-    prefetch_workers: int = 8  # runs prefetch keeps asked for (request slots bound what is in flight)
+    prefetch_workers: int = 8  # prefetch runs asked for at once (each waits for a request slot before it claims blocks)
     recent_blocks: int = 128  # blocks fetched for readers, held in memory until read (past the read-ahead)
     verify: str = "full"  # or "lazy": serve bytes of blobs without a trusted index before they are checked
 

@@ -39,7 +39,7 @@ class RangeRuns:
         position = [first]  # next block not delivered; advanced on the worker thread
         attempt = 0
         try:
-            async with self.transfers.slots:
+            async with self.transfers.slots.held(for_reader):
                 with contextlib.closing(_RunClaims(sink, self.ctx.read_deadline)) as claims:
                     while position[0] <= last:
                         while position[0] <= last and sink.settle_present(position[0]):

@@ -28,6 +28,7 @@ from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, Ran
 from ..retry import ONE_ATTEMPT, RANGE_REDIRECTS
 from ..storage.direct import aligned_buffer
 from .readahead import RequestSizer
+from .slots import RequestSlots
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Transfers:
         # threads: a worker waiting on a slow connection costs nothing, so the slow-link
         # parallelism gets a thread per request even past the number of cores
         self.threads = trio.CapacityLimiter(max(self.workers, self.sizer.slow_parallel))
-        self.slots = trio.CapacityLimiter(self.sizer.parallel)  # range requests in flight
+        self.slots = RequestSlots(self.sizer.parallel)  # range requests in flight, reads first
         self._spawn = spawn  # the mount's nursery: the watchdog is cancelled with it
         self._new_buffer = new_buffer
         self._locations: dict[str, BlobLocation] = {}

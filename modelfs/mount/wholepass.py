@@ -88,7 +88,7 @@ class WholePass:
             call_soon(token, sink.tick, len(data))
             self.ctx.buffers.give_back(data)  # hashed and stored: nobody serves it before the blob checks out
 
-        async with self.transfers.slots:
+        async with self.transfers.slots.held():
             while position[0] < sink.nblocks:
                 if sink.stored(position[0]):
                     position[0] = await trio.to_thread.run_sync(self._hash_cached, sink, position[0], hasher, checks,
