@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import tarfile
 import time
@@ -121,6 +122,47 @@ def test_a_bad_pattern_is_one_line(pattern):
     assert "\n" not in str(caught.value) and str(caught.value).startswith("--include: ")
     with pytest.raises(settings.ConfigError, match=r"^-o exclude: "):
         settings.fstab_flags(f"exclude={pattern}")
+
+
+def test_gitignore_lines_as_git_reads_them():
+    """The escapes, classes and ``**`` forms of gitignore(5), and names compared as they are."""
+    keeps = lambda pattern, *paths: [p for p in paths if View.of([pattern], None).keeps(p)]  # noqa: E731
+    assert keeps("note.txt\\ ", "note.txt", "note.txt ") == ["note.txt "]  # an escaped trailing space stays
+    assert keeps("note.txt  ", "note.txt", "note.txt ") == ["note.txt"]  # an unescaped one goes
+    assert keeps("\\!bang", "!bang", "bang") == ["!bang"] and keeps("\\#hash", "#hash") == ["#hash"]
+    assert keeps("**/w.bin", "w.bin", "a/w.bin", "a/b/w.bin") == ["w.bin", "a/w.bin", "a/b/w.bin"]
+    assert keeps("a/**/w.bin", "a/w.bin", "a/b/c/w.bin", "b/a/w.bin") == ["a/w.bin", "a/b/c/w.bin"]
+    assert keeps("a/**", "a", "a/b", "a/b/c") == ["a/b", "a/b/c"]
+    assert keeps("sub/", "sub", "sub/a", "x/sub/a") == ["sub/a", "x/sub/a"]  # a file named like the directory: no
+    assert keeps("m[0-9].bin", "m1.bin", "ma.bin") == ["m1.bin"] and keeps("n[!0-9]", "n1", "na") == ["na"]
+    assert keeps("*.GGUF", "model.gguf") == []  # case-sensitive, as git on Linux
+    nfc, nfd = "caf\u00e9.bin", "cafe\u0301.bin"
+    assert keeps(nfc, nfc, nfd) == [nfc]  # compared as they are: no Unicode normalization
+
+
+@pytest.mark.parametrize("pattern, words", [
+    ("/", "clean and relative"), ("./a.bin", "clean and relative"), ("a//b", "clean and relative"),
+    ("../a", "clean and relative"), ("[[:alpha:]]*", "POSIX character classes"), ("a\\", "lone '\\'"),
+    ("x" * 5000, "longer than any path")])
+def test_a_pattern_that_can_match_no_path_is_refused(pattern, words):
+    with pytest.raises(InvalidPattern, match=re.escape(words)) as caught:
+        View.of(None, [pattern])
+    assert "\n" not in str(caught.value) and str(caught.value).startswith("--exclude: ")
+
+
+def test_too_many_patterns_are_refused_in_one_line():
+    with pytest.raises(settings.ConfigError, match=r"^include: 257 patterns; at most 256 are taken$"):
+        settings.parse_patterns([f"f{n}.bin" for n in range(257)], "include")
+
+
+def test_matching_takes_polynomial_time():
+    """A glob as a Python regex backtracks exponentially: this one against a 240-character name
+    did not finish in a minute. Each check here is well under a second."""
+    name = "a" * 240 + ".bin"
+    started = time.monotonic()
+    assert not View.of(["*a*a*a*a*a*a*a*a*.gguf"], None).keeps(name)
+    assert not View.of(["**/*a*a*a*a*.gguf"], None).keeps("/".join(["a" * 200] * 20))
+    assert time.monotonic() - started < 1
 
 
 def test_settings_surfaces_give_the_same_lists():
@@ -290,3 +332,23 @@ def test_pull_of_a_view_takes_a_compressed_layer_whole_only_when_it_must(registr
     gone.close()
     offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "tok/b.bin", cli=cli)
     assert tree_of(offline) == {"tok/", "tok/b.bin"} and read_direct(offline / "tok/b.bin") == inside
+
+
+def test_a_hostile_name_does_not_hang_a_view(registry, mounts, cli, tmp_path):
+    """A publisher's 240-character name against an operator's many-star pattern: the view is
+    decided in milliseconds (a regex took minutes: the mount never came up); escaped names too."""
+    hostile, wanted, bang, spaced = os.urandom(3000), os.urandom(4000), b"!", b" "
+    raw = "application/vnd.cncf.model.weight.v1.raw"
+    ref = push_artifact(registry.address, "views/hostile", [
+        (hostile, raw, {"org.cncf.model.filepath": "a" * 240 + ".bin"}),
+        (wanted, raw, {"org.cncf.model.filepath": "w.gguf"}),
+        (bang, raw, {"org.cncf.model.filepath": "!bang"}),
+        (spaced, raw, {"org.cncf.model.filepath": "note.txt "})])
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "-o", str(out), "--include", "*a*a*a*a*a*a*a*a*.gguf", "--include",
+            "w.gguf", timeout=30)
+    assert tree_of(out) == {"w.gguf"} and (out / "w.gguf").read_bytes() == wanted
+    # gitignore's escapes: a name starting with '!', one ending in a space
+    target = mounts.mount(ref, "--prefetch", "none", "--include", "*a*a*a*a*a*a*a*a*.gguf", "--include", "\\!bang",
+                          "--include", "note.txt\\ ")
+    assert tree_of(target) == {"!bang", "note.txt "} and read_direct(target / "note.txt ") == spaced
