@@ -352,3 +352,28 @@ def test_a_hostile_name_does_not_hang_a_view(registry, mounts, cli, tmp_path):
     target = mounts.mount(ref, "--prefetch", "none", "--include", "*a*a*a*a*a*a*a*a*.gguf", "--include", "\\!bang",
                           "--include", "note.txt\\ ")
     assert tree_of(target) == {"!bang", "note.txt "} and read_direct(target / "note.txt ") == spaced
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_a_csi_pod_narrows_the_nodes_view_never_widens_it(model, cli, tmp_path):
+    """The node's config (/etc/modelfs/config.toml) is the operator's, never a pod's to change
+    (doc/KUBERNETES.md): a pod's exclude adds to the node's, a pod's include cannot bring back
+    what the node left out. A flag replacing the config's list let a pod see docs/ again."""
+    import grpc
+    from csi_plugin import Plugin
+    ref, files = model
+    node_config = tmp_path / "config.toml"
+    node_config.write_text('exclude = ["docs/", "model-Q8_0.gguf"]\n')
+    plugin = Plugin(tmp_path / "node", dict(cli.env, MODELFS_CONFIG=str(node_config)))
+    plugin.start()
+    try:
+        target = plugin.target()
+        plugin.client.publish("vol-1", target, {"reference": ref, "plain_http": "true", "prefetch": "none",
+                                                "exclude": "tokenizer/"})
+        assert tree_of(target) == {*Q4, "config.json"} and read_direct(target / Q4[2]) == files[Q4[2]]
+        with pytest.raises(grpc.RpcError) as refused:
+            plugin.client.publish("vol-2", plugin.target("wider"), {"reference": ref, "plain_http": "true",
+                                                                   "include": "docs/, model-Q8_0.gguf"})
+        assert "no file of the model is in the view" in refused.value.details()
+    finally:
+        plugin.cleanup()

@@ -77,6 +77,9 @@ class View:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    # a view this one only narrows (the node's, under a CSI pod's: doc/KUBERNETES.md): a path
+    # is kept only if both keep it, whatever either's patterns say
+    within: View | None = None
     _included: tuple[Line, ...] = field(default=(), init=False, repr=False, compare=False)
     _excluded: tuple[Line, ...] = field(default=(), init=False, repr=False, compare=False)
 
@@ -85,18 +88,20 @@ class View:
         object.__setattr__(self, "_excluded", _compile(self.exclude, "--exclude"))
 
     @classmethod
-    def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None) -> View:
-        return cls(tuple(include or ()), tuple(exclude or ()))  # as given: a trailing '\\ ' is part of a name
+    def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None, within: View | None = None) -> View:
+        return cls(tuple(include or ()), tuple(exclude or ()), within)  # as given: a trailing '\\ ' is part of a name
 
     @property
     def everything(self) -> bool:
         """No pattern: the whole model, its empty directories included."""
-        return not self.include and not self.exclude
+        return not self.include and not self.exclude and (self.within is None or self.within.everything)
 
     def keeps(self, path: str) -> bool:
         """Whether the file or symlink at ``path`` (clean, relative) is in the view."""
         if self.everything:
             return True
+        if self.within is not None and not self.within.keeps(path):
+            return False
         names = _names(path)
         if self.include and not _matches(self._included, names):
             return False
