@@ -320,7 +320,8 @@ def fstab_flags(option: str) -> list[str]:
         raise ConfigError(f"unknown mount option {option!r}")
     if has_value:
         setting.parse(value, f"-o {key}")  # a mistake named as the fstab line has it, not as the flag
-    return [setting.flag] if setting.switch else [setting.flag, value]
+    # one argument, '--flag=value': a value may start with '-' (an --exclude pattern '-draft.bin')
+    return [setting.flag] if setting.switch else [f"{setting.flag}={value}"]
 
 
 def resolve(name: str, given: Any, config: Any, host: str | None = None, scope: str | None = None) -> Any:

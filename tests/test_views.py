@@ -166,7 +166,7 @@ def test_matching_takes_polynomial_time():
 
 
 def test_settings_surfaces_give_the_same_lists():
-    assert settings.fstab_flags("include=*.gguf") == ["--include", "*.gguf"]
+    assert settings.fstab_flags("include=*.gguf") == ["--include=*.gguf"]
     assert settings.parse_patterns(["*.gguf", "!*Q8*"], "exclude") == ["*.gguf", "!*Q8*"]
     name, parsed = volume.parse_attributes({"reference": "r.example/m:1", "include": "*Q4_K_M*.gguf\nconfig.json",
                                             "exclude": "docs/, !docs/keep.md"})
@@ -377,3 +377,56 @@ def test_a_csi_pod_narrows_the_nodes_view_never_widens_it(model, cli, tmp_path):
         assert "no file of the model is in the view" in refused.value.details()
     finally:
         plugin.cleanup()
+
+
+def _hardlinked_tar(real: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo("w/real.bin")
+        info.size = len(real)
+        tar.addfile(info, io.BytesIO(real))
+        link = tarfile.TarInfo("v/link.bin")
+        link.type, link.linkname = tarfile.LNKTYPE, "w/real.bin"
+        tar.addfile(link)
+        chain = tarfile.TarInfo("v/sym.bin")
+        chain.type, chain.linkname = tarfile.SYMTYPE, "link.bin"
+        tar.addfile(chain)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("packing", ["tar", "tar+gzip"])
+def test_a_hard_link_in_the_view_to_a_file_outside_it_has_its_bytes(registry, mounts, cli, tmp_path, packing):
+    """A hard link is a file: in the view, it reads (mount) and lands (extract, pull) with its
+    target's bytes, the target left out; and the other way round."""
+    import gzip
+    real = os.urandom(70 * KiB)
+    layer = _hardlinked_tar(real)
+    layer = gzip.compress(layer, compresslevel=1) if packing == "tar+gzip" else layer
+    ref = push_artifact(registry.address, f"views/hardlink-{packing.replace('+', '-')}",
+                        [(layer, f"application/vnd.cncf.model.weight.v1.{packing}", {})])
+    target = mounts.mount(ref, "--prefetch", "none", "--include", "v/")
+    assert tree_of(target) == {"v/", "v/link.bin", "v/sym.bin"}
+    assert read_direct(target / "v/link.bin") == real and read_direct(target / "v/sym.bin") == real
+    other = mounts.mount(ref, "--prefetch", "none", "--exclude", "v/")
+    assert tree_of(other) == {"w/", "w/real.bin"} and read_direct(other / "w/real.bin") == real
+    out = tmp_path / "out"
+    cli.run("extract", "--plain-http", ref, "-o", str(out), "--include", "link.bin")
+    assert tree_of(out) == {"v/", "v/link.bin"} and (out / "v/link.bin").read_bytes() == real
+    home, gone = Cli(tmp_path / "home"), CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    home.run("pull", "--plain-http", via_gone, "--include", "link.bin")
+    gone.close()
+    offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "link.bin", cli=home)
+    assert read_direct(offline / "v/link.bin") == real
+
+
+def test_the_fstab_form_takes_a_pattern_starting_with_a_dash(model, mounts, cli):
+    """``modelfs REF DIR -o include=...,exclude=...`` (what mount(8) and fstab run): one pattern
+    per option, repeated; a pattern like '-draft.gguf' is a value, not a flag."""
+    ref, files = model
+    target = mounts.base / "fstab"
+    target.mkdir(parents=True)
+    cli.run(ref, str(target), "-o", "ro,plain_http,prefetch=none,include=*.gguf,exclude=-draft.gguf,"
+            f"exclude={Q8}", timeout=120)
+    mounts.active.append(target)
+    assert tree_of(target) == set(Q4) and read_direct(target / Q4[0]) == files[Q4[0]]
