@@ -174,6 +174,10 @@ def test_settings_surfaces_give_the_same_lists():
     spec = volume.VolumeSpec("v", "/t", name, {}, parsed)
     assert spec.mount_flags() == ["--include=*Q4_K_M*.gguf", "--include=config.json", "--exclude=docs/",
                                   "--exclude=!docs/keep.md"]
+    # '\,' is a comma of a pattern, 'a\ ' keeps its space: as gitignore reads them
+    assert volume.parse_attributes({"reference": "r.example/m:1", "include": "a\\,b.bin, note.txt\\ ,c"})[1] == {
+        "include": ["a\\,b.bin", "note.txt\\ ", "c"]}
+    assert View.of(["a\\,b.bin", "note.txt\\ "], None).keeps("a,b.bin") and View.of(["note.txt\\ "], None).keeps("note.txt ")
     with pytest.raises(volume.InvalidVolume, match=r"^volumeAttributes\.include: '# x' matches nothing"):
         volume.parse_attributes({"reference": "r.example/m:1", "include": "# x"})
 

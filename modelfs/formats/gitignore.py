@@ -77,7 +77,7 @@ def compile_line(pattern: str, where: str) -> Line:
     if len(pattern.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
         raise InvalidPattern(f"{where}: a pattern of {len(pattern):,} characters is longer than any path of a model "
                              f"({MAX_PATH_BYTES} bytes)")
-    text = _trim(pattern)
+    text = trim(pattern)
     if not text or text.startswith("#"):
         raise InvalidPattern(f"{where}: {pattern!r} matches nothing (blank, or a # comment); give a gitignore "
                              "pattern like '*.gguf' or 'tokenizer/'")
@@ -102,7 +102,7 @@ def compile_line(pattern: str, where: str) -> Line:
     return Line(pattern, negated, directory_only, tuple(segments))
 
 
-def _trim(pattern: str) -> str:
+def trim(pattern: str) -> str:
     """Leading whitespace and unescaped trailing whitespace dropped (``a\\ `` keeps its space)."""
     text = pattern.lstrip()
     end = len(text)
