@@ -434,3 +434,22 @@ def test_the_fstab_form_takes_a_pattern_starting_with_a_dash(model, mounts, cli)
             f"exclude={Q8}", timeout=120)
     mounts.active.append(target)
     assert tree_of(target) == set(Q4) and read_direct(target / Q4[0]) == files[Q4[0]]
+
+
+def test_prefetch_of_a_view_outside_a_streamed_layer_fetches_it_once_to_list(registry, mounts, cli):
+    """A tar+gzip layer only streaming lists is fetched to list it, a view or not; then prefetch
+    takes the view's raw file and nothing else: never the layer again, never the file outside."""
+    import gzip
+    inside, wanted, outside = os.urandom(150 * KiB), os.urandom(100 * KiB), os.urandom(300 * KiB)
+    packed = gzip.compress(_tar([("tok/a.json", b"{}"), ("tok/b.bin", inside)]), compresslevel=1)
+    raw = "application/vnd.cncf.model.weight.v1.raw"
+    ref = push_artifact(registry.address, "views/gzip-prefetch", [
+        (packed, "application/vnd.cncf.model.weight.v1.tar+gzip", {}),
+        (wanted, raw, {"org.cncf.model.filepath": "w.bin"}), (outside, raw, {"org.cncf.model.filepath": "x.bin"})])
+    with counting_proxy(registry) as counting:
+        target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "all", "--include", "w.bin")
+        found = _status(cli, target)
+        assert found["bytes_local"] == found["bytes_total"] == len(wanted) and tree_of(target) == {"w.bin"}
+        time.sleep(0.5)  # anything else prefetch would start has started
+        assert len(packed) + len(wanted) <= counting.downstream_bytes < len(packed) + len(wanted) + 64 * KiB
+    assert read_direct(target / "w.bin") == wanted
