@@ -256,6 +256,9 @@ def test_pull_fetches_only_the_view_and_its_record_mounts_offline(model, registr
         name: files[name] for name in (*Q4, "config.json")}
     again = cli.run("pull", "--plain-http", *view, via_gone)
     assert "already complete there" in again.stdout
+    wider = cli.run("pull", "--plain-http", "--include", "*.gguf", via_gone, check=False)  # offline: says what is missing
+    assert wider.returncode == 1 and len(wider.stderr.strip().splitlines()) == 1
+    assert f"; not in the cache: 1 blob ({Q8}), so it cannot be pulled until the registry answers" in wider.stderr
     # online, a wider view fetches what is missing, and only that
     with counting_proxy(registry) as counting:
         wider = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", cli=cli)

@@ -68,8 +68,9 @@ async def cmd_pull(args: argparse.Namespace) -> int:
             try:
                 layers = await _view_layers(model, fetcher, view)
                 if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
-                    if not held_whole(session.cache, model, layers):
-                        raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot "
+                    missing = [layer for layer in layers if not held_whole(session.cache, model, [layer])]
+                    if missing:  # named: a wider view than the one pulled is the likely cause
+                        raise UnavailableError(f"{found.offline}; not in the cache: {_blobs(missing)}, so it cannot "
                                                "be pulled until the registry answers")
                     warn_offline(found.offline)
                     await check_signed_files(model, fetcher, view)  # its signed files still checked, from the cache
@@ -90,6 +91,13 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     progress.finish()
     print(f"Pulled {model.reference} into {settings.cache_dir}")
     return 0
+
+
+def _blobs(layers: list[Descriptor]) -> str:
+    """Blobs named for one line: their files where an annotation says, else their digests."""
+    names = [layer.filepath or layer.digest[:19] for layer in layers]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{len(names)} blob{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{more})"
 
 
 async def _view_layers(model: Model, fetcher: Fetcher, view: View) -> list[Descriptor]:
