@@ -7,6 +7,7 @@ by the real CLI. The model is small (a few hundred KiB) so each test takes a few
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -471,3 +472,28 @@ def test_prefetch_of_a_view_of_one_member_of_a_plain_tar_takes_only_that_member(
                               "q4.gguf")
         found = _status(cli, target)
         assert found["bytes_total"] == len(q4) and counting.downstream_bytes < len(q4) + 64 * KiB
+
+
+def test_an_offline_pull_of_a_view_says_in_one_line_which_layer_it_cannot_list(registry, mounts, tmp_path):
+    """Offline, a compressed layer only streaming lists must be in the cache whole; one a mount
+    only streamed is not, and the pull says so in one line at once (it retried the registry
+    for seconds and ended in a fetch error and log lines)."""
+    import gzip
+    wanted = os.urandom(50 * KiB)
+    packed = gzip.compress(_tar([("tok/a.json", b"{}"), ("tok/b.bin", os.urandom(100 * KiB))]), compresslevel=1)
+    ref = push_artifact(registry.address, "views/gzip-offline", [
+        (packed, "application/vnd.cncf.model.weight.v1.tar+gzip", {}),
+        (wanted, "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "w.bin"})])
+    cli, gone = Cli(tmp_path / "home"), CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    target = mounts.mount(via_gone, "--prefetch", "none", "--include", "w.bin", cli=cli)
+    assert read_direct(target / "w.bin") == wanted
+    gone.close()
+    started = time.monotonic()
+    pulled = cli.run("pull", "--plain-http", "--include", "w.bin", via_gone, check=False, timeout=60)
+    digest = "sha256:" + hashlib.sha256(packed).hexdigest()
+    lines = pulled.stderr.strip().splitlines()
+    assert pulled.returncode == 1 and len(lines) == 1 and lines[0].startswith("modelfs: error: cannot reach ")
+    assert lines[0].endswith(f"; not in the cache: 1 blob ({digest[:19]}), so it cannot be pulled until the registry "
+                             "answers")
+    assert time.monotonic() - started < 3

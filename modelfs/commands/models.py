@@ -20,6 +20,7 @@ from ..mount.fetcher import Fetcher
 from ..mount.tree import build_tree, listed_by_streaming
 from ..reference import parse
 from ..resolve import Model, describe, fetch_or_cached, held_whole, record
+from ..storage.cache import BlockCache
 from .base import settings_for, warn_offline
 from .output import Progress, label_column
 
@@ -66,12 +67,12 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
             try:
+                if found.offline is not None and not view.everything:  # listing them must not try the network
+                    _require_held(session.cache, model, [layer for layer in model.manifest.layers
+                                                         if listed_by_streaming(layer)], found.offline)
                 layers = await _view_layers(model, fetcher, view)
                 if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
-                    missing = [layer for layer in layers if not held_whole(session.cache, model, [layer])]
-                    if missing:  # named: a wider view than the one pulled is the likely cause
-                        raise UnavailableError(f"{found.offline}; not in the cache: {_blobs(missing)}, so it cannot "
-                                               "be pulled until the registry answers")
+                    _require_held(session.cache, model, layers, found.offline)
                     warn_offline(found.offline)
                     await check_signed_files(model, fetcher, view)  # its signed files still checked, from the cache
                     print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
@@ -91,6 +92,15 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     progress.finish()
     print(f"Pulled {model.reference} into {settings.cache_dir}")
     return 0
+
+
+def _require_held(cache: BlockCache, model: Model, layers: list[Descriptor], offline: str) -> None:
+    """Offline, every blob of ``layers`` whole and checked in the cache, or one line naming
+    those that are not (a wider view than the one pulled is the likely cause)."""
+    missing = [layer for layer in layers if not held_whole(cache, model, [layer])]
+    if missing:
+        raise UnavailableError(f"{offline}; not in the cache: {_blobs(missing)}, so it cannot be pulled until the "
+                               "registry answers")
 
 
 def _blobs(layers: list[Descriptor]) -> str:
