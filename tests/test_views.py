@@ -134,6 +134,9 @@ def test_gitignore_lines_as_git_reads_them():
     assert keeps("**/w.bin", "w.bin", "a/w.bin", "a/b/w.bin") == ["w.bin", "a/w.bin", "a/b/w.bin"]
     assert keeps("a/**/w.bin", "a/w.bin", "a/b/c/w.bin", "b/a/w.bin") == ["a/w.bin", "a/b/c/w.bin"]
     assert keeps("a/**", "a", "a/b", "a/b/c") == ["a/b", "a/b/c"]
+    assert keeps("a/*", "a/b", "a/b/c", "b") == ["a/b", "a/b/c"]  # a/b is a directory it matches: all under it
+    assert keeps("**/", "w.bin", "a/w.bin") == ["a/w.bin"] and keeps("**", "w.bin", "a/w.bin") == ["w.bin", "a/w.bin"]
+    assert keeps("a?b", "a/b", "axb") == ["axb"] and keeps("a[!x]b", "a/b", "ayb") == ["ayb"]  # never a '/'
     assert keeps("sub/", "sub", "sub/a", "x/sub/a") == ["sub/a", "x/sub/a"]  # a file named like the directory: no
     assert keeps("m[0-9].bin", "m1.bin", "ma.bin") == ["m1.bin"] and keeps("n[!0-9]", "n1", "na") == ["na"]
     assert keeps("*.GGUF", "model.gguf") == []  # case-sensitive, as git on Linux
