@@ -105,6 +105,11 @@ def test_a_split_gguf_is_chosen_by_its_first_split_or_its_unsplit_name():
     assert [p for p in [*Q4, Q8] if View.of(None, ["model-Q4_K_M.gguf"]).keeps(p)] == [Q8]
     assert [p for p in [*Q4, Q8] if View.of([Q4[1]], None).keeps(p)] == [Q4[1]]  # one split named: that one
     assert [p for p in [*Q4, Q8] if View.of(None, [Q4[0]]).keeps(p)] == [Q8]  # the first split: all of them
+    q4_0 = "model-Q4_0.gguf"
+    assert [p for p in [*Q4, Q8, q4_0] if View.of(["model-Q4*"], None).keeps(p)] == [*Q4, q4_0]  # by prefix: both
+    gapped = ["x-00001-of-00003.gguf", "x-00003-of-00003.gguf"]  # a split missing: the rest still chosen, no error
+    assert [p for p in gapped if View.of(["x.gguf"], None).keeps(p)] == gapped
+    assert View.of(["d/m.gguf"], None).keeps("d/m-00002-of-00002.gguf")  # in a directory too
 
 
 def test_a_view_cuts_directories_left_empty():
