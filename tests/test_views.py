@@ -159,9 +159,14 @@ def test_a_pattern_that_can_match_no_path_is_refused(pattern, words):
     assert "\n" not in str(caught.value) and str(caught.value).startswith("--exclude: ")
 
 
-def test_too_many_patterns_are_refused_in_one_line():
+def test_too_many_patterns_are_refused_in_one_line(cli, tmp_path):
     with pytest.raises(settings.ConfigError, match=r"^include: 257 patterns; at most 256 are taken$"):
         settings.parse_patterns([f"f{n}.bin" for n in range(257)], "include")
+    flags = [arg for n in range(257) for arg in ("--exclude", f"f{n}.bin")]
+    for command in (["extract", "-o", str(tmp_path / "out")], ["mount"]):  # before the registry is asked
+        args = [*command[:1], "--plain-http", "127.0.0.1:1/m:v1", *command[1:], *flags]
+        refused = cli.run(*args, *([str(tmp_path)] if command == ["mount"] else []), check=False)
+        assert refused.stderr.strip() == "modelfs: error: --exclude: 257 patterns; at most 256 are taken", refused.stderr
 
 
 def test_matching_takes_polynomial_time():

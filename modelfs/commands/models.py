@@ -127,10 +127,11 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ModelfsError(f"--output {args.output} is a file; name a directory (it is created if missing)")
     settings = settings_for(args, reference.registry, reference.repository)
+    view = model_view(settings)  # a bad view refused before the registry is asked
     cache = existing_cache(settings)
     async with open_registry(settings) as client:
         model, offline = await fetch_or_cached(client, cache, reference, trust=trust_policy(settings, reference))
         warn_offline(offline)
-        result = await extract(client, model, args.output, cache, model_view(settings))
+        result = await extract(client, model, args.output, cache, view)
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
     return 0

@@ -27,8 +27,9 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     if args.view_narrows_config:  # the config's own view, the flags' left out (a CSI pod's: doc/KUBERNETES.md)
         config_only = argparse.Namespace(**(vars(args) | {"include": None, "exclude": None}))
         node_view = model_view(settings_for(config_only, reference.registry, reference.repository))
-    return MountOptions(reference=str(reference), mountpoint=args.mountpoint, node_view=node_view,
-                        settings=settings_for(args, reference.registry, reference.repository))
+    settings = settings_for(args, reference.registry, reference.repository)
+    model_view(settings, node_view)  # a bad view (too many patterns) refused before forking
+    return MountOptions(reference=str(reference), mountpoint=args.mountpoint, node_view=node_view, settings=settings)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
