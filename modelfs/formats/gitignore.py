@@ -5,9 +5,11 @@ expression (``*`` -> ``[^/]*``) backtracks exponentially in Python's ``re`` --
 ``*a*a*a*a*a*a*a*a*a*a*b`` against a 60-character name did not finish in a minute, and an
 operator's ``*a*a*a*a*a*a*a*a*.gguf`` against a publisher's 240-character name hung the mount
 before it served, a pull or an extract with it. Here a line is split at ``/`` into segments,
-a segment at its stars into star-free pieces found left to right (:class:`_Glob`), and ``**``
-segments by a set of reachable positions over the path's parts: a 4,096-byte path against a
-4,096-byte pattern stays in milliseconds, and 200,000 paths against three lines take 0.5-0.9 s
+a segment at its stars into star-free pieces found left to right (:class:`_Glob`), and a path
+walked part by part with the set of segments consumed so far (``**`` may consume many), that
+state kept per directory (:class:`Lines`): a file costs one step per line whatever its depth.
+800 ``**`` segments against 1,000 files 2,000 directories deep take 0.7 s (a regex: 0.3 s a
+file, and more as the pattern grows), and 200,000 ordinary paths against three lines 0.5-0.6 s
 (pathspec: 0.3 s, unbounded on hostile input).
 
 What a line means is git's (gitignore(5)), checked against a file's path, clean and relative:
@@ -60,28 +62,91 @@ class Line:
     directory_only: bool  # the line ended in '/' (or '/**'): it matches what is under a directory
     segments: tuple[_Glob | None, ...]  # None: a '**' segment, any number of directories
 
+    def start(self) -> State:
+        """The state before any part of a path: no part consumed, no directory matched."""
+        return self._closure({0}), False
+
+    def step(self, state: State, part: str, last: bool) -> State:
+        """The state after one more part of the path (``last``: the file's own name). The
+        states are the segments consumed so far (a '**' segment may consume any number of
+        parts); a line that matched a directory matches everything under it."""
+        positions, matched = state
+        if matched or not positions:
+            return state
+        segments, final = self.segments, len(self.segments)
+        after: set[int] = set()
+        for i in positions:
+            if i == final:
+                continue
+            segment = segments[i]
+            if segment is None:
+                after.add(i)  # '**' takes this part too
+            elif segment.matches(part):
+                after.add(i + 1)
+        closed = self._closure(after)
+        return closed, final in closed and (not last or not self.directory_only)
+
+    def _closure(self, positions: set[int]) -> frozenset[int]:
+        """``positions`` and those a '**' segment reaches by taking no part."""
+        found = set(positions)
+        for i in sorted(positions):
+            while i < len(self.segments) and self.segments[i] is None and i + 1 not in found:
+                found.add(i + 1)
+                i += 1
+        return frozenset(found)
+
     def matches(self, parts: list[str]) -> bool:
         """Whether this line matches the file whose path is ``parts`` (or a directory above it)."""
-        # the common shapes first ('*.gguf', 'docs/', 'a/b.json'): no set of positions to keep
-        upto = len(parts) - 1 if self.directory_only else len(parts)  # the parts a match may end at
-        if len(self.segments) == 2 and self.segments[0] is None and self.segments[1] is not None:
-            glob = self.segments[1]
-            return any(glob.matches(part) for part in parts[:upto])
-        if None not in self.segments:
-            count = len(self.segments)
-            return count <= upto and all(glob is not None and glob.matches(part)
-                                         for glob, part in zip(self.segments, parts[:count], strict=True))
-        reach = {0}
-        for segment in self.segments:
-            if segment is None:
-                reach = set(range(min(reach), len(parts) + 1))
-            else:
-                reach = {j + 1 for j in reach if j < len(parts) and segment.matches(parts[j])}
-            if not reach:
-                return False
-        # the whole path, or a directory above the file (everything under a matched directory;
-        # the root is no match: '**/' is any directory, and a file at the root is under none)
-        return any(0 < j < len(parts) or (j == len(parts) and not self.directory_only) for j in reach)
+        state = self.start()
+        for n, part in enumerate(parts):
+            state = self.step(state, part, n == len(parts) - 1)
+        return state[1]
+
+
+State = tuple[frozenset[int], bool]  # (segments consumed, matched): a line's progress along a path
+
+
+class Lines:
+    """Lines matched against many paths of one tree: the state after each directory is kept
+    (a file costs one step per line, not one per part of its path), bounded in number."""
+
+    MAX_DIRECTORIES = 1 << 16
+
+    def __init__(self, lines: tuple[Line, ...]) -> None:
+        self.lines = lines
+        self._root = tuple(line.start() for line in lines)
+        self._directories: dict[str, tuple[State, ...]] = {}
+
+    def last_match(self, path: str) -> int:
+        """The index of the last line that matches the file at ``path``, or -1."""
+        if not self.lines:
+            return -1
+        directory, _, name = path.rpartition("/")
+        states = self._directory(directory)
+        for index in range(len(self.lines) - 1, -1, -1):
+            if self.lines[index].step(states[index], name, True)[1]:
+                return index
+        return -1
+
+    def _directory(self, directory: str) -> tuple[State, ...]:
+        """The lines' states after the parts of ``directory`` (a loop from the deepest known)."""
+        if not directory:
+            return self._root
+        found = self._directories.get(directory)
+        if found is not None:
+            return found
+        ends = [n for n, char in enumerate(directory) if char == "/"] + [len(directory)]
+        known = len(ends)
+        while known > 0 and directory[:ends[known - 1]] not in self._directories:
+            known -= 1
+        states = self._directories[directory[:ends[known - 1]]] if known else self._root
+        if len(self._directories) > self.MAX_DIRECTORIES:
+            self._directories.clear()
+        for n in range(known, len(ends)):
+            part = directory[ends[n - 1] + 1 if n else 0:ends[n]]
+            states = tuple(line.step(state, part, False) for line, state in zip(self.lines, states, strict=True))
+            self._directories[directory[:ends[n]]] = states
+        return states
 
 
 def compile_line(pattern: str, where: str) -> Line:

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import InvalidPattern
-from .gitignore import MAX_PATTERNS, Line, compile_line
+from .gitignore import MAX_PATTERNS, Line, Lines, compile_line
 from .tree_check import DIRECTORY
 
 # llama.cpp's gguf-split names its pieces NAME-00001-of-00003.gguf (five digits each)
@@ -62,13 +62,10 @@ def _names(path: str) -> tuple[str, ...]:
     return (path, f"{stem}-00001-of-{split.group('count')}.gguf", f"{stem}.gguf")
 
 
-def _matches(lines: tuple[Line, ...], names: Iterable[str]) -> bool:
-    """Whether the last of ``lines`` that matches any name of one file is a positive one."""
-    split = [name.split("/") for name in names]
-    for line in reversed(lines):  # the last match wins: the first found from the end decides
-        if any(line.matches(parts) for parts in split):
-            return not line.negated
-    return False
+def _matches(lines: Lines, names: Iterable[str]) -> bool:
+    """Whether the last line that matches any name of one file is a positive one."""
+    last = max(lines.last_match(name) for name in names)
+    return last >= 0 and not lines.lines[last].negated
 
 
 @dataclass(frozen=True)
@@ -80,12 +77,12 @@ class View:
     # a view this one only narrows (the node's, under a CSI pod's: doc/KUBERNETES.md): a path
     # is kept only if both keep it, whatever either's patterns say
     within: View | None = None
-    _included: tuple[Line, ...] = field(default=(), init=False, repr=False, compare=False)
-    _excluded: tuple[Line, ...] = field(default=(), init=False, repr=False, compare=False)
+    _included: Lines = field(default=Lines(()), init=False, repr=False, compare=False)
+    _excluded: Lines = field(default=Lines(()), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_included", _compile(self.include, "--include"))
-        object.__setattr__(self, "_excluded", _compile(self.exclude, "--exclude"))
+        object.__setattr__(self, "_included", Lines(_compile(self.include, "--include")))
+        object.__setattr__(self, "_excluded", Lines(_compile(self.exclude, "--exclude")))
 
     @classmethod
     def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None, within: View | None = None) -> View:
