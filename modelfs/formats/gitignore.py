@@ -259,6 +259,9 @@ class _Glob:
     at most len(pieces) searches -- in C, 200,000 paths in about a second."""
 
     def __init__(self, tokens: tuple[Token, ...]) -> None:
+        # a plain name ('docs', 'config.json'): compared as a string, no regex compiled
+        plain = [token for token in tokens if isinstance(token, str)]
+        self.literal = "".join(plain) if len(plain) == len(tokens) else None
         pieces: list[list[Token]] = [[]]
         for token in tokens:
             if token is _Wild.STAR:
@@ -267,9 +270,12 @@ class _Glob:
                 pieces[-1].append(token)
         self.starred = len(pieces) > 1
         self.lengths = [len(piece) for piece in pieces]
-        self.pieces = [re.compile("".join(_regex(token) for token in piece), re.DOTALL) for piece in pieces]
+        self.pieces = [] if self.literal is not None else [
+            re.compile("".join(_regex(token) for token in piece), re.DOTALL) for piece in pieces]
 
     def matches(self, name: str) -> bool:
+        if self.literal is not None:
+            return name == self.literal
         first, last = self.pieces[0], self.pieces[-1]
         if not self.starred:
             return first.fullmatch(name) is not None
