@@ -152,7 +152,7 @@ def test_gitignore_lines_as_git_reads_them():
 @pytest.mark.parametrize("pattern, words", [
     ("/", "clean and relative"), ("./a.bin", "clean and relative"), ("a//b", "clean and relative"),
     ("../a", "clean and relative"), ("[[:alpha:]]*", "POSIX character classes"), ("a\\", "lone '\\'"),
-    ("x" * 5000, "longer than any path")])
+    ("x" * 5000, "longer than any path"), ("a\0b", "NUL byte")])
 def test_a_pattern_that_can_match_no_path_is_refused(pattern, words):
     with pytest.raises(InvalidPattern, match=re.escape(words)) as caught:
         View.of(None, [pattern])

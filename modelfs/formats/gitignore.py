@@ -154,6 +154,8 @@ def compile_line(pattern: str, where: str) -> Line:
     if len(pattern.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
         raise InvalidPattern(f"{where}: a pattern of {len(pattern):,} characters is longer than any path of a model "
                              f"({MAX_PATH_BYTES} bytes)")
+    if "\0" in pattern:
+        raise InvalidPattern(f"{where}: {pattern!r} holds a NUL byte, which no path of a model does")
     text = trim(pattern)
     if not text or text.startswith("#"):
         raise InvalidPattern(f"{where}: {pattern!r} matches nothing (blank, or a # comment); give a gitignore "
