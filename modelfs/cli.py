@@ -146,6 +146,8 @@ def _parser() -> argparse.ArgumentParser:
     # READY or ``ERROR Kind: message`` on this descriptor, and logs to a rotated file.
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("--log-file", help=argparse.SUPPRESS)
+    # ``modelfs csi``: a pod's --include / --exclude narrow the node config's view, never replace it
+    p.add_argument("--view-narrows-config", action="store_true", help=argparse.SUPPRESS)
     settings.add_flags(p, common=False)
     p.set_defaults(handler="mount.cmd_mount", directories={"cache_dir": WRITE})
 

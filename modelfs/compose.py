@@ -97,10 +97,11 @@ def fetch_policy(settings: ResolvedSettings) -> FetchPolicy:
                        verify=settings.verify)
 
 
-def model_view(settings: ResolvedSettings) -> View:
+def model_view(settings: ResolvedSettings, within: View | None = None) -> View:
     """The files a mount serves, a pull fetches and an extract writes (``--include`` /
-    ``--exclude``, doc/CONFIGURATION.md "Selective views"): the same for all three."""
-    return View.of(settings.include, settings.exclude)
+    ``--exclude``, doc/CONFIGURATION.md "Selective views"): the same for all three; ``within``
+    a view this one may only narrow (a CSI pod's, the node's)."""
+    return View.of(settings.include, settings.exclude, within)
 
 
 def trust_policy(settings: ResolvedSettings, reference: Reference, verifying: bool = False) -> signing.Policy:

@@ -172,16 +172,15 @@ def parse_patterns(value: Any, where: str) -> list[str]:
     """View patterns (gitignore lines, :mod:`modelfs.formats.view`): one from a flag or an fstab
     option (repeated for more), a list in the config file; each refused in one line if it is no
     pattern or matches nothing."""
-    from .formats.view import check_pattern  # pathspec only when a view is given
+    from .formats.view import check_patterns  # formats/ only when a view is given: settings stays a leaf
     items = value if isinstance(value, list) else [value]
     if not all(isinstance(item, str) for item in items):
         raise ConfigError(f"{where} must be a pattern or a list of them")
     try:
-        for item in items:
-            check_pattern(item, where)
+        check_patterns(items, where)
     except InvalidPattern as exc:
         raise ConfigError(str(exc)) from None
-    return [item.strip() for item in items]
+    return list(items)  # as given: the pattern's own rules trim it (an escaped trailing space stays)
 
 
 def parse_text(value: Any, where: str) -> str:
@@ -321,7 +320,8 @@ def fstab_flags(option: str) -> list[str]:
         raise ConfigError(f"unknown mount option {option!r}")
     if has_value:
         setting.parse(value, f"-o {key}")  # a mistake named as the fstab line has it, not as the flag
-    return [setting.flag] if setting.switch else [setting.flag, value]
+    # one argument, '--flag=value': a value may start with '-' (an --exclude pattern '-draft.bin')
+    return [setting.flag] if setting.switch else [f"{setting.flag}={value}"]
 
 
 def resolve(name: str, given: Any, config: Any, host: str | None = None, scope: str | None = None) -> Any:

@@ -20,6 +20,7 @@ from ..mount.fetcher import BlobReader, Fetcher
 from ..mount.tree import build_tree, listed_by_streaming
 from ..reference import parse
 from ..resolve import Model, describe, fetch_or_cached, held_whole, record
+from ..storage.cache import BlockCache
 from .base import settings_for, warn_offline
 from .output import Progress, label_column
 
@@ -66,11 +67,12 @@ async def cmd_pull(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, found.index)
             try:
+                if found.offline is not None and not view.everything:  # listing them must not try the network
+                    _require_held(session.cache, model, [layer for layer in model.manifest.layers
+                                                         if listed_by_streaming(layer)], found.offline)
                 layers = await _view_layers(model, fetcher, view)
                 if found.offline is not None:  # nothing to fetch if every blob is here and checked; else say why not
-                    if not held_whole(session.cache, model, layers):
-                        raise UnavailableError(f"{found.offline}; not every blob of it is in the cache, so it cannot "
-                                               "be pulled until the registry answers")
+                    _require_held(session.cache, model, layers, found.offline)
                     warn_offline(found.offline)
                     await check_signed_files(model, fetcher, view)  # its signed files still checked, from the cache
                     print(f"Pulled {model.reference} into {settings.cache_dir} (already complete there)")
@@ -99,6 +101,22 @@ async def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_held(cache: BlockCache, model: Model, layers: list[Descriptor], offline: str) -> None:
+    """Offline, every blob of ``layers`` whole and checked in the cache, or one line naming
+    those that are not (a wider view than the one pulled is the likely cause)."""
+    missing = [layer for layer in layers if not held_whole(cache, model, [layer])]
+    if missing:
+        raise UnavailableError(f"{offline}; not in the cache: {_blobs(missing)}, so it cannot be pulled until the "
+                               "registry answers")
+
+
+def _blobs(layers: list[Descriptor]) -> str:
+    """Blobs named for one line: their files where an annotation says, else their digests."""
+    names = [layer.filepath or layer.digest[:19] for layer in layers]
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return f"{len(names)} blob{'s' if len(names) > 1 else ''} ({', '.join(names[:3])}{more})"
+
+
 async def _view_layers(model: Model, fetcher: Fetcher, view: View) -> list[Descriptor]:
     """The layers a pull of ``view`` fetches: every one without a view; else the tree is built
     and checked over all layers, as a mount builds it, cut to the view, and its layers taken.
@@ -116,10 +134,11 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise ModelfsError(f"--output {args.output} is a file; name a directory (it is created if missing)")
     settings = settings_for(args, reference.registry, reference.repository)
+    view = model_view(settings)  # a bad view refused before the registry is asked
     cache = existing_cache(settings)
     async with open_registry(settings) as client:
         model, offline = await fetch_or_cached(client, cache, reference, trust=trust_policy(settings, reference))
         warn_offline(offline)
-        result = await extract(client, model, args.output, cache, model_view(settings))
+        result = await extract(client, model, args.output, cache, view)
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
     return 0

@@ -11,6 +11,7 @@ import traceback
 from dataclasses import replace
 from typing import NoReturn
 
+from ..compose import model_view
 from ..errors import MountError, parse_ready_failure
 from ..logfile import daemon_log_path
 from ..mount.daemon import MountOptions, run_foreground
@@ -22,8 +23,13 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     """Every mount setting resolved once, from the one table, for the reference's registry and
     repository (the daemon builds its parts from them: :mod:`modelfs.compose`)."""
     reference = parse(args.reference)
-    return MountOptions(reference=str(reference), mountpoint=args.mountpoint,
-                        settings=settings_for(args, reference.registry, reference.repository))
+    node_view = None
+    if args.view_narrows_config:  # the config's own view, the flags' left out (a CSI pod's: doc/KUBERNETES.md)
+        config_only = argparse.Namespace(**(vars(args) | {"include": None, "exclude": None}))
+        node_view = model_view(settings_for(config_only, reference.registry, reference.repository))
+    settings = settings_for(args, reference.registry, reference.repository)
+    model_view(settings, node_view)  # a bad view (too many patterns) refused before forking
+    return MountOptions(reference=str(reference), mountpoint=args.mountpoint, node_view=node_view, settings=settings)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -75,7 +75,7 @@ async def start(spec: VolumeSpec, cache_dir: str, credentials_dir: str) -> Start
     log_path = daemon_log_path(cache_dir, spec.target)
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "modelfs", "mount", "--foreground", "--ready-fd", str(write_end),
-            "--log-file", log_path, "--cache-dir", cache_dir, "--allow-other", *spec.mount_flags(),
+            "--log-file", log_path, "--cache-dir", cache_dir, "--allow-other", "--view-narrows-config", *spec.mount_flags(),
             spec.reference, spec.target]
     # The pod's credentials, and no one else's: not the node's `modelfs login` nor its Docker config.
     env = dict(os.environ, DOCKER_CONFIG=credentials_dir, XDG_CONFIG_HOME=credentials_dir)

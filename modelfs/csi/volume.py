@@ -11,12 +11,14 @@ from ``nodePublishSecretRef``: a ``kubernetes.io/dockerconfigjson`` secret as it
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import settings
 from ..errors import InvalidReferenceError, ModelfsError
+from ..formats.gitignore import trim
 from ..reference import parse
 
 # The volumeAttributes a pod may give besides ``reference``.
@@ -24,6 +26,7 @@ from ..reference import parse
 # the model): gitignore patterns, one per line (or separated by commas).
 PER_VOLUME_SETTINGS = ("prefetch", "timeout", "plain_http", "uid", "gid", "file_mode", "dir_mode", "include", "exclude")
 LIST_SETTINGS = ("include", "exclude")
+_UNESCAPED_COMMA = re.compile(r"(?<!\\),")
 # Keys kubelet adds itself (podInfoOnMount, ephemeral): accepted and not part of the volume.
 KUBELET_PREFIX = "csi.storage.k8s.io/"
 FS_TYPES = ("", "modelfs", "fuse.modelfs")
@@ -96,7 +99,9 @@ def _parse_setting(name: str, text: str) -> Any:
                 raise settings.ConfigError(f"{where} must be \"true\" or \"false\", not {text!r}")
             return text.strip().lower() == "true"
         if name in LIST_SETTINGS:
-            items = [item.strip() for line in text.splitlines() for item in line.split(",") if item.strip()]
+            # '\,' is a comma of the pattern (gitignore reads it as ','); each item as given, its
+            # own rules trim it (an escaped trailing space 'a\ ' stays)
+            items = [trim(item) for line in text.splitlines() for item in _UNESCAPED_COMMA.split(line) if item.strip()]
             return setting.parse(items or [text], where)
         if name in ("uid", "gid") and not text.strip().isdigit():
             raise settings.ConfigError(f"{where} must be a number: {text!r} is a name, and names of the node's users "

@@ -5,8 +5,8 @@ One decision, made here and nowhere else, for every command (``mount``, ``pull``
 :meth:`View.select` cuts a whole checked tree (:class:`~modelfs.formats.tree_check.TreeCheck`,
 which has already seen every layer: safety never depends on the view).
 
-The patterns are gitignore lines (the ``pathspec`` library's ``gitignore`` patterns, strictly
-last-match-wins: git's own exception, a file pattern outranking a directory's, would let
+The patterns are gitignore lines (:mod:`.gitignore`, matched in polynomial time), strictly
+last-match-wins (git's own exception, a file pattern outranking a directory's, would let
 ``!tokenizer/vocab.txt`` before ``tokenizer/`` keep the file): ``*`` does
 not cross ``/``, ``**`` does, a trailing ``/`` matches a directory and everything under it, a
 pattern without ``/`` matches the name at any depth, a leading ``/`` anchors it to the root,
@@ -30,35 +30,26 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from pathspec import PathSpec
-
 from ..errors import InvalidPattern
+from .gitignore import MAX_PATTERNS, Line, Lines, compile_line
 from .tree_check import DIRECTORY
 
 # llama.cpp's gguf-split names its pieces NAME-00001-of-00003.gguf (five digits each)
 _SPLIT = re.compile(r"(?P<stem>.+)-(?P<part>[0-9]{5})-of-(?P<count>[0-9]{5})\.gguf")
 
 
-def _compile(patterns: Sequence[str], where: str) -> PathSpec | None:
-    """The gitignore spec of ``patterns``; each one must match something (a blank line or a
-    comment would silently match nothing)."""
-    if not patterns:
-        return None
-    for pattern in patterns:
-        check_pattern(pattern, where)
-    return PathSpec.from_lines("gitignore", list(patterns))
+def _compile(patterns: Sequence[str], where: str) -> tuple[Line, ...]:
+    """The compiled lines of ``patterns``, each refused in one line if it is no gitignore line
+    or matches nothing (a blank line, a comment); at most MAX_PATTERNS of them."""
+    if len(patterns) > MAX_PATTERNS:
+        raise InvalidPattern(f"{where}: {len(patterns):,} patterns; at most {MAX_PATTERNS:,} are taken")
+    return tuple(compile_line(pattern, where) for pattern in patterns)
 
 
-def check_pattern(pattern: str, where: str) -> None:
-    """Refuse, in one line, a pattern that is no gitignore line or one that matches nothing."""
-    text = pattern.strip()
-    try:
-        compiled = PathSpec.from_lines("gitignore", [text]).patterns if text else []
-    except (ValueError, IndexError) as exc:  # pathspec's GitIgnorePatternError is a ValueError
-        raise InvalidPattern(f"{where}: {pattern!r} is not a gitignore pattern ({exc})") from None
-    if not compiled or compiled[0].include is None:
-        raise InvalidPattern(f"{where}: {pattern!r} matches nothing (blank, or a # comment); "
-                             "give a gitignore pattern like '*.gguf' or 'tokenizer/'")
+def check_patterns(patterns: Sequence[str], where: str) -> None:
+    """Refuse, in one line, a pattern that is no gitignore line or one that matches nothing,
+    and more than MAX_PATTERNS of them: the check every surface (flag, fstab, config, CSI) makes."""
+    _compile(patterns, where)
 
 
 def _names(path: str) -> tuple[str, ...]:
@@ -71,16 +62,10 @@ def _names(path: str) -> tuple[str, ...]:
     return (path, f"{stem}-00001-of-{split.group('count')}.gguf", f"{stem}.gguf")
 
 
-def _matches(spec: PathSpec | None, names: Iterable[str]) -> bool:
-    """Whether ``spec``'s last matching line, over every name of one file, is a positive one."""
-    if spec is None:
-        return False
-    last: tuple[int, bool] | None = None
-    for name in names:
-        result = spec.check_file(name)
-        if result.index is not None and (last is None or result.index > last[0]):
-            last = (result.index, bool(result.include))
-    return last is not None and last[1]
+def _matches(lines: Lines, names: Iterable[str]) -> bool:
+    """Whether the last line that matches any name of one file is a positive one."""
+    last = max(lines.last_match(name) for name in names)
+    return last >= 0 and not lines.lines[last].negated
 
 
 @dataclass(frozen=True)
@@ -89,26 +74,31 @@ class View:
 
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    _included: PathSpec | None = field(default=None, init=False, repr=False, compare=False)
-    _excluded: PathSpec | None = field(default=None, init=False, repr=False, compare=False)
+    # a view this one only narrows (the node's, under a CSI pod's: doc/KUBERNETES.md): a path
+    # is kept only if both keep it, whatever either's patterns say
+    within: View | None = None
+    _included: Lines = field(default=Lines(()), init=False, repr=False, compare=False)
+    _excluded: Lines = field(default=Lines(()), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_included", _compile(self.include, "--include"))
-        object.__setattr__(self, "_excluded", _compile(self.exclude, "--exclude"))
+        object.__setattr__(self, "_included", Lines(_compile(self.include, "--include")))
+        object.__setattr__(self, "_excluded", Lines(_compile(self.exclude, "--exclude")))
 
     @classmethod
-    def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None) -> View:
-        return cls(tuple(p.strip() for p in include or ()), tuple(p.strip() for p in exclude or ()))
+    def of(cls, include: Sequence[str] | None, exclude: Sequence[str] | None, within: View | None = None) -> View:
+        return cls(tuple(include or ()), tuple(exclude or ()), within)  # as given: a trailing '\\ ' is part of a name
 
     @property
     def everything(self) -> bool:
         """No pattern: the whole model, its empty directories included."""
-        return not self.include and not self.exclude
+        return not self.include and not self.exclude and (self.within is None or self.within.everything)
 
     def keeps(self, path: str) -> bool:
         """Whether the file or symlink at ``path`` (clean, relative) is in the view."""
         if self.everything:
             return True
+        if self.within is not None and not self.within.keeps(path):
+            return False
         names = _names(path)
         if self.include and not _matches(self._included, names):
             return False

@@ -22,6 +22,7 @@ import trio
 
 from ..compose import Session, TrustedModel, model_view, open_session
 from ..errors import MountError, ready_failure, user_error
+from ..formats.view import View
 from ..reference import parse
 from ..resolve import Model, record
 from ..resolved import ResolvedSettings
@@ -50,6 +51,7 @@ class MountOptions:
     mountpoint: str
     settings: ResolvedSettings
     ready_fd: int | None = None  # where to report READY or the failure (``modelfs mount`` and the CSI plugin)
+    node_view: View | None = None  # the config's view, which the flags' only narrow (a CSI pod's volume)
     read_ahead_kb: int = 4096  # the kernel's read-ahead for the mount: 1 MiB reads instead of 128 KiB
     max_tasks: int = 64  # FUSE requests pyfuse3 serves at once
 
@@ -216,7 +218,7 @@ async def serve(options: MountOptions) -> None:
                 log.warning("--verify lazy: bytes of blobs without a trusted block index are served before "
                             "they are checked; a corrupt range can reach readers until its blob completes")
             readers = FileReaders(fetcher)
-            tree = await build_tree(model, readers, model_view(settings))
+            tree = await build_tree(model, readers, model_view(settings, options.node_view))
             readers.gate = gate_for(model.verdict, tree)  # before anything is served
             record(session.cache, model, index.data if index else b"")
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
