@@ -6,7 +6,9 @@ processes (a read blocked in FUSE holds its process in the kernel until answered
 from __future__ import annotations
 
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import daemon_alive, daemon_pid
+from conftest import daemon_pid
+from proxy import stop_listening
 
 from modelfs.mount.status import status_path
 
@@ -33,10 +36,20 @@ READER = ("import mmap, os, sys\n"
           "    print('error', exc.errno, flush=True)\n")
 
 
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie its reaper has not collected yet has: this host's
+    init reaps the daemons ``modelfs mount`` leaves behind a second or two late)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _wait_gone(pid: int, seconds: float) -> float | None:
     """Seconds until ``pid`` exited (None: still running after ``seconds``)."""
     started = time.monotonic()
-    while daemon_alive(pid):
+    while not _exited(pid):
         if time.monotonic() - started > seconds:
             return None
         time.sleep(0.02)
@@ -80,7 +93,7 @@ def test_sigterm_stops_a_daemon_with_a_read_waiting_on_a_trickling_registry(lazy
         said, _ = reader.communicate(timeout=5)  # answered at once: an error, never bytes it did not get
         assert said.startswith("error"), said
     finally:
-        if daemon_alive(pid):  # the old code: release the reader, held in the kernel until the daemon answers
+        if not _exited(pid):  # the old code: release the reader, held in the kernel until the daemon answers
             os.kill(pid, signal.SIGKILL)
         reader.kill()
         reader.wait()
@@ -101,7 +114,7 @@ def test_exit_of_a_lazily_unmounted_daemon_leaves_the_new_mount_at_its_point_alo
         os.kill(old, signal.SIGTERM)
         assert _wait_gone(old, 6) is not None
         time.sleep(0.3)  # the new mount's daemon would be ending now if its mount had been detached
-        assert _mounted(target) and daemon_alive(new)
+        assert _mounted(target) and not _exited(new)
         assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
     finally:
         os.close(held)
@@ -110,12 +123,130 @@ def test_exit_of_a_lazily_unmounted_daemon_leaves_the_new_mount_at_its_point_alo
 
 
 def test_the_exit_deadline_gives_up_on_a_stuck_thread_and_is_disarmed_by_a_clean_exit():
-    """The last bound: a thread nothing interrupts cannot hold the process past it."""
-    from modelfs.mount import shutdown
+    """The last bound: armed at the stop (the earliest arming stands), disarmed once all ended."""
+    from modelfs.mount.shutdown import ExitDeadline
     exits: list[int] = []
     fired = threading.Event()
-    shutdown.bound_exit(0.05, 7, lambda code: (exits.append(code), fired.set()))
+    deadline = ExitDeadline(lambda code: (exits.append(code), fired.set()))
+    deadline.arm(0.05, 7)
+    deadline.arm(0.01, 1)  # a later arming changes nothing
     assert fired.wait(2) and exits == [7]
-    shutdown.bound_exit(0.05, 0, exits.append).cancel()
+    clean = ExitDeadline(exits.append)
+    clean.arm(0.05, 0)
+    clean.disarm()
     time.sleep(0.2)
     assert exits == [7]
+
+
+def test_umount_l_alone_ends_the_daemon_once_its_last_reader_is_done(faulty, mounts, minilm_ref, registry):
+    """No signal: after ``umount -l`` the daemon serves the reads of files still open, and exits
+    by itself once the last one is closed (the FUSE connection is gone), prefetch or not."""
+    faulty.stall_seconds = 0.5
+    target, pid = mounts.mount_daemon(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "all",
+                                      "--timeout", "30")
+    faulty.persistent = "stall"
+    reader = _reader(target, 60 * MiB)
+    try:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+        mounts.active.remove(target)
+        said, _ = reader.communicate(timeout=10)
+        assert said.split() == ["read", str(MiB)], said
+        took = _wait_gone(pid, 6)
+        assert took is not None and took < 3, f"daemon still running {took or 6:.1f}s after its last reader left"
+        assert not os.path.exists(status_path(str(target)))
+    finally:
+        if not _exited(pid):
+            os.kill(pid, signal.SIGKILL)
+        reader.kill()
+        reader.wait()
+        faulty.persistent = None
+
+
+class SynDroppingProxy:
+    """A loopback forwarder to the registry that, after :meth:`drop_new`, accepts no connection
+    and keeps its accept queue full: a new connect hangs in SYN retries, as to a host whose
+    packets are dropped (connections made before keep forwarding). A worker thread in
+    ``connect()`` has no socket a transfer's abort could shut down."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=1)
+        self.address = f"127.0.0.1:{self._server.getsockname()[1]}"
+        self._dropping = threading.Event()
+        self._queued: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._dropping.is_set():
+            if not select.select([self._server], [], [], 0.05)[0] or self._dropping.is_set():
+                continue
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(1 << 20):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def drop_new(self) -> None:
+        self._dropping.set()
+        time.sleep(0.1)  # the accept loop has stopped
+        host, port = self._server.getsockname()
+        for _ in range(8):  # fill the accept queue: the first connect that does not complete finds it full
+            sock = socket.socket()
+            sock.settimeout(0.3)
+            try:
+                sock.connect((host, port))
+            except OSError:
+                sock.close()
+                return
+            self._queued.append(sock)
+        raise AssertionError("the accept queue never filled")
+
+    def close(self) -> None:
+        stop_listening(self._server)
+        for sock in self._queued:
+            sock.close()
+
+
+def test_sigterm_exits_within_its_bound_while_a_worker_hangs_in_connect(registry, mounts, minilm_ref, cli):
+    """The last bound, with real parts: the registry's host stops answering SYNs, a read's
+    worker thread hangs in ``connect()`` for the socket timeout (30 s), which no abort can cut
+    short; SIGTERM still ends the daemon within the grace plus the exit bound (3 s), the mount
+    gone and the status file removed."""
+    proxy = SynDroppingProxy(registry.port)
+    try:
+        target, pid = mounts.mount_daemon(minilm_ref.replace(registry.address, proxy.address), "--prefetch", "none",
+                                          "--timeout", "30")
+        proxy.drop_new()
+        reader = _reader(target, 60 * MiB)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            took = _wait_gone(pid, 8)
+            assert took is not None and took < 4, f"daemon still running {took or 8:.1f}s after SIGTERM"
+            assert not _mounted(target)
+            mounts.active.remove(target)
+            assert not os.path.exists(status_path(str(target)))
+            log = "".join(path.read_text() for path in (cli.cache_dir / "logs").iterdir())
+            assert "exiting without waiting" in log
+        finally:
+            if not _exited(pid):
+                os.kill(pid, signal.SIGKILL)
+            reader.kill()
+            reader.wait()
+    finally:
+        proxy.close()

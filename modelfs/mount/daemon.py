@@ -202,6 +202,7 @@ async def serve(options: MountOptions) -> None:
         model, index = found.model, found.index
         if model.verdict is not None and not model.verdict.met:
             report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
+        deadline = shutdown.ExitDeadline()
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, index)
             log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
@@ -218,13 +219,13 @@ async def serve(options: MountOptions) -> None:
                                       settings.file_mode, settings.dir_mode, settings.allow_other)
             ops = ModelFS(tree, readers, str(model.reference), permissions)
             try:
-                await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline)
+                await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline, deadline)
             except BaseException:
-                deadline = shutdown.bound_exit(shutdown.EXIT_SECONDS, 1)
+                deadline.arm(shutdown.EXIT_SECONDS, 1)
                 raise
             # the mount is gone: its tasks get a bounded time to end (a thread nothing interrupts is left behind)
-            deadline = shutdown.bound_exit(shutdown.EXIT_SECONDS, 0)
-        deadline.cancel()
+            deadline.arm(shutdown.EXIT_SECONDS, 0)
+        deadline.disarm()
         c = fetcher.stats
         log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
                  "%d block buffers, used %d more times", options.mountpoint, c.reads, c.read_errors, c.bytes_fetched,
@@ -232,7 +233,7 @@ async def serve(options: MountOptions) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
-                       options: MountOptions, model: Model, offline: str | None) -> None:
+                       options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
@@ -247,7 +248,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
     fuse_loop = trio.CancelScope()  # pyfuse3.main's: a stop signal cancels its requests in flight after a grace
     try:
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
-        nursery.start_soon(shutdown.watch_signals, fuse_loop, sd_notify)
+        nursery.start_soon(shutdown.watch_signals, fuse_loop, sd_notify, deadline)
         nursery.start_soon(release_replaced_files, cache)
         if options.settings.prefetch == "all":
             nursery.start_soon(_prefetch, fetcher, readers.every(tree), options.settings.cache_max_size)

@@ -13,7 +13,7 @@ of a stuck mount) and expects it gone in seconds. Three things could hold it:
     aborts its transfer (its socket shut down: :mod:`.transfers`), so the worker threads
     return at once. A thread nothing can interrupt (hashing a blob whole, a write to a
     hung disk) is waited for at most :data:`EXIT_SECONDS`, then abandoned with the process
-    (:func:`bound_exit`): by then the mount is gone and the status file removed.
+    (:class:`ExitDeadline`): by then the mount is gone and the status file removed.
 3.  The unmount at exit unmounts the daemon's own mount only (:func:`unmount_own`): after an
     ``umount -l`` the mount point may hold another mount already (kubelet publishing the
     volume again), which the old daemon's exit must leave alone.
@@ -43,14 +43,32 @@ STOP_GRACE_SECONDS = 1.0
 EXIT_SECONDS = 2.0
 
 
-async def watch_signals(fuse_loop: trio.CancelScope, notify: Callable[[str], None],
+class ExitDeadline:
+    """The one bound on a stopping daemon: armed when the stop begins (a signal, or the FUSE
+    loop ending), disarmed once the mount's tasks have all ended; the earliest arming stands."""
+
+    def __init__(self, exit_now: Callable[[int], object] = os._exit) -> None:
+        self._exit_now = exit_now
+        self._timer: threading.Timer | None = None
+
+    def arm(self, seconds: float, code: int) -> None:
+        if self._timer is None:
+            self._timer = bound_exit(seconds, code, self._exit_now)
+
+    def disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+async def watch_signals(fuse_loop: trio.CancelScope, notify: Callable[[str], None], deadline: ExitDeadline,
                         grace: float = STOP_GRACE_SECONDS) -> None:
     """On SIGTERM, SIGINT or SIGHUP end the FUSE loop (``fuse_loop``: the scope ``pyfuse3.main``
     runs in): no new request is taken; those in flight are cancelled after ``grace`` seconds,
-    or at a second signal."""
+    or at a second signal. The process is gone within ``grace`` + :data:`EXIT_SECONDS`."""
     with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
         async for signum in signals:
             log.info("received %s; unmounting", signal.Signals(signum).name)
+            deadline.arm(grace + EXIT_SECONDS, 0)
             notify("STOPPING=1")
             pyfuse3.terminate()
             break
