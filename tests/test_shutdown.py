@@ -66,7 +66,7 @@ def _reader(target: Path, offset: int) -> subprocess.Popen:
     reader = subprocess.Popen([sys.executable, "-c", READER, str(target / "model.safetensors"), str(offset)],
                               stdout=subprocess.PIPE, text=True)
     assert reader.stdout is not None and reader.stdout.readline().strip() == "open"
-    time.sleep(0.5)  # in the read now, waiting on a block that trickles
+    time.sleep(0.5)  # in the read now, waiting on the daemon for a block that is slow to come
     assert reader.poll() is None
     return reader
 
@@ -140,7 +140,8 @@ def test_the_exit_deadline_gives_up_on_a_stuck_thread_and_is_disarmed_by_a_clean
 
 def test_umount_l_alone_ends_the_daemon_once_its_last_reader_is_done(faulty, mounts, minilm_ref, registry):
     """No signal: after ``umount -l`` the daemon serves the reads of files still open, and exits
-    by itself once the last one is closed (the FUSE connection is gone), prefetch or not."""
+    by itself once the last one is closed (the FUSE connection is gone), prefetch or not.
+    (A guard: the old code did this too.)"""
     faulty.stall_seconds = 0.5
     target, pid = mounts.mount_daemon(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "all",
                                       "--timeout", "30")
@@ -236,8 +237,8 @@ def test_sigterm_exits_within_its_bound_while_a_worker_hangs_in_connect(registry
         reader = _reader(target, 60 * MiB)
         try:
             os.kill(pid, signal.SIGTERM)
-            took = _wait_gone(pid, 8)
-            assert took is not None and took < 4, f"daemon still running {took or 8:.1f}s after SIGTERM"
+            took = _wait_gone(pid, 8)  # 3 s by design (grace + exit bound); the rest is slack for a loaded host
+            assert took is not None and took < 5, f"daemon still running {took or 8:.1f}s after SIGTERM"
             assert not _mounted(target)
             mounts.active.remove(target)
             assert not os.path.exists(status_path(str(target)))
