@@ -196,13 +196,13 @@ async def serve(options: MountOptions) -> None:
     # after a mount point (its status, its log) all key on, however the user reached it
     options = replace(options, mountpoint=table.resolve(options.mountpoint))
     settings = options.settings
+    deadline = shutdown.ExitDeadline()  # armed when the mount ends: the rest of the teardown is bounded
     # a daemon waits for its registry (systemd or the CSI plugin started it for the long run)
     async with open_session(settings, reference, fail_fast=False) as session:
         found = await resolve_for_mount(session)
         model, index = found.model, found.index
         if model.verdict is not None and not model.verdict.met:
             report_note(options.ready_fd, f"signatures = warn: {model.verdict.summary()}")
-        deadline = shutdown.ExitDeadline()
         async with trio.open_nursery() as nursery:
             fetcher = session.fetcher(nursery, index)
             log.info("data path: %d worker threads receive, check and store blocks (%d cores available)",
@@ -225,11 +225,11 @@ async def serve(options: MountOptions) -> None:
                 raise
             # the mount is gone: its tasks get a bounded time to end (a thread nothing interrupts is left behind)
             deadline.arm(shutdown.EXIT_SECONDS, 0)
-        deadline.disarm()
         c = fetcher.stats
         log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
                  "%d block buffers, used %d more times", options.mountpoint, c.reads, c.read_errors, c.bytes_fetched,
                  c.requests, c.retries, fetcher.buffers.created, fetcher.buffers.reused)
+    deadline.disarm()
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
