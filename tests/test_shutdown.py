@@ -5,6 +5,7 @@ processes (a read blocked in FUSE holds its process in the kernel until answered
 
 from __future__ import annotations
 
+import hashlib
 import os
 import select
 import signal
@@ -61,6 +62,13 @@ def _mounted(target: Path) -> bool:
         return any(line.split()[4] == str(target) for line in handle)
 
 
+@pytest.fixture(scope="module")
+def weights_digest(minilm_dir) -> str:
+    """The weights' blob (a raw layer: its digest is the file's), the one blob faults are put on:
+    the mount, and prefetch of the small files, go on undisturbed."""
+    return "sha256:" + hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+
+
 def _reader(target: Path, offset: int) -> subprocess.Popen:
     """A process in the middle of a read of ``model.safetensors`` at ``offset``."""
     reader = subprocess.Popen([sys.executable, "-c", READER, str(target / "model.safetensors"), str(offset)],
@@ -73,13 +81,13 @@ def _reader(target: Path, offset: int) -> subprocess.Popen:
 
 @pytest.mark.parametrize("lazy", [True, False], ids=["after-umount-l", "mounted"])
 def test_sigterm_stops_a_daemon_with_a_read_waiting_on_a_trickling_registry(lazy, faulty, mounts, minilm_ref,
-                                                                            registry):
+                                                                            registry, weights_digest):
     """The benchmark's teardown: a loader reading through the mount, prefetch running, the
     registry slow; ``umount -l``, then SIGTERM. The daemon waited for the read's --timeout
     (30 s) before it even cancelled its transfers; now it is gone within a second or two."""
+    faulty.only, faulty.persistent = weights_digest, "trickle"  # from the start: prefetch cannot fetch the block first
     target, pid = mounts.mount_daemon(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "all",
                                       "--timeout", "30")
-    faulty.persistent = "trickle"
     reader = _reader(target, 60 * MiB)
     try:
         if lazy:
@@ -138,14 +146,15 @@ def test_the_exit_deadline_gives_up_on_a_stuck_thread_and_is_disarmed_by_a_clean
     assert exits == [7]
 
 
-def test_umount_l_alone_ends_the_daemon_once_its_last_reader_is_done(faulty, mounts, minilm_ref, registry):
+def test_umount_l_alone_ends_the_daemon_once_its_last_reader_is_done(faulty, mounts, minilm_ref, registry,
+                                                                     weights_digest):
     """No signal: after ``umount -l`` the daemon serves the reads of files still open, and exits
     by itself once the last one is closed (the FUSE connection is gone), prefetch or not.
     (A guard: the old code did this too.)"""
     faulty.stall_seconds = 0.5
+    faulty.only, faulty.persistent = weights_digest, "stall"
     target, pid = mounts.mount_daemon(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "all",
                                       "--timeout", "30")
-    faulty.persistent = "stall"
     reader = _reader(target, 60 * MiB)
     try:
         subprocess.run(["umount", "-l", str(target)], check=True)
