@@ -107,7 +107,7 @@ def bound_exit(seconds: float, code: int, exit_now: Callable[[int], object] = os
     stderr (the daemon's log): the logging locks may be held by the thread it gives up on."""
     def give_up() -> None:
         busy = sorted(t.name for t in threading.enumerate() if t is not threading.current_thread() and t.is_alive())
-        line = (f"modelfs: still running {seconds:g}s after the mount ended ({', '.join(busy) or 'nothing'}); "
+        line = (f"modelfs: still running {seconds:g}s after the stop began ({', '.join(busy) or 'nothing'}); "
                 "exiting without waiting\n")
         try:
             os.write(2, line.encode("utf-8", "backslashreplace"))
