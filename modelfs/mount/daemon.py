@@ -4,14 +4,14 @@
 waits for it to report on a pipe, so its exit status says whether the mount is live (and a
 failure's message is printed where the user typed the command). Under systemd
 (``--foreground``, ``Type=notify``) readiness goes to ``$NOTIFY_SOCKET`` instead.
-SIGTERM/SIGINT terminate the FUSE loop and unmount cleanly.
+SIGTERM/SIGINT terminate the FUSE loop and unmount cleanly, promptly whatever is in flight
+(:mod:`.shutdown`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -27,7 +27,7 @@ from ..reference import parse
 from ..resolve import Model, record
 from ..resolved import ResolvedSettings
 from ..storage.cache import PRUNE_TO, BlockCache, prune
-from . import status, table
+from . import shutdown, status, table
 from .binding import FileReaders
 from .fetcher import BlobReader, Fetcher
 from .filecheck import gate_for
@@ -175,15 +175,6 @@ async def release_replaced_files(cache: BlockCache, interval: float = 1.0) -> No
             log.info("let go of %d cache files removed by another process", released)
 
 
-async def _watch_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            log.info("received %s; unmounting", signal.Signals(signum).name)
-            sd_notify("STOPPING=1")
-            pyfuse3.terminate()
-            return
-
-
 async def resolve_for_mount(session: Session) -> TrustedModel:
     """The model to serve and its block index. A GPU host rebooting while its registry is
     down still mounts a model it has cached: the manifest and config recorded at the last
@@ -204,6 +195,7 @@ async def serve(options: MountOptions) -> None:
     # after a mount point (its status, its log) all key on, however the user reached it
     options = replace(options, mountpoint=table.resolve(options.mountpoint))
     settings = options.settings
+    deadline = shutdown.ExitDeadline()  # armed when the mount ends: the rest of the teardown is bounded
     # a daemon waits for its registry (systemd or the CSI plugin started it for the long run)
     async with open_session(settings, reference, fail_fast=False) as session:
         found = await resolve_for_mount(session)
@@ -225,15 +217,22 @@ async def serve(options: MountOptions) -> None:
                                       os.getgid() if settings.gid is None else settings.gid,
                                       settings.file_mode, settings.dir_mode, settings.allow_other)
             ops = ModelFS(tree, readers, str(model.reference), permissions)
-            await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline)
+            try:
+                await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline, deadline)
+            except BaseException:
+                deadline.arm(shutdown.EXIT_SECONDS, 1)
+                raise
+            # the mount is gone: its tasks get a bounded time to end (a thread nothing interrupts is left behind)
+            deadline.arm(shutdown.EXIT_SECONDS, 0)
         c = fetcher.stats
         log.info("unmounted %s: %d reads (%d failed), %d bytes fetched in %d requests, %d retries; "
                  "%d block buffers, used %d more times", options.mountpoint, c.reads, c.read_errors, c.bytes_fetched,
                  c.requests, c.retries, fetcher.buffers.created, fetcher.buffers.reused)
+    deadline.disarm()
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
-                       options: MountOptions, model: Model, offline: str | None) -> None:
+                       options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
@@ -244,9 +243,11 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc} (is /dev/fuse available and fusermount3 installed?)") from None
+    device = shutdown.mount_device(mountpoint)
+    fuse_loop = trio.CancelScope()  # pyfuse3.main's: a stop signal cancels its requests in flight after a grace
     try:
         log.info("mounted %s at %s: %d files", what, mountpoint, len(tree.files()))
-        nursery.start_soon(_watch_signals)
+        nursery.start_soon(shutdown.watch_signals, fuse_loop, sd_notify, deadline)
         nursery.start_soon(release_replaced_files, cache)
         metadata = Metadata()
         if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
@@ -274,10 +275,11 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
 
         nursery.start_soon(status.keep_writing, collect, sd_notify)
         nursery.start_soon(announce_ready, mountpoint, options, offline)
-        await pyfuse3.main(max_tasks=options.max_tasks)
+        with fuse_loop:
+            await pyfuse3.main(max_tasks=options.max_tasks)
     finally:
         nursery.cancel_scope.cancel()
-        pyfuse3.close(unmount=True)
+        shutdown.unmount_own(mountpoint, device)
 
 
 # Worker threads release the GIL for every receive, hash and write, and must get it back to
