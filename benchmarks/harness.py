@@ -104,9 +104,17 @@ class Bench:
 
     def daemon_problems(self) -> list[str]:
         """Warnings and errors the mount daemons logged during the run (a clean run has none)."""
-        found = []
+        found: list[str] = []
         for log in sorted((self.cli.cache_dir / "logs").glob("*.log")):
-            found += [line for line in log.read_text(errors="replace").splitlines() if " WARNING " in line or " ERROR " in line]
+            lines = log.read_text(errors="replace").splitlines()
+            for number, line in enumerate(lines):
+                if " WARNING " in line or " ERROR " in line:
+                    found.append(line)
+                    if " ERROR " in line:  # and its traceback, if one follows: the case for a bug report
+                        for after in lines[number + 1:number + 40]:
+                            if after[:4].isdigit():
+                                break
+                            found.append(after)
         return found
 
     def close(self) -> None:

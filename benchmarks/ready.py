@@ -369,7 +369,7 @@ def report(run: Run, args: argparse.Namespace, started: float, load: tuple[tuple
                   f"{pull['pull_link_busy'] * 100:.0f}%, amplification {pull['pull_amplification']:.3f}")
     problems = run.bench.daemon_problems()
     print(f"\ndaemon warnings and errors logged: {len(problems)}")
-    for line in problems[:10]:
+    for line in problems[:60]:
         print("   ", line[:300])
     return {"machine": machine, "load_average": load, "mount_options": args.mount_option, "size_bytes": run.models["llama"][1], "rate_MBps": args.rate,
             "results": run.results, "daemon_problems": problems}

@@ -18,8 +18,12 @@ import pytest
 import trio
 from conftest import free_port
 
+from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
+from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.mount.readback import ReadBacks
 from modelfs.mount.stats import Stats
+from modelfs.storage.cache import BlockCache
+from modelfs.testing.registry import FakeRegistry
 
 MiB = 1 << 20
 SIZE = 128 * MiB
@@ -167,5 +171,42 @@ def test_read_backs_are_single_flight_and_never_served_across_a_drop():
             nursery.start_soon(read, [5])
             nursery.start_soon(drop_meanwhile)
         assert got[-1] == {}
+
+    trio.run(main)
+
+
+def test_a_read_across_blocks_keeps_its_memory_block_while_the_other_is_read_back(tmp_path):
+    """A read of two blocks, one in memory and one read back from the cache: while it waits
+    for the read-back, the block in memory is pushed out of RecentBlocks (its buffer offered
+    for reuse, its view released). The read still gets exactly the blob's bytes (it was an
+    EIO, "operation forbidden on released memoryview object", in benchmarks.ready)."""
+    bs = 64 * 1024
+    fake = FakeRegistry()
+    data = os.urandom(2 * bs)
+    digest = fake.add_blob(data)
+    blake3 = ALGORITHMS["blake3"]
+    index = TrustedIndex(BlockIndex(bs, {digest: [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]}, "blake3"),
+                         True)
+    cache = BlockCache(str(tmp_path), block_size=bs)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, recent_blocks=1), index=index,
+                              range_reader=fake)
+            reader = fetcher.reader(digest, len(data))
+            await reader.ensure([0, 1])
+            fetcher.recent.drop(digest, [1])  # block 1 on disk only: read back on a worker
+            block = fetcher.buffers.take(bs)  # block 0 in memory, in a pooled buffer, as a fetch leaves it
+            block[:] = data[:bs]
+            fetcher.recent.put(digest, 0, block)
+            read_back = reader.readbacks.read
+
+            async def evicting(blocks: list[int]) -> dict:
+                fetcher.recent.put("sha256:" + "0" * 64, 0, fetcher.buffers.take(bs))  # pushes block 0 out
+                return await read_back(blocks)
+
+            reader.readbacks.read = evicting  # type: ignore[method-assign]
+            assert bytes(await reader.read(bs - 100, 200)) == data[bs - 100:bs + 100]
+            nursery.cancel_scope.cancel()
 
     trio.run(main)

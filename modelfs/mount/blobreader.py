@@ -144,7 +144,11 @@ class BlobReader(OfBlob):
         """Blocks ``first``-``last``, servable: from memory on the loop, the rest read back
         from the cache and checked on a worker (one thread call for all of them); None if
         one did not read back (damaged: dropped; gone meanwhile), so the caller looks again."""
-        parts = {index: self.blob.held(index) for index in range(first, last + 1)}
+        # Each block held in memory is taken as a view of this read's own: the read may wait
+        # below for the others, and meanwhile RecentBlocks may recycle its buffer, releasing
+        # the view it held (a released view is an error, never other bytes: a buffer is reused
+        # only once no view of it is alive, which this one prevents until the read is served).
+        parts = {index: _own(self.blob.held(index)) for index in range(first, last + 1)}
         wanted = [index for index, data in parts.items() if data is None]
         if wanted:
             self.ctx.stats.read_back_waits += 1
@@ -250,3 +254,8 @@ class BlobReader(OfBlob):
     def cached_fraction(self) -> float:
         """Held locally: on disk, or checked in memory."""
         return self.blob.cached_fraction()
+
+
+def _own(data: Block | None) -> Block | None:
+    """A view of ``data``'s buffer that only its taker releases."""
+    return memoryview(data) if isinstance(data, memoryview) else data
