@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 
 from conftest import SAMPLE_MODELFILE, Cli, Registry, daemon_pid, free_port  # noqa: E402
 
-__all__ = ["GiB", "HERE", "SAMPLE_MODELFILE", "Bench", "Cli", "MiB", "Registry", "drop_page_cache", "free_port", "peak_rss",
+__all__ = ["GiB", "HERE", "answers", "SAMPLE_MODELFILE", "Bench", "Cli", "MiB", "Registry", "drop_page_cache", "free_port", "peak_rss",
            "read_file", "timed", "write_safetensors"]
 
 MiB = 1 << 20
@@ -34,6 +34,17 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
+
+
+def answers(url: str, tries: int = 100) -> bool:
+    """Whether ``url`` answers within ``tries`` looks 50 ms apart (a front just started)."""
+    for _ in range(tries):
+        try:
+            httpx.get(url, timeout=1)
+            return True
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    return False
 
 
 def timed(fn) -> float:

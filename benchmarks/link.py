@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+from benchmarks.harness import answers
 
 SAMPLE_S = 0.05
 QUIET_BYTES = 4096  # growth per sample below this is not data (neighbour discovery, a stray ack)
@@ -147,13 +147,8 @@ http {{
   }}
 }}""")
         self.process = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                httpx.get(f"http://{listen}/v2/", timeout=1)
-                return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
+        if answers(f"http://{listen}/v2/"):
+            return
         self.stop()
         raise RuntimeError(f"nginx did not start: {(work / 'front.err').read_text(errors='replace')}")
 

@@ -25,8 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from benchmarks import cpu, smallreads
 from benchmarks.harness import (
     HERE,
@@ -34,6 +32,7 @@ from benchmarks.harness import (
     Bench,
     GiB,
     MiB,
+    answers,
     drop_page_cache,
     free_port,
     peak_rss,
@@ -77,13 +76,8 @@ http {{
   }}
 }}""")
         self.process = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(100):
-            try:
-                httpx.get(f"http://{self.address}/v2/", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.05)
-        raise RuntimeError("nginx did not start")
+        if not answers(f"http://{self.address}/v2/"):
+            raise RuntimeError("nginx did not start")
 
     @property
     def address(self) -> str:

@@ -47,21 +47,31 @@ class CountingProxy:
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
-        try:
-            while data := source.recv(1 << 20):
-                sink.sendall(data)
-                if count:
-                    with self._lock:
-                        self.downstream_bytes += len(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
+        pipe(source, sink, self._counted if count else None)
+        for sock in (source, sink):
+            sock.close()
+
+    def _counted(self, size: int) -> None:
+        with self._lock:
+            self.downstream_bytes += size
+
+
+def pipe(source: socket.socket, sink: socket.socket, counted=None) -> None:
+    """Bytes from ``source`` to ``sink`` until either end closes (each told of the bytes, if
+    ``counted``); then both shut down, so the other direction's pipe ends too."""
+    try:
+        while data := source.recv(1 << 20):
+            sink.sendall(data)
+            if counted:
+                counted(len(data))
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def close(self) -> None:
         self._stopping = True

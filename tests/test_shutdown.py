@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import daemon_pid
-from proxy import stop_listening
+from proxy import pipe, stop_listening
 
 from modelfs.mount.status import status_path
 
@@ -196,21 +196,7 @@ class SynDroppingProxy:
                 return
             upstream = socket.create_connection(self.upstream)
             for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(1 << 20):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (source, sink):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+                threading.Thread(target=pipe, args=(source, sink), daemon=True).start()
 
     def drop_new(self) -> None:
         self._dropping.set()

@@ -178,33 +178,28 @@ class Staging:
     def copy(self, source: str, path: str) -> None:
         """A hard link becomes a copy of a regular file staged earlier (the tree check says
         it is one), opened without following any link."""
-        cursor = Cursor(self.tree_fd)
-        try:
-            parent, _, name = source.rpartition("/")
-            for part in parent.split("/") if parent else ():
-                cursor.down(part)
-            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cursor.fd)
-        finally:
-            cursor.close()
-        with os.fdopen(src, "rb") as reader:
+        with os.fdopen(self._open_staged(source), "rb") as reader:
             info = os.fstat(reader.fileno())
             if not stat.S_ISREG(info.st_mode):
                 raise UnsafePathError(f"hard link to {source!r}, which is not a regular file")
             with self.new_file(path, stat.S_IMODE(info.st_mode)) as out:
                 shutil.copyfileobj(reader, out, 1 << 20)
 
-    @contextmanager
-    def staged_file(self, path: str) -> Iterator[BinaryIO]:
-        """A regular file of the staged tree opened to read, no link followed on the way."""
+    def _open_staged(self, path: str) -> int:
+        """A descriptor of the staged ``path``, opened to read, no link followed on the way."""
         cursor = Cursor(self.tree_fd)
         try:
             parent, _, name = path.rpartition("/")
             for part in parent.split("/") if parent else ():
                 cursor.down(part)
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cursor.fd)
+            return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cursor.fd)
         finally:
             cursor.close()
-        with os.fdopen(fd, "rb") as handle:
+
+    @contextmanager
+    def staged_file(self, path: str) -> Iterator[BinaryIO]:
+        """A regular file of the staged tree opened to read, no link followed on the way."""
+        with os.fdopen(self._open_staged(path), "rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
                 raise UnsafePathError(f"{path!r} is not a regular file")
             yield handle
