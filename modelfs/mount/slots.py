@@ -117,11 +117,30 @@ class RequestSlots:
 class _Held:
     def __init__(self, slots: RequestSlots, foreground: bool) -> None:
         self.slots, self.foreground = slots, foreground
+        self.holding = False
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> _Held:
         if not self.slots._take_lease():
             await self.slots.acquire(self.foreground)
+        self.holding = True
+        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
+        if self.holding:
+            self.holding = False
+            self.slots.release()
+
+    @asynccontextmanager
+    async def given_up(self) -> AsyncIterator[None]:
+        """The slot free for the block (a run backing off before its next attempt), taken
+        again after it, behind the waiters of its priority. Held through the backoff, a
+        prefetch run on a failing blob kept a read of another blob waiting through its whole
+        retry schedule (6 s with ``--workers 1``; a ``--timeout`` below that, an EIO)."""
+        self.holding = False
         self.slots.release()
+        try:
+            yield
+        finally:
+            await self.slots.acquire(self.foreground)
+            self.holding = True
