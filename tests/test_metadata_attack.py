@@ -108,3 +108,35 @@ async def test_headers_read_at_once_pin_no_more_than_the_bound(monkeypatch):
     assert result.state == "ready" and result.files == 10
     pinned = sum(len(recent.indexes(f.reader.digest)) for f in files)
     assert pinned * MiB <= 8 * MiB, f"{pinned} MiB pinned, bound 8"
+
+
+class _DataReader(_Reader):
+    """A blob holding ``data``, whose blocks are all servable; records what is read at once."""
+
+    def __init__(self, digest: str, data: bytes, recent: RecentBlocks) -> None:
+        super().__init__(digest, -(-len(data) // MiB), recent)
+        self.data = data
+        self.spans: list[int] = []
+
+    def block_length(self, index: int) -> int:
+        return min(MiB, len(self.data) - index * MiB)
+
+    async def blocks(self, first: int, last: int) -> list[memoryview]:
+        self.spans.append(last - first + 1)
+        await trio.lowlevel.checkpoint()
+        return [memoryview(self.data[i * MiB:(i + 1) * MiB]) for i in range(first, last + 1)]
+
+
+async def test_a_big_safetensors_header_is_fetched_and_pinned_never_joined_whole():
+    """The pass only fetches and pins a safetensors JSON header (up to 100 MB); it read it
+    into memory whole (the blocks joined, then sliced: twice its size a file, every file of
+    the model at once)."""
+    recent = RecentBlocks(capacity=4)
+    header = 6 * MiB - 8
+    data = struct.pack("<Q", header) + b" " * header + b"\0" * MiB
+    reader = _DataReader("sha256:" + "a" * 64, data, recent)
+    file = MetadataFile("model.safetensors", reader, 0, len(data))  # type: ignore[arg-type]
+    result = await fetch_metadata([file], metadata.Metadata())
+    assert result.state == "ready" and result.bytes == 6 * MiB
+    assert sorted(recent.indexes(reader.digest)) == list(range(6))
+    assert max(reader.spans) == 1, reader.spans

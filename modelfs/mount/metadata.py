@@ -71,19 +71,31 @@ class MetadataFile:
     size: int
     streamed: bool = False  # a member of a compressed layer: reading it streams the whole layer
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Bytes of the file, as a reader gets them but without moving its read-ahead (a
-        header read would otherwise fetch blocks past it): the blocks made servable with a
-        reader's priority, then taken from memory or the cache."""
+    async def fetch(self, offset: int, size: int) -> range:
+        """Make bytes of the file servable, as a reader would but without moving its
+        read-ahead (a header read would otherwise fetch blocks past it), with a reader's
+        priority; the blocks that hold them. Nothing is read into memory here: a header the
+        pass only fetches and pins (a safetensors JSON of up to 100 MB) is never joined whole."""
         size = min(size, self.size - offset)
         if size <= 0:
-            return b""
+            return range(0)
         start, reader = self.offset + offset, self.reader
         block_size = reader.blob.entry.block_size
         blocks = range(start // block_size, (start + size - 1) // block_size + 1)
         missing = [i for i in blocks if not reader.servable(i)]
         if missing:
             await reader.ensure(missing, foreground=True)
+        return blocks
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes of the file, as :meth:`fetch` makes them servable, then taken from memory or
+        the cache."""
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        start, reader = self.offset + offset, self.reader
+        block_size = reader.blob.entry.block_size
+        blocks = await self.fetch(offset, size)
         parts = await reader.blocks(blocks[0], blocks[-1])
         if parts is None:  # dropped or damaged meanwhile: the read path fetches it again
             return await reader.read(start, size)
@@ -293,10 +305,10 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
     async def one(file: MetadataFile, what: str) -> None:
         try:
             length = await header_length(what, file.read, file.size)
-            # the rest of it (a GGUF's parse read all of it)
-            data = await file.read(0, length) if what in ("whole", "index") else b""
-            if what == "safetensors":
-                await file.read(8, length - 8)
+            # the rest of it (a GGUF's parse read all of it); only an index's bytes are kept
+            data = await file.read(0, length) if what == "index" else b""
+            if what in ("whole", "safetensors"):
+                await file.fetch(0, length)
         except RegistryError as exc:  # the fetch gave up (the reads of those bytes will try again)
             result.error = str(exc)
             log.warning("metadata of %s not read ahead: %s", file.path, exc)
