@@ -4,6 +4,7 @@ Real-mount tests of the metadata pass: test_prefetch_mount.py."""
 
 from __future__ import annotations
 
+import json
 import struct
 import time
 from types import SimpleNamespace
@@ -13,6 +14,7 @@ import trio
 
 from modelfs.mount import metadata
 from modelfs.mount.metadata import MetadataFile, fetch_metadata, gguf_header_length
+from modelfs.mount.prefetch import shard_order
 from modelfs.mount.recent import RecentBlocks
 
 MiB = 1 << 20
@@ -54,7 +56,7 @@ async def test_a_gguf_of_millions_of_tiny_pairs_lets_the_loop_serve_and_is_bound
 
 
 async def test_gguf_items_are_capped(monkeypatch):
-    monkeypatch.setattr(metadata, "GGUF_ITEMS_MAX", 1000)
+    monkeypatch.setattr(metadata, "GGUF_ITEMS_MAX", 1000, raising=False)
     data = _empty_pairs(2000)
 
     async def read(offset: int, size: int) -> bytes:
@@ -140,3 +142,25 @@ async def test_a_big_safetensors_header_is_fetched_and_pinned_never_joined_whole
     assert result.state == "ready" and result.bytes == 6 * MiB
     assert sorted(recent.indexes(reader.digest)) == list(range(6))
     assert max(reader.spans) == 1, reader.spans
+
+
+async def test_indexes_are_parsed_within_a_bound_and_kept_as_their_shard_order(monkeypatch):
+    """A model of many big ``*.index.json`` (each up to 16 MiB, 1,024 files read ahead): each
+    was parsed and kept whole for the mount's life (a 9 MB index is some 100 MB of Python
+    objects). Now at most INDEX_BYTES_MAX are parsed, and of each only its shards' order kept."""
+    monkeypatch.setattr(metadata, "INDEX_BYTES_MAX", 250_000, raising=False)
+    recent = RecentBlocks(capacity=4)
+    files = []
+    for n in range(10):
+        weight_map = {f"layer.{i}.weight": f"model-{i % 3:05d}.safetensors" for i in range(2500)}
+        data = json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+        reader = _DataReader(f"sha256:{n:064x}", data, recent)
+        files.append(MetadataFile(f"m{n}/model.safetensors.index.json", reader, 0, len(data)))  # type: ignore[arg-type]
+    assert 90_000 < len(data) < 125_000
+    result = await fetch_metadata(files, metadata.Metadata())
+    assert result.state == "ready" and result.files == 10
+    assert len(result.indexes) == 2
+    assert all(parsed == {"weight_map": {f"model-{i:05d}.safetensors": f"model-{i:05d}.safetensors" for i in range(3)}}
+               for _, parsed in result.indexes)
+    where = result.indexes[0][0].split("/")[0]
+    assert shard_order(result.indexes[:1]) == [f"{where}/model-{i:05d}.safetensors" for i in range(3)]

@@ -53,6 +53,7 @@ GGUF_CHUNK = 1 << 20
 GGUF_ITEMS_MAX = 2_000_000  # beyond it, the header is read when asked for (not an error)
 GGUF_YIELD = 4096  # items parsed between two turns of the serving loop
 PIN_MAX = 512 << 20  # bytes of metadata blocks held in memory for the mount's life, at most
+INDEX_BYTES_MAX = 32 << 20  # bytes of *.index.json parsed in all (what prefetch orders by), at most
 
 SMALL_NAMES = ("config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
                "special_tokens_map.json", "preprocessor_config.json", "*.txt", "*.jinja")
@@ -112,7 +113,7 @@ class Metadata:
     files: int = 0
     bytes: int = 0
     seconds: float | None = None
-    indexes: list[tuple[str, object]] = field(default_factory=list)  # (path of a *.index.json, its JSON)
+    indexes: list[tuple[str, object]] = field(default_factory=list)  # (path of a *.index.json, :func:`shards_of` it)
     error: str = ""
 
     def line(self) -> str:
@@ -284,6 +285,17 @@ async def _gguf_value(cursor: _Cursor, value_type: int, depth: int = 0) -> None:
         raise ModelfsError(f"GGUF value type {value_type} unknown")
 
 
+def shards_of(data: bytes) -> dict[str, object]:
+    """What prefetch keeps of a ``*.index.json`` (on a worker: 9 MB for DeepSeek-V3's 90,000
+    tensors): its ``weight_map`` cut to each shard's first appearance, in order, so the mount
+    holds a few names a shard, not every tensor's (:func:`~.prefetch.shard_order`)."""
+    parsed = json.loads(data)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict):
+        return {}
+    return {"weight_map": {shard: shard for shard in weight_map.values() if isinstance(shard, str)}}
+
+
 def wanted(files: list[MetadataFile]) -> list[tuple[MetadataFile, str]]:
     """The files the pass reads, with what of each (see :func:`kind`)."""
     found = []
@@ -300,9 +312,12 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
     chosen = wanted(files)
     result.state = "fetching"
     started = time.monotonic()
-    room = PinRoom(PIN_MAX)
+    room, index_room = Room(PIN_MAX), Room(INDEX_BYTES_MAX)
 
     async def one(file: MetadataFile, what: str) -> None:
+        if what == "index" and not index_room.take(file.size):
+            log.info("%s not read ahead: indexes past %d bytes in all", file.path, INDEX_BYTES_MAX)
+            what = "whole"  # fetched and pinned, not parsed
         try:
             length = await header_length(what, file.read, file.size)
             # the rest of it (a GGUF's parse read all of it); only an index's bytes are kept
@@ -318,7 +333,7 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
             return
         if what == "index":
             try:
-                result.indexes.append((file.path, json.loads(data)))
+                result.indexes.append((file.path, await trio.to_thread.run_sync(shards_of, data)))
             except ValueError:
                 log.info("%s is not JSON; prefetch orders shards by name", file.path)
         result.files += 1
@@ -342,10 +357,10 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
 
 
 @dataclass
-class PinRoom:
-    """The bytes the pass may still pin, shared by its files: each block is counted when it is
-    pinned, after the wait for its bytes (a room read before that wait let every file of a
-    mount, running at once, pin up to the whole bound: ten 100 MB headers pinned 1 GB)."""
+class Room:
+    """Bytes the pass may still pin (or parse), shared by its files: each block is counted when
+    it is pinned, after the wait for its bytes (a room read before that wait let every file of
+    a mount, running at once, pin up to the whole bound: ten 100 MB headers pinned 1 GB)."""
 
     left: int
     pinned: int = 0
@@ -358,7 +373,7 @@ class PinRoom:
         return True
 
 
-async def pin(file: MetadataFile, length: int, room: PinRoom) -> int:
+async def pin(file: MetadataFile, length: int, room: Room) -> int:
     """Keep the blocks holding the first ``length`` bytes of ``file`` in memory (within
     ``room``); the bytes pinned."""
     reader = file.reader
