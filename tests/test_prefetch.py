@@ -7,6 +7,7 @@ real registry: test_prefetch_mount.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -14,6 +15,7 @@ import pytest
 import trio
 
 from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
+from modelfs.mount import slots as slots_module
 from modelfs.mount.context import ForegroundGate
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.mount.metadata import gguf_header_length, kind
@@ -89,9 +91,28 @@ async def test_reads_take_a_freed_request_slot_before_prefetch():
         await trio.sleep(0.001)
         nursery.start_soon(take, "read", True)
         await trio.sleep(0.001)
-        slots.release()
+        slots.release(False)
     assert order == ["read", "prefetch"]
-    assert slots.in_use == 0
+    assert slots.in_use == slots.background == 0
+
+
+async def test_a_read_overdraws_only_slots_background_runs_hold(monkeypatch):
+    """Past OVERDRAFT_AFTER a waiting read takes a slot beyond the total when prefetch holds
+    them, never when reads do: reads alone stay within the total."""
+    monkeypatch.setattr(slots_module, "OVERDRAFT_AFTER", 0.05)
+    slots = RequestSlots(1)
+    await slots.acquire(True)  # a read's run on the wire
+    with trio.move_on_after(0.3) as waited:
+        await slots.acquire(True)
+    assert waited.cancelled_caught and slots.in_use == 1
+    slots.release(True)
+    await slots.acquire(False)  # a prefetch run on the wire, stalled
+    with trio.fail_after(1):
+        await slots.acquire(True)
+    assert slots.in_use == 2 and slots.background == 1
+    slots.release(True)
+    slots.release(False)
+    assert slots.in_use == slots.background == 0
 
 
 def _gguf(pairs: int, tensors: int) -> bytes:
@@ -164,3 +185,74 @@ async def test_prefetch_turns_to_the_blob_a_process_reads_and_hands_every_run_ov
     assert len(landed) == sum(len(blocks) for blocks in prefetched.values())  # each block once
     assert prefetched[a] == prefetched[b] == set(range(40))
     assert set(range(40)) - prefetched[c] <= {20, 21}  # the read's block (and its read-ahead) came first
+
+
+async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_path):
+    """One request slot (``--workers 1``), a registry failing every range of the blob prefetch
+    is on (503s) and serving the others: prefetch's run held the slot through its whole
+    retry schedule (0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff), so a read of another blob waited
+    6 s, a --timeout below that an EIO. The slot is given up while the run backs off."""
+    bs = 64 << 10
+    fake = FakeRegistry()
+    blobs = [os.urandom(8 * bs) for _ in range(2)]
+    a, b = (fake.add_blob(data) for data in blobs)
+    fake.faults.fail(nth=None, digest=a)
+    blake3 = ALGORITHMS["blake3"]
+    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
+                                         for data in blobs}, "blake3"), True)
+    cache = BlockCache(str(tmp_path), block_size=bs)
+    async with trio.open_nursery() as nursery:
+        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1), index=index,
+                          range_reader=fake)
+        readers = [fetcher.reader(digest, 8 * bs) for digest in (a, b)]
+
+        async def prefetch() -> None:
+            with contextlib.suppress(Exception):  # it gives up on a in the end (a FetchError in a group)
+                await fetcher.prefetch(readers[:1])
+
+        nursery.start_soon(prefetch)
+        with trio.fail_after(10):
+            while not fake.ranges:  # noqa: ASYNC110 - the fake says nothing when a range starts
+                await trio.sleep(0.001)
+        await trio.sleep(0.05)  # prefetch's run failed once and backs off, in its slot
+        started = trio.current_time()
+        with trio.fail_after(10):
+            assert await readers[1].read(0, 100) == blobs[1][:100]
+        waited = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    fetcher.close()
+    cache.close()
+    assert waited < 0.3, f"the read waited {waited:.1f} s behind prefetch's retries"
+
+
+async def test_a_read_is_not_held_behind_prefetch_runs_a_registry_stalls(tmp_path):
+    """One request slot, a registry that stalls every range of the blob prefetch is on (the
+    connection open, no bytes): prefetch's run held the slot for the whole stall window (the
+    read timeout by default), so a read of another blob waited as long, and with it timed out
+    (an EIO). A read waiting past :data:`~modelfs.mount.slots.OVERDRAFT_AFTER` on slots that
+    background runs hold takes one past the total."""
+    bs = 64 << 10
+    fake = FakeRegistry()
+    blobs = [os.urandom(8 * bs) for _ in range(2)]
+    a, b = (fake.add_blob(data) for data in blobs)
+    fake.faults.stall(nth=None, digest=a)
+    blake3 = ALGORITHMS["blake3"]
+    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
+                                         for data in blobs}, "blake3"), True)
+    cache = BlockCache(str(tmp_path), block_size=bs)
+    async with trio.open_nursery() as nursery:
+        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1, timeout=5),
+                          index=index, range_reader=fake)
+        readers = [fetcher.reader(digest, 8 * bs) for digest in (a, b)]
+        nursery.start_soon(fetcher.prefetch, readers[:1])
+        with trio.fail_after(10):
+            while not fake.ranges:  # noqa: ASYNC110 - the fake says nothing when a range starts
+                await trio.sleep(0.001)
+        started = trio.current_time()
+        with trio.fail_after(10):
+            assert await readers[1].read(0, 100) == blobs[1][:100]
+        waited = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    fetcher.close()
+    cache.close()
+    assert waited < 2, f"the read waited {waited:.1f} s behind a stalled prefetch run"

@@ -80,3 +80,36 @@ def test_prefetch_fetches_headers_first_then_shards_in_index_order(cli, mounts, 
     assert ", metadata ready (7 files" in cli.run("status").stdout
     for name, data in files.items():  # every byte right
         assert (target / name).read_bytes() == data
+
+
+@pytest.fixture(scope="module")
+def two_blobs(registry, session_cli, tmp_path_factory):
+    """(reference, {name: bytes}, {name: blob digest}): a.bin, which prefetch takes first, and b.bin."""
+    root = tmp_path_factory.mktemp("two-blobs")
+    files = {"a.bin": os.urandom(3 * MiB), "b.bin": os.urandom(5 * MiB)}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "Modelfile").write_text("MODEL a.bin b.bin\n")
+    ref = f"{registry.address}/prefetch/two-blobs:v1"
+    session_cli.run("build", "-t", ref, str(root))
+    session_cli.run("push", "--plain-http", ref)
+    layers = json.loads(session_cli.run("inspect", "--plain-http", "--json", ref).stdout)["manifest"]["layers"]
+    return ref, files, {layer["annotations"]["org.cncf.model.filepath"]: layer["digest"] for layer in layers}
+
+
+def test_a_read_is_served_beside_a_prefetch_run_the_registry_stalls(mounts, two_blobs, faulty, registry):
+    """``--workers 1``, the registry stalling every request for the blob prefetch takes first:
+    prefetch's run held the one request slot for the stall window (the --timeout), and a read
+    of the other file timed out behind it (EIO). Now the read takes a slot past the total."""
+    from direct import read_direct
+    ref, files, digests = two_blobs
+    faulty.stall_seconds = 8
+    faulty.only, faulty.persistent = digests["a.bin"], "stall"
+    try:
+        target = mounts.mount(ref.replace(registry.address, faulty.address), "--workers", "1", "--timeout", "4")
+        time.sleep(0.5)  # prefetch's run of a.bin is on the wire, stalled, in the only slot
+        started = time.monotonic()
+        assert read_direct(target / "b.bin", 0, MiB) == files["b.bin"][:MiB]
+        assert time.monotonic() - started < 3
+    finally:
+        faulty.persistent = None

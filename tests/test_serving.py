@@ -175,6 +175,37 @@ def test_read_backs_are_single_flight_and_never_served_across_a_drop():
     trio.run(main)
 
 
+def test_a_read_joining_a_read_back_begun_before_a_drop_is_not_served_its_bytes():
+    """A read-back of block 5 started (its thread has the old bytes), then the blob's bytes
+    were dropped (found wrong), then a second read of block 5 joined that read-back: the
+    joiner must not be served the bytes read before the drop (it counted drops only from
+    its own start, after the drop, and took them)."""
+    class Entry:
+        def read_block(self, index: int) -> bytes:
+            time.sleep(0.1)
+            return b"old!"
+
+    async def main() -> None:
+        drops = [0]
+        backs = ReadBacks(Entry(), trio.CapacityLimiter(4), Stats(), lambda: drops[0])  # type: ignore[arg-type]
+        got: dict[str, dict] = {}
+
+        async def read(who: str) -> None:
+            got[who] = await backs.read([5])
+
+        async def drop_then_read() -> None:
+            await trio.sleep(0.02)
+            drops[0] += 1  # the one drop path ran: the old bytes are gone for good
+            await read("after the drop")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read, "before the drop")
+            nursery.start_soon(drop_then_read)
+        assert got == {"before the drop": {}, "after the drop": {}}
+
+    trio.run(main)
+
+
 def test_a_read_across_blocks_keeps_its_memory_block_while_the_other_is_read_back(tmp_path):
     """A read of two blocks, one in memory and one read back from the cache: while it waits
     for the read-back, the block in memory is pushed out of RecentBlocks (its buffer offered

@@ -47,7 +47,13 @@ SMALL_FILE = 16 << 20  # a config, tokenizer or chat template larger than this i
 SAFETENSORS_HEADER_MAX = 100_000_000  # safetensors refuses larger headers itself
 GGUF_HEADER_MAX = 256 << 20  # a GGUF's key-value metadata (vocabularies) can be megabytes; this bounds it
 GGUF_CHUNK = 1 << 20
+# Items (key-value pairs, array elements, tensor infos) a GGUF header may hold: a real one has
+# a vocabulary and its merges, a few hundred thousand strings each (Llama 3: 128,256 tokens,
+# 280,147 merges), and a tensor info per tensor (thousands).
+GGUF_ITEMS_MAX = 2_000_000  # beyond it, the header is read when asked for (not an error)
+GGUF_YIELD = 4096  # items parsed between two turns of the serving loop
 PIN_MAX = 512 << 20  # bytes of metadata blocks held in memory for the mount's life, at most
+INDEX_BYTES_MAX = 32 << 20  # bytes of *.index.json parsed in all (what prefetch orders by), at most
 
 SMALL_NAMES = ("config.json", "generation_config.json", "tokenizer*.json", "tokenizer.model",
                "special_tokens_map.json", "preprocessor_config.json", "*.txt", "*.jinja")
@@ -66,19 +72,31 @@ class MetadataFile:
     size: int
     streamed: bool = False  # a member of a compressed layer: reading it streams the whole layer
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Bytes of the file, as a reader gets them but without moving its read-ahead (a
-        header read would otherwise fetch blocks past it): the blocks made servable with a
-        reader's priority, then taken from memory or the cache."""
+    async def fetch(self, offset: int, size: int) -> range:
+        """Make bytes of the file servable, as a reader would but without moving its
+        read-ahead (a header read would otherwise fetch blocks past it), with a reader's
+        priority; the blocks that hold them. Nothing is read into memory here: a header the
+        pass only fetches and pins (a safetensors JSON of up to 100 MB) is never joined whole."""
         size = min(size, self.size - offset)
         if size <= 0:
-            return b""
+            return range(0)
         start, reader = self.offset + offset, self.reader
         block_size = reader.blob.entry.block_size
         blocks = range(start // block_size, (start + size - 1) // block_size + 1)
         missing = [i for i in blocks if not reader.servable(i)]
         if missing:
             await reader.ensure(missing, foreground=True)
+        return blocks
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes of the file, as :meth:`fetch` makes them servable, then taken from memory or
+        the cache."""
+        size = min(size, self.size - offset)
+        if size <= 0:
+            return b""
+        start, reader = self.offset + offset, self.reader
+        block_size = reader.blob.entry.block_size
+        blocks = await self.fetch(offset, size)
         parts = await reader.blocks(blocks[0], blocks[-1])
         if parts is None:  # dropped or damaged meanwhile: the read path fetches it again
             return await reader.read(start, size)
@@ -95,7 +113,7 @@ class Metadata:
     files: int = 0
     bytes: int = 0
     seconds: float | None = None
-    indexes: list[tuple[str, object]] = field(default_factory=list)  # (path of a *.index.json, its JSON)
+    indexes: list[tuple[str, object]] = field(default_factory=list)  # (path of a *.index.json, :func:`shards_of` it)
     error: str = ""
 
     def line(self) -> str:
@@ -169,25 +187,49 @@ async def header_length(what: str, read: Read, size: int) -> int:
 
 
 class _Cursor:
-    """Reads a file forward in chunks, within a bound, for an incremental parse."""
+    """Reads a file forward in chunks, within a bound, for an incremental parse. Only the bytes
+    not yet parsed are held (a header of up to 256 MiB was kept whole, for every GGUF of the
+    model at once), and every :data:`GGUF_YIELD` items the parse lets the serving loop run: a
+    hostile header of empty key-value pairs (13 bytes each) took 1.8 s of the loop's CPU per
+    13 MB, 0.14 s at a stretch per MiB read (256 MiB of them: 36 s), now cut at
+    :data:`GGUF_ITEMS_MAX`."""
 
     def __init__(self, read: Read, size: int, limit: int) -> None:
         self.read, self.size, self.limit = read, size, min(size, limit)
         self.buffer = bytearray()
+        self.base = 0  # the file offset of buffer[0]
         self.position = 0
+        self.items = 0
 
-    async def take(self, n: int) -> bytes:
+    async def item(self) -> None:
+        """Count one parsed item (a pair, an array element, a tensor): at most
+        :data:`GGUF_ITEMS_MAX`, the loop let run every :data:`GGUF_YIELD`."""
+        self.items += 1
+        if self.items > GGUF_ITEMS_MAX:
+            raise ModelfsError(f"GGUF header has more than {GGUF_ITEMS_MAX} items")
+        if self.items % GGUF_YIELD == 0:
+            await trio.lowlevel.checkpoint()
+
+    async def take(self, n: int, keep: bool = True) -> bytes:
+        """The next ``n`` bytes (``keep=False``: skipped over, read but not kept)."""
         end = self.position + n
         if n < 0 or end > self.limit:
             raise ModelfsError(f"GGUF header runs past {self.limit} bytes")
-        while len(self.buffer) < end:
-            chunk = await self.read(len(self.buffer), min(max(GGUF_CHUNK, end - len(self.buffer)),
-                                                          self.size - len(self.buffer)))
+        while self.base + len(self.buffer) < end:
+            have = self.base + len(self.buffer)
+            chunk = await self.read(have, min(GGUF_CHUNK, self.size - have))
             if not chunk:
                 raise ModelfsError("GGUF header cut short")
             self.buffer += chunk
-        out = bytes(self.buffer[self.position:end])
+            if not keep:  # bytes skipped over are not held
+                drop = min(len(self.buffer), end - self.base)
+                del self.buffer[:drop]
+                self.base += drop
+        out = bytes(self.buffer[self.position - self.base:end - self.base]) if keep else b""
         self.position = end
+        if end - self.base >= GGUF_CHUNK:  # parsed bytes let go
+            del self.buffer[:end - self.base]
+            self.base = end
         return out
 
     async def u32(self) -> int:
@@ -197,7 +239,7 @@ class _Cursor:
         return int(struct.unpack("<Q", await self.take(8))[0])
 
     async def string(self) -> None:
-        await self.take(await self.u64())
+        await self.take(await self.u64(), keep=False)
 
 
 GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type -> bytes
@@ -216,29 +258,43 @@ async def gguf_header_length(read: Read, size: int, limit: int = GGUF_HEADER_MAX
         raise ModelfsError(f"GGUF version {version} is not read ahead")
     tensors, pairs = await cursor.u64(), await cursor.u64()
     for _ in range(pairs):
+        await cursor.item()
         await cursor.string()
         await _gguf_value(cursor, await cursor.u32())
     for _ in range(tensors):
+        await cursor.item()
         await cursor.string()
-        await cursor.take(8 * await cursor.u32())  # dims
-        await cursor.take(4 + 8)  # type, offset
+        await cursor.take(8 * await cursor.u32(), keep=False)  # dims
+        await cursor.take(4 + 8, keep=False)  # type, offset
     return cursor.position
 
 
 async def _gguf_value(cursor: _Cursor, value_type: int, depth: int = 0) -> None:
     if value_type in GGUF_FIXED:
-        await cursor.take(GGUF_FIXED[value_type])
+        await cursor.take(GGUF_FIXED[value_type], keep=False)
     elif value_type == GGUF_STRING:
         await cursor.string()
     elif value_type == GGUF_ARRAY and depth < 4:
         element, count = await cursor.u32(), await cursor.u64()
         if element in GGUF_FIXED:
-            await cursor.take(GGUF_FIXED[element] * count)
+            await cursor.take(GGUF_FIXED[element] * count, keep=False)
         else:
             for _ in range(count):
+                await cursor.item()
                 await _gguf_value(cursor, element, depth + 1)
     else:
         raise ModelfsError(f"GGUF value type {value_type} unknown")
+
+
+def shards_of(data: bytes) -> dict[str, object]:
+    """What prefetch keeps of a ``*.index.json`` (on a worker: 9 MB for DeepSeek-V3's 90,000
+    tensors): its ``weight_map`` cut to each shard's first appearance, in order, so the mount
+    holds a few names a shard, not every tensor's (:func:`~.prefetch.shard_order`)."""
+    parsed = json.loads(data)
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if not isinstance(weight_map, dict):
+        return {}
+    return {"weight_map": {shard: shard for shard in weight_map.values() if isinstance(shard, str)}}
 
 
 def wanted(files: list[MetadataFile]) -> list[tuple[MetadataFile, str]]:
@@ -257,15 +313,18 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
     chosen = wanted(files)
     result.state = "fetching"
     started = time.monotonic()
-    pinned = [0]
+    room, index_room = Room(PIN_MAX), Room(INDEX_BYTES_MAX)
 
     async def one(file: MetadataFile, what: str) -> None:
+        if what == "index" and not index_room.take(file.size):
+            log.info("%s not read ahead: indexes past %d bytes in all", file.path, INDEX_BYTES_MAX)
+            what = "whole"  # fetched and pinned, not parsed
         try:
             length = await header_length(what, file.read, file.size)
-            # the rest of it (a GGUF's parse read all of it)
-            data = await file.read(0, length) if what in ("whole", "index") else b""
-            if what == "safetensors":
-                await file.read(8, length - 8)
+            # the rest of it (a GGUF's parse read all of it); only an index's bytes are kept
+            data = await file.read(0, length) if what == "index" else b""
+            if what in ("whole", "safetensors"):
+                await file.fetch(0, length)
         except RegistryError as exc:  # the fetch gave up (the reads of those bytes will try again)
             result.error = str(exc)
             log.warning("metadata of %s not read ahead: %s", file.path, exc)
@@ -275,12 +334,12 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
             return
         if what == "index":
             try:
-                result.indexes.append((file.path, json.loads(data)))
+                result.indexes.append((file.path, await trio.to_thread.run_sync(shards_of, data)))
             except ValueError:
                 log.info("%s is not JSON; prefetch orders shards by name", file.path)
         result.files += 1
         result.bytes += length
-        pinned[0] += await pin(file, length, PIN_MAX - pinned[0])
+        await pin(file, length, room)
 
     try:
         async with trio.open_nursery() as nursery:
@@ -294,26 +353,45 @@ async def fetch_metadata(files: list[MetadataFile], result: Metadata) -> Metadat
     result.seconds = time.monotonic() - started
     result.state = "failed" if result.error else "ready"
     log.info("metadata ready: %d files, %d bytes in %.2f s (%d bytes pinned in memory)", result.files, result.bytes,
-             result.seconds, pinned[0])
+             result.seconds, room.pinned)
     return result
 
 
-async def pin(file: MetadataFile, length: int, room: int) -> int:
-    """Keep the blocks holding the first ``length`` bytes of ``file`` in memory (``room``
-    bytes at most); the bytes pinned."""
+@dataclass
+class Room:
+    """Bytes the pass may still pin (or parse), shared by its files: each block is counted when
+    it is pinned, after the wait for its bytes (a room read before that wait let every file of
+    a mount, running at once, pin up to the whole bound: ten 100 MB headers pinned 1 GB)."""
+
+    left: int
+    pinned: int = 0
+
+    def take(self, n: int) -> bool:
+        if n > self.left:
+            return False
+        self.left -= n
+        self.pinned += n
+        return True
+
+
+async def pin(file: MetadataFile, length: int, room: Room) -> int:
+    """Keep the blocks holding the first ``length`` bytes of ``file`` in memory (within
+    ``room``); the bytes pinned."""
     reader = file.reader
     block_size = reader.blob.entry.block_size
     first, last = file.offset // block_size, (file.offset + max(length, 1) - 1) // block_size
     done = 0
+    recent = reader.ctx.recent
     for index in range(first, last + 1):
-        if done + reader.block_length(index) > room or not reader.servable(index):
+        if recent.pinned(reader.digest, index):  # another file's (a tar's small files share blocks)
+            continue
+        if reader.block_length(index) > room.left or not reader.servable(index):
             break
         parts = await reader.blocks(index, index)
-        if parts is None:
+        if parts is not None and recent.pinned(reader.digest, index):  # by another file meanwhile
+            continue
+        if parts is None or not room.take(reader.block_length(index)):
             break
-        try:
-            reader.ctx.recent.pin(reader.digest, index, parts[0])
-        except ModelfsError:
-            break
+        recent.pin(reader.digest, index, parts[0])
         done += reader.block_length(index)
     return done

@@ -39,7 +39,7 @@ class RangeRuns:
         position = [first]  # next block not delivered; advanced on the worker thread
         attempt = 0
         try:
-            async with self.transfers.slots.held(for_reader):
+            async with self.transfers.slots.held(for_reader) as slot:
                 with contextlib.closing(_RunClaims(sink, self.ctx.read_deadline)) as claims:
                     while position[0] <= last:
                         while position[0] <= last and sink.settle_present(position[0]):
@@ -58,7 +58,9 @@ class RangeRuns:
                             if not isinstance(exc, EXPECTED):
                                 log.exception("worker fetching %s blocks %d-%d failed", sink.digest, position[0], last)
                             attempt += 1
-                            if not await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}"):
+                            async with slot.given_up():  # another run may use it meanwhile (a read first)
+                                again = await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}")
+                            if not again:
                                 self.ctx.retry.give_up(sink, range(position[0], last + 1), exc)
                                 return
                         finally:

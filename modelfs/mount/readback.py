@@ -38,9 +38,10 @@ Result = Block | CacheError
 class _Flight:
     """One thread call reading some blocks back; its results, once ``done``."""
 
-    def __init__(self) -> None:
+    def __init__(self, drops: int) -> None:
         self.done = trio.Event()
         self.results: dict[int, Result] = {}
+        self.drops = drops  # the blob's drop count when its read began
 
 
 class ReadBacks:
@@ -60,11 +61,12 @@ class ReadBacks:
     async def read(self, blocks: list[int]) -> dict[int, Result]:
         """The blocks of ``blocks``, each read back and checked, or the error it met. A block
         another read is already reading back is waited for, not read again; a block missing
-        from the answer was not read (its read-back crossed a drop): look again."""
+        from the answer was not read (its read-back crossed a drop, or began before one this
+        read came after): look again."""
         drops = self._drops()
         theirs = {id(flight): flight for index in blocks if (flight := self._flights.get(index)) is not None}
         mine = [index for index in blocks if index not in self._flights]
-        flight = _Flight()
+        flight = _Flight(drops)
         for index in mine:
             self._flights[index] = flight
         try:
@@ -81,7 +83,8 @@ class ReadBacks:
         results = dict(flight.results)
         for other in theirs.values():
             await other.done.wait()
-            results.update((index, other.results[index]) for index in blocks if index in other.results)
+            if other.drops == drops:  # one begun before a drop this read came after read the old bytes
+                results.update((index, other.results[index]) for index in blocks if index in other.results)
         return results if self._drops() == drops else {}
 
     async def ahead(self, blocks: list[int], wanted: Callable[[int], bool]) -> None:

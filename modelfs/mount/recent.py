@@ -25,6 +25,9 @@ class RecentBlocks:
     def __contains__(self, key: tuple[str, int]) -> bool:
         return key in self._blocks or key in self._pinned
 
+    def pinned(self, digest: str, index: int) -> bool:
+        return (digest, index) in self._pinned
+
     def pin(self, digest: str, index: int, data: Block) -> None:
         """Hold a block outside the budget, until it is dropped (a loader's header reads are
         then memory hits, however much else was read since). Its buffer is this holder's

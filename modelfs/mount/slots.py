@@ -8,10 +8,17 @@ any prefetch run waiting for one: what a read waits on is at most one run alread
 Prefetch takes its slot (:meth:`RequestSlots.lease`) *before* it claims blocks, and the run
 it schedules inherits that slot: a run whose blocks were claimed but which queued behind
 reads would hold up every reader that then waits on those blocks.
+
+A read waits for a run in flight only so long: one the registry stalls (its connection open,
+no bytes) holds its slot for the stall window, the read timeout by default, and a read
+queued behind it timed out with it (an EIO). A read still waiting after
+:data:`OVERDRAFT_AFTER` while background runs hold slots takes one past the total: reads
+alone never hold more than the total, so at most twice as many requests are in flight.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +26,10 @@ from contextvars import ContextVar
 from types import TracebackType
 
 import trio
+
+# Seconds a foreground waiter waits for a slot that background runs hold before it takes one
+# past the total. A run of a healthy link ends well within it (16 MiB at 50 MB/s: 0.3 s).
+OVERDRAFT_AFTER = 1.0
 
 
 class _Lease:
@@ -38,6 +49,7 @@ class RequestSlots:
     def __init__(self, total: int) -> None:
         self._total = max(1, total)
         self.in_use = 0
+        self.background = 0  # of in_use, the slots background runs (prefetch, pull) hold
         self._waiting: dict[bool, deque[trio.Event]] = {True: deque(), False: deque()}
 
     @property
@@ -53,38 +65,53 @@ class RequestSlots:
         return len(self._waiting[foreground])
 
     async def acquire(self, foreground: bool = True) -> None:
-        """Take a slot, waiting behind every foreground waiter (and, in the background, every waiter)."""
+        """Take a slot, waiting behind every foreground waiter (and, in the background, every
+        waiter); a foreground one waits past :data:`OVERDRAFT_AFTER` only on other reads."""
         ahead = self._waiting[True] or (not foreground and self._waiting[False])
         if self.in_use < self._total and not ahead:
-            self.in_use += 1
+            self._take(foreground)
             try:
                 await trio.lowlevel.checkpoint()
             except BaseException:
-                self.release()
+                self.release(foreground)
                 raise
             return
         event = trio.Event()
         queue = self._waiting[foreground]
         queue.append(event)
         try:
-            await event.wait()
+            while not event.is_set():
+                with trio.move_on_after(OVERDRAFT_AFTER if foreground else math.inf):
+                    await event.wait()
+                if not event.is_set() and self.in_use - self.background < self._total:
+                    queue.remove(event)  # background runs hold the slots: one past the total
+                    self._take(foreground)
+                    return
         except BaseException:
             if event.is_set():  # handed a slot as it was cancelled: hand it on
-                self.release()
+                self.release(foreground)
             else:
                 queue.remove(event)
             raise
 
-    def release(self) -> None:
+    def _take(self, foreground: bool) -> None:
+        self.in_use += 1
+        if not foreground:
+            self.background += 1
+
+    def release(self, foreground: bool = True) -> None:
         self.in_use -= 1
+        if not foreground:
+            self.background -= 1
         self._hand_on()
 
     def _hand_on(self) -> None:
         while self.in_use < self._total:
-            queue = self._waiting[True] or self._waiting[False]
+            foreground = bool(self._waiting[True])
+            queue = self._waiting[foreground]
             if not queue:
                 return
-            self.in_use += 1
+            self._take(foreground)
             queue.popleft().set()
 
     @asynccontextmanager
@@ -100,7 +127,7 @@ class RequestSlots:
             _LEASED.reset(token)
             lease.open = False  # a task spawned in the block that starts later takes a slot of its own
             if not lease.taken:
-                self.release()
+                self.release(False)
 
     def _take_lease(self) -> bool:
         lease = _LEASED.get()
@@ -117,11 +144,32 @@ class RequestSlots:
 class _Held:
     def __init__(self, slots: RequestSlots, foreground: bool) -> None:
         self.slots, self.foreground = slots, foreground
+        self.holding = False
 
-    async def __aenter__(self) -> None:
-        if not self.slots._take_lease():
+    async def __aenter__(self) -> _Held:
+        if self.slots._take_lease():
+            self.foreground = False  # a prefetch worker's slot, counted as the background's
+        else:
             await self.slots.acquire(self.foreground)
+        self.holding = True
+        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        self.slots.release()
+        if self.holding:
+            self.holding = False
+            self.slots.release(self.foreground)
+
+    @asynccontextmanager
+    async def given_up(self) -> AsyncIterator[None]:
+        """The slot free for the block (a run backing off before its next attempt), taken
+        again after it, behind the waiters of its priority. Held through the backoff, a
+        prefetch run on a failing blob kept a read of another blob waiting through its whole
+        retry schedule (6 s with ``--workers 1``; a ``--timeout`` below that, an EIO)."""
+        self.holding = False
+        self.slots.release(self.foreground)
+        try:
+            yield
+        finally:
+            await self.slots.acquire(self.foreground)
+            self.holding = True

@@ -88,7 +88,7 @@ class WholePass:
             call_soon(token, sink.tick, len(data))
             self.ctx.buffers.give_back(data)  # hashed and stored: nobody serves it before the blob checks out
 
-        async with self.transfers.slots.held():
+        async with self.transfers.slots.held() as slot:
             while position[0] < sink.nblocks:
                 if sink.stored(position[0]):
                     position[0] = await trio.to_thread.run_sync(self._hash_cached, sink, position[0], hasher, checks,
@@ -105,7 +105,9 @@ class WholePass:
                     attempt = 0
                 except EXPECTED as exc:
                     attempt += 1
-                    if not await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}"):
+                    async with slot.given_up():  # other runs use it while this one backs off
+                        again = await self.ctx.retry.again(attempt, exc, f"{sink.digest} block {position[0]}")
+                    if not again:
                         raise
         return await self._conclude(sink, hasher, checks, files)
 
