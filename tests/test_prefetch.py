@@ -76,6 +76,9 @@ def test_prefetch_order_takes_the_shards_an_index_names_by_name():
              ("sub/m-10.safetensors", R("10", 10 * MiB)), ("sub/config.json", R("c", 10)), ("b.bin", R("b", 40 * MiB)),
              ("a.bin", R("a", 50 * MiB))]
     assert [r.digest for r in prefetch_order(files, shards)] == ["c", "1", "2", "10", "a", "b"]
+    # shards no index names (vLLM globs *.safetensors): by name, digits as numbers
+    files = [("w/m-10.safetensors", R("10", 900 * MiB)), ("w/m-9.safetensors", R("9", 900 * MiB))]
+    assert [r.digest for r in prefetch_order(files)] == ["9", "10"]
 
 
 async def test_reads_take_a_freed_request_slot_before_prefetch():

@@ -47,19 +47,20 @@ R = TypeVar("R", bound=Planned)
 def prefetch_order(files: Sequence[tuple[str, R]], shards: Sequence[str] = ()) -> list[R]:
     """The readers of ``files`` ((path, reader), one reader may serve several files of a tar
     layer) in the order loaders read them: small ones first (smallest first), then ``shards``
-    (paths, as :func:`shard_order` lists them, however small), then the rest by path."""
+    (paths, as :func:`shard_order` lists them, however small), then the rest by path
+    (:func:`natural_key`: shards no index names, ``m-2`` before ``m-10``, as vLLM reads them)."""
     first_path: dict[str, tuple[str, R]] = {}
     for path, reader in sorted(files, key=lambda item: item[0]):
         first_path.setdefault(reader.digest, (path, reader))
     position = {path: i for i, path in enumerate(shards)}
 
-    def rank(item: tuple[str, R]) -> tuple[int, int, str]:
+    def rank(item: tuple[str, R]) -> tuple[int, int, list[tuple[int, int | str]]]:
         path, reader = item
         if path in position:
-            return (1, position[path], path)
+            return (1, position[path], [])
         if reader.size <= SMALL_FILE:
-            return (0, reader.size, path)
-        return (2, 0, path)
+            return (0, reader.size, natural_key(path))
+        return (2, 0, natural_key(path))
 
     return [reader for _, reader in sorted(first_path.values(), key=rank)]
 
