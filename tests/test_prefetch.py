@@ -63,17 +63,24 @@ def test_a_file_being_read_jumps_the_prefetch_queue():
     assert queue.next(16) == (b, list(range(8, 24)))
 
 
-def test_prefetch_order_follows_the_index_then_names():
+def test_prefetch_order_takes_the_shards_an_index_names_by_name():
     class R:
         def __init__(self, digest: str, size: int) -> None:
             self.digest, self.size = digest, size
 
+    # save_pretrained sorts the weight_map by tensor name: lm_head (in the last shard) first;
+    # loaders read the shards by name (m-2 before m-10)
     shards = shard_order([("sub/model.safetensors.index.json",
-                           {"weight_map": {"x": "m-2.safetensors", "y": "m-1.safetensors", "z": "m-2.safetensors"}})])
-    assert shards == ["sub/m-2.safetensors", "sub/m-1.safetensors"]
+                           {"weight_map": {"lm_head": "m-10.safetensors", "x": "m-2.safetensors",
+                                           "y": "m-1.safetensors", "z": "m-2.safetensors"}})])
+    assert shards == ["sub/m-1.safetensors", "sub/m-2.safetensors", "sub/m-10.safetensors"]
     files = [("sub/m-1.safetensors", R("1", 900 * MiB)), ("sub/m-2.safetensors", R("2", 1000 * MiB)),
-             ("sub/config.json", R("c", 10)), ("b.bin", R("b", 40 * MiB)), ("a.bin", R("a", 50 * MiB))]
-    assert [r.digest for r in prefetch_order(files, shards)] == ["c", "2", "1", "a", "b"]
+             ("sub/m-10.safetensors", R("10", 10 * MiB)), ("sub/config.json", R("c", 10)), ("b.bin", R("b", 40 * MiB)),
+             ("a.bin", R("a", 50 * MiB))]
+    assert [r.digest for r in prefetch_order(files, shards)] == ["c", "1", "2", "10", "a", "b"]
+    # shards no index names (vLLM globs *.safetensors): by name, digits as numbers
+    files = [("w/m-10.safetensors", R("10", 900 * MiB)), ("w/m-9.safetensors", R("9", 900 * MiB))]
+    assert [r.digest for r in prefetch_order(files)] == ["9", "10"]
 
 
 async def test_reads_take_a_freed_request_slot_before_prefetch():

@@ -1,5 +1,5 @@
-"""Prefetch at a real mount (issue 23): metadata first, then the shards in the order of the
-index's ``weight_map``, seen at the registry through the recording proxy (tests/faults.py);
+"""Prefetch at a real mount (issue 23): metadata first, then the shards the index's
+``weight_map`` names, by name (the order loaders read them), seen at the registry through the recording proxy (tests/faults.py);
 the status says when the metadata was ready. The policy's own tests: test_prefetch.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 MiB = 1 << 20
-SHARDS = {3: 3.5, 1: 6.5, 4: 4.5, 2: 5.5}  # index order (first appearance in weight_map): size in MiB
+SHARDS = {3: 3.5, 1: 6.5, 4: 4.5, 2: 5.5}  # weight_map order (first appearance): size in MiB
 
 
 def _safetensors(size: int, seed: int) -> bytes:
@@ -49,7 +49,7 @@ def _status(cli, target: Path) -> dict:
     return next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
 
 
-def test_prefetch_fetches_headers_first_then_shards_in_index_order(cli, mounts, sharded, faulty, registry):
+def test_prefetch_fetches_headers_first_then_shards_by_name(cli, mounts, sharded, faulty, registry):
     ref, files, by_digest = sharded
     # one request slot: the registry sees the runs in the order prefetch takes them
     target = mounts.mount(ref.replace(registry.address, faulty.address), "--workers", "1", "--log-level", "debug")
@@ -69,11 +69,13 @@ def test_prefetch_fetches_headers_first_then_shards_in_index_order(cli, mounts, 
     last_header = max(i for i, (_, offset) in enumerate(seen) if offset == 0)
     bulk = [i for i, (_, offset) in enumerate(seen) if offset >= MiB]
     assert bulk and min(bulk) > last_header
-    # prefetch took the shards in the order of the index's weight_map, not by size or name (its
-    # runs go out at once, over several connections: the daemon's log says the order it chose)
+    # prefetch took the shards the index names by name, as loaders read them: not by size, not
+    # by first appearance in the weight_map (sorted by tensor name, it put lm_head's shard, the
+    # last, first). Its runs go out at once, over several connections: the daemon's log says
+    # the order it chose.
     log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
     taken = [line.rsplit(" of ", 1)[1] for line in log.splitlines() if "prefetching blocks" in line]
-    assert [by_digest[digest] for digest in taken] == [f"model-0000{i}-of-00004.safetensors" for i in SHARDS]
+    assert [by_digest[digest] for digest in taken] == [f"model-0000{i}-of-00004.safetensors" for i in sorted(SHARDS)]
     # status says the metadata was ready, and how long it took
     assert found["metadata"].startswith("ready (7 files, ")  # 4 headers, the index, config, tokenizer
     assert found["metadata_seconds"] < 10
