@@ -55,6 +55,10 @@ class CountingProxy:
         with self._lock:
             self.downstream_bytes += size
 
+    def close(self) -> None:
+        self._stopping = True
+        stop_listening(self._server)
+
 
 def pipe(source: socket.socket, sink: socket.socket, counted=None) -> None:
     """Bytes from ``source`` to ``sink`` until either end closes (each told of the bytes, if
@@ -72,10 +76,6 @@ def pipe(source: socket.socket, sink: socket.socket, counted=None) -> None:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-
-    def close(self) -> None:
-        self._stopping = True
-        stop_listening(self._server)
 
 
 def stop_listening(server: socket.socket) -> None:
