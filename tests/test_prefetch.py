@@ -14,7 +14,6 @@ import struct
 import pytest
 import trio
 
-from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
 from modelfs.mount import slots as slots_module
 from modelfs.mount.context import ForegroundGate
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
@@ -22,7 +21,7 @@ from modelfs.mount.metadata import gguf_header_length, kind
 from modelfs.mount.prefetch import PrefetchQueue, prefetch_order, shard_order
 from modelfs.mount.slots import RequestSlots
 from modelfs.storage.cache import BlockCache
-from modelfs.testing.registry import FakeRegistry, digest_of
+from modelfs.testing.registry import FakeRegistry, index_of
 
 MiB = 1 << 20
 
@@ -159,9 +158,7 @@ async def test_prefetch_turns_to_the_blob_a_process_reads_and_hands_every_run_ov
     fake = FakeRegistry()
     blobs = [os.urandom(40 * bs) for _ in range(3)]
     a, b, c = (fake.add_blob(data) for data in blobs)
-    blake3 = ALGORITHMS["blake3"]
-    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
-                                         for data in blobs}, "blake3"), True)
+    index = index_of(*blobs, block_size=bs)
     cache = BlockCache(str(tmp_path), block_size=bs)
     landed: list[tuple[str, int]] = []
 
@@ -204,9 +201,7 @@ async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_pa
     blobs = [os.urandom(8 * bs) for _ in range(2)]
     a, b = (fake.add_blob(data) for data in blobs)
     fake.faults.fail(nth=None, digest=a)
-    blake3 = ALGORITHMS["blake3"]
-    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
-                                         for data in blobs}, "blake3"), True)
+    index = index_of(*blobs, block_size=bs)
     cache = BlockCache(str(tmp_path), block_size=bs)
     async with trio.open_nursery() as nursery:
         fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1), index=index,
@@ -243,9 +238,7 @@ async def test_a_read_is_not_held_behind_prefetch_runs_a_registry_stalls(tmp_pat
     blobs = [os.urandom(8 * bs) for _ in range(2)]
     a, b = (fake.add_blob(data) for data in blobs)
     fake.faults.stall(nth=None, digest=a)
-    blake3 = ALGORITHMS["blake3"]
-    index = TrustedIndex(BlockIndex(bs, {digest_of(data): [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]
-                                         for data in blobs}, "blake3"), True)
+    index = index_of(*blobs, block_size=bs)
     cache = BlockCache(str(tmp_path), block_size=bs)
     async with trio.open_nursery() as nursery:
         fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1, timeout=5),

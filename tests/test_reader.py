@@ -22,7 +22,7 @@ import trio
 from trio.testing import MockClock
 
 from modelfs.errors import FetchError
-from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
+from modelfs.formats.blockindex import ALGORITHMS, TrustedIndex
 from modelfs.formats.spec import Descriptor, Packing
 from modelfs.mount.blobreader import BlobReader
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
@@ -31,6 +31,7 @@ from modelfs.mount.trust import Mode
 from modelfs.registry import RetryPolicy
 from modelfs.storage.cache import BlockCache
 from modelfs.testing.registry import FakeRegistry, digest_of
+from modelfs.testing.registry import index_of as block_index_of
 
 BS = 4096
 NBLOCKS = 16
@@ -56,8 +57,7 @@ def blob(blocks: int = NBLOCKS, tail: int = 123) -> bytes:
 
 
 def index_of(*blobs: bytes, vouched: bool = True) -> TrustedIndex:
-    hashes = {digest_of(data): [BLAKE3(data[i:i + BS]) for i in range(0, len(data), BS)] for data in blobs}
-    return TrustedIndex(BlockIndex(BS, hashes, "blake3"), vouched)
+    return block_index_of(*blobs, block_size=BS, vouched=vouched)
 
 
 @asynccontextmanager

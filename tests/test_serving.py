@@ -18,12 +18,11 @@ import pytest
 import trio
 from conftest import free_port
 
-from modelfs.formats.blockindex import ALGORITHMS, BlockIndex, TrustedIndex
 from modelfs.mount.fetcher import Fetcher, FetchPolicy
 from modelfs.mount.readback import ReadBacks
 from modelfs.mount.stats import Stats
 from modelfs.storage.cache import BlockCache
-from modelfs.testing.registry import FakeRegistry
+from modelfs.testing.registry import FakeRegistry, index_of
 
 MiB = 1 << 20
 SIZE = 128 * MiB
@@ -215,9 +214,7 @@ def test_a_read_across_blocks_keeps_its_memory_block_while_the_other_is_read_bac
     fake = FakeRegistry()
     data = os.urandom(2 * bs)
     digest = fake.add_blob(data)
-    blake3 = ALGORITHMS["blake3"]
-    index = TrustedIndex(BlockIndex(bs, {digest: [blake3(data[i:i + bs]) for i in range(0, len(data), bs)]}, "blake3"),
-                         True)
+    index = index_of(data, block_size=bs)
     cache = BlockCache(str(tmp_path), block_size=bs)
 
     async def main() -> None:
