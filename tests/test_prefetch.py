@@ -191,21 +191,18 @@ async def test_prefetch_turns_to_the_blob_a_process_reads_and_hands_every_run_ov
     assert set(range(40)) - prefetched[c] <= {20, 21}  # the read's block (and its read-ahead) came first
 
 
-async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_path):
-    """One request slot (``--workers 1``), a registry failing every range of the blob prefetch
-    is on (503s) and serving the others: prefetch's run held the slot through its whole
-    retry schedule (0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff), so a read of another blob waited
-    6 s, a --timeout below that an EIO. The slot is given up while the run backs off."""
+async def _read_beside_a_faulted_prefetch(tmp_path, fault: str, backing_off: float, **policy) -> float:
+    """Seconds a read of blob b waits on one request slot while prefetch is on blob a, whose
+    every range the fake registry answers with ``fault`` (``fail``: 503s; ``stall``)."""
     bs = 64 << 10
     fake = FakeRegistry()
     blobs = [os.urandom(8 * bs) for _ in range(2)]
     a, b = (fake.add_blob(data) for data in blobs)
-    fake.faults.fail(nth=None, digest=a)
-    index = index_of(*blobs, block_size=bs)
+    getattr(fake.faults, fault)(nth=None, digest=a)
     cache = BlockCache(str(tmp_path), block_size=bs)
     async with trio.open_nursery() as nursery:
-        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1), index=index,
-                          range_reader=fake)
+        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1, **policy),
+                          index=index_of(*blobs, block_size=bs), range_reader=fake)
         readers = [fetcher.reader(digest, 8 * bs) for digest in (a, b)]
 
         async def prefetch() -> None:
@@ -216,7 +213,7 @@ async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_pa
         with trio.fail_after(10):
             while not fake.ranges:  # noqa: ASYNC110 - the fake says nothing when a range starts
                 await trio.sleep(0.001)
-        await trio.sleep(0.05)  # prefetch's run failed once and backs off, in its slot
+        await trio.sleep(backing_off)
         started = trio.current_time()
         with trio.fail_after(10):
             assert await readers[1].read(0, 100) == blobs[1][:100]
@@ -224,6 +221,16 @@ async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_pa
         nursery.cancel_scope.cancel()
     fetcher.close()
     cache.close()
+    return waited
+
+
+async def test_a_read_is_not_held_behind_prefetch_retrying_a_failing_blob(tmp_path):
+    """One request slot (``--workers 1``), a registry failing every range of the blob prefetch
+    is on (503s) and serving the others: prefetch's run held the slot through its whole
+    retry schedule (0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff), so a read of another blob waited
+    6 s, a --timeout below that an EIO. The slot is given up while the run backs off."""
+    # prefetch's run failed once and backs off, in its slot
+    waited = await _read_beside_a_faulted_prefetch(tmp_path, "fail", backing_off=0.05)
     assert waited < 0.3, f"the read waited {waited:.1f} s behind prefetch's retries"
 
 
@@ -233,26 +240,5 @@ async def test_a_read_is_not_held_behind_prefetch_runs_a_registry_stalls(tmp_pat
     read timeout by default), so a read of another blob waited as long, and with it timed out
     (an EIO). A read waiting past :data:`~modelfs.mount.slots.OVERDRAFT_AFTER` on slots that
     background runs hold takes one past the total."""
-    bs = 64 << 10
-    fake = FakeRegistry()
-    blobs = [os.urandom(8 * bs) for _ in range(2)]
-    a, b = (fake.add_blob(data) for data in blobs)
-    fake.faults.stall(nth=None, digest=a)
-    index = index_of(*blobs, block_size=bs)
-    cache = BlockCache(str(tmp_path), block_size=bs)
-    async with trio.open_nursery() as nursery:
-        fetcher = Fetcher(cache, fake, "r", nursery, FetchPolicy(workers=1, prefetch_workers=1, timeout=5),
-                          index=index, range_reader=fake)
-        readers = [fetcher.reader(digest, 8 * bs) for digest in (a, b)]
-        nursery.start_soon(fetcher.prefetch, readers[:1])
-        with trio.fail_after(10):
-            while not fake.ranges:  # noqa: ASYNC110 - the fake says nothing when a range starts
-                await trio.sleep(0.001)
-        started = trio.current_time()
-        with trio.fail_after(10):
-            assert await readers[1].read(0, 100) == blobs[1][:100]
-        waited = trio.current_time() - started
-        nursery.cancel_scope.cancel()
-    fetcher.close()
-    cache.close()
+    waited = await _read_beside_a_faulted_prefetch(tmp_path, "stall", backing_off=0, timeout=5)
     assert waited < 2, f"the read waited {waited:.1f} s behind a stalled prefetch run"
