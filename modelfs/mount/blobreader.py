@@ -185,19 +185,13 @@ class BlobReader(OfBlob):
 
     async def ensure(self, blocks: list[int], foreground: bool = True) -> None:
         """Make ``blocks`` servable, fetching what is missing."""
-        if foreground:
-            self.ctx.gate.foreground(+1)
-        try:
-            if self.whole_mode:
-                await self.passes.wait(lambda: all(self.servable(i) for i in blocks),
-                                       lambda: self.source.schedule(self.sink, blocks),
-                                       self.ctx.read_deadline, PASS_WAIT_ROUNDS)
-            else:
-                self.source.schedule(self.sink, blocks, foreground)
-                await self.flights.wait(blocks, self.servable, foreground, self.ctx.read_deadline)
-        finally:
-            if foreground:
-                self.ctx.gate.foreground(-1)
+        if self.whole_mode:
+            await self.passes.wait(lambda: all(self.servable(i) for i in blocks),
+                                   lambda: self.source.schedule(self.sink, blocks),
+                                   self.ctx.read_deadline, PASS_WAIT_ROUNDS)
+        else:
+            self.source.schedule(self.sink, blocks, foreground)
+            await self.flights.wait(blocks, self.servable, foreground, self.ctx.read_deadline)
 
     # -- checking a complete blob ---------------------------------------------------------
 

@@ -45,20 +45,15 @@ class Failing(Protocol):
 
 
 class ForegroundGate:
-    """What the processes reading the mount do, for prefetch to follow: how many wait on a
-    read, and which blobs they read last, and where (prefetch takes its next run from the
+    """What the processes reading the mount do, for prefetch to follow: which blobs they
+    read last, and where (prefetch takes its next run from the
     blob read most recently: a file a process reads goes ahead of files nobody reads yet).
     Prefetch no longer waits for reads to stop: request slots go to reads first
     (:class:`~.slots.RequestSlots`)."""
 
     def __init__(self) -> None:
-        self.waiting = 0
         self.reads = 0  # reads so far: a sequence number for :meth:`read_since`
         self._last: dict[str, tuple[int, int]] = {}  # blob -> (sequence of its last read, its first block)
-
-    def foreground(self, delta: int) -> None:
-        """A process starts (+1) or stops (-1) waiting on a read."""
-        self.waiting += delta
 
     def reading(self, digest: str, block: int) -> None:
         """A process reads ``digest`` at block ``block`` (every read: one dict update)."""
