@@ -151,7 +151,8 @@ class BlobReader(OfBlob):
         parts = {index: _own(self.blob.held(index)) for index in range(first, last + 1)}
         wanted = [index for index, data in parts.items() if data is None]
         if wanted:
-            self.ctx.stats.read_back_waits += 1
+            if not self.readbacks.on_loop:
+                self.ctx.stats.read_back_waits += 1
             got = await self.readbacks.read(wanted)
             for index in wanted:
                 data = got.get(index)
@@ -168,6 +169,8 @@ class BlobReader(OfBlob):
         next ones back into the memory window on workers now, in batches, so the stream's
         next reads are lookups. Its own read-ahead (:class:`~.readahead.Streams`), bounded by
         the window (``CACHED_AHEAD``) rather than by the request slots."""
+        if self.readbacks.on_loop:  # reading ahead on the loop would only delay this read
+            return
         ahead = self.readback_ahead.after_read(offset, size)
         blocks = [i for i in ahead if not self.readbacks.reading(i) and self._wanted_ahead(i)]
         for chunk in range(0, len(blocks), READBACK_CHUNK):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
@@ -26,7 +26,6 @@ from ..errors import CacheError, ModelfsError, permanent
 from .buffers import BlockBuffers
 from .policy import FetchPolicy
 from .readahead import RequestSizer
-from .readback import READBACK_THREADS
 from .recent import RecentBlocks
 from .stats import Stats
 
@@ -104,8 +103,9 @@ class FetchContext:
     wrong_bytes: Callable[[str, bool], None]  # (what, fetched): see the module docstring
     pages_stale: Callable[[str], None]  # (reader's key)
     index_vouched: bool = False  # the mount's block index is named by the manifest
-    # threads reading cached blocks back for readers (mount/readback.py), for the whole mount
-    readback_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(READBACK_THREADS))
+    # threads reading cached blocks back for readers (mount/readback.py), for the whole mount;
+    # None: the serving loop reads them back itself (no core to spare: policy.readback_threads)
+    readback_threads: trio.CapacityLimiter | None = None
 
     @property
     def read_deadline(self) -> float:

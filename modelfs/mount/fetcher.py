@@ -65,6 +65,7 @@ from .policy import FetchPolicy
 from .prefetch import prefetch
 from .rangeruns import RangeRuns
 from .rangesource import RangeSource
+from .readback import readback_limiter
 from .recent import RecentBlocks
 from .sink import ReaderSink
 from .stats import Stats
@@ -96,7 +97,8 @@ class Fetcher:
         self.stats.workers = self.ranges.workers
         self.ctx = FetchContext(self.policy, self.stats, self.buffers, self.recent, self.ranges.sizer, self.spawn,
                                 Retrier(self.policy, self.stats), ForegroundGate(), self.wrong_bytes, self.pages_stale,
-                                index_vouched=bool(index and index.vouched))
+                                index_vouched=bool(index and index.vouched),
+                                readback_threads=readback_limiter(self.policy.readback_thread_count))
         self.blobs = RangeSource(RangeRuns(self.ctx, self.ranges), WholePass(self.ctx, self.ranges))
         self._readers: dict[str, BlobReader] = {}
         # told when bytes served of a blob (or of a file of a compressed layer: its derived key) were dropped

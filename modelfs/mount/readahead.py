@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(eq=False)  # identity: Streams finds and moves its streams in a list, once per read
 class ReadAhead:
     """A window ahead of a sequential reader that doubles as the reader keeps moving forward,
     refilled in big batches (when less than half of it is left ahead) so each request covers

@@ -1,11 +1,13 @@
-"""Cached blocks read back from disk on worker threads, once (doc/ARCHITECTURE.md, "One read,
-traced"): the serving loop only looks blocks up in memory.
+"""Cached blocks read back from disk, once (doc/ARCHITECTURE.md, "One read, traced"): on
+worker threads where the machine has a core to spare for them, else on the serving loop.
 
 Every block read back is checked against its stored checksum (:meth:`~modelfs.storage.entry.
 BlobEntry.read_block`: a ``pread``, xxh3, lz4 for compressible blobs) and kept in the memory
-window, on the worker. Done on the loop, it was 99.9% of a warm mount's CPU on one thread
-and the reads of 16 loader threads queued behind one another; the blocks of one read (an
-8 MiB ``pread`` spans 8-9 blocks) or of a read-ahead go in one thread call.
+window. On workers (``threads``), the blocks of one read (an 8 MiB ``pread`` spans 8-9 blocks)
+or of a read-ahead go in one thread call, and the loop only looks blocks up in memory; that
+pays where cores are spare. With none to spare (2 cores: the loop and the loader's copy),
+each hand-off cost more than the read it moved (:func:`~.policy.readback_threads`), and the
+loop reads back itself, one read at a time, so a block is never read twice either.
 
 Single flight per block: a read that needs a block another read is reading back waits for
 that read-back, so two reads of one block (a 1 MiB read at 8 + header length spans two
@@ -23,20 +25,17 @@ from .sink import StoredBlob
 from .stats import Stats
 from .trust import Block
 
-# Threads reading cached blocks back at once, for the whole mount: a read-back is a pread and
-# a checksum (both release the GIL), and a disk (an SSD, a virtual disk) answers more preads at
-# once faster: 1 MiB preads of a cold file here went 1.7 GiB/s on 1 thread, 3.5 on 4, 6.4 on 8.
-# With 4, a cached mount read by 16 threads (benchmarks.ready, runai) waited on read-back: p90
-# read 12.8-13.7 ms, 1289-1378 MB/s; with 8, 7.6-7.9 ms, 1488-1581 MB/s (two runs each, the
-# same machine; vLLM's one stream unchanged, 1334-1434 MB/s).
-READBACK_THREADS = 8
-
 # Blocks one thread call reads back ahead of a reader: enough that the call costs little beside
 # the reads (a thread hand-off is about 0.1 ms here, a cached block read back 0.2-0.3 ms), few
 # enough that the first of them is not kept waiting on the last.
 READBACK_CHUNK = 4
 
 Result = Block | CacheError
+
+
+def readback_limiter(threads: int) -> trio.CapacityLimiter | None:
+    """The mount's read-back threads (``threads`` at once); None: read back on the loop."""
+    return trio.CapacityLimiter(threads) if threads > 0 else None
 
 
 class _Flight:
@@ -54,10 +53,15 @@ class ReadBacks:
     back across a drop are not served (the drop may have invalidated the kernel's pages of
     them meanwhile), the reader looks again."""
 
-    def __init__(self, entry: StoredBlob, threads: trio.CapacityLimiter, stats: Stats,
+    def __init__(self, entry: StoredBlob, threads: trio.CapacityLimiter | None, stats: Stats,
                  drops: Callable[[], int]) -> None:
         self.entry, self.threads, self.stats, self._drops = entry, threads, stats, drops
         self._flights: dict[int, _Flight] = {}
+
+    @property
+    def on_loop(self) -> bool:
+        """No thread to spare: blocks are read back on the loop, when a read needs them."""
+        return self.threads is None
 
     def reading(self, index: int) -> bool:
         return index in self._flights
@@ -67,6 +71,8 @@ class ReadBacks:
         another read is already reading back is waited for, not read again; a block missing
         from the answer was not read (its read-back crossed a drop, or began before one this
         read came after): look again."""
+        if self.threads is None:  # on the loop: nothing runs meanwhile, no flight to join or drop to cross
+            return self._counted(self._read(blocks))
         drops = self._drops()
         theirs = {id(flight): flight for index in blocks if (flight := self._flights.get(index)) is not None}
         mine = [index for index in blocks if index not in self._flights]
@@ -75,10 +81,7 @@ class ReadBacks:
             self._flights[index] = flight
         try:
             if mine:
-                flight.results = await trio.to_thread.run_sync(self._read, mine, limiter=self.threads)
-                read = [data for data in flight.results.values() if not isinstance(data, CacheError)]
-                self.stats.blocks_read_back += len(read)
-                self.stats.bytes_read_back += sum(len(data) for data in read)
+                flight.results = self._counted(await trio.to_thread.run_sync(self._read, mine, limiter=self.threads))
         finally:
             for index in mine:
                 if self._flights.get(index) is flight:
@@ -90,6 +93,12 @@ class ReadBacks:
             if other.drops == drops:  # one begun before a drop this read came after read the old bytes
                 results.update((index, other.results[index]) for index in blocks if index in other.results)
         return results if self._drops() == drops else {}
+
+    def _counted(self, results: dict[int, Result]) -> dict[int, Result]:
+        read = [data for data in results.values() if not isinstance(data, CacheError)]
+        self.stats.blocks_read_back += len(read)
+        self.stats.bytes_read_back += sum(len(data) for data in read)
+        return results
 
     async def ahead(self, blocks: list[int], wanted: Callable[[int], bool]) -> None:
         """Read ``blocks`` back into the memory window ahead of the reader (the read-ahead of a
