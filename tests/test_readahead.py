@@ -160,3 +160,19 @@ def test_streams_are_bounded_least_recently_used_out():
         streams.after_read(reader * 1000 * MiB, 4096)
     assert len(streams.streams) == 4
     assert [s.sequential_end // MiB for s in streams.streams] == [6000, 7000, 8000, 9000]
+
+
+def test_a_block_is_expected_between_a_streams_position_and_the_end_of_its_window():
+    """What prefetch brings just ahead of a reader is kept in memory for it (the reader would
+    read it back from disk a moment later); what nobody reads next is not."""
+    streams = Streams(MiB, nblocks=1000, max_blocks=16)
+    assert not streams.expects(0)  # nobody reads yet
+    for block in range(10):
+        streams.after_read(block * MiB, MiB)
+    window = streams.window
+    assert window >= 8
+    assert streams.expects(10) and streams.expects(10 + window - 1)
+    assert not streams.expects(5)  # behind the reader
+    assert not streams.expects(10 + 2 * window)  # far past what it asked for
+    streams.after_read(700 * MiB, 4096)  # a random read: a stream with no window expects nothing
+    assert not streams.expects(701)

@@ -66,8 +66,8 @@ class BlobReader(OfBlob):
         self.flights = BlockFlights(entry.digest, ctx.stats)
         self.passes = WholePasses(entry.digest)
         self.check = WholeCheck(self.blob, self.passes, source.checks_whole)
-        self.sink = BlobFeed(self.blob, self.flights, self.passes, self.check)
         self.readahead = Streams(entry.block_size, entry.nblocks, ctx.policy.readahead_max)
+        self.sink = BlobFeed(self.blob, self.flights, self.passes, self.check, self.readahead.expects)
         self.readbacks = ReadBacks(entry, ctx.readback_threads, ctx.stats, lambda: self.blob.drops)
         self.readback_ahead = Streams(entry.block_size, entry.nblocks, CACHED_AHEAD, min_blocks=0, share_with_idle=True)
 

@@ -98,6 +98,19 @@ class Streams:
         self.current = stream
         return stream.after_read(offset, size)
 
+    def expects(self, index: int) -> bool:
+        """Whether a sequential stream reads block ``index`` next: it lies between where the
+        stream is and the end of what its read-ahead asked for (or its window, whichever is
+        further). A block that arrives for someone else (prefetch) but that a stream expects
+        is worth keeping in memory for it; one nobody expects is not."""
+        bs = self.block_size
+        for stream in self.streams:
+            if stream.window:
+                position = stream.sequential_end // bs
+                if position <= index <= max(stream.ahead_until, position + stream.window):
+                    return True
+        return False
+
     @property
     def window(self) -> int:
         """The window of the last read's stream (0: it did not look sequential)."""

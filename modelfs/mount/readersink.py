@@ -7,7 +7,7 @@ see.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import trio
 
@@ -21,8 +21,10 @@ from .wholecheck import WholeCheck
 
 
 class BlobFeed(OfBlob):
-    def __init__(self, blob: HeldBlob, flights: BlockFlights, passes: WholePasses, check: WholeCheck) -> None:
+    def __init__(self, blob: HeldBlob, flights: BlockFlights, passes: WholePasses, check: WholeCheck,
+                 expected_soon: Callable[[int], bool] = lambda index: False) -> None:
         self.blob, self.flights, self.passes, self.check = blob, flights, passes, check
+        self.expected_soon = expected_soon  # a reader's stream reads this block next (its read-ahead says)
         self.ctx = blob.ctx
         self._token = trio.lowlevel.current_trio_token()
 
@@ -93,8 +95,10 @@ class BlobFeed(OfBlob):
 
     def _delivered(self, index: int, data: Block, write_error: CacheError | None, for_reader: bool,
                    fetched: bool) -> None:
-        """Held in memory for a reader that wants it soon, or that the cache could not give it
-        (``write_error``). ``fetched``: count its bytes as fetched (a compressed layer's
+        """Held in memory for a reader that wants it soon (it asked, or one of its streams
+        reads it next: prefetch follows a reader and fetches just ahead of it), or that the
+        cache could not give it (``write_error``); else let go at once, and read back from
+        disk when wanted. ``fetched``: count its bytes as fetched (a compressed layer's
         stream counts its own)."""
         if not self.blob.trust.per_block:  # the index was found wrong while this block was on its way
             self.fail([index], IntegrityError(f"block {index} of {self.digest} is served only once its blob is "
@@ -104,7 +108,7 @@ class BlobFeed(OfBlob):
         if write_error is not None:
             self.ctx.cache_write_failed(write_error)
         self._arrived(index, len(data), fetched)
-        if for_reader or write_error is not None:
+        if for_reader or write_error is not None or self.expected_soon(index):
             self.ctx.recent.put(self.digest, index, data)
         else:
             self.ctx.buffers.give_back(data)  # last: the view is released there
