@@ -176,8 +176,9 @@ class Fetcher:
 
     async def prefetch(self, readers: Sequence[BlobReader], progress: Callable[[int], None] | None = None,
                        cached: Callable[[int], None] | None = None,
-                       landed: Callable[[BlobReader, list[int]], Awaitable[None]] | None = None) -> None:
-        """Fetch every missing block of ``readers``, in that order, readers' blobs first
-        (:func:`~.prefetch.prefetch`)."""
+                       landed: Callable[[BlobReader, list[int]], Awaitable[None]] | None = None,
+                       wanted: Callable[[BlobReader], Sequence[int] | None] | None = None) -> None:
+        """Fetch every missing block of ``readers`` (of each, those ``wanted`` says: a view's),
+        in that order, readers' blobs first (:func:`~.prefetch.prefetch`)."""
         await prefetch(self.ctx, self.ranges.slots, lambda: self.ranges.sizer.run_blocks, readers, progress, cached,
-                       landed)
+                       landed, wanted)
