@@ -564,6 +564,53 @@ def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_takes_it_whole_and_s
                          "checked whole before any is served")
 
 
+def test_a_read_of_a_member_of_an_indexed_plain_tar_reads_ahead_only_within_the_view(registry, mounts):
+    """Reading a viewed member to its end, the reader's read-ahead stops at the blocks the
+    view needs, not in the next members of the tar (q8, outside the view). (On the old code
+    listing's header reads left the blob's read-ahead streams such that this read read no
+    further ahead; once listing no longer moves read-ahead, it fetched 1 MiB of q8.)"""
+    q4, q8 = os.urandom(2 * MiB - 1024), os.urandom(3 * MiB)  # q4 in blocks 0-1, q8 in 2-4
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-readahead", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    with counting_proxy(registry) as counting:
+        target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", "--include",
+                              "q4.gguf")
+        assert read_direct(target / "q4.gguf") == q4
+        time.sleep(0.3)  # read-ahead under way has started
+        assert needed <= counting.downstream_bytes < needed + 32 * KiB < len(tar) - 2 * MiB
+
+
+def test_pull_of_a_view_of_a_member_straddling_blocks_of_an_indexed_plain_tar_takes_only_its_blocks(
+        registry, mounts, tmp_path):
+    """``pull --include`` of one member of an indexed plain tar fetches, reads back and checks
+    only the blocks the member straddles and those its listing reads; offline, that view
+    mounts and pulls again from the cache; online, a mount of the whole model serves those
+    blocks (each matched against the index when stored) and fetches only the others."""
+    pad, q4, q8 = os.urandom(700 * KiB), os.urandom(MiB), os.urandom(3 * MiB)  # q4 straddles blocks 0 and 1
+    tar = _tar([("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-pull", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    assert needed == len(tar) - 2 * MiB  # blocks 2 and 3 hold only q8's bytes
+    cli, gone = Cli(tmp_path / "home"), CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    cli.run("pull", "--plain-http", "--include", "q4.gguf", via_gone)
+    assert needed <= gone.downstream_bytes < needed + 32 * KiB
+    gone.close()
+    offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "q4.gguf", cli=cli)
+    assert tree_of(offline) == {"q4.gguf"} and read_direct(offline / "q4.gguf") == q4
+    assert "already complete there" in cli.run("pull", "--plain-http", "--include", "q4.gguf", via_gone).stdout
+    # the offline mount, still there, read q4 to its end: its read-ahead claimed no block of
+    # q8 (outside its view) to fetch from a registry it cannot reach, which this mount waited on
+    with counting_proxy(registry) as counting:
+        whole = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", cli=cli)
+        started = time.monotonic()
+        assert {name: read_direct(whole / name) for name in ("pad.bin", "q4.gguf", "q8.gguf")} == {
+            "pad.bin": pad, "q4.gguf": q4, "q8.gguf": q8}
+        assert time.monotonic() - started < 1
+        assert len(tar) - needed <= counting.downstream_bytes < len(tar) - needed + 32 * KiB
+
+
 def test_an_offline_pull_of_a_view_says_in_one_line_which_layer_it_cannot_list(registry, mounts, tmp_path):
     """Offline, a compressed layer only streaming lists must be in the cache whole; one a mount
     only streamed is not, and the pull says so in one line at once (it retried the registry

@@ -217,13 +217,16 @@ async def serve(options: MountOptions) -> None:
             readers = FileReaders(fetcher)
             tree = await build_tree(model, readers, model_view(settings, options.node_view))
             readers.gate = gate_for(model.verdict, tree)  # before anything is served
+            needs = ViewBlocks(tree, session.cache.block_size)  # of each blob: what is fetched, prefetched, counted
+            fetcher.confine(needs.confine)
             record(session.cache, model, index.data if index else b"")
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
                                       os.getgid() if settings.gid is None else settings.gid,
                                       settings.file_mode, settings.dir_mode, settings.allow_other)
             ops = ModelFS(tree, readers, str(model.reference), permissions)
             try:
-                await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline, deadline)
+                await _serve_mount(nursery, ops, readers, session.cache, tree, needs, options, model, found.offline,
+                                   deadline)
             except BaseException:
                 deadline.arm(shutdown.EXIT_SECONDS, 1)
                 raise
@@ -237,7 +240,7 @@ async def serve(options: MountOptions) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
-                       options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
+                       needs: ViewBlocks, options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
@@ -255,7 +258,6 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         nursery.start_soon(shutdown.watch_signals, fuse_loop, sd_notify, deadline)
         nursery.start_soon(release_replaced_files, cache)
         metadata = Metadata()
-        needs = ViewBlocks(tree, cache.block_size)  # what prefetch takes and the status counts of each blob
         if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
             nursery.start_soon(_prefetch, fetcher, tree, readers, metadata, options.settings.cache_max_size, needs)
             if readers.gate is not None:
