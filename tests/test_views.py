@@ -536,20 +536,26 @@ def test_prefetch_of_a_view_of_one_member_of_an_indexed_plain_tar_takes_only_its
                               "q4.gguf")
         found = _status(cli, target)
         assert found["bytes_local"] == found["bytes_total"] == needed < len(q4) + 64 * KiB
+        assert os.getxattr(target, "user.modelfs.cached") == b"1.0000"
         time.sleep(0.3)  # anything else prefetch would start has started
         assert needed <= counting.downstream_bytes < needed + 32 * KiB  # not the 3 MiB of q8
         assert read_direct(target / "q4.gguf") == q4
         assert counting.downstream_bytes < needed + 32 * KiB  # served from the cache
 
 
-def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_takes_it_whole_and_says_why(registry, mounts, cli):
-    """Without a trusted block index nothing of a blob is served before it matched its
-    digest whole: a view of one member needs the whole layer, fetched once and checked;
-    the daemon's log says why in one line."""
+@pytest.mark.parametrize("index", ["none", "attached"])
+def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_the_manifest_names_takes_it_whole_and_says_why(
+        registry, mounts, cli, index):
+    """Without a block index nothing of a blob is served before it matched its digest whole,
+    and an index only attached at the registry counts on the blob still being checked whole:
+    either way a view of one member needs the whole layer, fetched once and checked; the
+    daemon's log says why in one line."""
     from modelfs.logfile import daemon_log_path
     q4, q8 = os.urandom(100 * KiB), os.urandom(2 * MiB)  # the view needs blocks 0 and 2 of 3
     tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
-    ref = _push_tar(registry.address, "views/plain-unindexed", tar, indexed=False)
+    ref = _push_tar(registry.address, f"views/plain-{index}", tar, indexed=False)
+    if index == "attached":
+        assert "Attached a block index" in cli.run("index", "attach", "--plain-http", ref).stdout
     with counting_proxy(registry) as counting:
         target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "all", "--include",
                               "q4.gguf")
@@ -560,8 +566,8 @@ def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_takes_it_whole_and_s
     digest = "sha256:" + hashlib.sha256(tar).hexdigest()
     log = Path(daemon_log_path(str(cli.cache_dir), str(target))).read_text()
     line = next(line for line in log.splitlines() if f"blob {digest}: the view needs " in line)
-    assert line.endswith("but no trusted block index vouches for them one by one, so all of it is fetched and "
-                         "checked whole before any is served")
+    assert line.endswith("but no block index the manifest names vouches for them one by one, so all of it is "
+                         "fetched and checked whole")
 
 
 def test_a_read_of_a_member_of_an_indexed_plain_tar_reads_ahead_only_within_the_view(registry, mounts):

@@ -223,7 +223,7 @@ async def serve(options: MountOptions) -> None:
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
                                       os.getgid() if settings.gid is None else settings.gid,
                                       settings.file_mode, settings.dir_mode, settings.allow_other)
-            ops = ModelFS(tree, readers, str(model.reference), permissions)
+            ops = ModelFS(tree, readers, str(model.reference), permissions, needs)
             try:
                 await _serve_mount(nursery, ops, readers, session.cache, tree, needs, options, model, found.offline,
                                    deadline)
@@ -275,7 +275,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
             return status.MountStatus(
                 pid=os.getpid(), mountpoint=mountpoint, reference=options.reference, digest=model.reference.digest or "",
                 offline=offline, bytes_total=sum(needs.bytes(r) for r in every),
-                bytes_local=sum(needs.local_bytes(r, r.cached_bytes, r.blob.entry.has) for r in every),
+                bytes_local=sum(needs.local_bytes(r) for r in every),
                 reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),

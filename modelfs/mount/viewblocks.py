@@ -6,43 +6,33 @@ layer should not make the user who picks q4 download q8 too. So a blob is wanted
 the blocks its view's files overlap, plus those listing it read (a tar's headers: the next
 mount, maybe offline, lists it again from the cache).
 
-Only where a trusted block index vouches for each block (README, "Integrity"): without
-one, no byte of the blob is served before the whole blob matched its digest, so every
-block is needed for that check (``--verify lazy`` too: its bytes are checked only once the
-blob is complete). A view that needs every block of a blob, and no view at all, want it
-whole.
+Only where a block index the manifest names vouches for each block (README, "Integrity"):
+without one, no byte of the blob is served before the whole blob matched its digest, so
+every block is needed for that check (``--verify lazy`` too: its bytes are checked only
+once the blob is complete). An index only attached at the registry counts on the condition
+that each blob is still checked whole once complete, so its blobs are wanted whole too
+(reads are still served block by block as they come). A view that needs every block of a
+blob, and no view at all, want it whole.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
 
 from ..retry import SETTLE_ROUNDS
 from .blobreader import BlobReader
 from .sink import BlockSink
 from .tree import Tree
+from .trust import Mode, Trust
 
 log = logging.getLogger(__name__)
 
 
-class Blob(Protocol):
-    """What the decision reads of a reader (:class:`~.blobreader.BlobReader`)."""
-
-    @property
-    def digest(self) -> str: ...
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def nblocks(self) -> int: ...
-
-    @property
-    def expected(self) -> list[bytes] | None: ...
-
-    def block_length(self, index: int) -> int: ...
+def by_block(trust: Trust) -> bool:
+    """Whether a view may take a blob's blocks one by one: an index the manifest names
+    vouches for each (README, "Integrity")."""
+    return trust.mode is Mode.INDEX and trust.vouched
 
 
 def blocks_of(spans: Iterable[tuple[int, int]], block_size: int, nblocks: int) -> list[int]:
@@ -64,14 +54,15 @@ class ViewBlocks:
         self._sets: dict[str, set[int]] = {}  # the same, to look a block up
         self._said: set[str] = set()
 
-    def of(self, blob: Blob) -> list[int] | None:
-        """The blocks of ``blob`` the view needs, sorted; None: every block (no view, a view
-        that needs them all, or no trusted index vouching for blocks one by one)."""
-        blocks = self._view_blocks(blob.digest, blob.nblocks)
+    def of(self, reader: BlobReader) -> list[int] | None:
+        """The blocks of ``reader``'s blob the view needs, sorted; None: every block (no
+        view, a view that needs them all, or no index the manifest names vouching for them
+        one by one)."""
+        blocks = self._view_blocks(reader.digest, reader.nblocks)
         if blocks is None:
             return None
-        if blob.expected is None:  # asked again each time: a blob failing its index loses it
-            self._say_whole(blob, blocks)
+        if not by_block(reader.blob.trust):  # asked again each time: a blob failing its index loses it
+            self._say_whole(reader, blocks)
             return None
         return blocks
 
@@ -80,7 +71,7 @@ class ViewBlocks:
         the view needs: a read's own always are (its file is in the view; listing's reads
         were noted), and read-ahead past the end of a file stops there instead of fetching
         the next members of a tar outside the view (reading q4 fetched q8 too)."""
-        if blob.trust.expected is None or self._view_blocks(blob.digest, blob.nblocks) is None:
+        if not by_block(blob.trust) or self._view_blocks(blob.digest, blob.nblocks) is None:
             return blocks
         wanted = self._sets[blob.digest]
         return [i for i in blocks if i in wanted]
@@ -96,24 +87,25 @@ class ViewBlocks:
             self._sets[digest] = set(blocks or ())
         return self._blocks[digest]
 
-    def _say_whole(self, blob: Blob, blocks: list[int]) -> None:
+    def _say_whole(self, blob: BlobReader, blocks: list[int]) -> None:
         """Once per blob, in one line: why a view of part of it takes all of it."""
         if blob.digest in self._said:
             return
         self._said.add(blob.digest)
         part = sum(blob.block_length(i) for i in blocks)
-        log.info("blob %s: the view needs %d of its %d bytes, but no trusted block index vouches for them one by "
-                 "one, so all of it is fetched and checked whole before any is served", blob.digest, part, blob.size)
+        log.info("blob %s: the view needs %d of its %d bytes, but no block index the manifest names vouches for "
+                 "them one by one, so all of it is fetched and checked whole", blob.digest, part, blob.size)
 
-    def bytes(self, blob: Blob) -> int:
+    def bytes(self, blob: BlobReader) -> int:
         """Bytes of ``blob`` the view needs (of whole blocks)."""
         blocks = self.of(blob)
         return blob.size if blocks is None else sum(blob.block_length(i) for i in blocks)
 
-    def local_bytes(self, blob: Blob, cached: Callable[[], int], has: Callable[[int], bool]) -> int:
-        """Of those, the bytes on disk (``cached``: the blob's, ``has``: whether a block is there)."""
+    def local_bytes(self, blob: BlobReader) -> int:
+        """Of those, the bytes on disk."""
         blocks = self.of(blob)
-        return cached() if blocks is None else sum(blob.block_length(i) for i in blocks if has(i))
+        entry = blob.blob.entry
+        return blob.cached_bytes() if blocks is None else sum(entry.block_length(i) for i in blocks if entry.has(i))
 
 
 async def settle_blocks(reader: BlobReader, blocks: Sequence[int], read_back: Iterable[int] = ()) -> bool:
@@ -130,6 +122,6 @@ async def settle_blocks(reader: BlobReader, blocks: Sequence[int], read_back: It
         trust = reader.blob.trust
         missing = [i for i in blocks if not trust.accepts(entry, i)]
         if not missing:
-            return trust.expected is not None  # blocks matched one by one, never unchecked (a lazy blob)
+            return by_block(trust)  # blocks matched one by one against an index the manifest names
         await reader.ensure(missing, foreground=False)
     return False
