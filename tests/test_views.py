@@ -570,6 +570,32 @@ def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_the_manifest_names_t
                          "fetched and checked whole")
 
 
+def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_each_checked(registry, mounts, cli):
+    """Through a mirror (untrusted by design) serving a flipped byte in q4, the view still
+    takes only its blocks; each is matched against the index the manifest names, so the
+    flipped block is refused and fetched again from the registry itself."""
+    from hostile import HostileMirror
+    q4, q8 = os.urandom(MiB - 1024), os.urandom(3 * MiB)
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-mirror", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    forged = bytearray(tar)
+    forged[4096] ^= 0xFF  # in q4's bytes
+    with counting_proxy(registry) as direct, HostileMirror(registry.port, {
+            "sha256:" + hashlib.sha256(tar).hexdigest(): bytes(forged)}) as mirror:
+        config = cli.home / "config" / "modelfs"
+        config.mkdir(parents=True, exist_ok=True)
+        (config / "config.toml").write_text(
+            f'[registries."{direct.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
+        target = mounts.mount(ref.replace(registry.address, direct.address), "--prefetch", "all", "--include",
+                              "q4.gguf")
+        found = _status(cli, target)
+        assert found["bytes_local"] == found["bytes_total"] == needed
+        assert read_direct(target / "q4.gguf") == q4 and mirror.forged_served >= 1
+        assert found["integrity_errors"] >= 1 and direct.downstream_bytes < needed + 32 * KiB
+        assert found["bytes_fetched"] <= 2 * needed  # from both: the forged block twice at most, never q8
+
+
 def test_a_read_of_a_member_of_an_indexed_plain_tar_reads_ahead_only_within_the_view(registry, mounts):
     """Reading a viewed member to its end, the reader's read-ahead stops at the blocks the
     view needs, not in the next members of the tar (q8, outside the view). (On the old code
