@@ -570,10 +570,11 @@ def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_the_manifest_names_t
                          "fetched and checked whole")
 
 
-def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_each_checked(registry, mounts, cli):
+def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_each_checked(registry, mounts, cli,
+                                                                                          tmp_path):
     """Through a mirror (untrusted by design) serving a flipped byte in q4, the view still
-    takes only its blocks; each is matched against the index the manifest names, so the
-    flipped block is refused and fetched again from the registry itself."""
+    takes only its blocks, in a mount and in ``extract``; each is matched against the index
+    the manifest names, so the flipped block is refused and read again from the registry."""
     from hostile import HostileMirror
     q4, q8 = os.urandom(MiB - 1024), os.urandom(3 * MiB)
     tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
@@ -583,10 +584,12 @@ def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_e
     forged[4096] ^= 0xFF  # in q4's bytes
     with counting_proxy(registry) as direct, HostileMirror(registry.port, {
             "sha256:" + hashlib.sha256(tar).hexdigest(): bytes(forged)}) as mirror:
-        config = cli.home / "config" / "modelfs"
-        config.mkdir(parents=True, exist_ok=True)
-        (config / "config.toml").write_text(
-            f'[registries."{direct.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
+        fresh = Cli(tmp_path / "fresh")  # its own cache: extract reads the mirror, not the mount's blocks
+        for home in (cli.home, fresh.home):
+            config = home / "config" / "modelfs"
+            config.mkdir(parents=True, exist_ok=True)
+            (config / "config.toml").write_text(
+                f'[registries."{direct.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
         target = mounts.mount(ref.replace(registry.address, direct.address), "--prefetch", "all", "--include",
                               "q4.gguf")
         found = _status(cli, target)
@@ -594,6 +597,12 @@ def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_e
         assert read_direct(target / "q4.gguf") == q4 and mirror.forged_served >= 1
         assert found["integrity_errors"] >= 1 and direct.downstream_bytes < needed + 32 * KiB
         assert found["bytes_fetched"] <= 2 * needed  # from both: the forged block twice at most, never q8
+        direct.reset()
+        served = mirror.forged_served
+        fresh.run("extract", "--plain-http", ref.replace(registry.address, direct.address), "-o",
+                  str(tmp_path / "out"), "--include", "q4.gguf")
+        assert (tmp_path / "out" / "q4.gguf").read_bytes() == q4 and mirror.forged_served > served
+        assert direct.downstream_bytes < needed + 32 * KiB
 
 
 def test_a_read_of_a_member_of_an_indexed_plain_tar_reads_ahead_only_within_the_view(registry, mounts):
@@ -632,6 +641,8 @@ def test_pull_of_a_view_of_a_member_straddling_blocks_of_an_indexed_plain_tar_ta
     offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "q4.gguf", cli=cli)
     assert tree_of(offline) == {"q4.gguf"} and read_direct(offline / "q4.gguf") == q4
     assert "already complete there" in cli.run("pull", "--plain-http", "--include", "q4.gguf", via_gone).stdout
+    cli.run("extract", "--plain-http", via_gone, "-o", str(tmp_path / "out"), "--include", "q4.gguf")  # offline too
+    assert (tmp_path / "out" / "q4.gguf").read_bytes() == q4
     # the offline mount, still there, read q4 to its end: its read-ahead claimed no block of
     # q8 (outside its view) to fetch from a registry it cannot reach, which this mount waited on
     with counting_proxy(registry) as counting:
@@ -641,6 +652,39 @@ def test_pull_of_a_view_of_a_member_straddling_blocks_of_an_indexed_plain_tar_ta
             "pad.bin": pad, "q4.gguf": q4, "q8.gguf": q8}
         assert time.monotonic() - started < 1
         assert len(tar) - needed <= counting.downstream_bytes < len(tar) - needed + 32 * KiB
+
+
+def test_extract_of_a_view_of_an_indexed_plain_tar_takes_only_its_members_blocks(registry, cli, tmp_path):
+    """``extract --include`` of a member of an indexed plain tar (q4, straddling blocks) and
+    a hard link to it: the headers and q4's blocks are read by ranges, each checked against
+    the index the manifest names; q8 is never downloaded. A view of the link alone gets
+    q4's bytes too."""
+    pad, q4, q8 = os.urandom(700 * KiB), os.urandom(MiB), os.urandom(3 * MiB)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in (("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("q4-again.gguf")
+        link.type, link.linkname = tarfile.LNKTYPE, "q4.gguf"
+        archive.addfile(link)
+    tar = buffer.getvalue()
+    ref = _push_tar(registry.address, "views/plain-extract", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    assert needed <= len(tar) - 2 * MiB
+    out, link_only = tmp_path / "out", tmp_path / "link-only"
+    with counting_proxy(registry) as counting:
+        via = ref.replace(registry.address, counting.address)
+        cli.run("extract", "--plain-http", via, "-o", str(out), "--include", "q4*.gguf")
+        assert needed <= counting.downstream_bytes < needed + 32 * KiB  # not blocks 2-3, q8's alone
+        counting.reset()
+        cli.run("extract", "--plain-http", via, "-o", str(link_only), "--include", "q4-again.gguf")
+        # q4's bytes read when its link comes, after q8: the block its header shares, twice
+        assert counting.downstream_bytes < needed + MiB + 32 * KiB
+    assert tree_of(out) == {"q4.gguf", "q4-again.gguf"} and (out / "q4-again.gguf").read_bytes() == q4
+    assert (out / "q4.gguf").read_bytes() == q4
+    assert tree_of(link_only) == {"q4-again.gguf"} and (link_only / "q4-again.gguf").read_bytes() == q4
 
 
 def test_an_offline_pull_of_a_view_says_in_one_line_which_layer_it_cannot_list(registry, mounts, tmp_path):

@@ -14,6 +14,8 @@ from .. import signing
 from ..artifact.extract import extract
 from ..compose import existing_cache, model_view, open_registry, open_session, trust_policy
 from ..errors import CacheError, ModelfsError, UnavailableError
+from ..formats import blockindex
+from ..formats.blockindex import BlockIndex
 from ..formats.spec import Descriptor
 from ..formats.view import View
 from ..mount.binding import FileReaders, check_signed_files
@@ -21,7 +23,8 @@ from ..mount.fetcher import BlobReader, Fetcher
 from ..mount.tree import build_tree, listed_by_streaming
 from ..mount.viewblocks import ViewBlocks, settle_blocks
 from ..reference import parse
-from ..resolve import Model, describe, fetch_or_cached, held_whole, record
+from ..registry import RegistryReader
+from ..resolve import Model, describe, fetch_or_cached, held_whole, record, recorded_index, trusted_index
 from ..storage.cache import BlockCache
 from .base import settings_for, warn_offline
 from .output import Progress, label_column
@@ -152,6 +155,19 @@ async def cmd_extract(args: argparse.Namespace) -> int:
     async with open_registry(settings) as client:
         model, offline = await fetch_or_cached(client, cache, reference, trust=trust_policy(settings, reference))
         warn_offline(offline)
-        result = await extract(client, model, args.output, cache, view)
+        index = None if view.everything else await _named_index(client, cache, model, offline)
+        result = await extract(client, model, args.output, cache, view, index)
     print(f"Extracted {len(result.files)} files of {model.reference} to {args.output}")
     return 0
+
+
+async def _named_index(client: RegistryReader, cache: BlockCache | None, model: Model,
+                       offline: str | None) -> BlockIndex | None:
+    """The block index the manifest names (recorded beside the cache, offline), which lets
+    ``extract`` of a view read a plain tar layer's members block by block; None without one
+    (an index only attached at the registry counts only with the blob checked whole)."""
+    if offline is not None:
+        data = recorded_index(cache, model) if cache is not None else None
+        return blockindex.decode(data) if data else None
+    found = await trusted_index(client, model)
+    return found.index if found is not None and found.vouched else None
