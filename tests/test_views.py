@@ -523,6 +523,15 @@ def _blocks_a_view_needs(tar: bytes, names: set[str]) -> int:
     return sum(len(tar[i * MiB:(i + 1) * MiB]) for i in blocks)
 
 
+def test_the_blocks_byte_ranges_overlap():
+    from modelfs.mount.viewblocks import blocks_of
+    assert blocks_of([(512, MiB - 1024)], MiB, 5) == [0]  # inside one block
+    assert blocks_of([(MiB - 1, 2)], MiB, 5) == [0, 1]  # straddling a boundary
+    assert blocks_of([(0, 0), (3 * MiB, 0)], MiB, 5) == []  # empty files
+    assert blocks_of([(4 * MiB, 10), (0, 1), (4 * MiB + 5, 1)], MiB, 5) == [0, 4]  # sorted, once each
+    assert blocks_of([(4 * MiB, 5 * MiB)], MiB, 5) == [4]  # never past the last block
+
+
 def test_prefetch_of_a_view_of_one_member_of_an_indexed_plain_tar_takes_only_its_blocks(registry, mounts, cli):
     """A plain tar whose blocks a trusted index vouches for has random access: a view of one
     of its members (a publisher packing every quantization in one tar layer) fetches the

@@ -53,6 +53,8 @@ class ViewBlocks:
         self._blocks: dict[str, list[int] | None] = {}  # by digest, what the view's ranges overlap
         self._sets: dict[str, set[int]] = {}  # the same, to look a block up
         self._said: set[str] = set()
+        self._bytes: dict[str, int] = {}  # by digest: bytes of the blocks a view needs
+        self._local: dict[str, tuple[int, int]] = {}  # by digest: (bytes on disk of the blob, of them the view's)
 
     def of(self, reader: BlobReader) -> list[int] | None:
         """The blocks of ``reader``'s blob the view needs, sorted; None: every block (no
@@ -99,13 +101,26 @@ class ViewBlocks:
     def bytes(self, blob: BlobReader) -> int:
         """Bytes of ``blob`` the view needs (of whole blocks)."""
         blocks = self.of(blob)
-        return blob.size if blocks is None else sum(blob.block_length(i) for i in blocks)
+        if blocks is None:
+            return blob.size
+        if blob.digest not in self._bytes:
+            self._bytes[blob.digest] = sum(blob.block_length(i) for i in blocks)
+        return self._bytes[blob.digest]
 
     def local_bytes(self, blob: BlobReader) -> int:
-        """Of those, the bytes on disk."""
+        """Of those, the bytes on disk. Asked every second for the status, so worked out
+        again only when the blob's count of blocks on disk changed, from the map in memory
+        (``has`` looks each absent block up on disk: 40,000 of them took 0.11 s here)."""
         blocks = self.of(blob)
+        if blocks is None:
+            return blob.cached_bytes()
         entry = blob.blob.entry
-        return blob.cached_bytes() if blocks is None else sum(entry.block_length(i) for i in blocks if entry.has(i))
+        count = entry.cached_bytes()
+        known = self._local.get(blob.digest)
+        if known is None or known[0] != count:
+            known = self._local[blob.digest] = (count, sum(entry.block_length(i) for i in blocks
+                                                           if entry.entry_at(i).present))
+        return known[1]
 
 
 async def settle_blocks(reader: BlobReader, blocks: Sequence[int], read_back: Iterable[int] = ()) -> bool:
