@@ -60,9 +60,10 @@ async def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 async def cmd_pull(args: argparse.Namespace) -> int:
-    """Every blob of the model (of its view, with ``--include`` / ``--exclude``) into the block
-    cache, fetched as a mount fetches (the same policy: ``timeout``, ``workers``, ``verify``, and
-    the signature policy), then every block read back and checked."""
+    """Every blob of the model (of its view, with ``--include`` / ``--exclude``: of a plain tar
+    the manifest's index covers, only the blocks the view needs, :mod:`~modelfs.mount.viewblocks`)
+    into the block cache, fetched as a mount fetches (the same policy: ``timeout``, ``workers``,
+    ``verify``, and the signature policy), then every block read back and checked."""
     reference = parse(args.reference)
     settings = settings_for(args, reference.registry, reference.repository)
     view = model_view(settings)

@@ -240,7 +240,8 @@ async def serve(options: MountOptions) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
-                       needs: ViewBlocks, options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
+                       needs: ViewBlocks, options: MountOptions, model: Model, offline: str | None,
+                       deadline: shutdown.ExitDeadline) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
