@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -91,8 +92,10 @@ def recorded_index(cache: BlockCache, model: Model) -> bytes | None:
     return data if "sha256:" + hashlib.sha256(data).hexdigest() == named else None
 
 
-def held_whole(cache: BlockCache, model: Model, layers: list[Descriptor] | None = None) -> bool:
-    """Whether every block of every blob of ``model`` (of ``layers`` of it: a view's) is cached with the trust a mount of it
+def held_whole(cache: BlockCache, model: Model, layers: list[Descriptor] | None = None,
+               blocks: Mapping[str, Sequence[int] | None] | None = None) -> bool:
+    """Whether every block of every blob of ``model`` (of ``layers`` of it: a view's; of a
+    blob, the ``blocks`` a view needs, where given) is cached with the trust a mount of it
     would require: checked whole with its blob, or matched against the block index its
     manifest names (never against some other index that happens to be recorded)."""
     data = recorded_index(cache, model)
@@ -102,7 +105,9 @@ def held_whole(cache: BlockCache, model: Model, layers: list[Descriptor] | None 
         expected = index.for_blob(layer.digest, entry.block_size) if index else None
         if expected is not None and len(expected) != entry.nblocks:
             expected = None
-        if not all(entry.trusted(i, expected[i] if expected else None) for i in range(entry.nblocks)):
+        wanted = (blocks or {}).get(layer.digest)
+        if not all(entry.trusted(i, expected[i] if expected else None)
+                   for i in (range(entry.nblocks) if wanted is None else wanted)):
             return False
     return True
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import Cli, push_artifact
 from direct import read_direct_or_errno as read_direct
@@ -27,6 +28,7 @@ from proxy import CountingProxy
 from modelfs import settings
 from modelfs.csi import volume
 from modelfs.errors import InvalidPattern
+from modelfs.formats import blockindex
 from modelfs.formats.view import View
 
 KiB = 1 << 10
@@ -475,19 +477,223 @@ def test_prefetch_of_a_view_outside_a_streamed_layer_fetches_it_once_to_list(reg
     assert read_direct(target / "w.bin") == wanted
 
 
-@pytest.mark.xfail(strict=True, reason="prefetch and pull take a plain tar layer whole: the prefetch path fetches "
-                   "blobs, not the view's member ranges (left to the prefetch work, mount/fetcher.py)")
-def test_prefetch_of_a_view_of_one_member_of_a_plain_tar_takes_only_that_member(registry, mounts, cli):
-    """A plain tar has random access: a view of one of its members has no reason to fetch the
-    others (a publisher packing every quantization in one tar layer)."""
-    q4, q8 = os.urandom(100 * KiB), os.urandom(400 * KiB)
-    ref = push_artifact(registry.address, "views/plain-multi", [
-        (_tar([("q4.gguf", q4), ("q8.gguf", q8)]), "application/vnd.cncf.model.weight.v1.tar", {})])
+MiB = 1 << 20
+
+
+def _put_blob(registry_address: str, repository: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    upload = httpx.post(f"http://{registry_address}/v2/{repository}/blobs/uploads/")
+    upload.raise_for_status()
+    location = httpx.URL(f"http://{registry_address}").join(upload.headers["location"])
+    httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
+    return digest
+
+
+def _push_tar(registry_address: str, repository: str, tar: bytes, indexed: bool) -> str:
+    """A hand-made artifact of one plain tar layer; ``indexed``: its manifest names a BLAKE3
+    block index of it (annotation ``dev.modelfs.block-index``, as ``modelfs build`` writes)."""
+    config = b'{"descriptor":{"name":"handmade"},"modelfs":{"type":"layers","diffIds":[]},"config":{}}'
+    annotations = {}
+    if indexed:
+        hashes = {"sha256:" + hashlib.sha256(tar).hexdigest(): [
+            blockindex.ALGORITHMS["blake3"](tar[i:i + MiB]).hex() for i in range(0, len(tar), MiB)]}
+        annotations[blockindex.ANNOTATION] = _put_blob(registry_address, repository, blockindex.encode(MiB, hashes))
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.cncf.model.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.cncf.model.config.v1+json",
+                           "digest": _put_blob(registry_address, repository, config), "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.cncf.model.weight.v1.tar",
+                            "digest": _put_blob(registry_address, repository, tar), "size": len(tar)}],
+                "annotations": annotations}
+    httpx.put(f"http://{registry_address}/v2/{repository}/manifests/v1", content=json.dumps(manifest),
+              headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
+    return f"{registry_address}/{repository}:v1"
+
+
+def _blocks_a_view_needs(tar: bytes, names: set[str]) -> int:
+    """Bytes of the 1 MiB blocks holding the data of members ``names``, or any tar header,
+    or the end of the archive (what listing reads): worked out from :mod:`tarfile`, not modelfs."""
+    blocks: set[int] = set()
+    with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+        for info in archive:
+            blocks.add(info.offset // MiB)
+            if info.name in names and info.size:
+                blocks.update(range(info.offset_data // MiB, (info.offset_data + info.size - 1) // MiB + 1))
+        blocks.add(archive.offset // MiB)  # the end-of-archive blocks, read to end the listing
+    return sum(len(tar[i * MiB:(i + 1) * MiB]) for i in blocks)
+
+
+def test_the_blocks_byte_ranges_overlap():
+    from modelfs.mount.viewblocks import blocks_of
+    assert blocks_of([(512, MiB - 1024)], MiB, 5) == [0]  # inside one block
+    assert blocks_of([(MiB - 1, 2)], MiB, 5) == [0, 1]  # straddling a boundary
+    assert blocks_of([(0, 0), (3 * MiB, 0)], MiB, 5) == []  # empty files
+    assert blocks_of([(4 * MiB, 10), (0, 1), (4 * MiB + 5, 1)], MiB, 5) == [0, 4]  # sorted, once each
+    assert blocks_of([(4 * MiB, 5 * MiB)], MiB, 5) == [4]  # never past the last block
+
+
+def test_prefetch_of_a_view_of_one_member_of_an_indexed_plain_tar_takes_only_its_blocks(registry, mounts, cli):
+    """A plain tar whose blocks a trusted index vouches for has random access: a view of one
+    of its members (a publisher packing every quantization in one tar layer) fetches the
+    blocks it overlaps and those listing reads, never the others; each is checked as it lands."""
+    q4, q8 = os.urandom(MiB - 1024), os.urandom(3 * MiB)  # q4 in block 0, q8 in 1-3, the tar's end in 4
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-multi", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
     with counting_proxy(registry) as counting:
         target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "all", "--include",
                               "q4.gguf")
         found = _status(cli, target)
-        assert found["bytes_total"] == len(q4) and counting.downstream_bytes < len(q4) + 64 * KiB
+        assert found["bytes_local"] == found["bytes_total"] == needed < len(q4) + 64 * KiB
+        assert os.getxattr(target, "user.modelfs.cached") == b"1.0000"
+        time.sleep(0.3)  # anything else prefetch would start has started
+        assert needed <= counting.downstream_bytes < needed + 32 * KiB  # not the 3 MiB of q8
+        assert read_direct(target / "q4.gguf") == q4
+        assert counting.downstream_bytes < needed + 32 * KiB  # served from the cache
+
+
+@pytest.mark.parametrize("index", ["none", "attached"])
+def test_prefetch_of_a_view_of_a_plain_tar_without_an_index_the_manifest_names_takes_it_whole_and_says_why(
+        registry, mounts, cli, index):
+    """Without a block index nothing of a blob is served before it matched its digest whole,
+    and an index only attached at the registry counts on the blob still being checked whole:
+    either way a view of one member needs the whole layer, fetched once and checked; the
+    daemon's log says why in one line."""
+    from modelfs.logfile import daemon_log_path
+    q4, q8 = os.urandom(100 * KiB), os.urandom(2 * MiB)  # the view needs blocks 0 and 2 of 3
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, f"views/plain-{index}", tar, indexed=False)
+    if index == "attached":
+        assert "Attached a block index" in cli.run("index", "attach", "--plain-http", ref).stdout
+    with counting_proxy(registry) as counting:
+        target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "all", "--include",
+                              "q4.gguf")
+        found = _status(cli, target)
+        assert found["bytes_local"] == found["bytes_total"] == len(tar)
+        assert read_direct(target / "q4.gguf") == q4 and tree_of(target) == {"q4.gguf"}
+        assert len(tar) <= counting.downstream_bytes < len(tar) + 32 * KiB  # once
+    digest = "sha256:" + hashlib.sha256(tar).hexdigest()
+    log = Path(daemon_log_path(str(cli.cache_dir), str(target))).read_text()
+    line = next(line for line in log.splitlines() if f"blob {digest}: the view needs " in line)
+    assert line.endswith("but no block index the manifest names vouches for them one by one, so all of it is "
+                         "fetched and checked whole")
+
+
+def test_a_view_of_an_indexed_plain_tar_through_a_mirror_takes_only_its_blocks_each_checked(registry, mounts, cli,
+                                                                                          tmp_path):
+    """Through a mirror (untrusted by design) serving a flipped byte in q4, the view still
+    takes only its blocks, in a mount and in ``extract``; each is matched against the index
+    the manifest names, so the flipped block is refused and read again from the registry."""
+    from hostile import HostileMirror
+    q4, q8 = os.urandom(MiB - 1024), os.urandom(3 * MiB)
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-mirror", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    forged = bytearray(tar)
+    forged[4096] ^= 0xFF  # in q4's bytes
+    with counting_proxy(registry) as direct, HostileMirror(registry.port, {
+            "sha256:" + hashlib.sha256(tar).hexdigest(): bytes(forged)}) as mirror:
+        fresh = Cli(tmp_path / "fresh")  # its own cache: extract reads the mirror, not the mount's blocks
+        for home in (cli.home, fresh.home):
+            config = home / "config" / "modelfs"
+            config.mkdir(parents=True, exist_ok=True)
+            (config / "config.toml").write_text(
+                f'[registries."{direct.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
+        target = mounts.mount(ref.replace(registry.address, direct.address), "--prefetch", "all", "--include",
+                              "q4.gguf")
+        found = _status(cli, target)
+        assert found["bytes_local"] == found["bytes_total"] == needed
+        assert read_direct(target / "q4.gguf") == q4 and mirror.forged_served >= 1
+        assert found["integrity_errors"] >= 1 and direct.downstream_bytes < needed + 32 * KiB
+        assert found["bytes_fetched"] <= 2 * needed  # from both: the forged block twice at most, never q8
+        direct.reset()
+        served = mirror.forged_served
+        fresh.run("extract", "--plain-http", ref.replace(registry.address, direct.address), "-o",
+                  str(tmp_path / "out"), "--include", "q4.gguf")
+        assert (tmp_path / "out" / "q4.gguf").read_bytes() == q4 and mirror.forged_served > served
+        assert direct.downstream_bytes < needed + 32 * KiB
+
+
+def test_a_read_of_a_member_of_an_indexed_plain_tar_reads_ahead_only_within_the_view(registry, mounts):
+    """Reading a viewed member to its end, the reader's read-ahead stops at the blocks the
+    view needs, not in the next members of the tar (q8, outside the view). (On the old code
+    listing's header reads left the blob's read-ahead streams such that this read read no
+    further ahead; once listing no longer moves read-ahead, it fetched 1 MiB of q8.)"""
+    q4, q8 = os.urandom(2 * MiB - 1024), os.urandom(3 * MiB)  # q4 in blocks 0-1, q8 in 2-4
+    tar = _tar([("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-readahead", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    with counting_proxy(registry) as counting:
+        target = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", "--include",
+                              "q4.gguf")
+        assert read_direct(target / "q4.gguf") == q4
+        time.sleep(0.3)  # read-ahead under way has started
+        assert needed <= counting.downstream_bytes < needed + 32 * KiB < len(tar) - 2 * MiB
+
+
+def test_pull_of_a_view_of_a_member_straddling_blocks_of_an_indexed_plain_tar_takes_only_its_blocks(
+        registry, mounts, tmp_path):
+    """``pull --include`` of one member of an indexed plain tar fetches, reads back and checks
+    only the blocks the member straddles and those its listing reads; offline, that view
+    mounts and pulls again from the cache; online, a mount of the whole model serves those
+    blocks (each matched against the index when stored) and fetches only the others."""
+    pad, q4, q8 = os.urandom(700 * KiB), os.urandom(MiB), os.urandom(3 * MiB)  # q4 straddles blocks 0 and 1
+    tar = _tar([("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "views/plain-pull", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    assert needed == len(tar) - 2 * MiB  # blocks 2 and 3 hold only q8's bytes
+    cli, gone = Cli(tmp_path / "home"), CountingProxy(registry.port)
+    via_gone = ref.replace(registry.address, gone.address)
+    cli.run("pull", "--plain-http", "--include", "q4.gguf", via_gone)
+    assert needed <= gone.downstream_bytes < needed + 32 * KiB
+    gone.close()
+    offline = mounts.mount(via_gone, "--prefetch", "none", "--include", "q4.gguf", cli=cli)
+    assert tree_of(offline) == {"q4.gguf"} and read_direct(offline / "q4.gguf") == q4
+    assert "already complete there" in cli.run("pull", "--plain-http", "--include", "q4.gguf", via_gone).stdout
+    cli.run("extract", "--plain-http", via_gone, "-o", str(tmp_path / "out"), "--include", "q4.gguf")  # offline too
+    assert (tmp_path / "out" / "q4.gguf").read_bytes() == q4
+    # the offline mount, still there, read q4 to its end: its read-ahead claimed no block of
+    # q8 (outside its view) to fetch from a registry it cannot reach, which this mount waited on
+    with counting_proxy(registry) as counting:
+        whole = mounts.mount(ref.replace(registry.address, counting.address), "--prefetch", "none", cli=cli)
+        started = time.monotonic()
+        assert {name: read_direct(whole / name) for name in ("pad.bin", "q4.gguf", "q8.gguf")} == {
+            "pad.bin": pad, "q4.gguf": q4, "q8.gguf": q8}
+        assert time.monotonic() - started < 1
+        assert len(tar) - needed <= counting.downstream_bytes < len(tar) - needed + 32 * KiB
+
+
+def test_extract_of_a_view_of_an_indexed_plain_tar_takes_only_its_members_blocks(registry, cli, tmp_path):
+    """``extract --include`` of a member of an indexed plain tar (q4, straddling blocks) and
+    a hard link to it: the headers and q4's blocks are read by ranges, each checked against
+    the index the manifest names; q8 is never downloaded. A view of the link alone gets
+    q4's bytes too."""
+    pad, q4, q8 = os.urandom(700 * KiB), os.urandom(MiB), os.urandom(3 * MiB)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in (("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("q4-again.gguf")
+        link.type, link.linkname = tarfile.LNKTYPE, "q4.gguf"
+        archive.addfile(link)
+    tar = buffer.getvalue()
+    ref = _push_tar(registry.address, "views/plain-extract", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    assert needed <= len(tar) - 2 * MiB
+    out, link_only = tmp_path / "out", tmp_path / "link-only"
+    with counting_proxy(registry) as counting:
+        via = ref.replace(registry.address, counting.address)
+        cli.run("extract", "--plain-http", via, "-o", str(out), "--include", "q4*.gguf")
+        assert needed <= counting.downstream_bytes < needed + 32 * KiB  # not blocks 2-3, q8's alone
+        counting.reset()
+        cli.run("extract", "--plain-http", via, "-o", str(link_only), "--include", "q4-again.gguf")
+        # q4's bytes read when its link comes, after q8: the block its header shares, twice
+        assert counting.downstream_bytes < needed + MiB + 32 * KiB
+    assert tree_of(out) == {"q4.gguf", "q4-again.gguf"} and (out / "q4-again.gguf").read_bytes() == q4
+    assert (out / "q4.gguf").read_bytes() == q4
+    assert tree_of(link_only) == {"q4-again.gguf"} and (link_only / "q4-again.gguf").read_bytes() == q4
 
 
 def test_an_offline_pull_of_a_view_says_in_one_line_which_layer_it_cannot_list(registry, mounts, tmp_path):

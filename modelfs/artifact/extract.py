@@ -9,8 +9,11 @@ holds whole and verified are read from it instead of the network.
 
 With a view (``--include`` / ``--exclude``, :mod:`modelfs.formats.view`) the whole tree is
 still checked, and only the view's paths move into ``--output``: a raw layer outside it is
-never downloaded; a tar layer is read whole (its member list is inside it), its members
-outside the view staged only until the end (a hard link in the view may copy one).
+never downloaded; a plain tar layer whose blocks the block index the manifest names covers
+is listed from its headers and only the view's members are read, by ranges, each block
+checked against the index (:mod:`.tarblocks`); any other tar layer is read whole (its
+member list is inside it), its members outside the view staged only until the end (a hard
+link in the view may copy one).
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from typing import BinaryIO
 import trio
 
 from ..errors import CacheError, IntegrityError, ManifestError, SignatureError, UnsafePathError
+from ..formats.blockindex import BlockIndex
 from ..formats.paths import clean_member_path
 from ..formats.spec import Descriptor, Packing, classify_layer
+from ..formats.tarindex import Member, RangeSource, iter_members
 from ..formats.tree_check import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TreeCheck, layer_label, vet
 from ..formats.view import View
 from ..formats.zstd import ZstdError, ZstdFile
@@ -40,6 +45,7 @@ from ..storage.cache import BlockCache
 from ..storage.entry import BlobEntry
 from ..storage.store import BlockDamaged
 from .staging import Staging, writing
+from .tarblocks import CHUNK, CheckedBlocks, expected_hashes
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +184,11 @@ def _packing(layer: Descriptor, where: str) -> Packing:
 
 
 async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: Model, number: int, staging: Staging,
-                       check: TreeCheck, result: ExtractResult, view: View) -> None:
+                       check: TreeCheck, result: ExtractResult, view: View, index: BlockIndex | None = None) -> None:
     """One layer downloaded, verified and staged; a raw layer's path is checked against the
-    tree before its blob is fetched, and outside the view it is not fetched at all."""
+    tree before its blob is fetched, and outside the view it is not fetched at all. Of a
+    plain tar layer ``index`` (one the manifest names) covers, a view takes only its members'
+    blocks and the headers' (:mod:`.tarblocks`)."""
     layer = model.manifest.layers[number]
     where = layer_label(number, layer)
     packing = _packing(layer, where)
@@ -192,6 +200,17 @@ async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: 
         check.add(path, REGULAR, where)
         if not view.keeps(path):
             return
+    expected = expected_hashes(index, layer) if packing is Packing.TAR and not view.everything else None
+    if expected is not None and index is not None and not _cached_whole(cache, layer):
+        blocks = CheckedBlocks(client, model.reference.repository, layer, expected, index.block_hash, index.block_size)
+        if cache is not None and cache.block_size == index.block_size:
+            blocks.entry = cache.entry(layer.digest, layer.size)  # blocks a pull of the view stored
+        try:
+            await _stage_tar_members(blocks, staging, check, result, view, where)
+        finally:
+            result.bytes_from_registry += blocks.fetched
+            result.bytes_from_cache += blocks.from_cache
+        return
     blob = f"blob-{number}"
     with writing(where, staging.output):
         with staging.blob(blob, write=True) as out:
@@ -206,6 +225,48 @@ async def _stage_layer(client: RegistryReader, cache: BlockCache | None, model: 
         await trio.to_thread.run_sync(_unpack, staging, blob, packing, check, where, result, view)
     finally:
         staging.drop_blob(blob)
+
+
+def _cached_whole(cache: BlockCache | None, layer: Descriptor) -> bool:
+    """The cache holds the blob complete: read from it whole (no network), as before."""
+    return cache is not None and cache.entry(layer.digest, layer.size).complete
+
+
+async def _stage_tar_members(blocks: CheckedBlocks, staging: Staging, check: TreeCheck, result: ExtractResult,
+                             view: View, where: str) -> None:
+    """A plain tar layer listed from its headers (as the mount lists it: every member
+    vetted and checked against the whole tree), and only the view's members staged as they
+    come, their bytes read by ranges, every block checked against the index. A kept hard
+    link to a member outside the view gets that member's bytes."""
+    regular: dict[str, Member] = {}  # path -> the regular member its bytes are (a hard link: its source's)
+    staged: set[str] = set()
+    async for member in iter_members(RangeSource(blocks.read), where, blocks.layer.size):
+        member_where = f"{where}, member {member.path!r}"
+        check.add(member.path, member.kind, member_where, where, member.link)
+        kept = member.kind != DIRECTORY and view.keeps(member.path)
+        with writing(member_where, staging.output):
+            if member.kind == DIRECTORY:
+                staging.directory(member.path)
+            elif member.kind == SYMLINK:
+                staging.symlink(member.path, member.link)
+            else:
+                source = regular[member.link] if member.kind == HARDLINK else member
+                regular[member.path] = source
+                if kept and source.path in staged:
+                    staging.copy(source.path, member.path)
+                elif kept:
+                    await _stage_bytes(blocks, staging, member.path, source)
+                if kept:
+                    staged.add(member.path)
+        if kept:
+            result.files.append(member.path)
+
+
+async def _stage_bytes(blocks: CheckedBlocks, staging: Staging, path: str, source: Member) -> None:
+    """A file of ``source``'s bytes, read by ranges in chunks, each block checked."""
+    with staging.new_file(path, source.mode & 0o755 or 0o644) as out:
+        for at in range(0, source.size, CHUNK):
+            out.write(await blocks.read(source.offset + at, min(CHUNK, source.size - at)))
 
 
 def _check_signed(checks: FileChecks, staging: Staging, check: TreeCheck, files: list[str]) -> None:
@@ -273,7 +334,7 @@ def _unmake(made: list[str]) -> None:
 
 
 async def extract(client: RegistryReader, model: Model, output: str, cache: BlockCache | None = None,
-                  view: View | None = None) -> ExtractResult:
+                  view: View | None = None, index: BlockIndex | None = None) -> ExtractResult:
     """Every layer staged, the whole tree checked (the mount's check), then the view of it
     moved into ``--output`` at once: a refused model leaves ``--output`` as it was."""
     view = view or View()
@@ -287,7 +348,7 @@ async def extract(client: RegistryReader, model: Model, output: str, cache: Bloc
     try:
         result, check = ExtractResult(), TreeCheck()
         for number in range(len(model.manifest.layers)):
-            await _stage_layer(client, cache, model, number, staging, check, result, view)
+            await _stage_layer(client, cache, model, number, staging, check, result, view, index)
         check.finish()
         if model.verdict is not None and model.verdict.file_checks is not None:
             await trio.to_thread.run_sync(_check_signed, model.verdict.file_checks, staging, check, result.files)

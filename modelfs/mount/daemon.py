@@ -37,6 +37,7 @@ from .metrics import render, serve_metrics
 from .policy import available_cores
 from .prefetch import fit_cache, prefetch_order, shard_order
 from .tree import Tree, build_tree
+from .viewblocks import ViewBlocks
 
 log = logging.getLogger(__name__)
 
@@ -127,25 +128,29 @@ def check_mountpoint(mountpoint: str, allow_nonempty: bool = False) -> None:
                          "--allow-nonempty / -o nonempty)")
 
 
-def prefetch_plan(files: list[tuple[str, BlobReader]], metadata: Metadata, cache_limit: int) -> list[BlobReader]:
+def prefetch_plan(files: list[tuple[str, BlobReader]], metadata: Metadata, cache_limit: int,
+                  needs: ViewBlocks | None = None) -> list[BlobReader]:
     """The blobs worth prefetching, in the order loaders read them (:func:`~.prefetch.prefetch_order`:
     small files first, then the shards in their index's order), and under a cache size limit
-    only as many as fit (:func:`~.prefetch.fit_cache`)."""
-    return fit_cache(prefetch_order(files, shard_order(metadata.indexes)), cache_limit)
+    only as many as fit (:func:`~.prefetch.fit_cache`: of each, the bytes a view ``needs``)."""
+    return fit_cache(prefetch_order(files, shard_order(metadata.indexes)), cache_limit,
+                     needs.bytes if needs else lambda reader: reader.size)
 
 
-async def _prefetch(fetcher: Fetcher, tree: Tree, readers: FileReaders, metadata: Metadata, cache_limit: int) -> None:
-    """Metadata first (:mod:`.metadata`), then every blob in the order loaders read."""
+async def _prefetch(fetcher: Fetcher, tree: Tree, readers: FileReaders, metadata: Metadata, cache_limit: int,
+                    needs: ViewBlocks) -> None:
+    """Metadata first (:mod:`.metadata`), then every blob in the order loaders read (of
+    each, the blocks the view needs: :mod:`.viewblocks`)."""
     await fetch_metadata(metadata_files(tree, readers), metadata)
     files = prefetch_files(tree, readers)
-    plan = prefetch_plan(files, metadata, cache_limit)
+    plan = prefetch_plan(files, metadata, cache_limit, needs)
     everything = {reader.digest: reader for _, reader in files}
     if len(plan) < len(everything):
         log.warning("prefetching %d of %d blobs (%d of %d bytes): the rest would not fit under the cache limit "
                     "of %d bytes; they are fetched when read", len(plan), len(everything),
-                    sum(r.size for r in plan), sum(r.size for r in everything.values()), cache_limit)
+                    sum(needs.bytes(r) for r in plan), sum(needs.bytes(r) for r in everything.values()), cache_limit)
     try:
-        await fetcher.prefetch(plan)
+        await fetcher.prefetch(plan, wanted=needs.of)
         log.info("prefetch complete: %d blobs cached", len(plan))
     except Exception as exc:  # its workers fail as an exception group; the mount must live on
         error = user_error(exc)
@@ -212,13 +217,16 @@ async def serve(options: MountOptions) -> None:
             readers = FileReaders(fetcher)
             tree = await build_tree(model, readers, model_view(settings, options.node_view))
             readers.gate = gate_for(model.verdict, tree)  # before anything is served
+            needs = ViewBlocks(tree, session.cache.block_size)  # of each blob: what is fetched, prefetched, counted
+            fetcher.confine(needs.confine)
             record(session.cache, model, index.data if index else b"")
             permissions = Permissions(os.getuid() if settings.uid is None else settings.uid,
                                       os.getgid() if settings.gid is None else settings.gid,
                                       settings.file_mode, settings.dir_mode, settings.allow_other)
-            ops = ModelFS(tree, readers, str(model.reference), permissions)
+            ops = ModelFS(tree, readers, str(model.reference), permissions, needs)
             try:
-                await _serve_mount(nursery, ops, readers, session.cache, tree, options, model, found.offline, deadline)
+                await _serve_mount(nursery, ops, readers, session.cache, tree, needs, options, model, found.offline,
+                                   deadline)
             except BaseException:
                 deadline.arm(shutdown.EXIT_SECONDS, 1)
                 raise
@@ -232,7 +240,8 @@ async def serve(options: MountOptions) -> None:
 
 
 async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders, cache: BlockCache, tree: Tree,
-                       options: MountOptions, model: Model, offline: str | None, deadline: shutdown.ExitDeadline) -> None:
+                       needs: ViewBlocks, options: MountOptions, model: Model, offline: str | None,
+                       deadline: shutdown.ExitDeadline) -> None:
     mountpoint = options.mountpoint  # resolved by serve()
     fetcher = readers.fetcher
     what = f"{options.reference} ({model.reference.digest})"
@@ -251,7 +260,7 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
         nursery.start_soon(release_replaced_files, cache)
         metadata = Metadata()
         if options.settings.prefetch == "all":  # READY is not held for it: a header read joins its fetch
-            nursery.start_soon(_prefetch, fetcher, tree, readers, metadata, options.settings.cache_max_size)
+            nursery.start_soon(_prefetch, fetcher, tree, readers, metadata, options.settings.cache_max_size, needs)
             if readers.gate is not None:
                 nursery.start_soon(readers.gate.prefetch, tree, readers.reader)
         if options.settings.cache_max_size:
@@ -266,8 +275,9 @@ async def _serve_mount(nursery: trio.Nursery, ops: ModelFS, readers: FileReaders
             c = fetcher.stats
             return status.MountStatus(
                 pid=os.getpid(), mountpoint=mountpoint, reference=options.reference, digest=model.reference.digest or "",
-                offline=offline, bytes_total=sum(r.size for r in every),
-                bytes_local=sum(r.cached_bytes() for r in every), reads=c.reads, read_errors=c.read_errors,
+                offline=offline, bytes_total=sum(needs.bytes(r) for r in every),
+                bytes_local=sum(needs.local_bytes(r) for r in every),
+                reads=c.reads, read_errors=c.read_errors,
                 integrity_errors=c.integrity_errors, damaged_blocks=c.damaged_blocks, handler_errors=c.handler_errors,
                 bytes_fetched=c.bytes_fetched, workers=c.workers, started=started, updated=time.time(),
                 metadata=metadata.line() if options.settings.prefetch == "all" else None,

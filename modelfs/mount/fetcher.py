@@ -135,6 +135,11 @@ class Fetcher:
         block_hash = index.block_hash if index else ALGORITHMS["sha256"]
         return Trust.decide(expected, block_hash, self.ctx.index_vouched, self.policy.lazy)
 
+    def confine(self, blocks: Callable[[ReaderSink, list[int]], list[int]]) -> None:
+        """Fetch by ranges only the blocks ``blocks`` keeps of those asked for (a view's:
+        :meth:`~.viewblocks.ViewBlocks.confine`, so read-ahead stops at the view's files)."""
+        self.blobs.confine = blocks
+
     def layer_stream(self, layer: Descriptor, packing: Packing, where: str) -> LayerStream:
         """The source of every file of a compressed layer (its targets are their readers)."""
         def cached() -> ReaderSink | None:  # the layer's own reader, only where the cache holds it
@@ -178,8 +183,9 @@ class Fetcher:
 
     async def prefetch(self, readers: Sequence[BlobReader], progress: Callable[[int], None] | None = None,
                        cached: Callable[[int], None] | None = None,
-                       landed: Callable[[BlobReader, list[int]], Awaitable[None]] | None = None) -> None:
-        """Fetch every missing block of ``readers``, in that order, readers' blobs first
-        (:func:`~.prefetch.prefetch`)."""
+                       landed: Callable[[BlobReader, list[int]], Awaitable[None]] | None = None,
+                       wanted: Callable[[BlobReader], Sequence[int] | None] | None = None) -> None:
+        """Fetch every missing block of ``readers`` (of each, those ``wanted`` says: a view's),
+        in that order, readers' blobs first (:func:`~.prefetch.prefetch`)."""
         await prefetch(self.ctx, self.ranges.slots, lambda: self.ranges.sizer.run_blocks, readers, progress, cached,
-                       landed)
+                       landed, wanted)

@@ -26,6 +26,7 @@ from ..formats.tree_check import DIRECTORY, SYMLINK
 from .binding import FileReaders
 from .stats import ReadTimer
 from .tree import ROOT_INODE, Node, Tree
+from .viewblocks import ViewBlocks
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,9 +101,11 @@ class ModelFS(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, tree: Tree, readers: FileReaders, model_name: str, permissions: Permissions | None = None) -> None:
+    def __init__(self, tree: Tree, readers: FileReaders, model_name: str, permissions: Permissions | None = None,
+                 needs: ViewBlocks | None = None) -> None:
         super().__init__()
         self.tree, self.readers, self.model_name = tree, readers, model_name
+        self.needs = needs  # of each blob, the blocks the view needs: what "cached" counts
         self.fetcher = readers.fetcher
         self.permissions = permissions or Permissions(os.getuid(), os.getgid())
         self.stats = self.fetcher.stats
@@ -258,9 +261,11 @@ class ModelFS(pyfuse3.Operations):
         if name == XATTR_MODEL:
             return _encoded(self.model_name)
         if node.inode == ROOT_INODE and name == XATTR_CACHED:
-            readers = self.readers.every(self.tree)
-            total = sum(r.size for r in readers)
-            cached = sum(r.cached_fraction() * r.size for r in readers)
+            readers, needs = self.readers.every(self.tree), self.needs
+            part = {r.digest for r in readers if needs and needs.of(r) is not None}  # a view's blocks of the blob
+            total = sum(needs.bytes(r) if needs and r.digest in part else r.size for r in readers)
+            cached = sum(needs.local_bytes(r) if needs and r.digest in part else r.cached_fraction() * r.size
+                         for r in readers)
             return f"{cached / total if total else 1.0:.4f}".encode()
         if node.layer is None:
             return None

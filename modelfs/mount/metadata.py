@@ -37,7 +37,7 @@ from fnmatch import fnmatch
 import trio
 
 from ..errors import ModelfsError, RegistryError
-from .binding import FileReaders
+from .binding import FileReaders, fetch_here, read_here
 from .fetcher import BlobReader
 from .tree import ROOT_INODE, Node, Tree
 
@@ -77,32 +77,12 @@ class MetadataFile:
         read-ahead (a header read would otherwise fetch blocks past it), with a reader's
         priority; the blocks that hold them. Nothing is read into memory here: a header the
         pass only fetches and pins (a safetensors JSON of up to 100 MB) is never joined whole."""
-        size = min(size, self.size - offset)
-        if size <= 0:
-            return range(0)
-        start, reader = self.offset + offset, self.reader
-        block_size = reader.blob.entry.block_size
-        blocks = range(start // block_size, (start + size - 1) // block_size + 1)
-        missing = [i for i in blocks if not reader.servable(i)]
-        if missing:
-            await reader.ensure(missing, foreground=True)
-        return blocks
+        return await fetch_here(self.reader, self.offset + offset, min(size, self.size - offset))
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes of the file, as :meth:`fetch` makes them servable, then taken from memory or
         the cache."""
-        size = min(size, self.size - offset)
-        if size <= 0:
-            return b""
-        start, reader = self.offset + offset, self.reader
-        block_size = reader.blob.entry.block_size
-        blocks = await self.fetch(offset, size)
-        parts = await reader.blocks(blocks[0], blocks[-1])
-        if parts is None:  # dropped or damaged meanwhile: the read path fetches it again
-            return await reader.read(start, size)
-        data = b"".join(bytes(part) for part in parts)
-        skip = start - blocks[0] * block_size
-        return data[skip:skip + size]
+        return await read_here(self.reader, self.offset + offset, min(size, self.size - offset))
 
 
 @dataclass

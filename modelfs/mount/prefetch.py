@@ -93,17 +93,17 @@ def natural_key(path: str) -> list[tuple[int, int | str]]:
     return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path) if part]
 
 
-def fit_cache(readers: list[R], cache_limit: int) -> list[R]:
+def fit_cache(readers: list[R], cache_limit: int, size: Callable[[R], int] = lambda reader: reader.size) -> list[R]:
     """Under a cache size limit only as many as fit in 90% of it (what eviction keeps), in
-    order: prefetching a model bigger than the cache would evict its own blocks and those
-    just read, refetching forever."""
+    order (``size``: the bytes of a blob prefetch takes, a view's); prefetching a model
+    bigger than the cache would evict its own blocks and those just read, refetching forever."""
     if not cache_limit:
         return readers
     plan, room = [], int(cache_limit * 0.9)
     for reader in readers:
-        if reader.size <= room:
+        if size(reader) <= room:
             plan.append(reader)
-            room -= reader.size
+            room -= size(reader)
     return plan
 
 
@@ -135,12 +135,28 @@ class PrefetchQueue(Generic[F]):
     """The runs left to prefetch: the next one from the blob read most recently (from the
     block read on), else from the first blob in plan order with blocks left."""
 
-    def __init__(self, ctx: FetchContext, readers: Sequence[F]) -> None:
+    def __init__(self, ctx: FetchContext, readers: Sequence[F],
+                 wanted: Callable[[F], Sequence[int] | None] | None = None) -> None:
         self.ctx = ctx
         self.order = list(readers)
         self.by_digest = {reader.digest: reader for reader in readers}
-        self.left = {reader.digest: [not reader.servable(i) for i in range(reader.nblocks)] for reader in readers}
+        self.blocks = {reader.digest: wanted(reader) if wanted else None for reader in readers}
+        self.left = {reader.digest: self._missing(reader, self.blocks[reader.digest]) for reader in readers}
         self.since = ctx.gate.reads  # reads before prefetch started (the metadata's own) are not followed
+
+    @staticmethod
+    def _missing(reader: Fetchable, blocks: Sequence[int] | None) -> list[bool]:
+        """Per block: wanted and not servable yet (``blocks``: those wanted; None, all)."""
+        if blocks is None:
+            return [not reader.servable(i) for i in range(reader.nblocks)]
+        left = [False] * reader.nblocks
+        for i in blocks:
+            left[i] = not reader.servable(i)
+        return left
+
+    def wanted_bytes(self, reader: Fetchable) -> int:
+        blocks = self.blocks[reader.digest]
+        return reader.size if blocks is None else sum(reader.block_length(i) for i in blocks)
 
     def missing_bytes(self, reader: Fetchable) -> int:
         return sum(reader.block_length(i) for i, left in enumerate(self.left[reader.digest]) if left)
@@ -188,17 +204,19 @@ class PrefetchQueue(Generic[F]):
 
 async def prefetch(ctx: FetchContext, slots: RequestSlots, run_blocks: Callable[[], int], readers: Sequence[F],
                    progress: Callable[[int], None] | None = None, cached: Callable[[int], None] | None = None,
-                   landed: Callable[[F, list[int]], Awaitable[None]] | None = None) -> None:
+                   landed: Callable[[F, list[int]], Awaitable[None]] | None = None,
+                   wanted: Callable[[F], Sequence[int] | None] | None = None) -> None:
     """Fetch every missing block of ``readers`` (in that order, readers' blobs first), each
     run in a request slot taken before its blocks are claimed; ``landed`` is awaited with each
-    run once it is in (its slot already free for the next). Stops with a
+    run once it is in (its slot already free for the next). ``wanted``: the blocks of each
+    blob to fetch (a view's; every block without it). Stops with a
     :class:`CacheError` once the cache refuses blocks (a full disk): prefetching into
     memory that cannot be kept only takes bandwidth from the readers."""
-    queue = PrefetchQueue(ctx, readers)
+    queue = PrefetchQueue(ctx, readers, wanted)
     log.debug("prefetch order: %s", " ".join(reader.digest[7:19] for reader in readers))
     if cached:
         for reader in readers:
-            cached(reader.size - queue.missing_bytes(reader))
+            cached(queue.wanted_bytes(reader) - queue.missing_bytes(reader))
     write_errors = ctx.stats.cache_write_errors
 
     def refused() -> None:

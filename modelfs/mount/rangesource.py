@@ -4,6 +4,8 @@ blob where it serves nothing before the blob checked whole (:mod:`.wholepass`)."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .rangeruns import RangeRuns
 from .sink import ReaderSink
 from .wholepass import WholePass
@@ -16,9 +18,11 @@ class RangeSource:
 
     def __init__(self, runs: RangeRuns, whole: WholePass) -> None:
         self.runs, self.whole = runs, whole
+        # of the blocks asked for, those a view of the model needs (:class:`~.viewblocks.ViewBlocks`)
+        self.confine: Callable[[ReaderSink, list[int]], list[int]] | None = None
 
     def schedule(self, sink: ReaderSink, blocks: list[int], for_reader: bool = True) -> None:
         if sink.trust.per_block:
-            self.runs.schedule(sink, blocks, for_reader)
+            self.runs.schedule(sink, self.confine(sink, blocks) if self.confine else blocks, for_reader)
         else:
             self.whole.start(sink)

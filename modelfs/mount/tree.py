@@ -92,6 +92,7 @@ class Tree:
         self._distinct: list[Node] | None = None  # distinct_files(), until a file is added
         self._inodes = ROOT_INODE  # the last inode number given (a cut leaves gaps, never reuses one)
         self._whole: dict[str, int | None] | None = None  # whole_listing(), kept when a view cuts the tree
+        self.listed: dict[str, list[tuple[int, int]]] = {}  # by blob digest: (offset, size) of each read listing made
 
     def _new_inode(self, where: str) -> int:
         """The next inode number; a hostile tar of millions of empty members stops here, not at OOM."""
@@ -179,6 +180,21 @@ class Tree:
         while stack:
             node = self.nodes.pop(stack.pop())
             stack.extend(node.children.values())
+
+    def view_spans(self) -> dict[str, list[tuple[int, int]]] | None:
+        """Blob digest -> the (offset, size) ranges of it a view of the tree reads: its files'
+        bytes, and what listing it read (a plain tar's headers, read again by the next mount);
+        None when no view cut the tree (every byte of every blob is wanted). Files of a
+        streamed layer have no ranges of its blob: that layer is wanted whole."""
+        if self._whole is None:
+            return None
+        spans: dict[str, list[tuple[int, int]]] = {}
+        for node in self.files():
+            layer = node.layer
+            if layer is not None and not layer.streamed:
+                digest = layer.descriptor.digest
+                spans.setdefault(digest, list(self.listed.get(digest, ()))).append((node.offset, node.size))
+        return spans
 
     def layers(self) -> list[Descriptor]:
         """The layers whose bytes the tree's files are, in manifest order: what a ``pull`` of a
@@ -271,7 +287,8 @@ async def build_tree(model: Model, layers: LayerReads, view: View | None = None)
             tree.add(path, where, kind=REGULAR, mode=mode, mtime_ns=meta_mtime or mtime_ns, size=layer.size,
                      layer=Layer(layer, packing, where), offset=0)
         elif packing is Packing.TAR:
-            members = await index_tar(layers.read_at(layer), layer.size, where)
+            members = await index_tar(_noted(layers.read_at(layer), tree.listed.setdefault(layer.digest, [])),
+                                      layer.size, where)
             _add_members(tree, members, Layer(layer, packing, where))
         else:
             await _add_compressed(tree, layers, Layer(layer, packing, where), mode, meta_mtime or mtime_ns)
@@ -279,6 +296,14 @@ async def build_tree(model: Model, layers: LayerReads, view: View | None = None)
     if view is not None:
         tree.cut(view)
     return tree
+
+
+def _noted(read_at: ReadAt, reads: list[tuple[int, int]]) -> ReadAt:
+    """``read_at``, each read noted in ``reads`` (what a view of the layer needs to list it again)."""
+    async def read(offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return await read_at(offset, size)
+    return read
 
 
 def _add_members(tree: Tree, members: list[Member], layer: Layer) -> None:
