@@ -9,6 +9,7 @@ import os
 import time
 
 import pytest
+from direct import read_direct
 
 MiB = 1 << 20
 
@@ -42,24 +43,8 @@ def test_server_that_ignores_range_still_gives_the_bytes_asked(faulty, mounts, m
     assert faulty.injected["norange"] >= 1
 
 
-def test_persistent_corruption_is_eio_never_wrong_bytes(faulty, mounts, minilm_ref, minilm_dir, registry, cli):
-    target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none", "--timeout", "20")
-    source = (minilm_dir / "model.safetensors").read_bytes()
-    faulty.persistent = "flip"
-    with pytest.raises(OSError) as info:
-        _read(target / "model.safetensors", 20 * MiB, MiB)
-    assert info.value.errno == 5
-    faulty.persistent = None  # healed: a fetch retrying meanwhile may end in EIO once more, never in wrong bytes
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            assert _read(target / "model.safetensors", 20 * MiB, MiB) == source[20 * MiB:21 * MiB]
-            break
-        except OSError as exc:
-            assert exc.errno == errno.EIO and time.monotonic() < deadline
-            time.sleep(0.5)
-    log = next((cli.cache_dir / "logs").iterdir()).read_text()
-    assert "does not match the block index" in log
+# A persistent flip (EIO, never wrong bytes, then healed): test_integrity.py's
+# test_persistent_flip_is_eio_never_wrong_bytes, over every packing with and without an index.
 
 
 def test_stall_beyond_timeout_is_eio_in_bounded_time(faulty, mounts, minilm_ref, minilm_dir, registry):
@@ -157,12 +142,12 @@ def test_a_failing_registry_sees_one_retry_policy_not_the_product_of_two(faulty,
     faulty.only = weights
     faulty.persistent = "503"
     started = time.monotonic()
-    with pytest.raises(OSError) as failed:
-        _read(target / "model.safetensors", 0, 4096)
+    with pytest.raises(OSError) as failed:  # O_DIRECT: one read, no page the kernel reads again
+        read_direct(target / "model.safetensors", 0, 4096)
     assert failed.value.errno == errno.EIO
     assert time.monotonic() - started < 30
     # each read of a range makes the policy's attempts (not 6 client attempts times 5 fetcher
-    # ones); the kernel reads a page whose readahead failed once more, itself: at most twice that
+    # ones); a read-ahead run beside the read may ask for the same range: at most twice that
     attempts = RetryPolicy().attempts
     deadline = time.monotonic() + 30
     while any(count < attempts for count in faulty.faulted_ranges.values()) and time.monotonic() < deadline:
