@@ -278,9 +278,14 @@ def test_status_reports_numbers_from_the_daemon_without_touching_the_mount(cli, 
     text = cli.run("status").stdout
     assert f"{target}: {minilm_ref}" in text and f"pid {pid}: 100% local" in text
     # a frozen daemon cannot hang status: it reads the file the daemon writes, marked stale
+    # (its last write dated STALE_SECONDS + 1 back, as if it froze that long ago: no 6 s sleep)
+    from modelfs.mount.status import STALE_SECONDS, status_path
     os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(6)
+        time.sleep(0.2)  # a write under way when it stopped has landed or never will
+        path = Path(status_path(str(target)))
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "updated": doc["updated"] - STALE_SECONDS - 1}))
         started = time.monotonic()
         frozen = next(m for m in json.loads(cli.run("status", "--json", timeout=10).stdout) if m["mountpoint"] == str(target))
         assert frozen["answering"] is False and time.monotonic() - started < 5
