@@ -155,18 +155,6 @@ def test_a_failing_registry_sees_one_retry_policy_not_the_product_of_two(faulty,
     assert faulty.faulted_ranges and all(count in (attempts, 2 * attempts) for count in faulty.faulted_ranges.values())
 
 
-def test_a_peer_holding_a_claim_too_long_costs_a_duplicate_fetch_not_a_stuck_read(cli, mounts, minilm_ref, minilm_dir):
-    """Another process that claimed blocks and froze (here: the test holds the claims) is
-    waited on for PEER_WAIT_SECONDS, then the blocks are fetched anyway."""
-    from modelfs.storage.claims import PeerClaims
-    manifest = json.loads(cli.run("inspect", "--plain-http", "--json", minilm_ref).stdout)["manifest"]
-    weights = next(layer["digest"] for layer in manifest["layers"]
-                   if layer["annotations"]["org.cncf.model.filepath"] == "model.safetensors")
-    claims_path = cli.cache_dir / "blobs" / "sha256" / f"{weights.split(':')[1]}.claims"
-    claims_path.parent.mkdir(parents=True, exist_ok=True)
-    with PeerClaims(str(claims_path)) as frozen_peer:
-        assert frozen_peer.take(0, 3) == 3
-        target = mounts.mount(minilm_ref, "--prefetch", "none", "--timeout", "60")
-        assert _read(target / "model.safetensors", 0, 65536) == (minilm_dir / "model.safetensors").read_bytes()[:65536]
-    log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
-    assert "another process has held block 0" in log, log[-2000:]
+# A peer holding claims too long costs a duplicate fetch, not a stuck read: test_rangefetch.py's
+# test_a_frozen_peer_holding_claims_is_waited_on_for_less_than_a_short_timeout (a real frozen
+# process, the wait bounded and logged); the 5 s cap under a long timeout: peer_wait's unit test there.
