@@ -250,9 +250,14 @@ def test_eviction_by_another_mount_never_serves_zeros(matrix_models, mounts, cli
     the other still believes the blob's blocks are present."""
     ref, files = matrix_models[("raw", True)]
     cli.run("pull", "--plain-http", ref)
+    data = cli.cache_dir / "blobs" / "sha256" / f"{hashlib.sha256(files['w.bin']).hexdigest()}.data"
+    pulled = data.stat().st_ino
     holder = mounts.mount(ref, "--prefetch", "none")  # its map says every block is cached; none in memory
     evictor = mounts.mount(ref, "--prefetch", "none", "--cache-max-size", "1M")
-    time.sleep(3)  # the evictor's limit loop runs every 2 s: it evicts the blob
+    deadline = time.monotonic() + 10
+    while data.exists() and data.stat().st_ino == pulled:  # the evictor's limit loop (every 2 s) evicts the blob
+        assert time.monotonic() < deadline, "the evictor did not evict"
+        time.sleep(0.1)
     with open(evictor / "w.bin", "rb") as handle:  # and fetches its last block again
         handle.seek(3 * MiB)
         assert handle.read() == files["w.bin"][3 * MiB:]
