@@ -235,7 +235,10 @@ def test_ctrl_c_during_pull_is_one_line(cli, minilm_ref, faulty, registry):
     process = subprocess.Popen([sys.executable, "-m", "modelfs", "pull", "--plain-http",
                                 minilm_ref.replace(registry.address, faulty.address)],
                                env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)
+    deadline = time.monotonic() + 20
+    while not faulty.injected["stall"]:  # the pull is waiting on a stalled blob: mid-pull
+        assert time.monotonic() < deadline and process.poll() is None, "the pull never reached a blob"
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130

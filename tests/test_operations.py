@@ -185,8 +185,13 @@ def test_one_endpoint_serves_the_metrics_of_every_mount_of_the_host(cli, minilm_
     from conftest import free_port
     first, second = mounts.mount(minilm_ref, "--prefetch", "none"), mounts.mount(minilm_ref, "--prefetch", "none")
     (first / "config.json").read_bytes()
-    time.sleep(1.5)  # the daemons rewrite their status every second
-    once = cli.run("metrics").stdout
+    deadline = time.monotonic() + 10
+    while True:  # the daemons rewrite their status every second: until the first one counted its read
+        once = cli.run("metrics").stdout
+        if re.search(rf'^modelfs_reads_total\{{mountpoint="{re.escape(str(first))}".*\}} [1-9]', once, re.M) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for target in (first, second):
         assert re.search(rf'^modelfs_mount_bytes_total{{mountpoint="{re.escape(str(target))}",reference="'
                          rf'{re.escape(minilm_ref)}",digest="sha256:[0-9a-f]{{64}}"}} [1-9][0-9]*$', once, re.M), once
@@ -338,8 +343,9 @@ def test_a_mount_point_reached_through_a_symlink_is_one_mount_everywhere(cli, mi
     out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(link / "m")).stdout
     mounts.active.append(link / "m")
     assert (link / "m" / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
-    time.sleep(1.2)  # the daemon writes its status every second
-    found = _status_of(cli, real / "m")
+    deadline = time.monotonic() + 10
+    while (found := _status_of(cli, real / "m")) is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemon writes its status every second
     assert found is not None and found.get("pid") == int(out.split("(pid ")[1].split(",")[0]) and found["answering"], found
     assert f'mountpoint="{real / "m"}"' in cli.run("metrics").stdout
     # the mount.fuse3 form that fstab lines run, through the link as well
