@@ -20,7 +20,9 @@ def _read(path, offset: int, size: int) -> bytes:
         return handle.read(size)
 
 
-@pytest.mark.parametrize("fault", ["503", "429", "reset", "truncate", "stall", "flip"])
+# a reset, a truncated body and a flipped byte, the same way: test_integrity.py's
+# test_fault_in_transit_gives_right_bytes_or_eio, over every packing with and without an index
+@pytest.mark.parametrize("fault", ["503", "429", "stall"])
 def test_transient_fault_is_survived_with_correct_bytes(fault, faulty, mounts, minilm_ref, minilm_dir, registry):
     target = mounts.mount(minilm_ref.replace(registry.address, faulty.address), "--prefetch", "none",
                           "--timeout", "30", "--log-level", "info")
