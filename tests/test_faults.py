@@ -107,7 +107,7 @@ def test_without_block_index_corruption_is_caught_when_the_blob_completes(cli, r
     assert (target / "w.bin").read_bytes() == payload
 
 
-def test_a_token_the_registry_stops_accepting_is_renewed_mid_mount(cli, mounts, minilm_dir, tmp_path):
+def test_a_token_the_registry_stops_accepting_is_renewed_mid_mount(cli, mounts, small_minilm, tmp_path):
     """Tokens outlive their welcome (expiry, a rotated signing key): a read that gets 401 with
     a cached token fetches a new one and goes on; the inference server never sees it."""
     from conftest import SAMPLE_MODELFILE, start_token_registry
@@ -115,15 +115,15 @@ def test_a_token_the_registry_stops_accepting_is_renewed_mid_mount(cli, mounts, 
     try:
         ref = f"{registry.address}/private/minilm:v1"
         cli.run("login", "--plain-http", registry.address, "-u", "alice", "--password-stdin", input="s3cret-pass\n")
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         target = mounts.mount(ref, "--prefetch", "none")
-        assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+        assert (target / "config.json").read_bytes() == (small_minilm / "config.json").read_bytes()
         before = len(registry.issuer.issued)
         registry.issuer.rotate_key()
         registry.kill()
         registry.start()  # reloads the bundle: every token issued so far is refused
-        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        assert (target / "model.safetensors").read_bytes() == (small_minilm / "model.safetensors").read_bytes()
         assert len(registry.issuer.issued) > before
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert " ERROR " not in log and "giving up" not in log, log

@@ -39,19 +39,6 @@ def big_model(registry, session_cli, tmp_path_factory):
     return ref, context
 
 
-@pytest.fixture(scope="module")
-def small_minilm(minilm_dir, tmp_path_factory) -> Path:
-    """MiniLM's layout and small files with a 24 MiB safetensors of random tensors in place of
-    its 87 MiB one: for tests that build, push and pull a model of their own (a private
-    registry they kill, a packing), where the bytes' size buys nothing but time."""
-    from safetensors.numpy import save_file
-    root = tmp_path_factory.mktemp("small-minilm") / "model"
-    shutil.copytree(minilm_dir, root, ignore=lambda _, names: [n for n in names if n.endswith(".safetensors")])
-    rng = np.random.default_rng(11)
-    save_file({f"t{i}": np.frombuffer(rng.bytes(4 * MiB), dtype=np.float32) for i in range(6)},
-              str(root / "model.safetensors"))
-    return root
-
 
 def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref, minilm_dir, proxy):
     ref = minilm_ref.replace(minilm_ref.split("/")[0], proxy.address)

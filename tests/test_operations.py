@@ -65,12 +65,12 @@ def test_mount_t_fuse_modelfs_and_fstab(cli, minilm_ref, minilm_dir, tmp_path):
     assert bad.returncode != 0 and "unknown mount option 'colour=blue'" in bad.stderr
 
 
-def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm_dir, mounts):
+def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, small_minilm, mounts):
     upstream = Registry(tmp_path / "upstream")
     mirror = Registry(tmp_path / "mirror", f"proxy:\n  remoteurl: http://{upstream.address}\n")
     try:
         ref = f"{upstream.address}/library/minilm:v1"
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         config = tmp_path / "config.toml"
         config.write_text(f'[registries."{upstream.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
@@ -79,7 +79,7 @@ def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm
         shutil.rmtree(cli.cache_dir)
         upstream.kill()
         target = mounts.mount(ref, "--prefetch", "none")
-        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        assert (target / "model.safetensors").read_bytes() == (small_minilm / "model.safetensors").read_bytes()
         # the block index the manifest names came from the mirror too: checked by its digest,
         # it needs no word from the upstream, and the mirror kept serving throughout
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
