@@ -153,6 +153,21 @@ def session_cli(tmp_path_factory) -> Cli:
 
 
 @pytest.fixture(scope="session")
+def small_minilm(minilm_dir, tmp_path_factory) -> Path:
+    """MiniLM's layout and small files with a 24 MiB safetensors of random tensors in place of
+    its 87 MiB one, for tests that build and push a model of their own where the weights' size
+    buys nothing but time (a private registry they kill, a packing, a login)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    root = tmp_path_factory.mktemp("small-minilm") / "model"
+    shutil.copytree(minilm_dir, root, ignore=lambda _, names: [n for n in names if n.endswith(".safetensors")])
+    rng = np.random.default_rng(11)
+    save_file({f"t{i}": np.frombuffer(rng.bytes(4 << 20), dtype=np.float32) for i in range(6)},
+              str(root / "model.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="session")
 def minilm_ref(registry, session_cli, minilm_dir) -> str:
     """The sample model, built and pushed once per session."""
     ref = f"{registry.address}/demo/minilm:v1"

@@ -105,9 +105,9 @@ def test_oras_pulls_identical_files(cli, minilm_ref, minilm_dir, tmp_path, regis
     assert_same_tree(out, minilm_dir)
 
 
-def test_basic_auth_login_and_wrong_password(cli, basic_registry, minilm_dir):
+def test_basic_auth_login_and_wrong_password(cli, basic_registry, small_minilm):
     ref = f"{basic_registry.address}/private/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     denied = cli.run("push", "--plain-http", ref, check=False)
     assert denied.returncode == 1
     assert denied.stderr.strip().splitlines() == [f"modelfs: error: {basic_registry.address} requires authentication: run `modelfs login {basic_registry.address}`"]
@@ -125,9 +125,9 @@ def test_basic_auth_login_and_wrong_password(cli, basic_registry, minilm_dir):
     assert cli.run("inspect", "--plain-http", ref, check=False).returncode == 1
 
 
-def test_token_auth_login_push_and_anonymous_pull(cli, token_registry, minilm_dir, tmp_path):
+def test_token_auth_login_push_and_anonymous_pull(cli, token_registry, small_minilm, tmp_path):
     ref = f"{token_registry.address}/public/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     anonymous_push = cli.run("push", "--plain-http", ref, check=False)
     assert anonymous_push.returncode == 1 and "modelfs: error:" in anonymous_push.stderr
     wrong = cli.run("login", "--plain-http", token_registry.address, "-u", "alice", "-p", "wrong", check=False)
@@ -138,23 +138,23 @@ def test_token_auth_login_push_and_anonymous_pull(cli, token_registry, minilm_di
     # anonymous tokens may pull public/*: extract works without credentials
     out = tmp_path / "anon"
     cli.run("extract", "--plain-http", ref, "--output", str(out))
-    assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == (small_minilm / "model.safetensors").read_bytes()
     logs = (token_registry.root / "registry.log").read_text()
     assert all(token not in logs for token in token_registry.issuer.issued)
 
 
-def test_docker_config_credentials_are_used(cli, basic_registry, minilm_dir):
+def test_docker_config_credentials_are_used(cli, basic_registry, small_minilm):
     import base64
     ref = f"{basic_registry.address}/dockercfg/minilm:v1"
     docker = cli.home / "docker"
     docker.mkdir(parents=True)
     token = base64.b64encode(b"alice:s3cret-pass").decode()
     (docker / "config.json").write_text(json.dumps({"auths": {basic_registry.address: {"auth": token}}}))
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     cli.run("push", "--plain-http", ref)
 
 
-def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minilm_dir, tmp_path):
+def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, small_minilm, tmp_path):
     helper_dir = tmp_path / "bin"
     helper_dir.mkdir()
     helper = helper_dir / "docker-credential-modelfstest"
@@ -166,7 +166,7 @@ def test_docker_credential_helpers_and_store_are_used(cli, basic_registry, minil
     (docker / "config.json").write_text(json.dumps({"credHelpers": {basic_registry.address: "modelfstest"}}))
     cli.env["PATH"] = f"{helper_dir}:{cli.env['PATH']}"
     ref = f"{basic_registry.address}/helper/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     cli.run("push", "--plain-http", ref)
     # the default store (credsStore) answers for registries without a helper of their own
     (docker / "config.json").write_text(json.dumps({"credsStore": "modelfstest"}))
@@ -235,7 +235,10 @@ def test_ctrl_c_during_pull_is_one_line(cli, minilm_ref, faulty, registry):
     process = subprocess.Popen([sys.executable, "-m", "modelfs", "pull", "--plain-http",
                                 minilm_ref.replace(registry.address, faulty.address)],
                                env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2)
+    deadline = time.monotonic() + 20
+    while not faulty.injected["stall"]:  # the pull is waiting on a stalled blob: mid-pull
+        assert time.monotonic() < deadline and process.poll() is None, "the pull never reached a blob"
+        time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
@@ -321,9 +324,9 @@ def test_mount_point_mistakes_are_named(cli, minilm_ref, tmp_path, mounts):
     assert (occupied / "notes.txt").read_text() == "mine"
 
 
-def test_progress_lines_report_what_moved_not_what_was_already_there(cli, registry, minilm_dir, tmp_path):
+def test_progress_lines_report_what_moved_not_what_was_already_there(cli, registry, small_minilm, tmp_path):
     ref = f"{registry.address}/progress/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     pushed = cli.run("push", "--plain-http", ref)
     assert re.search(rf"push {re.escape(ref)}: [0-9.,]+ MB in [0-9.]+s \([0-9,]+ MB/s\)", pushed.stderr), pushed.stderr
     again = cli.run("push", "--plain-http", ref)

@@ -185,11 +185,11 @@ def test_a_missing_model_is_not_found(plugin, registry):
 
 
 @pytest.fixture(scope="module")
-def private_model(basic_registry, session_cli, minilm_dir):
-    """The sample model in a registry that wants alice's password."""
+def private_model(basic_registry, session_cli, small_minilm):
+    """The sample model's layout (small_minilm) in a registry that wants alice's password."""
     from conftest import SAMPLE_MODELFILE
     ref = f"{basic_registry.address}/private/minilm:v1"
-    session_cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    session_cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     session_cli.run("login", "--plain-http", basic_registry.address, "-u", "alice", "--password-stdin",
                     input="s3cret-pass\n")
     try:
@@ -199,7 +199,7 @@ def private_model(basic_registry, session_cli, minilm_dir):
     return ref
 
 
-def test_credentials_come_from_the_pods_secret(plugin, private_model, basic_registry, minilm_dir, cli):
+def test_credentials_come_from_the_pods_secret(plugin, private_model, basic_registry, small_minilm, cli):
     registry = basic_registry.address
     target = plugin.target()
     # The node itself may read the model (its Docker config has alice's password): a pod that
@@ -215,10 +215,10 @@ def test_credentials_come_from_the_pods_secret(plugin, private_model, basic_regi
     assert not target.exists()
 
     plugin.client.publish("vol-p", target, _model(private_model), secrets=dockerconfigjson(registry, "alice", "s3cret-pass"))
-    assert_same_tree(target, minilm_dir)
+    assert_same_tree(target, small_minilm)
     opaque = plugin.target("opaque")
     plugin.client.publish("vol-o", opaque, _model(private_model), secrets={"username": "alice", "password": "s3cret-pass"})
-    assert (opaque / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
+    assert (opaque / "config.json").read_bytes() == (small_minilm / "config.json").read_bytes()
 
     logs = plugin.log.read_text() + "".join(p.read_text() for p in (plugin.cache / "logs").iterdir())
     assert "s3cret-pass" not in logs and "not-her-password" not in logs
@@ -353,9 +353,11 @@ def test_a_damaged_record_is_reported_and_the_rest_served(tmp_path, cli, minilm_
         target = node.target()
         node.client.publish("vol-ok", target, _model(minilm_ref))
         assert (target / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
-        time.sleep(1.5)  # recovery passes run over the damaged record
+        deadline = time.monotonic() + 10
+        while node.log.read_text().count("unreadable volume record") < 2:  # passes run over the damaged record
+            assert time.monotonic() < deadline, node.log.read_text()
+            time.sleep(0.1)
         assert node.process.poll() is None
-        assert "unreadable volume record" in node.log.read_text()
         node.client.unpublish("vol-ok", target)
     finally:
         node.cleanup()

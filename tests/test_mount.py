@@ -24,11 +24,12 @@ pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /
 
 @pytest.fixture(scope="session")
 def big_model(registry, session_cli, tmp_path_factory):
-    """A 256 MiB random weight file plus a config, pushed raw."""
+    """A 128 MiB random weight file plus a config, pushed raw (four times the 32 MiB a lazy read
+    may fetch; 256 MiB cost a second more to make and push, and more to prefetch)."""
     context = tmp_path_factory.mktemp("big")
     rng = np.random.default_rng(7)
     with open(context / "model.safetensors", "wb") as out:
-        for _ in range(16):
+        for _ in range(8):
             out.write(rng.bytes(16 * MiB))
     (context / "config.json").write_text('{"hidden_size": 8}')
     (context / "Modelfile").write_text("NAME big\nMODEL model.safetensors\nCONFIG config.json\n")
@@ -36,6 +37,7 @@ def big_model(registry, session_cli, tmp_path_factory):
     session_cli.run("build", "-t", ref, str(context))
     session_cli.run("push", "--plain-http", ref)
     return ref, context
+
 
 
 def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref, minilm_dir, proxy):
@@ -57,19 +59,19 @@ def test_mount_lists_without_fetching_and_serves_exact_bytes(mounts, minilm_ref,
 
 
 @pytest.mark.parametrize("packing", ["tar", "tar+gzip", "tar+zstd"])
-def test_tar_layers_serve_exact_bytes(cli, mounts, registry, minilm_dir, packing, proxy, tmp_path):
+def test_tar_layers_serve_exact_bytes(cli, mounts, registry, small_minilm, packing, proxy, tmp_path):
     ref = f"{registry.address}/packed/{packing.replace('+', '-')}:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), "--packing", packing, str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), "--packing", packing, str(small_minilm))
     cli.run("push", "--plain-http", ref)
     target = mounts.mount(ref.replace(registry.address, proxy.address), "--prefetch", "none")
     proxy.reset()
-    assert (target / "model.safetensors").stat().st_size == 90868376
+    assert (target / "model.safetensors").stat().st_size == (small_minilm / "model.safetensors").stat().st_size
     if packing != "tar":  # compressed one-file layers are listed from annotations: nothing fetched yet
         assert proxy.downstream_bytes == 0
-    assert_same_tree(target, minilm_dir)
+    assert_same_tree(target, small_minilm)
     out = tmp_path / "extracted"
     cli.run("extract", "--plain-http", ref, "--output", str(out))
-    assert_same_tree(out, minilm_dir)
+    assert_same_tree(out, small_minilm)
 
 
 def test_lazy_read_fetches_a_small_fraction(mounts, big_model, proxy):
@@ -117,13 +119,13 @@ def test_cache_persists_across_mounts(mounts, big_model, proxy):
     proxied = ref.replace(ref.split("/")[0], proxy.address)
     target = mounts.mount(proxied, "--prefetch", "none")
     with open(target / "model.safetensors", "rb") as handle:
-        handle.seek(200 * MiB)
+        handle.seek(100 * MiB)
         first = handle.read(2 * MiB)
     mounts.umount(target)
     again = mounts.mount(proxied, "--prefetch", "none")
     proxy.reset()
     with open(again / "model.safetensors", "rb") as handle:
-        handle.seek(200 * MiB)
+        handle.seek(100 * MiB)
         second = handle.read(2 * MiB)
     assert first == second
     before_manifest = proxy.downstream_bytes
@@ -196,22 +198,22 @@ def test_minilm_loads_through_the_mount(mounts, minilm_ref, minilm_dir):
     assert "EMBEDDING-EQUAL" in result.stdout, result.stderr[-3000:]
 
 
-def test_registry_death_gives_eio_then_recovers(cli, mounts, tmp_path, minilm_dir):
+def test_registry_death_gives_eio_then_recovers(cli, mounts, tmp_path, small_minilm):
     from conftest import Registry
     private = Registry(tmp_path / "private-registry")
     try:
         ref = f"{private.address}/fragile/minilm:v1"
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         target = mounts.mount(ref, "--prefetch", "none", "--timeout", "3")
-        source = (minilm_dir / "model.safetensors").read_bytes()
+        source = (small_minilm / "model.safetensors").read_bytes()
         with open(target / "model.safetensors", "rb") as handle:
             assert handle.read(MiB) == source[:MiB]
         private.kill()
         import time
         started = time.monotonic()
         with open(target / "model.safetensors", "rb") as handle:
-            handle.seek(80 * MiB)
+            handle.seek(20 * MiB)  # far past the first MiB's read-ahead: not fetched yet
             with pytest.raises(OSError) as info:
                 handle.read(MiB)
         assert info.value.errno == 5  # EIO, never wrong bytes
@@ -225,20 +227,20 @@ def test_registry_death_gives_eio_then_recovers(cli, mounts, tmp_path, minilm_di
         # an application at once) fails fast while that fetch still runs: wait that window out
         time.sleep(1)
         with open(target / "model.safetensors", "rb") as handle:
-            handle.seek(80 * MiB)
-            assert handle.read(MiB) == source[80 * MiB:81 * MiB]
+            handle.seek(20 * MiB)
+            assert handle.read(MiB) == source[20 * MiB:21 * MiB]
     finally:
         private.stop()
 
 
-def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, minilm_dir):
+def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, small_minilm):
     """A host rebooting during a registry outage still mounts what it pulled."""
     from conftest import Registry
     private = Registry(tmp_path / "outage-registry")
     try:
         ref = f"{private.address}/outage/minilm:v1"
         never_pulled = f"{private.address}/outage/other:v1"
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         cli.run("pull", "--plain-http", ref)
         private.kill()
@@ -250,7 +252,7 @@ def test_cached_model_mounts_while_its_registry_is_down(cli, mounts, tmp_path, m
         assert f"warning: offline: cannot reach {private.address}" in mounted.stderr
         assert f"using {ref} as cached on" in mounted.stderr
         for name in ("model.safetensors", "tokenizer.json", "1_Pooling/config.json"):
-            assert (target / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+            assert (target / name).read_bytes() == (small_minilm / name).read_bytes(), name
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
         assert f"cannot reach {private.address}" in log and f"using {ref} as cached on" in log
         status = next(m for m in json.loads(cli.run("status", "--json").stdout) if m["mountpoint"] == str(target))
@@ -285,14 +287,14 @@ def test_unmount_during_prefetch_is_clean(cli, mounts, minilm_ref, minilm_dir):
     assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
 
 
-def test_commands_that_only_read_work_from_the_cache_while_the_registry_is_down(cli, tmp_path, minilm_dir):
+def test_commands_that_only_read_work_from_the_cache_while_the_registry_is_down(cli, tmp_path, small_minilm):
     """inspect, pull (already complete) and extract take the cached copy, as mount does, and
     say so; a model the cache does not hold whole is a clear error."""
     from conftest import Registry
     private = Registry(tmp_path / "down-registry")
     try:
         ref = f"{private.address}/down/minilm:v1"
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         cli.run("pull", "--plain-http", ref)
         digest = json.loads(cli.run("inspect", "--plain-http", "--json", ref).stdout)["digest"]
@@ -305,7 +307,7 @@ def test_commands_that_only_read_work_from_the_cache_while_the_registry_is_down(
         out = tmp_path / "out"
         extracted = cli.run("extract", "--plain-http", ref, "--output", str(out))
         assert "warning: offline" in extracted.stderr
-        assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        assert (out / "model.safetensors").read_bytes() == (small_minilm / "model.safetensors").read_bytes()
         # a blob missing from the cache: pull cannot complete it, and says why in one line
         blobs = cli.cache_dir / "blobs" / "sha256"
         for path in blobs.glob("*.data"):

@@ -65,12 +65,12 @@ def test_mount_t_fuse_modelfs_and_fstab(cli, minilm_ref, minilm_dir, tmp_path):
     assert bad.returncode != 0 and "unknown mount option 'colour=blue'" in bad.stderr
 
 
-def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm_dir, mounts):
+def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, small_minilm, mounts):
     upstream = Registry(tmp_path / "upstream")
     mirror = Registry(tmp_path / "mirror", f"proxy:\n  remoteurl: http://{upstream.address}\n")
     try:
         ref = f"{upstream.address}/library/minilm:v1"
-        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+        cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
         cli.run("push", "--plain-http", ref)
         config = tmp_path / "config.toml"
         config.write_text(f'[registries."{upstream.address}"]\nplain_http = true\nmirrors = ["http://{mirror.address}"]\n')
@@ -79,7 +79,7 @@ def test_pull_through_mirror_serves_while_upstream_is_down(cli, tmp_path, minilm
         shutil.rmtree(cli.cache_dir)
         upstream.kill()
         target = mounts.mount(ref, "--prefetch", "none")
-        assert (target / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+        assert (target / "model.safetensors").read_bytes() == (small_minilm / "model.safetensors").read_bytes()
         # the block index the manifest names came from the mirror too: checked by its digest,
         # it needs no word from the upstream, and the mirror kept serving throughout
         log = "".join(p.read_text() for p in (cli.cache_dir / "logs").iterdir())
@@ -185,8 +185,13 @@ def test_one_endpoint_serves_the_metrics_of_every_mount_of_the_host(cli, minilm_
     from conftest import free_port
     first, second = mounts.mount(minilm_ref, "--prefetch", "none"), mounts.mount(minilm_ref, "--prefetch", "none")
     (first / "config.json").read_bytes()
-    time.sleep(1.5)  # the daemons rewrite their status every second
-    once = cli.run("metrics").stdout
+    deadline = time.monotonic() + 10
+    while True:  # the daemons rewrite their status every second: until the first one counted its read
+        once = cli.run("metrics").stdout
+        if re.search(rf'^modelfs_reads_total\{{mountpoint="{re.escape(str(first))}".*\}} [1-9]', once, re.M) \
+                or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     for target in (first, second):
         assert re.search(rf'^modelfs_mount_bytes_total{{mountpoint="{re.escape(str(target))}",reference="'
                          rf'{re.escape(minilm_ref)}",digest="sha256:[0-9a-f]{{64}}"}} [1-9][0-9]*$', once, re.M), once
@@ -278,9 +283,14 @@ def test_status_reports_numbers_from_the_daemon_without_touching_the_mount(cli, 
     text = cli.run("status").stdout
     assert f"{target}: {minilm_ref}" in text and f"pid {pid}: 100% local" in text
     # a frozen daemon cannot hang status: it reads the file the daemon writes, marked stale
+    # (its last write dated STALE_SECONDS + 1 back, as if it froze that long ago: no 6 s sleep)
+    from modelfs.mount.status import STALE_SECONDS, status_path
     os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(6)
+        time.sleep(0.2)  # a write under way when it stopped has landed or never will
+        path = Path(status_path(str(target)))
+        doc = json.loads(path.read_text())
+        path.write_text(json.dumps({**doc, "updated": doc["updated"] - STALE_SECONDS - 1}))
         started = time.monotonic()
         frozen = next(m for m in json.loads(cli.run("status", "--json", timeout=10).stdout) if m["mountpoint"] == str(target))
         assert frozen["answering"] is False and time.monotonic() - started < 5
@@ -333,8 +343,9 @@ def test_a_mount_point_reached_through_a_symlink_is_one_mount_everywhere(cli, mi
     out = cli.run("mount", "--plain-http", "--prefetch", "none", minilm_ref, str(link / "m")).stdout
     mounts.active.append(link / "m")
     assert (link / "m" / "config.json").read_bytes() == (minilm_dir / "config.json").read_bytes()
-    time.sleep(1.2)  # the daemon writes its status every second
-    found = _status_of(cli, real / "m")
+    deadline = time.monotonic() + 10
+    while (found := _status_of(cli, real / "m")) is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # the daemon writes its status every second
     assert found is not None and found.get("pid") == int(out.split("(pid ")[1].split(",")[0]) and found["answering"], found
     assert f'mountpoint="{real / "m"}"' in cli.run("metrics").stdout
     # the mount.fuse3 form that fstab lines run, through the link as well

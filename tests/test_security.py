@@ -46,9 +46,9 @@ def make_tls_registry(root: Path) -> Registry:
     return Registry(root, tls=(root / "cert.pem", root / "key.pem"))
 
 
-def test_self_signed_registry_is_refused_unless_ca_given(cli, tls_registry, minilm_dir):
+def test_self_signed_registry_is_refused_unless_ca_given(cli, tls_registry, small_minilm):
     ref = f"{tls_registry.address}/tls/minilm:v1"
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     refused = cli.run("push", ref, check=False)
     assert refused.returncode == 1
     lines = refused.stderr.strip().splitlines()
@@ -58,10 +58,10 @@ def test_self_signed_registry_is_refused_unless_ca_given(cli, tls_registry, mini
     assert "all-minilm" in cli.run("inspect", "--ca-file", ca, ref).stdout
 
 
-def test_secrets_never_reach_logs_or_errors(cli, token_registry, minilm_dir, mounts):
+def test_secrets_never_reach_logs_or_errors(cli, token_registry, small_minilm, mounts):
     ref = f"{token_registry.address}/public/secrets:v1"
     cli.run("login", "--plain-http", token_registry.address, "-u", "alice", "--password-stdin", input="s3cret-pass\n")
-    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(minilm_dir))
+    cli.run("build", "-t", ref, "-f", str(SAMPLE_MODELFILE), str(small_minilm))
     pushed = cli.run("push", "--plain-http", "--log-level", "debug", ref)
     target = mounts.mount(ref, "--prefetch", "none", "--log-level", "debug")
     (target / "config.json").read_bytes()
