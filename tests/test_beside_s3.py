@@ -1,0 +1,40 @@
+"""One step beside this session's changes (read-back on the serving loop, blocks kept for a
+reader's stream, views of plain tar layers by blocks): a hostile mirror, another process
+sharing the cache, an unlucky operator."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from conftest import Cli
+from test_views import MiB, _blocks_a_view_needs, _push_tar, _tar, counting_proxy, tree_of
+
+
+def _mirrored(cli: Cli, registry_address: str, mirror_address: str) -> None:
+    config = cli.home / "config" / "modelfs"
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "config.toml").write_text(
+        f'[registries."{registry_address}"]\nplain_http = true\nmirrors = ["http://{mirror_address}"]\n')
+
+
+def test_extract_of_a_view_through_a_mirror_cutting_its_ranges_short_reads_them_from_the_registry(registry,
+                                                                                                  tmp_path):
+    """A mirror (untrusted) answering each range of an indexed plain tar with fewer bytes
+    than asked (a P2P proxy cut off mid-piece) is routed around as a forged byte is: the
+    range is read once more from the registry itself, and ``extract --include`` writes the
+    member's exact bytes. (It failed at once, "asked bytes ..., got N bytes".)"""
+    from hostile import HostileMirror
+    pad, q4, q8 = os.urandom(700 * 1024), os.urandom(MiB), os.urandom(3 * MiB)  # q4 straddles blocks 0 and 1
+    tar = _tar([("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "beside/short-mirror", tar, indexed=True)
+    needed = _blocks_a_view_needs(tar, {"q4.gguf"})
+    cut = tar[:MiB + 4096]  # every range past here comes back short
+    with counting_proxy(registry) as direct, HostileMirror(registry.port, {
+            "sha256:" + hashlib.sha256(tar).hexdigest(): cut}) as mirror:
+        cli = Cli(tmp_path / "home")
+        _mirrored(cli, direct.address, mirror.address)
+        cli.run("extract", "--plain-http", ref.replace(registry.address, direct.address), "-o",
+                str(tmp_path / "out"), "--include", "q4.gguf", timeout=30)
+        assert mirror.forged_served >= 1 and direct.downstream_bytes < needed + 32 * 1024
+    assert tree_of(tmp_path / "out") == {"q4.gguf"} and (tmp_path / "out" / "q4.gguf").read_bytes() == q4
