@@ -38,3 +38,25 @@ def test_extract_of_a_view_through_a_mirror_cutting_its_ranges_short_reads_them_
                 str(tmp_path / "out"), "--include", "q4.gguf", timeout=30)
         assert mirror.forged_served >= 1 and direct.downstream_bytes < needed + 32 * 1024
     assert tree_of(tmp_path / "out") == {"q4.gguf"} and (tmp_path / "out" / "q4.gguf").read_bytes() == q4
+
+
+def test_extract_through_a_mirror_serving_a_wrong_blob_reads_it_again_from_the_registry(registry, tmp_path):
+    """The twin of the one above for a blob ``extract`` reads whole: a mirror serving a flipped
+    byte of one blob and cutting another short makes each be read once more from the
+    registry itself, as a mount's reads do, instead of failing the extract ("has N bytes not
+    matching its digest")."""
+    from conftest import push_artifact
+    from hostile import HostileMirror
+    flipped, cut = os.urandom(MiB + 77), os.urandom(MiB + 99)
+    ref = push_artifact(registry.address, "beside/wrong-mirror", [
+        (flipped, "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "a.bin"}),
+        (cut, "application/vnd.cncf.model.weight.v1.raw", {"org.cncf.model.filepath": "b.bin"})])
+    forged = bytearray(flipped)
+    forged[5] ^= 0xFF
+    with HostileMirror(registry.port, {"sha256:" + hashlib.sha256(flipped).hexdigest(): bytes(forged),
+                                       "sha256:" + hashlib.sha256(cut).hexdigest(): cut[:1000]}) as mirror:
+        cli = Cli(tmp_path / "home")
+        _mirrored(cli, registry.address, mirror.address)
+        cli.run("extract", "--plain-http", ref, "-o", str(tmp_path / "out"), timeout=30)
+        assert mirror.forged_served >= 1
+    assert (tmp_path / "out" / "a.bin").read_bytes() == flipped and (tmp_path / "out" / "b.bin").read_bytes() == cut
