@@ -85,3 +85,94 @@ def test_the_view_spans_of_a_tar_of_many_members_take_linear_time():
     took = time.process_time() - started
     assert spans is not None and len(spans[descriptor.digest]) == members + members // 2
     assert took < 0.5, took
+
+
+async def _damaged_read_back(tmp_path, threads: int) -> None:
+    """Body of the next test: the blob cached by one run, a byte of block 3 flipped on disk,
+    the copies in memory gone. While that run's task is still finishing (past its last
+    block, its slot given back), a read finds block 3 damaged, drops it and claims it again;
+    the run then ends, and the new fetch of block 3 must be left to the run that owns it."""
+    import trio
+
+    from modelfs.mount.fetcher import Fetcher, FetchPolicy
+    from modelfs.storage.cache import BlockCache
+    from modelfs.storage.window import shared_window
+    from modelfs.testing.registry import FakeRegistry
+    from modelfs.testing.registry import index_of as block_index_of
+    bs = 4096
+    fake, data = FakeRegistry(), os.urandom(8 * bs)
+    digest = fake.add_blob(data)
+    cache = BlockCache(str(tmp_path), block_size=bs)
+    first_run_ends, second_fetch = trio.Event(), trio.Event()
+    second_started = trio.Event()
+    async with trio.open_nursery() as nursery:
+        fetcher = Fetcher(cache, fake, "org/model", nursery, FetchPolicy(workers=2, readback_threads=threads),
+                          index=block_index_of(data, block_size=bs, vouched=True), range_reader=fake)
+        transfers = fetcher.blobs.runs.transfers
+        held, fetch, fetches = transfers.slots.held, transfers.fetch, [0]
+
+        class Lingering:  # the first run's slot: given back, then its task waits before its end
+            def __init__(self, foreground: bool = True) -> None:
+                self.inner, self.first = held(foreground), fetches[0] == 0
+
+            async def __aenter__(self):
+                return await self.inner.__aenter__()
+
+            async def __aexit__(self, *exc):
+                result = await self.inner.__aexit__(*exc)
+                if self.first:
+                    await first_run_ends.wait()
+                return result
+
+        async def gated(*args, **kwargs):
+            fetches[0] += 1
+            if fetches[0] > 1:  # the fetch of block 3 again: held until the first run has ended
+                second_started.set()
+                await second_fetch.wait()
+            return await fetch(*args, **kwargs)
+
+        transfers.slots.held, transfers.fetch = Lingering, gated
+        reader = fetcher.reader(digest, len(data))
+        assert reader.readbacks.on_loop is (threads == 0)
+        assert await reader.read(0, len(data)) == data
+        with open(reader.blob.entry.data_path, "r+b") as handle:  # blocks are stored at index * block size
+            handle.seek(3 * bs + 10)
+            byte = handle.read(1)
+            handle.seek(3 * bs + 10)
+            handle.write(bytes([byte[0] ^ 1]))
+        fetcher.recent.drop(digest)
+        shared_window().clear()
+        got: list[object] = []
+        answered = trio.Event()
+
+        async def read_again() -> None:
+            try:
+                got.append(bytes(await reader.read_view(3 * bs - 5, 10)))  # straddling blocks 2 and 3
+            except Exception as exc:
+                got.append(exc)
+            answered.set()
+
+        nursery.start_soon(read_again)
+        await second_started.wait()
+        first_run_ends.set()
+        await trio.sleep(0.05)
+        second_fetch.set()
+        await answered.wait()
+        assert got == [data[3 * bs - 5:3 * bs + 5]] and fetcher.stats.damaged_blocks == 1
+        assert await reader.read(0, len(data)) == data
+        nursery.cancel_scope.cancel()
+    fetcher.close()
+    cache.close()
+
+
+import pytest  # noqa: E402
+from trio import fail_after as trio_fail_after  # noqa: E402
+
+
+@pytest.mark.parametrize("threads", [0, 4], ids=["on-loop", "on-workers"])
+async def test_a_damaged_block_dropped_just_after_its_run_is_fetched_again_on_either_side(tmp_path, threads):
+    """A run's end fails only the blocks it still owes, never a block it delivered that was
+    since dropped (read back damaged) and claimed again by another run: that read was failed
+    "fetch cancelled" instead of served (on the loop, a read back follows its run closely)."""
+    with trio_fail_after(10):
+        await _damaged_read_back(tmp_path, threads)
