@@ -176,3 +176,20 @@ async def test_a_damaged_block_dropped_just_after_its_run_is_fetched_again_on_ei
     "fetch cancelled" instead of served (on the loop, a read back follows its run closely)."""
     with trio_fail_after(10):
         await _damaged_read_back(tmp_path, threads)
+
+
+def test_a_mirror_answering_a_wrong_size_for_a_layer_does_not_refuse_the_mount(registry, mounts, cli):
+    """The mount HEADs every layer to refuse a manifest that lies about a size; a mirror
+    (untrusted by design) answering a cut-short blob made that check refuse a good model
+    ("manifest says N bytes, the registry has M"). Its answer is asked again of the registry
+    itself, as its wrong bytes are, and the view's member reads back exactly."""
+    from direct import read_direct_or_errno as read_direct
+    from hostile import HostileMirror
+    pad, q4, q8 = os.urandom(700 * 1024), os.urandom(MiB), os.urandom(2 * MiB)
+    tar = _tar([("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)])
+    ref = _push_tar(registry.address, "beside/short-head", tar, indexed=True)
+    with HostileMirror(registry.port, {"sha256:" + hashlib.sha256(tar).hexdigest(): tar[:MiB + 4096]}) as mirror:
+        _mirrored(cli, registry.address, mirror.address)
+        target = mounts.mount(ref, "--prefetch", "none", "--include", "q4.gguf", "--timeout", "5")
+        assert tree_of(target) == {"q4.gguf"} and read_direct(target / "q4.gguf") == q4
+        assert mirror.forged_served >= 1
