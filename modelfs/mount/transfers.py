@@ -24,7 +24,7 @@ import trio
 
 from ..errors import ConnectionLostError, FetchError, UnavailableError
 from ..registry.protocol import BlobLocator, OnBlock, RangeReader
-from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, RangeRefused, Transfer
+from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, RangeRefused, Transfer, WrongRange
 from ..retry import ONE_ATTEMPT, RANGE_REDIRECTS
 from ..storage.direct import aligned_buffer
 from .readahead import RequestSizer
@@ -123,7 +123,9 @@ class Transfers:
                 log.info("%s; asking the registry where to read it again", exc)
                 reprobed = True
                 location = await self.location(digest)
-            except (ConnectionLostError, RangeRefused) as exc:
+            except (ConnectionLostError, RangeRefused, WrongRange) as exc:
+                # the source failed this range (a mirror that answers other bytes than asked
+                # is left out a while, as one that drops the connection: the retry reads elsewhere)
                 self._location_failed(digest, location, exc)
                 if transfer.reason == CANCELLED:
                     await trio.lowlevel.checkpoint()  # unmounting: raise Cancelled, not a fetch error
