@@ -195,18 +195,21 @@ def test_a_mirror_answering_a_wrong_size_for_a_layer_does_not_refuse_the_mount(r
         assert mirror.forged_served >= 1
 
 
-def test_a_mirror_answering_ranges_cut_short_is_left_out_and_the_registry_read(registry, mounts, cli):
-    """A mirror answering the size right but each range with fewer bytes than asked (its
-    Content-Range says so): a view's reads by ranges leave that mirror out and read from the
-    registry, instead of asking it again until the retries ran out (a mount of a view of a
-    plain tar refused, "answered range ..., asked ...")."""
+@pytest.mark.parametrize("wrong", ["cut", "long"])
+def test_a_mirror_answering_ranges_wrong_is_left_out_and_the_registry_read(registry, mounts, cli, wrong):
+    """A mirror answering the size right but each range wrong: with fewer bytes than asked
+    (its Content-Range says so), or with the right range and more bytes than that (its
+    Content-Length says so). A view's reads by ranges leave that mirror out and read from
+    the registry, instead of asking it again until the retries ran out (a mount of a view of
+    a plain tar refused, "answered range ..., asked ...")."""
+    import re
     import time
 
     import httpx
     from direct import read_direct_or_errno as read_direct
     from hostile import HostileMirror
 
-    class CutsRanges(HostileMirror):
+    class WrongRanges(HostileMirror):
         def _serve_forged(self, request, method, data):
             if method == "HEAD":  # the size the registry has: only the ranges are wrong
                 answer = httpx.head(self.upstream + request.path)
@@ -214,12 +217,22 @@ def test_a_mirror_answering_ranges_cut_short_is_left_out_and_the_registry_read(r
                 request.send_header("Content-Length", answer.headers["content-length"])
                 request.end_headers()
                 return
-            super()._serve_forged(request, method, data)
+            if wrong == "cut":
+                super()._serve_forged(request, method, data[:MiB + 4096])
+                return
+            self.forged_served += 1
+            first, last = (int(n) for n in re.match(r"bytes=(\d+)-(\d+)", request.headers["Range"]).groups())
+            body = data[first:last + 1] + bytes(100)
+            request.send_response(206)
+            request.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            request.send_header("Content-Length", str(len(body)))
+            request.end_headers()
+            request.wfile.write(body)
 
     pad, q4, q8 = os.urandom(700 * 1024), os.urandom(MiB), os.urandom(2 * MiB)
     tar = _tar([("pad.bin", pad), ("q4.gguf", q4), ("q8.gguf", q8)])
-    ref = _push_tar(registry.address, "beside/short-ranges", tar, indexed=True)
-    with CutsRanges(registry.port, {"sha256:" + hashlib.sha256(tar).hexdigest(): tar[:MiB + 4096]}) as mirror:
+    ref = _push_tar(registry.address, f"beside/wrong-ranges-{wrong}", tar, indexed=True)
+    with WrongRanges(registry.port, {"sha256:" + hashlib.sha256(tar).hexdigest(): tar}) as mirror:
         _mirrored(cli, registry.address, mirror.address)
         started = time.monotonic()
         target = mounts.mount(ref, "--prefetch", "none", "--include", "q4.gguf", "--timeout", "5")
