@@ -238,3 +238,35 @@ def test_a_mirror_answering_ranges_wrong_is_left_out_and_the_registry_read(regis
         target = mounts.mount(ref, "--prefetch", "none", "--include", "q4.gguf", "--timeout", "5")
         assert read_direct(target / "q4.gguf") == q4 and mirror.forged_served >= 1
         assert time.monotonic() - started < 4
+
+
+def test_a_mirror_cutting_a_compressed_layer_short_is_left_out_and_the_mount_lists_it(registry, mounts, cli):
+    """A tar+gzip layer only streaming can list, through a mirror (right size, wrong bytes)
+    that sends half of it: the stream that "ends early" counts as wrong bytes, as a digest
+    that does not match does: the mirror is left out and the layer streamed again from the
+    registry (the mount was refused, "compressed stream ends early")."""
+    import gzip
+
+    import httpx
+    from conftest import push_artifact
+    from direct import read_direct_or_errno as read_direct
+    from hostile import HostileMirror
+
+    class CutsBodies(HostileMirror):
+        def _serve_forged(self, request, method, data):
+            if method == "HEAD":
+                answer = httpx.head(self.upstream + request.path)
+                request.send_response(answer.status_code)
+                request.send_header("Content-Length", answer.headers["content-length"])
+                request.end_headers()
+                return
+            super()._serve_forged(request, method, data[:len(data) // 2])
+
+    weights = os.urandom(MiB)
+    packed = gzip.compress(_tar([("w/a.bin", weights), ("w/b.json", b"{}")]), compresslevel=1)
+    ref = push_artifact(registry.address, "beside/cut-gzip", [(packed, "application/vnd.cncf.model.weight.v1.tar+gzip",
+                                                                {})])
+    with CutsBodies(registry.port, {"sha256:" + hashlib.sha256(packed).hexdigest(): packed}) as mirror:
+        _mirrored(cli, registry.address, mirror.address)
+        target = mounts.mount(ref, "--prefetch", "none", "--timeout", "5")
+        assert read_direct(target / "w/a.bin") == weights and mirror.forged_served >= 1
