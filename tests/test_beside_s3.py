@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+import trio
 from conftest import Cli
 from test_views import MiB, _blocks_a_view_needs, _push_tar, _tar, counting_proxy, tree_of
 
@@ -165,16 +167,12 @@ async def _damaged_read_back(tmp_path, threads: int) -> None:
     cache.close()
 
 
-import pytest  # noqa: E402
-from trio import fail_after as trio_fail_after  # noqa: E402
-
-
 @pytest.mark.parametrize("threads", [0, 4], ids=["on-loop", "on-workers"])
 async def test_a_damaged_block_dropped_just_after_its_run_is_fetched_again_on_either_side(tmp_path, threads):
     """A run's end fails only the blocks it still owes, never a block it delivered that was
     since dropped (read back damaged) and claimed again by another run: that read was failed
     "fetch cancelled" instead of served (on the loop, a read back follows its run closely)."""
-    with trio_fail_after(10):
+    with trio.fail_after(10):
         await _damaged_read_back(tmp_path, threads)
 
 
