@@ -28,6 +28,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+import httpx
 import trio
 
 from ..errors import CacheError, IntegrityError, ManifestError, SignatureError, UnsafePathError
@@ -91,18 +92,41 @@ async def _download(client: RegistryReader, cache: BlockCache | None, repository
             entry.clear()
         out.seek(0)
         out.truncate()
+    # a blob that does not match (a mirror's: untrusted by design) makes the client leave its
+    # mirrors out a while, and it is read once more, from the registry itself (README, "Trust")
+    wrong = await _receive_blob(client, repository, layer, out, result, first_try=True)
+    if wrong is not None:
+        client.suspect(f"blob {layer.digest}")
+        out.seek(0)
+        out.truncate()
+        wrong = await _receive_blob(client, repository, layer, out, result, first_try=False)
+    if wrong is not None:
+        raise IntegrityError(f"{where}: blob {layer.digest} {wrong}; nothing written")
+
+
+async def _receive_blob(client: RegistryReader, repository: str, layer: Descriptor, out: BinaryIO,
+                        result: ExtractResult, first_try: bool) -> str | None:
+    """The blob streamed into ``out``, hashed as it comes; what is wrong with it, if anything
+    (never more than the manifest's size is taken). ``first_try``: a connection that breaks
+    mid-body only cuts the blob short (a mirror's: read again by :func:`_download`)."""
     hasher, size = hashlib.sha256(), 0
-    async with client.stream_blob(repository, layer.digest) as response:
-        async for chunk in response.aiter_raw():
-            hasher.update(chunk)
-            out.write(chunk)
-            size += len(chunk)
-            if size > layer.size:
-                raise IntegrityError(f"{where}: blob is larger than the {layer.size} bytes the manifest says")
+    try:
+        async with client.stream_blob(repository, layer.digest) as response:
+            async for chunk in response.aiter_raw():
+                hasher.update(chunk)
+                out.write(chunk)
+                size += len(chunk)
+                if size > layer.size:
+                    break
+    except httpx.TransportError:
+        if not first_try:
+            raise
     result.bytes_from_registry += size
+    if size > layer.size:
+        return f"is larger than the {layer.size} bytes the manifest says"
     if size != layer.size or "sha256:" + hasher.hexdigest() != layer.digest:
-        raise IntegrityError(f"{where}: blob {layer.digest} has {size} bytes not matching its digest "
-                             f"(manifest says {layer.size} bytes); nothing written")
+        return f"has {size} bytes not matching its digest (manifest says {layer.size} bytes)"
+    return None
 
 
 def _check_tarinfo(info: tarfile.TarInfo, seen: set[str], where: str) -> tuple[str, str, str] | None:

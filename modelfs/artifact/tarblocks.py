@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import httpx
+
 from ..errors import CacheError, IntegrityError
 from ..formats.blockindex import BlockIndex
 from ..formats.spec import Descriptor
@@ -87,31 +89,48 @@ class CheckedBlocks:
         return data
 
     async def _fetch(self, first: int, last: int) -> dict[int, bytes]:
-        got = await self._receive(first, last)
-        wrong = self._wrong(got)
+        """Blocks ``first``-``last``, each matched against the index. Whatever the first answer
+        got wrong (a block's bytes, or its length: a mirror cut off mid-range) is one decision
+        here: the mirrors are left out a while and the range read again, from the registry
+        itself; wrong again, refused."""
+        got = await self._receive(first, last, first_try=True)
+        wrong = self._wrong(first, last, got)
         if wrong is not None:  # mirrors left out a while: read again, from the registry itself
-            self.client.suspect(f"block {wrong} of {self.layer.digest}")
-            got = await self._receive(first, last)
-            wrong = self._wrong(got)
+            self.client.suspect(f"block {wrong[0]} of {self.layer.digest}")
+            got = await self._receive(first, last, first_try=False)
+            wrong = self._wrong(first, last, got)
         if wrong is not None:
-            raise IntegrityError(f"block {wrong} of blob {self.layer.digest} does not match the block index the "
-                                 "manifest names; nothing written")
+            raise IntegrityError(f"block {wrong[0]} of blob {self.layer.digest} {wrong[1]}; nothing written")
         return got
 
-    def _wrong(self, got: dict[int, bytes]) -> int | None:
-        """The first block that does not match its hash, if one does not."""
-        return next((i for i, data in got.items() if self.block_hash(data) != self.expected[i]), None)
+    def _wrong(self, first: int, last: int, got: dict[int, bytes]) -> tuple[int, str] | None:
+        """The first block of ``first``-``last`` the answer got wrong, and how: cut short
+        (the body ended early), or not matching its hash; None if every one is right."""
+        for i in range(first, last + 1):
+            data, length = got.get(i, b""), min(self.block_size, self.layer.size - i * self.block_size)
+            if len(data) != length:
+                return i, f"came cut short ({len(data)} of its {length} bytes)"
+            if self.block_hash(data) != self.expected[i]:
+                return i, "does not match the block index the manifest names"
+        return None
 
-    async def _receive(self, first: int, last: int) -> dict[int, bytes]:
+    async def _receive(self, first: int, last: int, first_try: bool) -> dict[int, bytes]:
+        """The blocks the answer to one range request holds, whole or not (past what was
+        asked is dropped: never more than asked is held). ``first_try``: a connection that
+        breaks mid-body only cuts the answer short (a mirror's: read again by :meth:`_fetch`)."""
         bs = self.block_size
         start, end = first * bs, min((last + 1) * bs, self.layer.size)
         body = bytearray()
-        async with self.client.stream_blob(self.repository, self.layer.digest, start, end) as response:
-            async for chunk in response.aiter_raw():
-                body += chunk
-                if len(body) > end - start:
-                    break
+        try:
+            async with self.client.stream_blob(self.repository, self.layer.digest, start, end) as response:
+                async for chunk in response.aiter_raw():
+                    body += chunk
+                    if len(body) > end - start:
+                        break
+        except httpx.TransportError:
+            if not first_try:
+                raise
         self.fetched += len(body)
-        if len(body) != end - start:
-            raise IntegrityError(f"blob {self.layer.digest}: asked bytes {start}-{end}, got {len(body)} bytes")
-        return {i: bytes(body[(i - first) * bs:(i - first + 1) * bs]) for i in range(first, last + 1)}
+        del body[end - start:]
+        return {i: bytes(body[(i - first) * bs:(i - first + 1) * bs]) for i in range(first, last + 1)
+                if (i - first) * bs < len(body)}

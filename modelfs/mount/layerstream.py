@@ -134,7 +134,12 @@ class LayerStream:
         """Stream the layer now, creating a target per file (layers without file metadata)."""
         self._collect, self._running = True, True
         try:
-            return await self._run()
+            try:
+                return await self._run()
+            except (DamagedStreamError, IntegrityError) as exc:  # wrong bytes: read once more, from the registry itself
+                log.warning("%s; streaming the layer again", exc)
+                self._begin_pass()
+                return await self._run()
         finally:
             self._collect = False
             self._running = False
@@ -221,6 +226,11 @@ class LayerStream:
                 sink.fail_pending(ManifestError(f"{self.where}: the layer holds no such file"))
                 await self._mark_checked(path, sink)
             return members
+        except DamagedStreamError:
+            if self._from_cache is None:  # the source's bytes, as a digest that does not match: mirrors left out a while
+                self.ctx.wrong_bytes(f"layer {self.layer.digest}", True)
+            self._drop_unverified()
+            raise
         except BaseException:
             self._drop_unverified()
             raise

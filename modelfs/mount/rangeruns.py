@@ -67,11 +67,15 @@ class RangeRuns:
                             claims.release(start, stop)
         except Exception as exc:  # a bug or an unexpected error: fail these reads, keep the daemon
             log.exception("unexpected error fetching %s blocks %d-%d", sink.digest, first, last)
-            sink.fail(range(first, last + 1), exc)
+            sink.fail(range(position[0], last + 1), exc)
         finally:  # cancelled (unmounting): no reader may wait on these blocks for ever
-            if any(sink.in_flight(i) for i in range(first, last + 1)):
-                log.debug("blocks %d-%d of %s not fetched: unmounting", first, last, sink.digest)
-                sink.fail(range(first, last + 1), FetchError("fetch cancelled"))
+            # Only the blocks this run still owes (from ``position`` on): one it delivered may
+            # have been dropped and claimed again since (read back damaged, on the loop, before
+            # this task got here), and that fetch is another run's to end, not this one's.
+            owed = range(position[0], last + 1)
+            if any(sink.in_flight(i) for i in owed):
+                log.debug("blocks %d-%d of %s not fetched: unmounting", owed.start, last, sink.digest)
+                sink.fail(owed, FetchError("fetch cancelled"))
 
     async def _receive_run(self, sink: BlockSink, position: list[int], last: int, for_reader: bool) -> None:
         first = position[0]

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from ..errors import ConnectionLostError, FetchError, UnavailableError
+from ..errors import ConnectionLostError, FetchError, IntegrityError, RegistryError, UnavailableError
 from ..registry.protocol import BlobLocator, OnBlock, RangeReader
-from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, RangeRefused, Transfer
+from ..registry.ranges import BlobLocation, LocationMoved, LocationRejected, Transfer
 from ..retry import ONE_ATTEMPT, RANGE_REDIRECTS
 from ..storage.direct import aligned_buffer
 from .readahead import RequestSizer
@@ -123,7 +123,10 @@ class Transfers:
                 log.info("%s; asking the registry where to read it again", exc)
                 reprobed = True
                 location = await self.location(digest)
-            except (ConnectionLostError, RangeRefused) as exc:
+            except (ConnectionLostError, RegistryError, IntegrityError) as exc:
+                # the source failed this range, however (it refused, dropped the connection,
+                # answered another range or more bytes than asked): a mirror is left out a
+                # while, and the retry reads from the next source
                 self._location_failed(digest, location, exc)
                 if transfer.reason == CANCELLED:
                     await trio.lowlevel.checkpoint()  # unmounting: raise Cancelled, not a fetch error

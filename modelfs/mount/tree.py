@@ -193,7 +193,9 @@ class Tree:
             layer = node.layer
             if layer is not None and not layer.streamed:
                 digest = layer.descriptor.digest
-                spans.setdefault(digest, list(self.listed.get(digest, ()))).append((node.offset, node.size))
+                if digest not in spans:  # listing's reads copied once per blob, not once per file
+                    spans[digest] = list(self.listed.get(digest, ()))
+                spans[digest].append((node.offset, node.size))
         return spans
 
     def layers(self) -> list[Descriptor]:
