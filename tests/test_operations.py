@@ -358,3 +358,22 @@ def test_a_mount_point_reached_through_a_symlink_is_one_mount_everywhere(cli, mi
         assert not os.path.ismount(real / name) and not os.listdir(real / name)
     refused = cli.run("umount", str(link / "m"), check=False)
     assert refused.returncode == 1 and refused.stderr.strip() == f"modelfs: error: {link / 'm'} is not a modelfs mount"
+
+
+def test_a_reply_to_a_reader_gone_is_not_an_error_in_the_daemons_log(caplog):
+    """The kernel forgets a request whose reader went away (a loader killed, the mount
+    detached with read-ahead on its way); pyfuse3 logs the failed reply as an ERROR. Nothing
+    was lost: it must not read as an error to an operator. Any other failed reply still does."""
+    import logging
+
+    from modelfs.mount.daemon import _reply_to_a_reader_gone
+    pyfuse3_log = logging.getLogger("pyfuse3")
+    pyfuse3_log.addFilter(_reply_to_a_reader_gone)
+    try:
+        with caplog.at_level(logging.INFO):
+            pyfuse3_log.error("fuse_read(): fuse_reply_* failed with %s", "No such file or directory")
+            pyfuse3_log.error("fuse_read(): fuse_reply_* failed with %s", "Invalid argument")
+    finally:
+        pyfuse3_log.removeFilter(_reply_to_a_reader_gone)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelno >= logging.ERROR] == [
+        ("ERROR", "fuse_read(): fuse_reply_* failed with Invalid argument")]
