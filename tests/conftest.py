@@ -251,21 +251,26 @@ def mounts(cli, tmp_path):
     manager.cleanup()
 
 
+def push_blob(registry_address: str, repository: str, data: bytes) -> str:
+    """Upload one blob straight through the distribution API; its digest."""
+    import hashlib
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    upload = httpx.post(f"http://{registry_address}/v2/{repository}/blobs/uploads/")
+    upload.raise_for_status()
+    location = httpx.URL(f"http://{registry_address}").join(upload.headers["location"])
+    httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
+    return digest
+
+
 def push_artifact(registry_address: str, repository: str, layers: list[tuple[bytes, str, dict]],
                   tag: str = "v1", config: bytes = b'{"descriptor":{"name":"handmade"},"modelfs":{"type":"layers","diffIds":[]},"config":{}}',
                   config_media_type: str = "application/vnd.cncf.model.config.v1+json") -> str:
     """Push a hand-made artifact straight through the distribution API (for hostile input)."""
-    import hashlib
     import json as _json
     base = f"http://{registry_address}/v2/{repository}"
 
     def put_blob(data: bytes) -> str:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        upload = httpx.post(f"{base}/blobs/uploads/")
-        upload.raise_for_status()
-        location = httpx.URL(f"http://{registry_address}").join(upload.headers["location"])
-        httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
-        return digest
+        return push_blob(registry_address, repository, data)
 
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "artifactType": "application/vnd.cncf.model.manifest.v1+json",

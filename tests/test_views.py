@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Cli, push_artifact
+from conftest import Cli, push_artifact, push_blob
 from direct import read_direct_or_errno as read_direct
 from proxy import CountingProxy
 
@@ -480,15 +480,6 @@ def test_prefetch_of_a_view_outside_a_streamed_layer_fetches_it_once_to_list(reg
 MiB = 1 << 20
 
 
-def _put_blob(registry_address: str, repository: str, data: bytes) -> str:
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    upload = httpx.post(f"http://{registry_address}/v2/{repository}/blobs/uploads/")
-    upload.raise_for_status()
-    location = httpx.URL(f"http://{registry_address}").join(upload.headers["location"])
-    httpx.put(f"{location}&digest={digest}", content=data).raise_for_status()
-    return digest
-
-
 def _push_tar(registry_address: str, repository: str, tar: bytes, indexed: bool) -> str:
     """A hand-made artifact of one plain tar layer; ``indexed``: its manifest names a BLAKE3
     block index of it (annotation ``dev.modelfs.block-index``, as ``modelfs build`` writes)."""
@@ -497,13 +488,13 @@ def _push_tar(registry_address: str, repository: str, tar: bytes, indexed: bool)
     if indexed:
         hashes = {"sha256:" + hashlib.sha256(tar).hexdigest(): [
             blockindex.ALGORITHMS["blake3"](tar[i:i + MiB]).hex() for i in range(0, len(tar), MiB)]}
-        annotations[blockindex.ANNOTATION] = _put_blob(registry_address, repository, blockindex.encode(MiB, hashes))
+        annotations[blockindex.ANNOTATION] = push_blob(registry_address, repository, blockindex.encode(MiB, hashes))
     manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                 "artifactType": "application/vnd.cncf.model.manifest.v1+json",
                 "config": {"mediaType": "application/vnd.cncf.model.config.v1+json",
-                           "digest": _put_blob(registry_address, repository, config), "size": len(config)},
+                           "digest": push_blob(registry_address, repository, config), "size": len(config)},
                 "layers": [{"mediaType": "application/vnd.cncf.model.weight.v1.tar",
-                            "digest": _put_blob(registry_address, repository, tar), "size": len(tar)}],
+                            "digest": push_blob(registry_address, repository, tar), "size": len(tar)}],
                 "annotations": annotations}
     httpx.put(f"http://{registry_address}/v2/{repository}/manifests/v1", content=json.dumps(manifest),
               headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
