@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__, settings
 from .artifact.layout import default_store_dir
 from .commands.base import PERMANENT_FAILURE, report_errors, settings_for, setup_logging
+from .commands.stops import stop_on_sigterm
 from .config import Config, parse_size
 from .config import load as load_config
 from .dirs import check_directory
@@ -258,4 +259,6 @@ def main(argv: list[str] | None = None) -> int:
             return trio.run(command, args)
         return command(args)
 
-    return report_errors(run, PERMANENT_FAILURE if daemon else 1)
+    if args.command not in ("mount", "csi"):  # each of those stops its own way
+        stop_on_sigterm()
+    return report_errors(run, PERMANENT_FAILURE if daemon else 1, args.command, getattr(args, "reference", None))

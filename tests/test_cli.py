@@ -242,7 +242,9 @@ def test_ctrl_c_during_pull_is_one_line(cli, minilm_ref, faulty, registry):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
-    assert stderr.strip().splitlines()[-1].startswith("modelfs: interrupted") and "Traceback" not in stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("modelfs: error: pull of ") and "stopped (SIGINT, Ctrl-C); nothing is recorded" in line
+    assert "Traceback" not in stderr
 
 
 def test_container_image_is_refused_clearly(cli, registry):

@@ -1,10 +1,15 @@
-"""A pull stopped (SIGTERM, SIGKILL) while a worker is in a read from a trickling registry,
-then run again: it stops at once, and the run after it pulls the right bytes (what the stopped
-one stored is trusted only as far as it was checked). Ctrl-C's one line: test_cli.py."""
+"""A pull or an extract stopped (SIGTERM, SIGKILL) while a worker is in a read from a trickling
+registry: SIGTERM stops it at once with one line and status 143, as Ctrl-C does with 130
+(test_cli.py), an extract's staging directory removed; a SIGKILLed extract's is removed by
+the next extract into that --output, never a live one's or the user's. The pull run after a
+stopped one pulls the right bytes (what the stopped one stored is trusted only as far as it
+was checked)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -13,30 +18,86 @@ import time
 import pytest
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM], ids=["sigterm"])
-def test_a_pull_stopped_mid_trickle_then_run_again_extracts_the_right_bytes(signum, cli, faulty, minilm_ref, minilm_dir,
-                                                                            registry, tmp_path):
-    weights = "sha256:" + hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
-    faulty.only, faulty.persistent = weights, "trickle"
-    ref = minilm_ref.replace(registry.address, faulty.address)
-    pull = subprocess.Popen([sys.executable, "-m", "modelfs", "pull", "--plain-http", ref],
-                            env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _stopped_mid_trickle(cli, faulty, weights: str, signum: int, *command: str) -> tuple[int, str]:
+    """Run ``modelfs COMMAND``, stop it with ``signum`` once a worker is reading the
+    trickling weights; its exit status and stderr. It must stop within 3 s."""
+    process = subprocess.Popen([sys.executable, "-m", "modelfs", *command], env=cli.env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 10
         while not any(weights.rsplit(":", 1)[1] in path for path, _ in faulty.requests):
-            assert time.monotonic() < deadline and pull.poll() is None, "pull never asked for the weights"
+            assert time.monotonic() < deadline and process.poll() is None, "it never asked for the weights"
             time.sleep(0.05)
         time.sleep(0.5)  # a worker is in the trickling read now, some blocks landed
-        pull.send_signal(signum)
+        process.send_signal(signum)
         started = time.monotonic()
-        pull.communicate(timeout=10)
+        _, stderr = process.communicate(timeout=10)
         assert time.monotonic() - started < 3
+        return process.returncode, stderr
     finally:
-        if pull.poll() is None:
-            pull.kill()
-            pull.wait()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
         faulty.persistent = None
+
+
+@pytest.fixture
+def trickling(faulty, minilm_ref, minilm_dir, registry):
+    """The sample model's reference through the proxy, its weights trickling; their digest."""
+    weights = "sha256:" + hashlib.sha256((minilm_dir / "model.safetensors").read_bytes()).hexdigest()
+    faulty.only, faulty.persistent = weights, "trickle"
+    return minilm_ref.replace(registry.address, faulty.address), weights
+
+
+def _staging(out) -> list[str]:
+    return sorted(name for name in os.listdir(out) if name.startswith(".modelfs-extract-"))
+
+
+def test_a_pull_stopped_mid_trickle_says_so_then_run_again_extracts_the_right_bytes(cli, faulty, trickling,
+                                                                                    minilm_dir, tmp_path):
+    ref, weights = trickling
+    status, stderr = _stopped_mid_trickle(cli, faulty, weights, signal.SIGTERM, "pull", "--plain-http", ref)
+    assert status == 128 + signal.SIGTERM
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"modelfs: error: pull of {ref} stopped (SIGTERM); nothing is recorded as pulled")
+    assert "Traceback" not in stderr
     cli.run("pull", "--plain-http", ref)
     out = tmp_path / "out"
     cli.run("extract", "--plain-http", "-o", str(out), ref)
+    assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+
+
+def test_an_extract_stopped_by_sigterm_says_so_and_removes_its_staging_directory(cli, faulty, trickling, tmp_path):
+    ref, weights = trickling
+    out = tmp_path / "out"
+    out.mkdir()
+    status, stderr = _stopped_mid_trickle(cli, faulty, weights, signal.SIGTERM, "extract", "--plain-http", "-o",
+                                          str(out), ref)
+    assert status == 128 + signal.SIGTERM
+    assert stderr.strip().splitlines()[-1].startswith(f"modelfs: error: extract of {ref} stopped (SIGTERM)")
+    assert os.listdir(out) == []
+
+
+def test_a_killed_extracts_staging_directory_is_removed_by_the_next_but_no_live_one_or_the_users(
+        cli, faulty, trickling, minilm_dir, tmp_path):
+    ref, weights = trickling
+    out = tmp_path / "out"
+    out.mkdir()
+    status, _ = _stopped_mid_trickle(cli, faulty, weights, signal.SIGKILL, "extract", "--plain-http", "-o",
+                                     str(out), ref)
+    assert status == -signal.SIGKILL
+    [killed] = _staging(out)
+    live = out / f".modelfs-extract-{os.getpid()}-{'0' * 16}"  # a running extract's: its process alive, locked
+    live.mkdir()
+    users = [out / ".modelfs-extract-mine", out / f".modelfs-extract-999999999-{'1' * 16}-notes"]
+    for path in users:
+        path.mkdir()
+    lock = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cli.run("extract", "--plain-http", "-o", str(out), ref)
+    finally:
+        os.close(lock)
+    assert killed not in _staging(out)
+    assert _staging(out) == sorted(path.name for path in [live, *users])
     assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()

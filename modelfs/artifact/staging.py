@@ -11,12 +11,21 @@ Every step works on directory descriptors, one component at a time, with ``O_NOF
 nothing already in ``--output`` (a symlink left there, or planted) is followed, a path as
 deep as Linux allows (1,500 directories fit in its 4096 bytes) needs no path string longer
 than a name, and no walk recurses or holds more than two descriptors.
+
+A staging directory is named for the process that made it (``.modelfs-extract-PID-RANDOM``)
+and holds an ``flock`` on itself for as long as that process runs. An extract stopped by
+SIGINT or SIGTERM removes its own; one killed outright (SIGKILL, the OOM killer, a lost host)
+cannot, so each extract first removes those in its ``--output`` that are provably abandoned
+(:func:`sweep_abandoned`): named so, ours (same uid), not locked, and their process gone.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -27,6 +36,8 @@ from typing import BinaryIO
 from ..errors import ModelfsError, UnsafePathError
 from ..formats.paths import link_chain_escape
 from ..formats.tree_check import DIRECTORY, TreeCheck
+
+log = logging.getLogger(__name__)
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -113,6 +124,62 @@ def remove_tree(parent_fd: int, name: str) -> None:
         cursor.close()
 
 
+_PREFIX = ".modelfs-extract-"
+_ABANDONABLE = re.compile(re.escape(_PREFIX) + r"([0-9]+)-[0-9a-f]{16}")
+
+
+def _lock(fd: int) -> bool:
+    """Take the staging directory's lock without waiting; False if another process holds it
+    (or the filesystem cannot lock a directory: then nobody's is ever taken for abandoned)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _process_gone(pid: int) -> bool:
+    """Checked beside the lock because a new staging directory exists for a moment before its
+    maker locks it; a pid reused since only keeps a leftover until the next extract."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
+
+
+def sweep_abandoned(out_fd: int) -> list[str]:
+    """Remove the staging directories directly in ``out_fd`` whose extract was killed: only
+    a directory (never through a link) named as :class:`Staging` names its own, owned by this
+    user, whose lock nobody holds and whose process is gone; the lock is held while it is
+    removed, so two extracts sweeping at once never race. Best effort: a failure here never
+    stops the extract. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        names = [name for name in os.listdir(out_fd) if name.startswith(_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        match = _ABANDONABLE.fullmatch(name)
+        if match is None or not _process_gone(int(match[1])):
+            continue
+        try:
+            fd = os.open(name, _DIR, dir_fd=out_fd)
+        except OSError:  # gone, not a directory, or a symlink: not ours to touch
+            continue
+        try:
+            if os.fstat(fd).st_uid == os.getuid() and _lock(fd):
+                remove_tree(out_fd, name)
+                removed.append(name)
+        except OSError as exc:
+            log.debug("leaving the abandoned staging directory %s: %s", name, exc)
+        finally:
+            os.close(fd)
+    return removed
+
+
 class Staging:
     """A staging directory inside ``--output``: ``tree/`` holds the model as unpacked so far,
     blobs are downloaded beside it. :meth:`commit` moves the tree into ``--output``;
@@ -122,8 +189,9 @@ class Staging:
     def __init__(self, output: str) -> None:
         self.output = output
         self.out_fd = os.open(output, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # --output itself is the user's to name
+        sweep_abandoned(self.out_fd)
         while True:
-            self.name = f".modelfs-extract-{secrets.token_hex(8)}"
+            self.name = f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
             try:
                 os.mkdir(self.name, 0o700, dir_fd=self.out_fd)
                 break
@@ -133,6 +201,7 @@ class Staging:
                 os.close(self.out_fd)
                 raise
         self.fd = os.open(self.name, _DIR, dir_fd=self.out_fd)
+        _lock(self.fd)  # held until the process ends: what tells a later sweep it is alive
         os.mkdir("tree", 0o755, dir_fd=self.fd)
         self.tree_fd = os.open("tree", _DIR, dir_fd=self.fd)
         self._parent: tuple[str, int] | None = None  # a CLI run: a failure above leaks at most two descriptors

@@ -29,6 +29,7 @@ from ..errors import (
 )
 from ..resolved import ResolvedSettings, resolve_settings
 from ..settings import BY_NAME
+from .stops import stopped
 
 log = logging.getLogger("modelfs")
 
@@ -68,26 +69,23 @@ PERMANENT_ERRORS = (InvalidReferenceError, AuthenticationError, NotAModelError, 
                     ConfigError, UnsafePathError, SignatureError, InvalidPattern)
 
 
-def report_errors(run: Callable[[], int], permanent_status: int = 1) -> int:
+def report_errors(run: Callable[[], int], permanent_status: int = 1, command: str | None = None,
+                  target: str | None = None) -> int:
     """Run a command; an error the user can act on becomes one line on stderr and exit 1
-    (``permanent_status`` for one that trying again cannot cure)."""
+    (``permanent_status`` for one that trying again cannot cure); Ctrl-C or SIGTERM, one line
+    naming ``command`` of ``target`` and what it left (:mod:`modelfs.commands.stops`)."""
     try:
         return run()
     except (ModelfsError, BaseExceptionGroup) as exc:
         if isinstance(exc, BaseExceptionGroup) and exc.subgroup(KeyboardInterrupt) is not None:
-            return _interrupted()
+            return stopped(command, target)
         error = user_error(exc)
         if error is None:
             raise
         print(f"modelfs: error: {error}", file=sys.stderr)
         return permanent_status if isinstance(error, PERMANENT_ERRORS) else 1
     except KeyboardInterrupt:
-        return _interrupted()
+        return stopped(command, target)
     except BrokenPipeError:  # `modelfs cache stats | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
-
-
-def _interrupted() -> int:
-    print("modelfs: interrupted (Ctrl-C); nothing half-done is kept as if complete", file=sys.stderr)
-    return 130
