@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__, settings
 from .artifact.layout import default_store_dir
 from .commands.base import PERMANENT_FAILURE, report_errors, settings_for, setup_logging
-from .commands.stops import stop_on_sigterm
+from .commands.stops import run_stoppable, stop_on_sigterm
 from .config import Config, parse_size
 from .config import load as load_config
 from .dirs import check_directory
@@ -254,9 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(args.config.log_level)
         command = handler(args)
         if inspect.iscoroutinefunction(command):
-            import trio
-
-            return trio.run(command, args)
+            return run_stoppable(command, args)
         return command(args)
 
     if args.command not in ("mount", "csi"):  # each of those stops its own way

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -101,3 +102,35 @@ def test_a_killed_extracts_staging_directory_is_removed_by_the_next_but_no_live_
     assert killed not in _staging(out)
     assert _staging(out) == sorted(path.name for path in [live, *users])
     assert (out / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
+
+
+def test_a_push_stopped_by_sigterm_as_a_scripts_background_job_says_so_in_one_line(cli, tmp_path):
+    """A shell script's background job runs with SIGINT ignored, so trio has no handler of
+    its own for it; SIGTERM must still stop the push cleanly (one line, no traceback)."""
+    silent = socket.socket()  # a registry that accepts and never answers: the push waits in its first request
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "a.txt").write_text("a")
+    (tmp_path / "Modelfile").write_text("NAME a\nCONFIG a.txt\n")
+    ref = f"127.0.0.1:{silent.getsockname()[1]}/stops/a:v1"
+    cli.run("build", "-t", ref, "-f", str(tmp_path / "Modelfile"), str(tmp_path / "ctx"))
+    push = subprocess.Popen([sys.executable, "-m", "modelfs", "push", "--plain-http", ref], env=cli.env,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        silent.settimeout(10)
+        connection = silent.accept()[0]  # the push is in its first request now
+        time.sleep(0.3)
+        push.send_signal(signal.SIGTERM)
+        _, stderr = push.communicate(timeout=10)
+    finally:
+        if push.poll() is None:
+            push.kill()
+            push.wait()
+        silent.close()
+        if "connection" in locals():
+            connection.close()
+    assert push.returncode == 128 + signal.SIGTERM
+    assert stderr.splitlines() == [f"modelfs: error: push of {ref} stopped (SIGTERM); the tag is written last, so it "
+                                   "was not moved; blobs already uploaded are skipped by the next push"]

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from types import FrameType
+from typing import Any
 
 _received: list[int] = []  # the signal that stopped the command, if it was not Ctrl-C
+_trio_ctrl_c: list[Callable[[int, FrameType | None], Any]] = []  # trio's SIGINT handler where SIGINT is ignored
 
 # What a stopped command leaves, by command: true because each writes its record last (pull:
 # once every block is read back and checked, modelfs/commands/models.py; extract: the move out
@@ -36,9 +39,31 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _as_ctrl_c)
 
 
+def run_stoppable(command: Callable[[Any], Awaitable[int]], args: Any) -> int:
+    """``trio.run`` of a command. Where SIGINT is ignored (a background job of a shell
+    script) trio installs no handler of its own, and a ``KeyboardInterrupt`` raised at any
+    frame breaks its run (measured: a SIGTERMed ``push &`` printed pages of "must be called
+    from async context"); so trio is let install it, SIGTERM keeps it, and SIGINT is ignored
+    again once the run has begun."""
+    import trio
+
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    async def run() -> int:
+        handler = signal.getsignal(signal.SIGINT)
+        if ignored and callable(handler):
+            _trio_ctrl_c.append(handler)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return await command(args)
+
+    return trio.run(run)
+
+
 def _as_ctrl_c(signum: int, frame: FrameType | None) -> None:
     _received.append(signum)
-    handler = signal.getsignal(signal.SIGINT)
+    handler = _trio_ctrl_c[0] if _trio_ctrl_c else signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)  # trio's while trio runs, else Python's default
     else:
