@@ -44,10 +44,11 @@ def run_stoppable(command: Callable[[Any], Awaitable[int]], args: Any) -> int:
     script) trio installs no handler of its own, and a ``KeyboardInterrupt`` raised at any
     frame breaks its run (measured: a SIGTERMed ``push &`` printed pages of "must be called
     from async context"); so trio is let install it, SIGTERM keeps it, and SIGINT is ignored
-    again once the run has begun."""
+    again once the run has begun. A command that takes SIGTERM its own way (``csi``) is run
+    as it was."""
     import trio
 
-    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is _as_ctrl_c
     if ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
