@@ -134,3 +134,27 @@ def test_a_push_stopped_by_sigterm_as_a_scripts_background_job_says_so_in_one_li
     assert push.returncode == 128 + signal.SIGTERM
     assert stderr.splitlines() == [f"modelfs: error: push of {ref} stopped (SIGTERM); the tag is written last, so it "
                                    "was not moved; blobs already uploaded are skipped by the next push"]
+
+
+def test_the_sweep_follows_no_link_named_like_a_staging_directory(tmp_path):
+    """A symlink (or a file) named as a dead extract's staging directory is the user's, or
+    planted: neither it nor what it points at is touched; a real abandoned one is removed."""
+    from modelfs.artifact.staging import sweep_abandoned
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_text("keep")
+    link, plain = out / f".modelfs-extract-999999999-{'a' * 16}", out / f".modelfs-extract-999999999-{'b' * 16}"
+    link.symlink_to(elsewhere)
+    plain.write_text("mine")
+    abandoned = out / f".modelfs-extract-999999999-{'c' * 16}"
+    (abandoned / "tree" / "d").mkdir(parents=True)
+    (abandoned / "tree" / "d" / "f").write_text("f")
+    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert sweep_abandoned(fd) == [abandoned.name]
+    finally:
+        os.close(fd)
+    assert link.is_symlink() and (elsewhere / "keep").read_text() == "keep" and plain.read_text() == "mine"
+    assert not abandoned.exists()
