@@ -23,6 +23,7 @@ from ..errors import SignatureError
 from ..formats.spec import Descriptor
 from ..formats.tarindex import Member, ReadAt
 from ..formats.view import View
+from .blobreader import joined
 from .fetcher import BlobReader, Fetcher
 from .filecheck import FileGate, gate_for
 from .layerstream import LayerStream, derived_key
@@ -128,13 +129,8 @@ async def read_here(reader: BlobReader, offset: int, size: int) -> bytes:
     parts = await reader.blocks(blocks[0], blocks[-1])
     if parts is None:  # dropped or damaged meanwhile: the read path fetches it again
         return await reader.read(offset, size)
-    start = offset - blocks[0] * reader.blob.entry.block_size
-    end, pieces = start + size, []
-    for part in parts:  # only the bytes asked for are copied (a 64 KiB header chunk of a 1 MiB block)
-        if start < len(part) and end > 0:
-            pieces.append(memoryview(part)[max(0, start):min(len(part), end)])
-        start, end = start - len(part), end - len(part)
-    return b"".join(pieces)
+    # only the bytes asked for are copied (a 64 KiB header chunk of a 1 MiB block)
+    return joined(parts, offset - blocks[0] * reader.blob.entry.block_size, size)
 
 
 def _layer_of(node: Node) -> Layer:

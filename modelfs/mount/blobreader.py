@@ -130,15 +130,8 @@ class BlobReader(OfBlob):
         if len(parts) == 1:
             block = parts[0]
             return block if start == 0 and size == len(block) else memoryview(block)[start:start + size]
-        # a read across blocks (tensor data starts at 8 + header length, so most do): one copy
-        # of the bytes asked for, not a join of whole blocks and a slice of that
-        end = start + size
-        pieces = []
-        for block in parts:
-            if start < len(block) and end > 0:
-                pieces.append(memoryview(block)[max(0, start):min(len(block), end)])
-            start, end = start - len(block), end - len(block)
-        return b"".join(pieces)
+        # a read across blocks (tensor data starts at 8 + header length, so most do)
+        return joined(parts, start, size)
 
     async def blocks(self, first: int, last: int) -> list[Block] | None:
         """Blocks ``first``-``last``, servable: from memory on the loop, the rest read back
@@ -251,6 +244,17 @@ class BlobReader(OfBlob):
     def cached_fraction(self) -> float:
         """Held locally: on disk, or checked in memory."""
         return self.blob.cached_fraction()
+
+
+def joined(parts: list[Block], start: int, size: int) -> bytes:
+    """``size`` bytes from ``start`` of consecutive blocks ``parts``: one copy of the bytes
+    asked for, not a join of whole blocks and a slice of that."""
+    end, pieces = start + size, []
+    for block in parts:
+        if start < len(block) and end > 0:
+            pieces.append(memoryview(block)[max(0, start):min(len(block), end)])
+        start, end = start - len(block), end - len(block)
+    return b"".join(pieces)
 
 
 def _own(data: Block | None) -> Block | None:
